@@ -1,0 +1,1 @@
+"""One module per model family, each exporting ``SPEC``; the registry imports them all."""

@@ -1,0 +1,196 @@
+"""Reading and writing Hugging Face checkpoints safely.
+
+* ``load_model`` accepts a local folder or a Hub id (local folders never touch the network).
+* ``output_folder`` writes into a hidden temporary sibling of the output and renames it into
+  place only when everything succeeded, so a failed run leaves nothing half-written and the
+  input is never modified.
+* ``save_model`` relies on transformers' ``save_pretrained``, which reverts the fused 3-D
+  expert tensors to the per-expert key names of the published checkpoints (what vLLM loads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .errors import MoECompressError
+
+RECORD_FILE = "moecompress.json"
+# Tokenizer and processor files copied verbatim (byte-exact, no re-serialisation).
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+    "tiktoken.model", "o200k_base.tiktoken",
+)
+_DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str):
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise MoECompressError(f"unknown dtype '{name}'; use one of: {', '.join(_DTYPES)}") from None
+
+
+def resolve_source(src: str | os.PathLike) -> Path | str:
+    """A local folder as a Path, or a Hub id as a string; a clear error for anything else."""
+    p = Path(src).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise MoECompressError(f"'{src}' is a file; pass the checkpoint folder that holds config.json")
+        if not (p / "config.json").exists():
+            raise MoECompressError(f"'{src}' has no config.json; pass a Hugging Face checkpoint folder")
+        return p
+    s = str(src)
+    if s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise MoECompressError(f"model '{src}' not found: pass a local checkpoint folder or a Hub id like org/name")
+    return s
+
+
+def load_config(src: str | os.PathLike):
+    from transformers import AutoConfig
+
+    source = resolve_source(src)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise MoECompressError(f"cannot read the config of '{src}': {_first_line(e)}") from None
+
+
+def load_model(src: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | None = None):
+    """Load a causal LM for compression (eval mode, no grad needed)."""
+    from transformers import AutoModelForCausalLM
+
+    from .arch import family_for_config
+
+    family_for_config(load_config(src))  # refuse non-MoE / unknown families before loading weights
+    source = resolve_source(src)
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, device_map=device)
+    except (OSError, ValueError) as e:
+        raise MoECompressError(f"cannot load '{src}': {_first_line(e)}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def source_folder(src: str | os.PathLike) -> Path | None:
+    """Local folder of a model (for a Hub id, its cached snapshot when present)."""
+    source = resolve_source(src)
+    if isinstance(source, Path):
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:
+        return None
+
+
+def load_record(src: str | os.PathLike) -> dict | None:
+    folder = source_folder(src)
+    if folder is not None and (folder / RECORD_FILE).exists():
+        return json.loads((folder / RECORD_FILE).read_text())
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@contextlib.contextmanager
+def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` when the block succeeds.
+
+    Refuses an existing ``out`` without ``overwrite``, an ``out`` equal to or inside the
+    source checkpoint, and an unwritable parent: all before any work is done.
+    """
+    out = Path(out).expanduser().absolute()
+    if source is not None:
+        src = Path(source).expanduser()
+        if src.exists():
+            src = src.resolve()
+            if out.resolve() == src or src in out.resolve().parents:
+                raise MoECompressError(f"output '{out}' is inside the input checkpoint; choose another folder")
+    if out.exists() and not overwrite:
+        raise MoECompressError(f"output '{out}' exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise MoECompressError(f"output '{out}' is a file; choose a folder path")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise MoECompressError(f"cannot write to '{parent}': {e.strerror or e}; choose a writable output folder") from None
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"moecompress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def save_model(model, folder: Path, *, source: str | os.PathLike | None = None, record: dict[str, Any] | None = None,
+               max_shard_size: str = "5GB") -> None:
+    """Save weights (sharded safetensors), config, generation config, tokenizer files and the record."""
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if source is not None:
+        copy_tokenizer(source, folder)
+    if record is not None:
+        write_record(folder, record, source)
+
+
+def copy_tokenizer(source: str | os.PathLike, folder: Path) -> None:
+    src = source_folder(source)
+    if src is not None:
+        for name in _TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copyfile(src / name, folder / name)
+        return
+    with contextlib.suppress(Exception):  # Hub id without a local snapshot: best effort
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(folder)
+
+
+def write_record(folder: Path, record: dict[str, Any], source: str | os.PathLike | None = None) -> dict:
+    """Write ``moecompress.json``: this stage's record plus the history of earlier stages.
+
+    No timestamps: the same inputs and seed must give the same bytes.
+    """
+    history = []
+    if source is not None:
+        prev = load_record(source)
+        if prev:
+            history = prev.get("history", []) + [{k: v for k, v in prev.items() if k != "history"}]
+    full = {**record, "source": str(source) if source is not None else None, "versions": versions(), "history": history}
+    (folder / RECORD_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return full
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

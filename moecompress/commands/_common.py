@@ -1,0 +1,42 @@
+"""Helpers shared by the CLI commands: error reporting, tables, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+
+from ..errors import MoECompressError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn MoECompressError into one red line on stderr and exit code 2."""
+    try:
+        yield
+    except MoECompressError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def not_implemented(stage: str) -> None:
+    err_console.print(f"[bold red]error:[/] `moecompress {stage}` is not implemented yet in this version")
+    raise typer.Exit(2)
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        Path(path).write_text(text)

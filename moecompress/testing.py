@@ -1,0 +1,70 @@
+"""Tiny random models of every supported family, for tests and examples (no network).
+
+Each config keeps the family's distinctive routing features switched on (shared experts,
+grouped routing, correction biases, dense first layers) at a size that runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+_COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+               vocab_size=96, max_position_embeddings=128, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=24),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, intermediate_size=48),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                      head_dim=8, intermediate_size=48, mlp_only_layers=[0]),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        first_k_dense_replace=1, q_lora_rank=None, n_group=2, topk_group=1,
+                        topk_method="group_limited_greedy", intermediate_size=48, **_MLA),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        first_k_dense_replace=1, q_lora_rank=16, n_group=2, topk_group=1,
+                        intermediate_size=48, **_MLA),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=16),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=2, topk_group=1, intermediate_size=48, head_dim=8),
+    "llama4_text": dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size=16, intermediate_size_mlp=48,
+                        head_dim=8, interleave_moe_layer_step=1, no_rope_layers=[1, 1, 1]),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+                         moe_layer_start_index=1, intermediate_size=48),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    kw = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random tiny model of ``model_type`` in eval mode.
+
+    Routers and correction biases are initialised to zero by transformers; random values are
+    written so that routing actually varies between tokens and experts.
+    """
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.1
+                    if "norm" not in name else 1.0 + 0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
+def tokens(batch: int = 2, seq: int = 12, vocab: int = 90, seed: int = 0) -> torch.Tensor:
+    """Random token ids inside every tiny model's vocabulary (ids 0-2 are special)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)

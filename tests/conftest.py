@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from moecompress.testing import TINY_CONFIGS, tiny_model  # noqa: E402
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    """Factory: save a tiny model of a family to a folder, return (folder, model)."""
+
+    def make(model_type="qwen3_moe", seed=0, **overrides):
+        model = tiny_model(model_type, seed=seed, **overrides)
+        folder = tmp_path / f"{model_type}-src"
+        model.save_pretrained(folder)
+        return folder, model
+
+    return make
