@@ -141,7 +141,10 @@ class MoELayer:
     # ----- computation ---------------------------------------------------------------
     def route(self, hidden: torch.Tensor) -> Routing:
         """Route [T, H] tokens with the model's own router module."""
-        out = self.router(hidden)
+        return self.routing_from_router_output(self.router(hidden))
+
+    def routing_from_router_output(self, out) -> Routing:
+        """Normalise what this family's router module returns into a :class:`Routing`."""
         if self.spec.router_output == "scores_logits":  # Llama-4
             _, logits = out
             topk_logits, idx = torch.topk(logits, self.top_k, dim=-1)
