@@ -67,8 +67,41 @@ def load_config(src: str | os.PathLike):
         raise MoECompressError(f"cannot read the config of '{src}': {_first_line(e)}") from None
 
 
-def load_model(src: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | None = None):
-    """Load a causal LM for compression (eval mode, no grad needed)."""
+def parse_memory(text: str | None) -> int | None:
+    """'4GiB', '512MiB', '8GB', '2e9' -> bytes (None stays None)."""
+    if text is None:
+        return None
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+    t = str(text).strip().lower()
+    for u, mult in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise MoECompressError(f"cannot read memory size '{text}'; write it like 4GiB, 512MiB or 8GB") from None
+
+
+def load_model(
+    src: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    *,
+    max_gpu_memory: str | None = None,
+    max_cpu_memory: str | None = None,
+    offload_folder: str | os.PathLike | None = None,
+):
+    """Load a causal LM for compression (eval mode, no grad needed).
+
+    With ``max_gpu_memory`` (and/or ``max_cpu_memory``) the model is streamed: accelerate
+    places what fits on the GPU under the cap, the rest on the CPU and then on disk
+    (``offload_folder``), and onloads each layer's weights only while that layer runs, the
+    way llm-compressor's sequential pipeline onloads. Forward results equal the in-memory
+    model's; memory stays under the caps.
+    """
     from transformers import AutoModelForCausalLM
 
     from .arch import family_for_config
@@ -76,13 +109,32 @@ def load_model(src: str | os.PathLike, dtype: str | torch.dtype = "auto", device
     family_for_config(load_config(src))  # refuse non-MoE / unknown families before loading weights
     source = resolve_source(src)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    kwargs: dict = {"device_map": device}
+    if max_gpu_memory is not None or max_cpu_memory is not None:
+        max_memory: dict = {}
+        if torch.cuda.is_available():
+            gpu = parse_memory(max_gpu_memory) if max_gpu_memory else torch.cuda.get_device_properties(0).total_memory
+            max_memory[0] = gpu
+        max_memory["cpu"] = parse_memory(max_cpu_memory) if max_cpu_memory else _available_cpu_memory()
+        if offload_folder is None:
+            offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
+        kwargs = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload_folder)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
     except (OSError, ValueError) as e:
         raise MoECompressError(f"cannot load '{src}': {_first_line(e)}") from None
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _available_cpu_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available * 0.8)
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        return 8 * 2**30
 
 
 def source_folder(src: str | os.PathLike) -> Path | None:

@@ -208,7 +208,7 @@ class MoELayer:
     def keep_experts(self, keep: list[int] | torch.Tensor) -> None:
         """Keep only the experts in ``keep`` (in that order): router rows, per-expert router
         tensors and every fused expert tensor are sliced; module counters follow."""
-        idx = torch.as_tensor(keep, dtype=torch.long, device=self.router.weight.device)
+        idx = torch.as_tensor(keep, dtype=torch.long)  # on CPU: checks work for meta models too
         if idx.numel() == 0 or len(set(idx.tolist())) != idx.numel():
             raise ValueError("keep must list distinct experts, at least one")
         if int(idx.min()) < 0 or int(idx.max()) >= self.num_experts:

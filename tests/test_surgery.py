@@ -1,0 +1,72 @@
+"""Checkpoint surgery (prune by rewriting shards) equals pruning in memory, for every family."""
+
+import json
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from moecompress.arch import moe_view
+from moecompress.checkpoint import load_model, parse_memory
+from moecompress.surgery import prune_checkpoint_files
+from moecompress.testing import tiny_model, tokens
+
+
+def _keep(view, n, seed=0):
+    return {layer.layer_idx: sorted(torch.randperm(layer.num_experts, generator=torch.Generator().manual_seed(seed + layer.layer_idx))[:n].tolist())
+            for layer in view}
+
+
+def test_surgery_equals_in_memory_pruning(family, tmp_path):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "src")
+    view = moe_view(model)
+    keep = _keep(view, 4)
+    view.keep_experts(keep)
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x).logits
+    (tmp_path / "out").mkdir()
+    prune_checkpoint_files(tmp_path / "src", tmp_path / "out", keep)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, ref, atol=1e-6, rtol=0)
+    # Same tensors (names and values) as save_pretrained of the in-memory pruned model.
+    model.save_pretrained(tmp_path / "ref")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as a, safe_open(tmp_path / "ref" / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_surgery_sharded_and_deterministic(tmp_path):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    keep = _keep(moe_view(model), 3)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        prune_checkpoint_files(tmp_path / "src", tmp_path / name, keep)
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for shard in shards:
+        assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert reloaded.config.num_local_experts == 3
+
+
+def test_streamed_load_equals_in_memory(tmp_path):
+    """A model loaded under a small CPU cap (rest offloaded to disk) computes the same logits."""
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x).logits
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB", offload_folder=tmp_path / "off")
+    assert any(p.device.type == "meta" for p in streamed.parameters())  # really offloaded
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(x).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_parse_memory():
+    assert parse_memory("4GiB") == 4 * 2**30 and parse_memory("512MiB") == 512 * 2**20 and parse_memory("8GB") == 8 * 10**9
