@@ -1,0 +1,101 @@
+"""Recompute the routed experts' activations for one batch, grouped per expert.
+
+The model's fused expert module does not expose per-expert activations, so the statistics
+that need them (EAN, REAP, EASY-EP, super-expert maxima) recompute them once per batch: the
+(token, expert) routing pairs are sorted by expert, padded into a [E, C, H] block (C = the
+largest per-expert token count) and run through every expert with batched matmuls. Experts
+are processed in chunks so the padded block stays under ``max_elements``. Only routed pairs
+are computed (T x k rows, never T x E).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import MoELayer, Routing
+
+
+@dataclass
+class RoutedActivations:
+    """Per routed (token, expert) pair, in expert-sorted order (P = T x k pairs)."""
+
+    expert: torch.Tensor  # [P] expert index
+    token: torch.Tensor  # [P] token index in the batch
+    weight: torch.Tensor  # [P] routing weight (float32)
+    out_norm: torch.Tensor  # [P] ||expert output|| (float32), the output as computed in the forward
+    contribution_norm: torch.Tensor  # [P] ||weighted contribution to the layer output|| (float32)
+    in_absmax: torch.Tensor  # [P] max |down_proj input| (float32)
+    out_absmax: torch.Tensor  # [P] max |down_proj output| (float32)
+    routed_output: torch.Tensor | None = None  # [T, H] sum of the routed experts' contributions
+
+
+def _batched_expert(layer: MoELayer, xs: torch.Tensor, e0: int, e1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Down-proj input [n, C, I] and output [n, C, H] of experts e0..e1-1 on padded inputs xs [n, C, H]."""
+    gb, ub, db = layer.expert_biases
+    g = torch.bmm(xs, layer.gate_proj[e0:e1].transpose(1, 2))
+    u = torch.bmm(xs, layer.up_proj[e0:e1].transpose(1, 2))
+    if gb is not None:
+        g, u = g + gb[e0:e1, None, :], u + ub[e0:e1, None, :]
+    h = layer._act(g, u)
+    out = torch.bmm(h, layer.down_proj[e0:e1].transpose(1, 2))
+    if db is not None:
+        out = out + db[e0:e1, None, :]
+    return h, out
+
+
+def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
+                       max_elements: int = 1 << 26, want_routed_output: bool = False) -> RoutedActivations:
+    """Activations of every routed (token, expert) pair of x [T, H] under ``routing``."""
+    T, k = routing.topk_idx.shape
+    E = layer.num_experts
+    flat_e = routing.topk_idx.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    expert = flat_e[order]
+    token = torch.div(order, k, rounding_mode="floor")
+    weight = routing.topk_weight.reshape(-1)[order].float()
+    counts = torch.bincount(expert, minlength=E)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(expert.numel(), device=x.device) - starts[expert]
+
+    # Llama-4 scales the expert *input* by the routing weight: the forward's expert sees w * x.
+    xin = x[token]
+    if layer.spec.weight_on_input:
+        xin = xin * weight[:, None].to(x.dtype)
+
+    P = expert.numel()
+    out_norm = torch.empty(P, dtype=torch.float32, device=x.device)
+    in_absmax = torch.empty_like(out_norm)
+    out_absmax = torch.empty_like(out_norm)
+    routed = torch.zeros_like(x) if want_routed_output else None
+    counts_cpu = counts.tolist()
+    starts_cpu = starts.tolist()
+    width = max(layer.hidden_size, layer.intermediate_size)
+    e0 = 0
+    while e0 < E:
+        # grow the chunk while the padded block fits the element budget
+        e1, cmax = e0 + 1, max(counts_cpu[e0], 1)
+        while e1 < E and (e1 + 1 - e0) * max(cmax, counts_cpu[e1]) * width <= max_elements:
+            cmax = max(cmax, counts_cpu[e1])
+            e1 += 1
+        lo, hi = starts_cpu[e0], starts_cpu[e1 - 1] + counts_cpu[e1 - 1]
+        if hi > lo:
+            local_e = expert[lo:hi] - e0
+            local_p = pos[lo:hi]
+            xs = x.new_zeros(e1 - e0, cmax, x.shape[1])
+            xs[local_e, local_p] = xin[lo:hi]
+            h, out = _batched_expert(layer, xs, e0, e1)
+            h_sel = h[local_e, local_p].float()
+            o_sel = out[local_e, local_p].float()
+            out_norm[lo:hi] = o_sel.norm(dim=1)
+            in_absmax[lo:hi] = h_sel.abs().amax(dim=1)
+            out_absmax[lo:hi] = o_sel.abs().amax(dim=1)
+            if routed is not None:
+                contrib = o_sel if layer.spec.weight_on_input else o_sel * weight[lo:hi, None]
+                routed.index_add_(0, token[lo:hi], contrib.to(x.dtype))
+        e0 = e1
+    contribution = out_norm if layer.spec.weight_on_input else out_norm * weight.abs()
+    return RoutedActivations(expert=expert, token=token, weight=weight, out_norm=out_norm,
+                             contribution_norm=contribution, in_absmax=in_absmax, out_absmax=out_absmax,
+                             routed_output=routed)
