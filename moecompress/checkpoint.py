@@ -57,10 +57,42 @@ def resolve_source(src: str | os.PathLike) -> Path | str:
     return s
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of huggingface_hub's ~30 s of retries when offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_source(source: Path | str) -> None:
+    """A Hub id must be in the local cache or the Hub must answer; say so in one line."""
+    if isinstance(source, Path):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise MoECompressError(f"'{source}' is not a local folder, not in the Hugging Face cache, and the Hub is unreachable; "
+                               "download it first or pass a local checkpoint folder")
+
+
 def load_config(src: str | os.PathLike):
     from transformers import AutoConfig
 
     source = resolve_source(src)
+    _check_hub_source(source)
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:

@@ -47,3 +47,8 @@ def test_non_moe_model_exit_2(tmp_path):
 def test_every_stage_has_help():
     for stage in ("info", "stats", "prune", "merge", "quantize", "distill", "eval", "run", "upload"):
         assert runner.invoke(app, [stage, "--help"]).exit_code == 0, stage
+
+
+def test_uncached_hub_id_offline_is_one_line_exit_2():
+    res = runner.invoke(app, ["info", "some-org/some-moe"])
+    assert res.exit_code == 2 and "unreachable" in res.output and "Traceback" not in res.output
