@@ -1,0 +1,192 @@
+"""Unstructured and N:M pruning of the routed experts' weights: MoE-Pruner, Wanda, magnitude.
+
+* ``moe-pruner`` — Xie et al., "MoE-Pruner: Pruning Mixture-of-Experts Large Language Model
+  using the Hints from Its Router" (2024, arXiv:2410.12013), the pruning metric of its method section::
+
+      S_ij = |W_ij| * || X_j * Gate ||_2
+
+  for expert e: ``X`` holds the inputs of the matrix over the calibration tokens routed to e and
+  ``Gate`` each token's routing weight for e, i.e. ``||X_j * Gate||^2 = sum_t (w_{t,e} x_{t,j})^2``.
+* ``wanda`` — Sun et al., "A Simple and Effective Pruning Approach for Large Language Models"
+  (2023): ``S_ij = |W_ij| * ||X_j||_2`` with the same per-expert tokens, without the router weight.
+* ``magnitude`` — ``S_ij = |W_ij|``.
+
+All three compare weights within each output neuron (a row of ``W`` in ``nn.Linear``
+convention; Wanda's and MoE-Pruner's comparison group) and are one-shot: no weight update.
+They apply to every routed expert's gate, up and down projection; the input of gate/up is the
+token's hidden state, the input of down is the expert's intermediate activation
+``act(gate x) * (up x)`` on those tokens. Shared experts, attention and routers are untouched.
+
+As in the reference implementations, layers are pruned in order and each layer's statistics
+are gathered with the earlier layers already pruned (``sequential=True``); within a layer the
+statistics of gate, up and down all come from the layer before it is pruned.
+
+Pruned weights are written as zeros in dense storage (the checkpoint keeps its size; sparse
+kernels, e.g. 2:4 on recent GPUs, are what turn them into speed or memory). ``nm=(N, M)`` keeps
+the N highest-scoring weights in every group of M consecutive inputs of a row (2:4 -> 50%).
+"""
+
+from __future__ import annotations
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..arch import MoELayer, moe_view
+from ..capture import batches_of, run_calibration
+from ..errors import MoECompressError
+from ._routing import routed_tokens
+
+METHODS = ("moe-pruner", "wanda", "magnitude")
+MATRICES = ("gate_proj", "up_proj", "down_proj")
+
+
+class _Stop(Exception):
+    """Raised after the layer of interest to skip the rest of the forward pass."""
+
+
+class InputNorms:
+    """Observer: per expert, sum over routed tokens of squared inputs of gate/up ([E, H]) and
+    down ([E, I]), optionally weighted by the routing weight (MoE-Pruner's ``X * Gate``)."""
+
+    def __init__(self, layer_indices, router_weighted: bool, stop_after: int | None = None):
+        self.layer_indices = set(layer_indices)
+        self.router_weighted = router_weighted
+        self.stop_after = stop_after
+        self.sq_in: dict[int, torch.Tensor] = {}
+        self.sq_hidden: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}
+
+    def observe(self, layer: MoELayer, x, routing, y) -> None:
+        i = layer.layer_idx
+        if i in self.layer_indices:
+            if i not in self.sq_in:
+                E, dev = layer.num_experts, x.device
+                self.sq_in[i] = torch.zeros(E, layer.hidden_size, device=dev)
+                self.sq_hidden[i] = torch.zeros(E, layer.intermediate_size, device=dev)
+                self.tokens[i] = torch.zeros(E, device=dev)
+            for et in routed_tokens(layer, x, routing):
+                xin = et.x_in.float()
+                h = layer.expert_hidden(et.e, et.x_in).float()
+                if self.router_weighted:
+                    xin, h = xin * et.weight[:, None], h * et.weight[:, None]
+                self.sq_in[i][et.e] += xin.square().sum(0)
+                self.sq_hidden[i][et.e] += h.square().sum(0)
+                self.tokens[i][et.e] += et.tok.numel()
+        if self.stop_after is not None and i == self.stop_after:
+            raise _Stop
+
+
+def weight_scores(layer: MoELayer, method: str, norms: InputNorms | None) -> dict[str, torch.Tensor]:
+    """Pruning score of every routed-expert weight: ``{matrix name: [E, out, in]}`` (float32)."""
+    out = {}
+    for name in MATRICES:
+        w = getattr(layer, name).detach().float().abs()
+        if method != "magnitude":
+            sq = (norms.sq_hidden if name == "down_proj" else norms.sq_in)[layer.layer_idx]
+            score = w * sq.sqrt().to(w.device)[:, None, :]
+            # An expert no calibration token reached has no activation statistics at all: rank
+            # its weights by magnitude rather than by index.
+            unseen = norms.tokens[layer.layer_idx] == 0
+            if bool(unseen.any()):
+                score[unseen.to(score.device)] = w[unseen.to(w.device)]
+            w = score
+        out[name] = w
+    return out
+
+
+def prune_mask(score: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """Boolean mask (True = prune) for ``score`` [..., out, in], comparing within each row.
+
+    Unstructured: the ``round(sparsity * in)`` lowest scores of every row. N:M: in every group of
+    M consecutive inputs of a row, the M - N lowest. Ties go to the lower index being kept.
+    """
+    *lead, rows, cols = score.shape
+    if nm is not None:
+        n, m = nm
+        if cols % m:
+            raise MoECompressError(f"N:M pruning needs the input size ({cols}) to be a multiple of M={m}")
+        groups = score.reshape(*lead, rows, cols // m, m)
+        order = torch.sort(groups, dim=-1, stable=True).indices  # ascending: the first m-n go
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., : m - n], True)
+        return mask.reshape(score.shape)
+    k = int(round(sparsity * cols))
+    order = torch.sort(score, dim=-1, stable=True).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+
+
+def parse_nm(text: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4)."""
+    if text is None:
+        return None
+    try:
+        n, m = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        raise MoECompressError(f"--nm must look like N:M (e.g. 2:4), got '{text}'") from None
+    if not 0 < n < m:
+        raise MoECompressError(f"--nm N:M needs 0 < N < M, got '{text}'")
+    return n, m
+
+
+def _check(method: str, sparsity: float | None, nm) -> None:
+    if method not in METHODS:
+        raise MoECompressError(f"unknown unstructured method '{method}'; use one of: {', '.join(METHODS)}")
+    if (sparsity is None) == (nm is None):
+        raise MoECompressError("give exactly one of --sparsity S (unstructured) or --nm N:M (semi-structured)")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise MoECompressError(f"--sparsity must be in [0, 1), got {sparsity}")
+
+
+@torch.no_grad()
+def apply_mask(layer: MoELayer, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Zero the masked weights in place; returns each matrix's resulting sparsity (zeros / size)."""
+    out = {}
+    for name, mask in masks.items():
+        w = getattr(layer, name)
+        w.masked_fill_(mask.to(w.device), 0)
+        out[name] = float((w == 0).sum()) / w.numel()
+    return out
+
+
+def unstructured_prune(model, tokens: torch.Tensor | None, sparsity: float | None = None, method: str = "moe-pruner",
+                       nm: tuple[int, int] | str | None = None, *, batch_size: int = 8, sequential: bool = True,
+                       progress: bool = True) -> dict:
+    """Prune the routed experts' weights of ``model`` in place with ``method``; returns a report.
+
+    ``sparsity`` (fraction of each row, hence of each matrix) or ``nm`` (N:M pattern); ``tokens``
+    [N, S] are the calibration tokens (unused for ``magnitude``).
+    """
+    nm = parse_nm(nm) if isinstance(nm, str) else nm
+    _check(method, sparsity, nm)
+    view = moe_view(model)
+    needs_data = method != "magnitude"
+    if needs_data and tokens is None:
+        raise MoECompressError(f"{method} needs calibration tokens (--calib)")
+    per_layer = {}
+    norms = None
+    if needs_data and not sequential:
+        norms = InputNorms(view.moe_layer_indices, router_weighted=method == "moe-pruner")
+        run_calibration(model, tokens, [norms], batch_size=batch_size, view=view, progress=progress,
+                        description=f"{method} statistics")
+    chunks = batches_of(tokens, batch_size) if needs_data and sequential else []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"{method} pruning", total=len(view) * max(1, len(chunks)))
+        for layer in view:
+            if chunks:
+                norms = InputNorms([layer.layer_idx], router_weighted=method == "moe-pruner", stop_after=layer.layer_idx)
+                for chunk in chunks:
+                    try:
+                        run_calibration(model, chunk, [norms], batch_size=chunk.shape[0], view=view, progress=False)
+                    except _Stop:
+                        pass
+                    bar.advance(task)
+            else:
+                bar.advance(task)
+            scores = weight_scores(layer, method, norms)
+            masks = {name: prune_mask(s, sparsity, nm) for name, s in scores.items()}
+            per_layer[layer.layer_idx] = apply_mask(layer, masks)
+    total = sum(getattr(layer, n).numel() for layer in view for n in MATRICES)
+    zeros = sum(int((getattr(layer, n) == 0).sum()) for layer in view for n in MATRICES)
+    return {"method": method, "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None,
+            "storage": "dense-with-zeros", "sequential": sequential,
+            "expert_weight_sparsity": zeros / total, "per_layer": per_layer}
