@@ -1,0 +1,256 @@
+"""Routing statistics: every statistic against a naive per-token reference, on every family."""
+
+import math
+import operator
+
+import numpy as np
+import pytest
+import torch
+
+from moecompress.arch import moe_view
+from moecompress.capture import run_calibration
+from moecompress.stats import STAT_NAMES, Stats, collect_stats
+from moecompress.stats.grouped import routed_activations
+from moecompress.stats.locality import simulate_cache
+from moecompress.stats.super_experts import super_expert_mask
+from moecompress.testing import tiny_model, tokens
+
+N, S, BATCH, SEG = 3, 20, 2, 4  # 2 batches, the last one partial
+
+
+class _Recorder:
+    """Keeps every MoE layer's (x, routing, y) per batch, plus the residual entering the block."""
+
+    def __init__(self):
+        self.calls: dict[int, list] = {}
+        self.residual: dict[int, torch.Tensor] = {}
+
+    def observe(self, layer, x, routing, y):
+        h = self.residual.pop(layer.layer_idx).reshape(-1, x.shape[1])
+        self.calls.setdefault(layer.layer_idx, []).append((x.clone(), routing, y.clone(), h.clone()))
+
+
+def _record(model, toks):
+    view = moe_view(model)
+    rec = _Recorder()
+    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+    hooks = []
+    for layer in view:
+        def pre(mod, args, li=layer.layer_idx):
+            rec.residual[li] = args[0]
+        hooks.append(decoder_layers[layer.layer_idx].post_attention_layernorm.register_forward_pre_hook(pre))
+    run_calibration(model, toks, [rec], batch_size=BATCH, progress=False)
+    for h in hooks:
+        h.remove()
+    return view, rec
+
+
+@torch.no_grad()
+def _naive_layer(layer, calls, k, residual_scale):
+    """Per-token loops over (token, selected expert), using only the MoE view's per-expert API."""
+    E = layer.num_experts
+    r = {n: np.zeros(E) for n in ("count", "soft", "gate", "ean", "contrib", "easy", "tcess", "in_max", "out_max")}
+    coact = np.zeros((E, E), dtype=np.int64)
+    ent, T = 0.0, 0
+    for x, routing, _y, h in calls:
+        for t in range(x.shape[0]):
+            T += 1
+            xt = x[t : t + 1]
+            p = routing.probs[t].double()
+            r["soft"] += p.numpy()
+            q = p / p.sum()
+            ent += float(-(q * torch.log(q)).sum())
+            lg = routing.logits[t].double()
+            top = torch.topk(lg, k)
+            loc = torch.softmax(top.values, 0)
+            for e, v in zip(top.indices.tolist(), loc.tolist()):
+                r["tcess"][e] += v
+            sel = routing.topk_idx[t].tolist()
+            for i in sel:
+                for j in sel:
+                    coact[i, j] += 1
+            routed = torch.zeros_like(xt)
+            per = []
+            for j, e in enumerate(sel):
+                g = routing.topk_weight[t, j]
+                w = layer.weighted_expert_output(e, xt, g.reshape(1))
+                routed += w
+                if layer.spec.weight_on_input:
+                    inp = xt * g
+                    o = layer.expert_forward(e, inp)
+                    hid = layer.expert_hidden(e, inp)
+                    contrib = float(o.norm())
+                else:
+                    o = layer.expert_forward(e, xt)
+                    hid = layer.expert_hidden(e, xt)
+                    contrib = float(g) * float(o.norm())
+                    assert math.isclose(contrib, float(w.norm()), rel_tol=1e-4, abs_tol=1e-6)
+                r["count"][e] += 1
+                r["gate"][e] += float(g)
+                r["ean"][e] += float(o.norm())
+                r["contrib"][e] += contrib
+                r["in_max"][e] = max(r["in_max"][e], float(hid.abs().max()))
+                r["out_max"][e] = max(r["out_max"][e], float(o.abs().max()))
+                per.append((e, contrib))
+            ht = h[t].float()
+            cos = torch.nn.functional.cosine_similarity(ht, ht + residual_scale * routed[0].float(), dim=0)
+            s = max(0.0, 1.0 - float(cos))
+            for e, c in per:
+                r["easy"][e] += c * s
+    used = np.maximum(r["count"], 1)
+    cnt = r["count"]
+    return {
+        "count": cnt, "soft_count": r["soft"], "gate_mean": r["gate"] / used, "ean": r["ean"],
+        "reap": r["contrib"] / used, "easy_ep": r["easy"], "tcess": r["tcess"] / T, "coactivation": coact,
+        "entropy": ent / T, "load_cv": cnt.std() / cnt.mean(),
+        "super_in_max": r["in_max"], "super_out_max": r["out_max"],
+    }
+
+
+def _naive_srp(seqs, E, m, k):
+    """seqs: list of [S, k] lists. Best F1 over a threshold shared by all sliding windows."""
+    best = 0.0
+    for c in range(m + 1):
+        M = P = A = 0
+        for seq in seqs:
+            for s in range(len(seq) - m + 1):
+                cnt = [0] * E
+                for tok in seq[s : s + m]:
+                    for e in tok:
+                        cnt[e] += 1
+                group = [e for e in range(E) if cnt[e] >= c]
+                M += sum(cnt[e] for e in group)
+                P += len(group) * m
+                A += m * k
+        best = max(best, 2 * M / (P + A))
+    return best
+
+
+def _naive_sch(seq, E, m, C):
+    """One sequence, explicit sets: lookahead-m cache of C experts; returns hits."""
+    cache, seen, last, hits = set(), set(), {}, 0
+    for t, tok in enumerate(seq):
+        new_before = 0
+        for e in tok:
+            if e in cache:
+                hits += 1
+            elif e not in seen:
+                if len(seen) + new_before < C:
+                    hits += 1
+                new_before += 1
+        seen |= set(tok)
+        for e in tok:
+            last[e] = t
+        cache |= set(tok)
+        while len(cache) > C:
+            def prio(e):
+                fut = sum(tok2.count(e) for tok2 in seq[t + 1 : t + 1 + m])
+                return (fut, last.get(e, -1), -e)
+            victim = min((e for e in cache if e not in tok), key=prio)
+            cache.remove(victim)
+    return hits
+
+
+_COLLECTED: dict = {}
+
+
+@pytest.fixture
+def collected(family):
+    """Collected once per family and shared by the tests below (the machine is small)."""
+    if family not in _COLLECTED:
+        model = tiny_model(family)
+        toks = tokens(N, S)
+        _COLLECTED[family] = model, toks, collect_stats(model, toks, batch_size=BATCH, segment_len=SEG, progress=False)
+    return _COLLECTED[family]
+
+
+def test_counts_and_soft_counts_sum(collected, family):
+    model, toks, stats = collected
+    k = stats.meta["top_k"]
+    for li in stats.layers:
+        assert int(stats.get(li, "count").sum()) == toks.numel() * k
+        assert torch.equal(stats.get(li, "coactivation").diagonal(), stats.get(li, "count"))
+        if moe_view(model).spec.scoring == "softmax":
+            assert stats.get(li, "soft_count").sum().item() == pytest.approx(toks.numel(), rel=1e-5)
+    assert set(stats.names) == set(STAT_NAMES)
+
+
+def test_every_statistic_equals_naive_reference(collected, family):
+    model, toks, stats = collected
+    view, rec = _record(model, toks)
+    k = stats.meta["top_k"]
+    scale = float(getattr(model.config, "residual_multiplier", 1.0) or 1.0)
+    for layer in view:
+        li = layer.layer_idx
+        ref = _naive_layer(layer, rec.calls[li], k, scale)
+        for name, want in ref.items():
+            got = stats.get(li, name).double().numpy()
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg=f"{family} layer {li} {name}")
+        seqs = torch.cat([r.topk_idx for _, r, _, _ in rec.calls[li]]).reshape(N, S, k).tolist()
+        assert stats.get(li, "srp").item() == pytest.approx(_naive_srp(seqs, layer.num_experts, SEG, k), rel=1e-6)
+        for C, got in zip(stats.meta["sch_cache_sizes"], stats.get(li, "sch").tolist()):
+            want = sum(_naive_sch(s, layer.num_experts, SEG, C) for s in seqs) / (N * S * k)
+            assert got == pytest.approx(want, rel=1e-6), (family, li, C)
+    # super experts: the model-wide rule, recomputed with numpy
+    allmax = np.concatenate([stats.get(li, "super_out_max").double().numpy() for li in stats.layers])
+    thr = max(np.percentile(allmax, 99.5), allmax.max() / 10)
+    for li in stats.layers:
+        want = stats.get(li, "super_out_max").double().numpy() > thr
+        assert stats.get(li, "super_experts").numpy().tolist() == want.tolist()
+
+
+def test_same_seed_same_bytes(tmp_path):
+    paths = []
+    for i in range(2):
+        s = collect_stats(tiny_model("mixtral"), tokens(N, S), batch_size=BATCH, segment_len=SEG, progress=False,
+                          meta={"seed": 0})
+        paths.append(s.save(tmp_path / f"s{i}.safetensors"))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert paths[0].with_suffix(".json").read_bytes() == paths[1].with_suffix(".json").read_bytes()
+    loaded = Stats.load(paths[0])
+    assert loaded.meta["seed"] == 0 and loaded.meta["tokens"] == N * S
+    assert torch.equal(loaded.get(loaded.layers[0], "count"), s.get(s.layers[0], "count"))
+
+
+def test_batch_size_does_not_change_results():
+    model, toks = tiny_model("qwen2_moe"), tokens(4, S)
+    a = collect_stats(model, toks, batch_size=1, segment_len=SEG, progress=False)
+    b = collect_stats(model, toks, batch_size=4, segment_len=SEG, progress=False)
+    for key in a.tensors:
+        torch.testing.assert_close(a.tensors[key].double(), b.tensors[key].double(), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_chunking_is_exact():
+    model = tiny_model("gpt_oss")  # biases and the clamped activation
+    view, rec = _record(model, tokens(N, S))
+    layer = view[0]
+    x, routing, _, _ = rec.calls[layer.layer_idx][0]
+    whole = routed_activations(layer, x, routing, want_routed_output=True)
+    chunked = routed_activations(layer, x, routing, max_elements=1, want_routed_output=True)
+    for f in ("out_norm", "contribution_norm", "in_absmax", "out_absmax", "routed_output"):
+        torch.testing.assert_close(getattr(whole, f), getattr(chunked, f))
+    # the routed output is the layer's own routed path
+    torch.testing.assert_close(whole.routed_output, layer.routed_forward(x, routing), rtol=1e-4, atol=1e-6)
+
+
+def test_sch_bounds_and_full_cache():
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(30)]).reshape(1, 1, 30, 2)
+    rates = simulate_cache(seqs, 6, 4, (2, 3, 6))[0]
+    assert rates[2] == 1.0  # a cache holding every expert never misses
+    assert 0 <= rates[0] <= rates[1] <= rates[2]
+
+
+def test_super_expert_rule():
+    vals = {0: torch.ones(100), 1: torch.ones(100)}
+    vals[1][7] = 50.0  # one massive outlier
+    masks = super_expert_mask(vals)
+    assert masks[1].nonzero().flatten().tolist() == [7] and not masks[0].any()
+    assert not any(m.any() for m in super_expert_mask({0: torch.ones(300)}).values())
+
+
+def test_bad_tokens_are_refused():
+    from moecompress.errors import MoECompressError
+
+    with pytest.raises(MoECompressError):
+        collect_stats(tiny_model("mixtral"), torch.zeros(5, dtype=torch.long), progress=False)
