@@ -1,0 +1,205 @@
+"""Scale benchmark: streaming, stats throughput, end-to-end pruning against the I/O+compute floor.
+
+Runs on the GPU machine against random-weight checkpoints of published shapes
+(bench/shaped_checkpoints.py). Measures
+
+  (a) stats throughput vs a plain forward on the same tokens (goal >= 0.8x);
+  (b) end-to-end ``prune --ratio 0.5`` wall time vs the floor
+        floor = input bytes / read rate + output bytes / write rate + forward FLOPs / matmul rate,
+      where the rates are measured on the same machine in the same run (page cache dropped
+      with posix_fadvise before every read that is timed);
+  (c) peak GPU memory of stats with ``--max-gpu-memory`` (default 4GiB), streamed, and that
+      its statistics equal the all-in-memory run.
+
+    python bench/scale.py olmoe-1b-7b --work /tmp/scale --calib .gpu/calib_mix.txt \
+        --tokenizer-from .gpu/qwen3moe-32x64-top4 --json $OUT/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def drop_cache(folder: Path) -> None:
+    """Evict a folder's files from the page cache so that reads really hit the disk."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd) if os.access(f, os.W_OK) else None
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def read_rate(folder: Path) -> float:
+    drop_cache(folder)
+    n, t0 = 0, time.perf_counter()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(64 << 20):
+                n += len(chunk)
+    return n / (time.perf_counter() - t0)
+
+
+def write_rate(folder: Path, nbytes: int) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = os.urandom(64 << 20)
+    t0 = time.perf_counter()
+    with open(folder / "probe.bin", "wb") as fh:
+        for _ in range(max(1, nbytes // len(buf))):
+            fh.write(buf)
+    rate = (max(1, nbytes // len(buf)) * len(buf)) / (time.perf_counter() - t0)
+    (folder / "probe.bin").unlink()
+    return rate
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: str) -> float:
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    return 10 * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def peak_gpu_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def main() -> None:
+    from shaped_checkpoints import make
+    from transformers import AutoTokenizer
+
+    from moecompress.calibration import load_calibration
+    from moecompress.checkpoint import load_model
+    from moecompress.info import model_info
+    from moecompress.stats import collect_stats
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/scale"))
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--tokenizer-from", type=Path, required=True)
+    ap.add_argument("-n", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-gpu-memory", default="4GiB")
+    ap.add_argument("--method", default="frequency")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: stats,prune,stream")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    src = a.work / a.name
+    res: dict = {"model": a.name, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "n": a.n, "seq_len": a.seq_len,
+                 "torch": torch.__version__}
+    if not (src / "config.json").exists():
+        res["generate"] = make(a.name, src, a.tokenizer_from, dev)
+    info = model_info(src)
+    res.update(total_params=info["total_params"], active_params=info["active_params"], input_bytes=folder_bytes(src))
+    tok = AutoTokenizer.from_pretrained(src)
+    tokens = load_calibration(tok, a.calib, n=a.n, seq_len=a.seq_len, seed=0)
+    ntok = tokens.numel()
+
+    res["read_Bps"] = read_rate(src)
+    res["write_Bps"] = write_rate(a.work / "probe", res["input_bytes"] // 2)
+    res["matmul_flops"] = matmul_rate(dev)
+    print(json.dumps(res, indent=1), flush=True)
+
+    if "stats" not in skip:
+        model = load_model(src, dtype="bfloat16", device=dev)
+        dec = getattr(model, model.base_model_prefix)
+
+        def plain():
+            with torch.no_grad():
+                for b in tokens.split(a.batch_size):
+                    dec(input_ids=b.to(dev), use_cache=False)
+
+        plain()  # warm-up
+        _, t_plain = timed(plain)
+        collect_stats(model, tokens[: a.batch_size], batch_size=a.batch_size, progress=False)  # warm-up
+        stats_mem, t_stats = timed(lambda: collect_stats(model, tokens, batch_size=a.batch_size, progress=False))
+        res.update(plain_forward_s=t_plain, stats_s=t_stats, plain_tok_s=ntok / t_plain, stats_tok_s=ntok / t_stats,
+                   stats_vs_plain=t_plain / t_stats, peak_gpu_in_memory_GiB=peak_gpu_gib())
+        del model, dec
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(res, indent=1), flush=True)
+
+    if "stream" not in skip:
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        (model, t_load) = timed(lambda: load_model(src, dtype="bfloat16", max_gpu_memory=a.max_gpu_memory,
+                                                   offload_folder=a.work / "offload"))
+        stats_stream, t_sstats = timed(lambda: collect_stats(model, tokens, batch_size=a.batch_size, progress=False))
+        res.update(stream_load_s=t_load, stream_stats_s=t_sstats,
+                   stream_peak_gpu_GiB=peak_gpu_gib(), max_gpu_memory=a.max_gpu_memory)
+        if "stats" not in skip:
+            same = all(torch.equal(stats_mem.tensors[k].cpu(), stats_stream.tensors[k].cpu())
+                       for k in stats_mem.tensors if k.endswith(".count"))
+            res["stream_counts_equal_in_memory"] = same
+        del model
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        shutil.rmtree(a.work / "offload", ignore_errors=True)
+        print(json.dumps(res, indent=1), flush=True)
+
+    if "prune" not in skip:
+        from moecompress.prune.api import prune_checkpoint
+
+        out = a.work / f"{a.name}-pruned"
+        shutil.rmtree(out, ignore_errors=True)
+        drop_cache(src)
+        _, t_prune = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
+                                                    seq_len=a.seq_len, device=dev, dtype="bfloat16", progress=False,
+                                                    overwrite=True))
+        out_bytes = folder_bytes(out)
+        fwd_flops = 2 * res["active_params"] * ntok
+        floor = res["input_bytes"] / res["read_Bps"] + out_bytes / res["write_Bps"] + fwd_flops / res["matmul_flops"]
+        res.update(prune_s=t_prune, output_bytes=out_bytes, floor_s=floor, prune_vs_floor=t_prune / floor,
+                   floor_parts_s={"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
+                                  "forward": fwd_flops / res["matmul_flops"]}, prune_method=a.method)
+        print(json.dumps(res, indent=1), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
