@@ -4,7 +4,8 @@ The model's fused expert module does not expose per-expert activations, so the s
 that need them (EAN, REAP, EASY-EP, super-expert maxima) recompute them once per batch: the
 (token, expert) routing pairs are sorted by expert, padded into a [E, C, H] block (C = the
 largest per-expert token count) and run through every expert with batched matmuls. Experts
-are processed in chunks so the padded block stays under ``max_elements``. Only routed pairs
+are processed in chunks so the padded block stays under ``max_elements`` (on CPU one expert
+at a time, sliced without padding). Only routed pairs
 are computed (T x k rows, never T x E).
 """
 
@@ -26,8 +27,8 @@ class RoutedActivations:
     weight: torch.Tensor  # [P] routing weight (float32)
     out_norm: torch.Tensor  # [P] ||expert output|| (float32), the output as computed in the forward
     contribution_norm: torch.Tensor  # [P] ||weighted contribution to the layer output|| (float32)
-    in_absmax: torch.Tensor  # [P] max |down_proj input| (float32)
-    out_absmax: torch.Tensor  # [P] max |down_proj output| (float32)
+    in_absmax: torch.Tensor  # [E] per expert: max |down_proj input| over its routed tokens (float32)
+    out_absmax: torch.Tensor  # [E] per expert: max |down_proj output| over its routed tokens (float32)
     routed_output: torch.Tensor | None = None  # [T, H] sum of the routed experts' contributions
 
 
@@ -45,10 +46,24 @@ def _batched_expert(layer: MoELayer, xs: torch.Tensor, e0: int, e1: int) -> tupl
     return h, out
 
 
+def _absmax(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """max |t| (over ``dim``, or everything) in float32."""
+    m = t.abs().amax() if dim is None else t.abs().amax(dim=dim)
+    return m.float()
+
+
+def default_max_elements(device: torch.device) -> int:
+    """CPU: one expert at a time (exact sizes, no padding waste); GPU: pad experts into few
+    large batched matmuls (kernel launches dominate there)."""
+    return 0 if torch.device(device).type == "cpu" else 1 << 26
+
+
 def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
-                       max_elements: int = 1 << 26, want_routed_output: bool = False) -> RoutedActivations:
+                       max_elements: int | None = None, want_routed_output: bool = False) -> RoutedActivations:
     """Activations of every routed (token, expert) pair of x [T, H] under ``routing``."""
     T, k = routing.topk_idx.shape
+    if max_elements is None:
+        max_elements = default_max_elements(x.device)
     E = layer.num_experts
     flat_e = routing.topk_idx.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
@@ -66,8 +81,8 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
 
     P = expert.numel()
     out_norm = torch.empty(P, dtype=torch.float32, device=x.device)
-    in_absmax = torch.empty_like(out_norm)
-    out_absmax = torch.empty_like(out_norm)
+    in_absmax = torch.zeros(E, dtype=torch.float32, device=x.device)
+    out_absmax = torch.zeros_like(in_absmax)
     routed = torch.zeros_like(x) if want_routed_output else None
     counts_cpu = counts.tolist()
     starts_cpu = starts.tolist()
@@ -81,18 +96,23 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
             e1 += 1
         lo, hi = starts_cpu[e0], starts_cpu[e1 - 1] + counts_cpu[e1 - 1]
         if hi > lo:
-            local_e = expert[lo:hi] - e0
-            local_p = pos[lo:hi]
-            xs = x.new_zeros(e1 - e0, cmax, x.shape[1])
-            xs[local_e, local_p] = xin[lo:hi]
-            h, out = _batched_expert(layer, xs, e0, e1)
-            h_sel = h[local_e, local_p].float()
-            o_sel = out[local_e, local_p].float()
-            out_norm[lo:hi] = o_sel.norm(dim=1)
-            in_absmax[lo:hi] = h_sel.abs().amax(dim=1)
-            out_absmax[lo:hi] = o_sel.abs().amax(dim=1)
+            if e1 - e0 == 1:  # one expert: its pairs are contiguous, no padding needed
+                h, out = _batched_expert(layer, xin[lo:hi][None], e0, e1)
+                h_sel, o_sel = h[0], out[0]
+                in_absmax[e0] = _absmax(h_sel)
+                out_absmax[e0] = _absmax(o_sel)
+            else:
+                local_e = expert[lo:hi] - e0
+                local_p = pos[lo:hi]
+                xs = x.new_zeros(e1 - e0, cmax, x.shape[1])
+                xs[local_e, local_p] = xin[lo:hi]
+                h, out = _batched_expert(layer, xs, e0, e1)
+                h_sel, o_sel = h[local_e, local_p], out[local_e, local_p]
+                in_absmax.scatter_reduce_(0, expert[lo:hi], _absmax(h_sel, dim=1), "amax")
+                out_absmax.scatter_reduce_(0, expert[lo:hi], _absmax(o_sel, dim=1), "amax")
+            out_norm[lo:hi] = torch.linalg.vector_norm(o_sel, dim=1, dtype=torch.float32)
             if routed is not None:
-                contrib = o_sel if layer.spec.weight_on_input else o_sel * weight[lo:hi, None]
+                contrib = o_sel if layer.spec.weight_on_input else o_sel * weight[lo:hi, None].to(o_sel.dtype)
                 routed.index_add_(0, token[lo:hi], contrib.to(x.dtype))
         e0 = e1
     contribution = out_norm if layer.spec.weight_on_input else out_norm * weight.abs()

@@ -71,7 +71,7 @@ class StatsObserver:
     """Observer for :func:`run_calibration`; call :meth:`finalize` after the run."""
 
     def __init__(self, seq_len: int, *, segment_len: int = 16, tcess_threshold: float = 0.0,
-                 sch_cache_sizes: tuple[int, ...] | None = None, max_elements: int = 1 << 26):
+                 sch_cache_sizes: tuple[int, ...] | None = None, max_elements: int | None = None):
         self.seq_len = seq_len
         self.segment_len = min(segment_len, seq_len)
         self.tcess_threshold = tcess_threshold
@@ -119,8 +119,8 @@ class StatsObserver:
         acts = routed_activations(layer, x, routing, self.max_elements, want_routed_output=True)
         a.ean.index_add_(0, acts.expert, acts.out_norm.double())
         a.contrib.index_add_(0, acts.expert, acts.contribution_norm.double())
-        a.in_max = torch.maximum(a.in_max, torch.zeros_like(a.in_max).scatter_reduce_(0, acts.expert, acts.in_absmax, "amax"))
-        a.out_max = torch.maximum(a.out_max, torch.zeros_like(a.out_max).scatter_reduce_(0, acts.expert, acts.out_absmax, "amax"))
+        a.in_max = torch.maximum(a.in_max, acts.in_absmax)
+        a.out_max = torch.maximum(a.out_max, acts.out_absmax)
         h = self.residual.pop(li, None)
         h = (x if h is None else h.reshape(-1, h.shape[-1])).float()
         after = h + self.residual_scale * acts.routed_output.float()
