@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(out, indent=2))
             return
         verb = "would send" if dry_run else "sent"
-        t = Table(title=f"{repo_id}: {verb} {len(out['files'])} files, {out['bytes'] / 2**20:.1f} MiB")
+        title = f"{repo_id}: {verb} {len(out['files'])} files, {out['bytes'] / 2**20:.1f} MiB"
+        t = Table(title=title, min_width=len(title) + 2)
         t.add_column("file")
         t.add_column("size", justify="right")
         for f in out["files"]:

@@ -17,6 +17,7 @@ from ..errors import MoECompressError
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 # lm-eval reports "<metric>,<filter>" keys; these are the ones worth a table row.
 _SKIP_SUFFIX = "_stderr"
+_BOOKKEEPING = {"alias", "sample_len", "samples", "sample_count"}
 
 
 def _lm_eval():
@@ -81,7 +82,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: list[str | os
     for task, metrics in (out or {}).get("results", {}).items():
         clean = {}
         for key, value in metrics.items():
-            if key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key.split(",")[0] in _BOOKKEEPING or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             name = key.split(",")[0]
             clean[name] = float(value)
