@@ -1,21 +1,29 @@
-"""Calibration data: text from files or Hub datasets, tokenised into [n, seq_len] chunks.
+"""Calibration data: text from files, shipped sets or Hub datasets, tokenised into [n, seq_len].
 
-Sources: ``.txt`` (whole file), ``.jsonl`` (one document per line, ``field`` names the text),
-``.parquet`` (``field`` column), a name of a default set shipped in ``calibration/``, or a Hub
-dataset name (``org/name`` or ``org/name:split``; needs the ``datasets`` package and network).
+Sources (``source``):
+* ``.txt``: the whole file is one text (``document`` mode: documents are separated by blank
+  lines);
+* ``.jsonl``: one JSON object per line, ``field`` names the text;
+* ``.parquet``: the ``field`` column (needs ``pyarrow``);
+* the name of a set shipped with the package (``python_docs``, ``python_code``,
+  ``numpy_docs``; see ``calibration/README.md``), with or without its suffix;
+* a Hub dataset ``org/name``, ``org/name:split`` or ``org/name:config:split`` (needs the
+  ``datasets`` package and network; offline gives a clear error pointing to local files).
 
-Two ways to make sequences:
+Two ways to make sequences (``mode``):
 * ``chunk`` (default): concatenate all documents (separated by EOS) and cut the token stream
   into non-overlapping ``seq_len`` chunks; ``n`` of them are drawn with ``seed``.
 * ``document``: one sequence per document, its first ``seq_len`` tokens; documents shorter
   than ``seq_len`` are skipped.
-Same inputs and seed give the same tensor.
+Same inputs and seed give the same tensor. Empty or too-short data raise
+:class:`MoECompressError` saying what to change.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,11 +32,14 @@ import torch
 from .errors import MoECompressError
 
 Mode = Literal["chunk", "document"]
+MODES = ("chunk", "document")
+_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def default_sets_dir() -> Path:
-    """The calibration sets shipped with the package (``calibration/`` at the project root,
-    installed as ``moecompress/calibration_data``)."""
+    """The calibration sets shipped with the package: ``moecompress/calibration_data`` (the
+    real folder, installed as package data; ``calibration/`` at the project root links to it),
+    else ``<repo>/calibration``."""
     here = Path(__file__).resolve().parent
     for cand in (here / "calibration_data", here.parent / "calibration"):
         if cand.is_dir():
@@ -37,48 +48,93 @@ def default_sets_dir() -> Path:
 
 
 def default_sets() -> dict[str, Path]:
+    """Shipped set name (file stem) -> file."""
     d = default_sets_dir()
-    return {p.stem: p for p in sorted(d.glob("*")) if p.suffix in (".txt", ".jsonl")} if d.is_dir() else {}
+    return {p.stem: p for p in sorted(d.glob("*")) if p.suffix in _SUFFIXES} if d.is_dir() else {}
 
 
-def read_documents(source: str | os.PathLike, field: str = "text") -> list[str]:
-    """Documents of a calibration source, in file order."""
+def _shipped(s: str) -> Path | None:
+    sets = default_sets()
+    return sets.get(s) or sets.get(Path(s).stem if Path(s).suffix in _SUFFIXES and "/" not in s else "")
+
+
+def _looks_like_hub(s: str) -> bool:
+    """``org/name[:config][:split]`` that is not a (missing) local file path."""
+    if s.startswith((".", "/", "~")) or Path(s.split(":")[0]).suffix.lower() in (*_SUFFIXES, ".json", ".csv", ".gz"):
+        return False
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+){0,2}", s))
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Cheap validation before loading a model: an existing file, a shipped set or a Hub name."""
     s = str(source)
     p = Path(s).expanduser()
-    if not p.exists() and s in default_sets():
-        p = default_sets()[s]
+    if p.exists():
+        if p.is_dir():
+            raise MoECompressError(f"calibration source '{s}' is a folder; pass a .txt, .jsonl or .parquet file")
+        return
+    if _shipped(s) is not None or _looks_like_hub(s):
+        return
+    names = ", ".join(default_sets()) or "none"
+    raise MoECompressError(f"calibration file '{s}' not found; pass a .txt/.jsonl/.parquet file, "
+                           f"a shipped set ({names}) or a Hub dataset org/name[:split]")
+
+
+def _read_jsonl(p: Path, field: str) -> list[str]:
+    docs = []
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise MoECompressError(f"{p}:{i + 1} is not valid JSON; a .jsonl file holds one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise MoECompressError(f"{p}:{i + 1} is not a JSON object; each line must be like {{\"{field}\": \"...\"}}")
+            if field not in row:
+                raise MoECompressError(f"{p}:{i + 1} has no field '{field}' (fields: {', '.join(map(str, row))}); "
+                                       "choose the text field with --field")
+            docs.append(str(row[field]))
+    return docs
+
+
+def _read_parquet(p: Path, field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MoECompressError("reading .parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # corrupt / not parquet
+        raise MoECompressError(f"cannot read '{p}' as parquet ({type(e).__name__}); pass a valid .parquet file") from None
+    if field not in table.column_names:
+        raise MoECompressError(f"{p} has no column '{field}'; columns: {', '.join(table.column_names)}; use --field")
+    return [str(t) for t in table.column(field).to_pylist() if t is not None]
+
+
+def read_documents(source: str | os.PathLike, field: str = "text", mode: Mode = "chunk") -> list[str]:
+    """Documents of a calibration source, in file order (empty documents dropped)."""
+    s = str(source)
+    p = Path(s).expanduser()
+    if not p.exists():
+        p = _shipped(s) or p
     if p.exists():
         if p.is_dir():
             raise MoECompressError(f"calibration source '{s}' is a folder; pass a .txt, .jsonl or .parquet file")
         suffix = p.suffix.lower()
         if suffix == ".jsonl":
-            docs = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise MoECompressError(f"{p}:{i + 1} is not valid JSON; a .jsonl file holds one JSON object per line") from None
-                if field not in row:
-                    raise MoECompressError(f"{p}:{i + 1} has no field '{field}'; choose the text field with --field")
-                docs.append(str(row[field]))
+            docs = _read_jsonl(p, field)
         elif suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise MoECompressError("reading .parquet needs pyarrow: pip install pyarrow") from None
-            table = pq.read_table(p)
-            if field not in table.column_names:
-                raise MoECompressError(f"{p} has no column '{field}'; columns: {', '.join(table.column_names)}; use --field")
-            docs = [str(t) for t in table.column(field).to_pylist()]
+            docs = _read_parquet(p, field)
         else:
-            docs = [p.read_text(encoding="utf-8", errors="replace")]
-    elif s.startswith((".", "/", "~")) or "/" not in s:
-        names = ", ".join(default_sets()) or "none"
-        raise MoECompressError(f"calibration file '{s}' not found; pass a .txt/.jsonl/.parquet file or a shipped set ({names})")
-    else:
+            text = p.read_text(encoding="utf-8", errors="replace")
+            docs = re.split(r"\n[ \t]*\n", text) if mode == "document" else [text]
+    elif _looks_like_hub(s):
         docs = _hub_documents(s, field)
+    else:
+        check_source(s)  # raises the not-found message
+        docs = []
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise MoECompressError(f"calibration source '{s}' holds no text; pass a file with text in it")
@@ -86,18 +142,25 @@ def read_documents(source: str | os.PathLike, field: str = "text") -> list[str]:
 
 
 def _hub_documents(name: str, field: str) -> list[str]:
-    repo, _, split = name.partition(":")
+    repo, *rest = name.split(":")
+    config, split = (None, rest[0]) if len(rest) == 1 else (rest[0], rest[1]) if len(rest) == 2 else (None, "train")
+    offline_hint = f"pass a local .txt/.jsonl/.parquet file or a shipped set ({', '.join(default_sets())})"
     try:
         import datasets
     except ImportError:
-        raise MoECompressError(f"'{name}' looks like a Hub dataset; install `datasets` or pass a local .txt/.jsonl file") from None
+        raise MoECompressError(f"'{name}' looks like a Hub dataset; install `datasets` or {offline_hint}") from None
+    from .checkpoint import _hub_reachable
+
+    if not _hub_reachable():
+        raise MoECompressError(f"'{name}' looks like a Hub dataset but the Hub is unreachable (offline); {offline_hint}")
     try:
-        ds = datasets.load_dataset(repo, split=split or "train")
-    except Exception as e:  # offline, missing, gated...
-        raise MoECompressError(f"cannot load Hub dataset '{repo}' ({type(e).__name__}); offline? pass a local .txt/.jsonl file") from None
+        ds = datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # missing, gated, bad split...
+        raise MoECompressError(f"cannot load Hub dataset '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                               f"{offline_hint}") from None
     if field not in ds.column_names:
         raise MoECompressError(f"dataset '{repo}' has no column '{field}'; columns: {', '.join(ds.column_names)}; use --field")
-    return [str(t) for t in ds[field]]
+    return [str(t) for t in ds[field] if t is not None]
 
 
 def load_calibration(
@@ -112,7 +175,9 @@ def load_calibration(
     """Token ids [n, seq_len] (int64) drawn from ``source``."""
     if n < 1 or seq_len < 2:
         raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
-    docs = read_documents(source, field)
+    if mode not in MODES:
+        raise MoECompressError(f"unknown calibration mode '{mode}'; use chunk or document")
+    docs = read_documents(source, field, mode)
     eos = tokenizer.eos_token_id
     if mode == "chunk":
         ids: list[int] = []
@@ -120,18 +185,18 @@ def load_calibration(
             ids.extend(tokenizer(d, add_special_tokens=False).input_ids)
             if eos is not None and len(docs) > 1:
                 ids.append(eos)
-        n_chunks = len(ids) // seq_len
-        seqs = torch.tensor(ids[: n_chunks * seq_len], dtype=torch.long).reshape(n_chunks, seq_len)
-    elif mode == "document":
+        n_seqs = len(ids) // seq_len
+        seqs = torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).reshape(n_seqs, seq_len)
+        have = f"{len(ids)} tokens"
+    else:
         rows = [tokenizer(d, add_special_tokens=False).input_ids[:seq_len] for d in docs]
         rows = [r for r in rows if len(r) == seq_len]
         seqs = torch.tensor(rows, dtype=torch.long).reshape(len(rows), seq_len)
-    else:
-        raise MoECompressError(f"unknown calibration mode '{mode}'; use chunk or document")
+        have = f"{len(docs)} documents, {len(rows)} of them with >= {seq_len} tokens"
     if seqs.shape[0] < n:
         raise MoECompressError(
             f"calibration source '{source}' gives only {seqs.shape[0]} sequences of {seq_len} tokens "
-            f"({mode} mode), {n} asked; lower -n or --seq-len, or give more text"
+            f"({mode} mode, {have}), {n} asked; lower -n or --seq-len, or give more text"
         )
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(seqs.shape[0], generator=g)[:n].sort().values
