@@ -68,3 +68,31 @@ def tokens(batch: int = 2, seq: int = 12, vocab: int = 90, seed: int = 0) -> tor
     """Random token ids inside every tiny model's vocabulary (ids 0-2 are special)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def char_tokenizer():
+    """A character-level tokenizer whose ids fit the tiny models' 96-token vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 \n.,:;()[]=+-*/#'\"_?!<>ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_checkpoint(folder, model_type: str = "qwen3_moe", seed: int = 0, **overrides):
+    """Save a tiny model *with* a tokenizer to ``folder`` (what CLI stages need); returns the model."""
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return model
+
+
+SAMPLE_TEXT = (
+    "def mean(values):\n    return sum(values) / len(values)\n\n"
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+) * 40
