@@ -1,12 +1,130 @@
+"""``moecompress stats MODEL ...`` (collect) and ``moecompress stats show FILE``."""
+
 from __future__ import annotations
 
-import typer
+from pathlib import Path
+from typing import Optional
 
-from ._common import not_implemented
+import typer
+from rich.table import Table
+from typer.core import TyperGroup
+
+from ._common import console, user_errors
+
+
+class _CollectByDefault(TyperGroup):
+    """``stats`` is a group (``collect``, ``show``); anything that is not a subcommand name
+    goes to ``collect``, so ``moecompress stats MODEL --calib F`` works as written."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["collect", *args]
+        return super().parse_args(ctx, args)
+
+
+def _fmt(v, digits=3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _layer_table(stats) -> Table:
+    summary = stats.summary()
+    sizes = "/".join(map(str, stats.meta.get("sch_cache_sizes", [])))
+    t = Table(title="routing statistics per MoE layer", title_justify="left")
+    for col in ("layer", "unused", "entropy", "load CV", "max share", f"SRP m={stats.meta.get('segment_len')}",
+                f"SCH C={sizes}", "super"):
+        t.add_column(col, justify="right", no_wrap=col.startswith("SCH"), min_width=14 if col.startswith("SCH") else None)
+    for row in summary["layers"]:
+        t.add_row(str(row["layer"]), str(row["unused_experts"]), _fmt(row["entropy"]), _fmt(row["load_cv"]),
+                  _fmt(row["max_share"]), _fmt(row["srp"]), "/".join(_fmt(v, 2) for v in row["sch"]),
+                  ",".join(map(str, row["super_experts"])) or "-")
+    return t
+
+
+def _expert_table(stats, layer: int) -> Table:
+    names = ("count", "soft_count", "gate_mean", "ean", "reap", "easy_ep", "tcess", "super_in_max", "super_out_max")
+    heads = ("count", "soft", "gate", "EAN", "REAP", "EASY-EP", "TCESS", "in max", "out max")
+    t = Table(title=f"layer {layer}: per-expert statistics (in/out max = |down_proj input/output|)", title_justify="left")
+    t.add_column("e", justify="right")
+    for n in (*heads, "SE"):
+        t.add_column(n, justify="right")
+    cols = [stats.get(layer, n) for n in names]
+    sup = stats.get(layer, "super_experts")
+    for e in range(cols[0].numel()):
+        t.add_row(str(e), str(int(cols[0][e])), *[f"{float(c[e]):.3g}" for c in cols[1:]], "yes" if bool(sup[e]) else "")
+    return t
+
+
+def _meta_line(meta: dict) -> str:
+    keys = ("model", "family", "calib", "n", "seq_len", "tokens", "seed", "num_experts", "top_k", "dtype")
+    return "  ".join(f"{k}={meta[k]}" for k in keys if k in meta)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def stats() -> None:
-        """(not implemented yet)"""
-        not_implemented("stats")
+    stats_app = typer.Typer(cls=_CollectByDefault, no_args_is_help=True, add_completion=False,
+                            help="Routing statistics on calibration text: `stats MODEL --calib FILE -o stats.safetensors`, "
+                                 "`stats show FILE`.")
+
+    @stats_app.command("collect")
+    def collect(
+        model: str = typer.Argument(..., help="Checkpoint folder or Hub id."),
+        calib: str = typer.Option("python_docs", "--calib", help="Calibration .txt/.jsonl/.parquet, a shipped set "
+                                  "(python_docs, python_code, numpy_docs) or a Hub dataset org/name[:split]."),
+        n: int = typer.Option(64, "-n", help="Number of calibration sequences."),
+        seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+        seed: int = typer.Option(0, "--seed", help="Seed for drawing the sequences."),
+        mode: str = typer.Option("chunk", "--mode", help="chunk: concatenate and cut; document: one sequence per document."),
+        field: str = typer.Option("text", "--field", help="Text field of .jsonl / column of .parquet / Hub datasets."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+        segment_len: int = typer.Option(16, "--segment-len", help="Window (tokens) of the SRP / SCH routing-locality metrics."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16, float16."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu)."),
+        output: Path = typer.Option(..., "-o", "--output", help="Statistics file (.safetensors); a .json summary is written beside it."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a per-layer expert-usage heatmap (PNG, needs matplotlib)."),
+    ) -> None:
+        """Collect per-layer, per-expert routing statistics (counts, REAP, EAN, EASY-EP, TCESS, super experts, SRP/SCH...)."""
+        from ..stats.api import plot_usage, require_matplotlib, stats_for_checkpoint
+
+        with user_errors():
+            if plot is not None:
+                require_matplotlib()  # fail before the long run, not after
+            stats = stats_for_checkpoint(model, calib, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field,
+                                         batch_size=batch_size, segment_len=segment_len, dtype=dtype, device=device,
+                                         output=output, overwrite=overwrite)
+            if plot is not None:
+                plot_usage(stats, plot)
+        console.print(_meta_line(stats.meta), highlight=False)
+        console.print(_layer_table(stats))
+        console.print(f"wrote {output} and {output.with_suffix('.json')}" + (f" and {plot}" if plot else ""), highlight=False)
+
+    @stats_app.command("show")
+    def show(
+        file: Path = typer.Argument(..., help="Statistics file written by `moecompress stats`."),
+        layer: Optional[int] = typer.Option(None, "--layer", help="Also print every expert of this decoder layer."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw a per-layer expert-usage heatmap (PNG, needs matplotlib)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the JSON summary instead of tables."),
+    ) -> None:
+        """Print the statistics of FILE as tables (per layer; per expert with --layer)."""
+        import json
+
+        from ..errors import MoECompressError
+        from ..stats import Stats
+        from ..stats.api import plot_usage
+
+        with user_errors():
+            stats = Stats.load(file)
+            if layer is not None and layer not in stats.layers:
+                raise MoECompressError(f"layer {layer} is not an MoE layer of this file; MoE layers: {stats.layers}")
+            if plot is not None:
+                plot_usage(stats, plot)
+        if as_json:
+            typer.echo(json.dumps(stats.summary(), indent=2, sort_keys=True))
+            return
+        console.print(_meta_line(stats.meta), highlight=False)
+        console.print(_layer_table(stats))
+        if layer is not None:
+            console.print(_expert_table(stats, layer))
+        if plot is not None:
+            console.print(f"wrote {plot}", highlight=False)
+
+    app.add_typer(stats_app, name="stats")

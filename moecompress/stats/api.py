@@ -1,0 +1,102 @@
+"""``moecompress stats`` as a library call: checkpoint + calibration source -> saved Stats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import MoECompressError
+from . import collect_stats
+from .container import Stats, summary_path
+
+
+def stats_for_checkpoint(
+    model: str | os.PathLike,
+    calib: str | os.PathLike = "python_docs",
+    *,
+    n: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    mode: str = "chunk",
+    field: str = "text",
+    batch_size: int = 8,
+    segment_len: int = 16,
+    dtype: str = "auto",
+    device: str | None = None,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Stats:
+    """Load ``model``, draw calibration tokens from ``calib`` and collect routing statistics;
+    save them to ``output`` (safetensors + JSON summary) when given.
+
+    ``dtype="auto"`` keeps the checkpoint's dtype on a GPU and computes in float32 on the CPU
+    (half-precision matmuls are slow there and the statistics less exact).
+    """
+    from transformers import AutoTokenizer
+
+    from ..calibration import check_source, load_calibration
+    from ..checkpoint import load_config, load_model, parse_dtype, resolve_source
+
+    if output is not None:
+        output = Path(output)
+        if output.suffix != ".safetensors":
+            raise MoECompressError(f"output '{output}' must end in .safetensors (a JSON summary is written beside it)")
+        if (output.exists() or summary_path(output).exists()) and not overwrite:
+            raise MoECompressError(f"'{output}' already exists; pass --overwrite to replace it")
+        if output.parent.exists() and not output.parent.is_dir():
+            raise MoECompressError(f"cannot write into '{output.parent}': not a folder")
+    for name, v, lo in (("-n", n, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--segment-len", segment_len, 1)):
+        if v < lo:
+            raise MoECompressError(f"{name} must be at least {lo}")
+    if mode not in ("chunk", "document"):
+        raise MoECompressError(f"unknown --mode '{mode}'; use chunk or document")
+    check_source(calib)
+    load_config(model)  # a clear error for missing / non-MoE models before reading any weights
+    on_cpu = device is None or str(device) == "cpu"
+    dt = "float32" if dtype == "auto" and on_cpu else dtype
+    parse_dtype(dt)
+    tok = AutoTokenizer.from_pretrained(resolve_source(model))
+    tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field)
+    lm = load_model(model, dtype=dt, device=device)
+    stats = collect_stats(lm, tokens, batch_size=batch_size, segment_len=segment_len, progress=progress,
+                          meta={"model": str(model), "calib": str(calib), "mode": mode, "field": field,
+                                "seed": seed, "dtype": str(next(lm.parameters()).dtype).replace("torch.", "")})
+    if output is not None:
+        stats.save(output)
+    return stats
+
+
+def plot_usage(stats: Stats, path: str | os.PathLike, stat: str = "count") -> Path:
+    """Per-layer expert-usage heatmap (share of each layer's ``stat`` per expert) as PNG."""
+    plt = require_matplotlib()
+    layers = stats.layers
+    rows = []
+    for li in layers:
+        v = stats.get(li, stat).double()
+        rows.append((v / v.sum().clamp_min(1e-300)).numpy())
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.18 * len(rows[0]) + 2), max(2.0, 0.35 * len(layers) + 1.2)))
+    im = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("decoder layer")
+    ax.set_yticks(range(len(layers)), [str(li) for li in layers])
+    title = stats.meta.get("model", "")
+    ax.set_title(f"{Path(str(title)).name or title}: share of top-k {stat} per expert", fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of layer")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoECompressError("--plot needs matplotlib: pip install 'moecompress[plot]' (or pip install matplotlib)") from None
+    return plt
+
