@@ -8,6 +8,7 @@ Everything is batched (no Python loop per token).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Protocol
 
 import torch
@@ -23,6 +24,35 @@ class Observer(Protocol):
 
 def batches_of(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [tokens[i : i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+
+
+def onloaded(module: torch.nn.Module) -> contextlib.ExitStack:
+    """Context in which every weight of ``module`` is materialised on its execution device.
+
+    A streamed model (accelerate offload, see ``load_model(max_gpu_memory=...)``) keeps each
+    leaf module's weights offloaded except while that leaf runs; observers that read expert
+    weights after the block ran need them onloaded again, one MoE block at a time.
+    """
+    stack = contextlib.ExitStack()
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return stack
+    for m in module.modules():
+        if has_offloaded_params(m):
+            stack.enter_context(align_module_device(m))
+    return stack
+
+
+def execution_device(model) -> torch.device:
+    """Where inputs must go: the embedding's execution device for a streamed (offloaded)
+    model, whose parameters may sit on the meta device; else the first parameter's device."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def _decoder(model):
@@ -44,7 +74,7 @@ def run_calibration(
     """Forward ``tokens`` [N, S] in batches; every observer sees every MoE layer's traffic."""
     view = view or moe_view(model)
     observers = list(observers)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     routings: dict[int, Routing] = {}
     hooks = []
     for layer in view:
@@ -56,8 +86,9 @@ def run_calibration(
             y = out[0] if isinstance(out, tuple) else out
             y = y.reshape(-1, y.shape[-1])
             routing = routings.pop(layer.layer_idx)
-            for obs in observers:
-                obs.observe(layer, x, routing, y)
+            with onloaded(layer.block):
+                for obs in observers:
+                    obs.observe(layer, x, routing, y)
 
         hooks.append(layer.router.register_forward_hook(on_router))
         hooks.append(layer.block.register_forward_hook(on_block))

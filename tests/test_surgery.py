@@ -70,3 +70,18 @@ def test_streamed_load_equals_in_memory(tmp_path):
 
 def test_parse_memory():
     assert parse_memory("4GiB") == 4 * 2**30 and parse_memory("512MiB") == 512 * 2**20 and parse_memory("8GB") == 8 * 10**9
+
+
+def test_stats_on_streamed_model_equal_in_memory(tmp_path):
+    """Observers read expert weights of offloaded layers: statistics equal the in-memory run."""
+    from moecompress.stats import collect_stats
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "src")
+    x = tokens(batch=3, seq=16)
+    ref = collect_stats(model, x, batch_size=2, progress=False)
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=tmp_path / "off")
+    got = collect_stats(streamed, x, batch_size=2, progress=False)
+    assert ref.tensors.keys() == got.tensors.keys()
+    for k in ref.tensors:
+        torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-5, rtol=1e-5, msg=k)
