@@ -440,6 +440,20 @@ def test_stun_splits_the_budget(tmp_path):
     torch.testing.assert_close(_logits(reloaded, x), _logits(model, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("expert_method", ["frequency", "stun"])
+def test_stun_first_stage_comes_from_the_expert_pruning_registry(expert_method):
+    prune = pytest.importorskip("moecompress.prune")
+    if expert_method not in prune.METHODS:
+        pytest.skip(f"expert-pruning method {expert_method} not registered yet")
+    x = tokens(2, 10)
+    expected = prune.select_experts(tiny_model("qwen3_moe"), x, keep=4, method=expert_method)
+    model = tiny_model("qwen3_moe")
+    report = stun_prune(model, x, 0.75, 0.5, expert_method=expert_method, progress=False)
+    assert report["kept_experts"] == {i: sorted(v) for i, v in expected.items()}
+    assert all(layer.num_experts == 4 for layer in moe_view(model))
+    assert report["expert_weight_sparsity"] == pytest.approx(0.75)
+
+
 def test_stun_refuses_expert_ratio_above_total():
     with pytest.raises(MoECompressError, match="stun-expert-ratio"):
         stun_prune(tiny_model("qwen3_moe"), tokens(), 0.2, 0.5, expert_selector=_frequency_selector, progress=False)

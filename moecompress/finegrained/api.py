@@ -50,7 +50,7 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
     from transformers import AutoTokenizer
 
     from ..calibration import load_calibration
-    from ..checkpoint import load_model, output_folder, resolve_source, save_model
+    from ..checkpoint import load_config, load_model, output_folder, resolve_source, save_model
 
     if method not in METHODS:
         raise MoECompressError(f"unknown fine-grained method '{method}'; use one of: {', '.join(METHODS)}")
@@ -61,11 +61,21 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
                 raise MoECompressError(f"{method} needs calibration text: pass --calib FILE")
             tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_path))
             tokens = load_calibration(tokenizer, calib, n=n, seq_len=seq_len, seed=seed)
+        stored = _stored_dtype(load_config(model_path))  # read before loading: loading rewrites config.dtype
         model = load_model(model_path, dtype=dtype, device=device)
         torch.manual_seed(seed)
         report = finegrained_prune(model, tokens, method, **options)
+        if stored is not None and model.dtype != stored:  # compute in --dtype, store as the input was
+            model.to(stored)
         record = {"stage": "prune", "method": method, "options": {k: v for k, v in options.items() if k != "progress"},
                   "calibration": None if tokens is None else {"source": str(calib), "n": n, "seq_len": seq_len, "seed": seed},
                   "seed": seed, "report": report}
         save_model(model, Path(folder), source=model_path, record=record)
     return report
+
+
+def _stored_dtype(config) -> torch.dtype | None:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
