@@ -1,0 +1,345 @@
+"""Library entry points of expert merging.
+
+* :func:`plan_merge` — calibration pass 1 and the clusters of every MoE layer (edits nothing).
+* :func:`merge_experts` — plan, merge each cluster into one expert, keep one router row per
+  merged expert, optionally re-fit the merged experts (pass 2), in place on a loaded model.
+* :func:`merge_checkpoint` — load, merge, write a standard HF checkpoint (fewer experts, config
+  updated) with a ``moecompress.json`` record of the clusters. Input checks run first.
+
+Router rule (documented choice, measured on the testbed, docs/benchmarks.md): a merged expert
+keeps the router row — and per-expert router tensors (bias, ``e_score_correction_bias``) — of
+its most frequently routed member (``router="dominant"``, default), or their weighted average
+with the expert-merge weights (``router="weighted"``). The papers keep the full router and let
+all members share the merged weights; a stock checkpoint needs one row per expert, so top-k
+runs over the merged rows and selects a merged expert at most once per token. The model's own
+router then renormalises the top-k weights as before (``norm_topk_prob``...), and the re-fit
+(:mod:`.refit`) absorbs what changed for tokens that had chosen other members.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch import MoEModel, moe_view
+from ..capture import run_calibration
+from ..errors import MoECompressError
+from .align import match_neurons
+from .cluster import LINKAGES, METRICS, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
+from .combine import ExpertWeights, member_weights, merge_weights
+from .observe import MergeObserver
+from .refit import RefitObserver
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    clustering: str  # "outputs" (HC-SMoE) or "dominant" (M-SMoE)
+    weights: str  # "frequency" or "uniform"
+    align: bool  # permutation-align members to the dominant expert before averaging
+    summary: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("m-smoe", "dominant", "frequency", True,
+           "M-SMoE: dominant experts by frequency, others grouped by router-logit similarity, "
+           "neurons permutation-aligned, frequency-weighted merge (Li et al., ICLR 2024)"),
+    Method("hc-smoe", "outputs", "frequency", False,
+           "HC-SMoE: hierarchical clustering of average expert outputs, frequency-weighted merge "
+           "(Chen et al., ICML 2025)"),
+    Method("average", "outputs", "uniform", False,
+           "HC-SMoE clusters merged by plain uniform averaging (baseline)"),
+)}
+DEFAULT_METHOD = "m-smoe"
+ROUTER_RULES = ("dominant", "weighted")
+DEFAULT_RIDGE = 1e-2
+
+
+@dataclass
+class MergeResult:
+    method: str
+    num_experts: int  # per MoE layer, before
+    keep: int  # per MoE layer, after
+    clusters: dict[int, list[list[int]]]  # merged expert j of layer li = clusters[li][j] (original indices)
+    dominant: dict[int, list[int]]  # member whose router row merged expert j keeps
+    merge_error: dict[int, float | None] = field(default_factory=dict)  # before the re-fit
+    options: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self, *, with_time: bool = True) -> dict:
+        d = {"method": self.method, "num_experts": self.num_experts, "keep": self.keep,
+             "clusters": {str(k): v for k, v in self.clusters.items()},
+             "dominant_experts": {str(k): v for k, v in self.dominant.items()},
+             "merge_error": {str(k): (None if v is None else float(f"{v:.6g}")) for k, v in self.merge_error.items()},
+             "options": self.options}
+        if with_time:
+            d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+# ----- checks --------------------------------------------------------------------------------
+def check_options(*, method: str, num_experts: int, keep: int, linkage: str = "average", metric: str = "euclidean",
+                  router: str = "dominant", ridge: float = DEFAULT_RIDGE, batch_size: int = 8) -> None:
+    if method not in METHODS:
+        raise MoECompressError(f"unknown merge method '{method}'; use one of: {', '.join(METHODS)}")
+    if not 1 <= keep < num_experts:
+        raise MoECompressError(f"--keep must be between 1 and {num_experts - 1} (the model has {num_experts} "
+                               f"experts per MoE layer), got {keep}")
+    if linkage not in LINKAGES:
+        raise MoECompressError(f"unknown --linkage '{linkage}'; use one of: {', '.join(LINKAGES)}")
+    if metric not in METRICS:
+        raise MoECompressError(f"unknown --distance '{metric}'; use one of: {', '.join(METRICS)}")
+    if linkage == "ward" and metric != "euclidean":
+        raise MoECompressError("ward linkage needs --distance euclidean")
+    if router not in ROUTER_RULES:
+        raise MoECompressError(f"unknown --router '{router}'; use one of: {', '.join(ROUTER_RULES)}")
+    if not ridge >= 0:
+        raise MoECompressError(f"--ridge must be >= 0, got {ridge}")
+    if batch_size < 1:
+        raise MoECompressError("--batch-size must be at least 1")
+
+
+def _frequencies_from_stats(stats, view: MoEModel) -> dict[int, torch.Tensor]:
+    out = {}
+    for layer in view:
+        try:
+            count = stats.get(layer.layer_idx, "count")
+        except KeyError:
+            raise MoECompressError(f"the statistics have no count for MoE layer {layer.layer_idx}; they were computed "
+                                   "for another model — recompute them with `moecompress stats`") from None
+        if count.numel() != layer.num_experts:
+            raise MoECompressError(f"the statistics describe {count.numel()} experts in layer {layer.layer_idx}, the "
+                                   f"model has {layer.num_experts}; recompute them with `moecompress stats` on this model")
+        out[layer.layer_idx] = count.double().cpu()
+    return out
+
+
+# ----- library API -----------------------------------------------------------------------------
+@dataclass
+class MergePlan:
+    clusters: dict[int, list[list[int]]]  # ordered by dominant member
+    dominant: dict[int, list[int]]
+    frequency: dict[int, torch.Tensor]
+
+
+def plan_merge(model, tokens: torch.Tensor, *, keep: int, method: str = DEFAULT_METHOD, stats=None,
+               linkage: str = "average", metric: str = "euclidean", batch_size: int = 8,
+               progress: bool = True) -> MergePlan:
+    """Calibrate (pass 1) and cluster every MoE layer's experts into ``keep`` clusters."""
+    view = moe_view(model)
+    check_options(method=method, num_experts=view.num_experts, keep=keep, linkage=linkage, metric=metric,
+                  batch_size=batch_size)
+    spec = METHODS[method]
+    obs = MergeObserver(outputs=spec.clustering == "outputs", logits=spec.clustering == "dominant")
+    run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
+                    description="merge: expert outputs and routing")
+    freq = _frequencies_from_stats(stats, view) if stats is not None else dict(obs.count)
+    clusters = {}
+    for layer in view:
+        li = layer.layer_idx
+        if spec.clustering == "outputs":
+            groups = hierarchical_clusters(obs.mean_outputs(li), keep, linkage, metric)
+        else:
+            groups = dominant_groups(freq[li], logit_cosine(obs.logit_gram[li]), keep)
+        clusters[li] = groups
+    return order_by_dominant(clusters, freq)
+
+
+def order_by_dominant(clusters: dict[int, list[list[int]]], freq: dict[int, torch.Tensor]) -> MergePlan:
+    """Attach each cluster's dominant member and order the clusters by it (the kept order)."""
+    out_c, out_d = {}, {}
+    for li, groups in clusters.items():
+        doms = [dominant_member(sorted(g), freq[li]) for g in groups]
+        order = sorted(range(len(groups)), key=lambda j: doms[j])
+        out_c[li] = [sorted(groups[j]) for j in order]
+        out_d[li] = [doms[j] for j in order]
+    return MergePlan(out_c, out_d, freq)
+
+
+def _check_clusters(clusters: dict[int, list[list[int]]], view: MoEModel) -> None:
+    sizes = set()
+    for layer in view:
+        groups = clusters.get(layer.layer_idx)
+        if groups is None:
+            raise MoECompressError(f"no clusters given for MoE layer {layer.layer_idx}")
+        flat = sorted(e for g in groups for e in g)
+        if flat != list(range(layer.num_experts)) or any(not g for g in groups):
+            raise MoECompressError(f"the clusters of layer {layer.layer_idx} must partition experts "
+                                   f"0..{layer.num_experts - 1}, each expert exactly once")
+        sizes.add(len(groups))
+    if len(sizes) != 1:
+        raise MoECompressError("every MoE layer needs the same number of clusters (one config field describes the model)")
+
+
+@torch.no_grad()
+def merged_expert(layer, members: list[int], dominant: int, freq: torch.Tensor, method: Method) -> tuple[ExpertWeights, torch.Tensor]:
+    """The merged weights of one cluster and the per-member merge weights."""
+    w = member_weights(freq, members, method.weights)
+    ref = ExpertWeights.read(layer, dominant)
+    experts = []
+    for e in members:
+        x = ExpertWeights.read(layer, e)
+        if method.align and e != dominant:
+            x = x.permuted(match_neurons(ref, x))
+        experts.append(x)
+    return merge_weights(experts, w), w
+
+
+def _swap_in_copies(model, view: MoEModel) -> dict[int, torch.nn.Module]:
+    """Replace every MoE block by a copy (that we will merge) and return the untouched originals."""
+    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+    originals = {}
+    for layer in view:
+        originals[layer.layer_idx] = layer.block
+        setattr(decoder_layers[layer.layer_idx], view.spec.moe_block, copy.deepcopy(layer.block))
+    return originals
+
+
+@torch.no_grad()
+def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torch.Tensor | None = None,
+                  stats=None, clusters: dict[int, list[list[int]]] | None = None, linkage: str = "average",
+                  metric: str = "euclidean", router: str = "dominant", refit: bool = True,
+                  ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True) -> MergeResult:
+    """Merge every MoE layer's experts into ``keep`` experts, in place.
+
+    ``tokens`` [n, seq_len] are the calibration tokens (needed to cluster, to count
+    frequencies unless ``stats`` gives them, and for the re-fit). ``clusters`` overrides the
+    method's clustering (``{layer_idx: [[experts], ...]}``); the method still decides how a
+    cluster is merged.
+    """
+    start = time.perf_counter()
+    view = moe_view(model)
+    num_experts = view.num_experts
+    check_options(method=method, num_experts=num_experts, keep=keep, linkage=linkage, metric=metric, router=router,
+                  ridge=ridge, batch_size=batch_size)
+    spec = METHODS[method]
+    if tokens is None and (clusters is None or stats is None or refit):
+        raise MoECompressError("merging needs calibration text; pass --calib FILE")
+    if clusters is not None:
+        _check_clusters(clusters, view)
+        if len(next(iter(clusters.values()))) != keep:
+            raise MoECompressError(f"the given clusters make {len(next(iter(clusters.values())))} experts, not --keep {keep}")
+        if stats is not None:
+            freq = _frequencies_from_stats(stats, view)
+        else:
+            obs = MergeObserver(outputs=False, logits=False)
+            run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
+                            description="merge: routing frequencies")
+            freq = dict(obs.count)
+        plan = order_by_dominant(clusters, freq)
+    else:
+        plan = plan_merge(model, tokens, keep=keep, method=method, stats=stats, linkage=linkage, metric=metric,
+                          batch_size=batch_size, progress=progress)
+
+    merged = {}
+    for layer in view:
+        li = layer.layer_idx
+        merged[li] = [merged_expert(layer, g, d, plan.frequency[li], spec)
+                      for g, d in zip(plan.clusters[li], plan.dominant[li])]
+    originals = _swap_in_copies(model, view) if refit else None
+    view = moe_view(model)
+    for layer in view:
+        li = layer.layer_idx
+        for members, dom, (weights, w) in zip(plan.clusters[li], plan.dominant[li], merged[li]):
+            weights.write(layer, dom)
+            if router == "weighted":
+                _weighted_router_row(layer, members, dom, w)
+    view.keep_experts(plan.dominant)
+
+    errors: dict[int, float | None] = {}
+    if refit:
+        obs = RefitObserver(originals)
+        run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
+                        description="merge: least-squares re-fit")
+        for layer in view:
+            obs.apply(layer, ridge)
+            errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
+        del originals, obs
+    options = {"linkage": linkage if spec.clustering == "outputs" and clusters is None else None,
+               "distance": metric if spec.clustering == "outputs" and clusters is None else None,
+               "router": router, "refit": refit, "ridge": ridge if refit else None,
+               "frequencies": "stats" if stats is not None else "calibration",
+               "clusters_given": clusters is not None}
+    return MergeResult(method=method, num_experts=num_experts, keep=keep, clusters=plan.clusters,
+                       dominant=plan.dominant, merge_error=errors, options=options,
+                       seconds=time.perf_counter() - start)
+
+
+def _weighted_router_row(layer, members: list[int], dom: int, w: torch.Tensor) -> None:
+    """Router rule "weighted": the dominant's row (and per-expert router tensors) become the
+    weighted average of the members' (same weights as the expert merge)."""
+    rows = layer.router_weight.data
+    rows[dom] = (w.to(rows.device)[:, None] * rows[members].double()).sum(0).to(rows.dtype)
+    for t in layer.router_expert_tensors.values():
+        t.data[..., dom] = (w.to(t.device) * t.data[..., members].double()).sum(-1).to(t.dtype)
+
+
+def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: int, method: str = DEFAULT_METHOD,
+                     calib: str = "python_docs", stats: str | os.PathLike | None = None, n: int = 64,
+                     seq_len: int = 512, seed: int = 0, linkage: str = "average", metric: str = "euclidean",
+                     router: str = "dominant", refit: bool = True, ridge: float = DEFAULT_RIDGE,
+                     overwrite: bool = False, dtype: str = "auto", device: str | None = None, batch_size: int = 8,
+                     field_name: str = "text", calib_mode: str = "chunk", progress: bool = True) -> MergeResult:
+    """Merge the checkpoint ``src`` into the folder ``out``; see :func:`merge_experts`.
+
+    ``calib`` is a calibration source (``n`` sequences of ``seq_len`` tokens drawn with
+    ``seed``); ``stats`` a file from ``moecompress stats`` whose ``count`` gives the routing
+    frequencies. ``dtype="auto"`` computes in float32 on the CPU; the weights are written in
+    the checkpoint's own dtype.
+    """
+    from ..arch import family_for_config
+    from ..calibration import check_source, load_calibration
+    from ..checkpoint import load_config, load_model, output_folder, parse_dtype, resolve_source, save_model
+
+    start = time.perf_counter()
+    config = load_config(src)
+    fam = family_for_config(config)
+    num_experts = int(getattr(config, fam.num_experts_field))
+    check_options(method=method, num_experts=num_experts, keep=keep, linkage=linkage, metric=metric, router=router,
+                  ridge=ridge, batch_size=batch_size)
+    if n < 1 or seq_len < 2:
+        raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
+    check_source(calib)
+    if stats is not None and not Path(stats).expanduser().is_file():
+        raise MoECompressError(f"statistics file '{stats}' not found; create it with `moecompress stats MODEL -o {stats}`")
+    on_cpu = device is None or str(device) == "cpu"
+    compute_dtype = "float32" if dtype == "auto" and on_cpu else dtype
+    parse_dtype(compute_dtype)
+    with output_folder(out, overwrite=overwrite, source=src) as folder:
+        from transformers import AutoTokenizer
+
+        from ..stats import Stats
+
+        stats_obj = Stats.load(stats) if stats is not None else None
+        tok = AutoTokenizer.from_pretrained(resolve_source(src))
+        tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=calib_mode, field=field_name)
+        model = load_model(src, dtype=compute_dtype, device=device)
+        stored = _stored_dtype(config)
+        result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=linkage,
+                               metric=metric, router=router, refit=refit, ridge=ridge, batch_size=batch_size,
+                               progress=progress)
+        if stored is not None and model.dtype != stored:
+            model.to(stored)
+        record = {"stage": "merge", "method": method, "seed": seed,
+                  "parameters": {"keep": keep, "num_experts_before": num_experts, "calib": str(calib), "n": n,
+                                 "seq_len": seq_len, "calib_mode": calib_mode, "field": field_name,
+                                 "stats": str(stats) if stats is not None else None, "linkage": linkage,
+                                 "distance": metric, "router": router, "refit": refit, "ridge": ridge,
+                                 "batch_size": batch_size, "dtype": dtype},
+                  **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "options")}}
+        save_model(model, folder, source=src, record=record)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _stored_dtype(config) -> torch.dtype | None:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None

@@ -1,0 +1,99 @@
+"""Least-squares re-fit of the merged experts' down projections (our addition to the papers).
+
+Merging by weight averaging is lossy, and with one router row per merged expert the routing
+changes too. This step re-fits, in closed form, each merged expert's down projection so the
+merged layer reproduces the *original* layer's routed output on calibration tokens — the
+layer-wise reconstruction objective of post-training compression (as in OBC/GPTQ/SparseGPT),
+applied to the merged experts; no gradient steps.
+
+For merged layer inputs ``x_t`` (the merged model's own activations, so errors of earlier
+layers are seen), routing weights ``a_{t,c}`` of the merged router and the residual
+``e_t = y_orig(x_t) - y_merged(x_t)`` (shared experts cancel), the residual is shared among the
+experts a token selected in proportion to their weights, ``s_{t,c} = a_{t,c} / sum_j a_{t,j}``,
+and each selected expert ``c`` solves the ridge problem
+
+    min_dD  sum_t || F_{t,c} dD^T - s_{t,c} e_t ||^2 + lam * tr(F_c^T F_c)/I * ||dD||^2
+
+with ``F_{t,c} = a_{t,c} h_c(x_t)`` (``h_c(a_{t,c} x_t)`` for Llama-4, whose routing weight
+scales the expert input), i.e. ``dD^T = (F^T F + lam' I)^-1 F^T (s e)``, then ``D_c += dD``.
+This is one Jacobi step on the joint least-squares problem over all merged experts: it needs
+only an [I, I] and an [I, H] accumulator per expert, never the stored activations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import MoELayer, Routing
+
+
+def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[T, H] output of an MoE block module on tokens ``x`` [T, H]."""
+    out = block(x[None])
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(-1, x.shape[-1])
+
+
+class RefitObserver:
+    """Accumulates the normal equations of the re-fit, per merged layer and expert."""
+
+    def __init__(self, originals: dict[int, nn.Module]):
+        self.originals = originals  # layer_idx -> the unmerged MoE block (detached from the model)
+        self.gram: dict[int, torch.Tensor] = {}  # [E', I, I]  F^T F
+        self.rhs: dict[int, torch.Tensor] = {}  # [E', I, H]  F^T (s e)
+        self.tokens: dict[int, torch.Tensor] = {}  # [E'] tokens seen per expert
+        self.err: dict[int, float] = {}  # sum ||e||^2
+        self.ref: dict[int, float] = {}  # sum ||original routed output||^2
+
+    @torch.no_grad()
+    def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
+        li, num, inter = layer.layer_idx, layer.num_experts, layer.intermediate_size
+        if li not in self.gram:
+            self.gram[li] = torch.zeros(num, inter, inter, dtype=torch.float32, device=x.device)
+            self.rhs[li] = torch.zeros(num, inter, layer.hidden_size, dtype=torch.float32, device=x.device)
+            self.tokens[li] = torch.zeros(num, dtype=torch.long)
+            self.err[li], self.ref[li] = 0.0, 0.0
+        y_orig = block_output(self.originals[li], x).float()
+        resid = y_orig - y.float()
+        shared = layer.shared_forward(x)
+        routed_orig = y_orig - shared.float() if shared is not None else y_orig
+        self.err[li] += float(resid.double().square().sum())
+        self.ref[li] += float(routed_orig.double().square().sum())
+        w = routing.topk_weight.float()
+        total = w.sum(1, keepdim=True)
+        safe = torch.where(total != 0, total, torch.ones_like(total))
+        share = torch.where(total != 0, w / safe, 1.0 / w.shape[1])
+        for c in routing.topk_idx.unique().tolist():
+            tok, pos = (routing.topk_idx == c).nonzero(as_tuple=True)
+            a = w[tok, pos]
+            xc = x[tok]
+            if layer.spec.weight_on_input:
+                feat = layer.expert_hidden(c, xc * a[:, None].to(xc.dtype)).float()
+            else:
+                feat = layer.expert_hidden(c, xc).float() * a[:, None]
+            self.gram[li][c] += feat.T @ feat
+            self.rhs[li][c] += feat.T @ (resid[tok] * share[tok, pos][:, None])
+            self.tokens[li][c] += tok.numel()
+
+    @torch.no_grad()
+    def apply(self, layer: MoELayer, ridge: float) -> None:
+        """Solve each expert's ridge problem and add the correction to its down projection."""
+        li = layer.layer_idx
+        if li not in self.gram:
+            return
+        for c in range(layer.num_experts):
+            if int(self.tokens[li][c]) == 0:
+                continue  # never routed on the calibration tokens: nothing to fit
+            g = self.gram[li][c].double()
+            lam = ridge * float(g.diagonal().mean()) + 1e-12
+            delta = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device),
+                                       self.rhs[li][c].double())  # [I, H] = dD^T
+            down = layer.down_proj[c]
+            down.copy_((down.double() + delta.T.to(down.device)).to(down.dtype))
+
+    def relative_error(self, layer_idx: int) -> float | None:
+        """||y_orig - y_merged||^2 / ||routed y_orig||^2 over the calibration tokens (before the re-fit)."""
+        if layer_idx not in self.err or self.ref[layer_idx] == 0:
+            return None
+        return self.err[layer_idx] / self.ref[layer_idx]

@@ -1,0 +1,365 @@
+"""Expert merging: clustering, alignment, weighted merge, router rule and re-fit, each checked
+against a naive reference (loops over tokens / experts), plus checkpoint and CLI behaviour."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moecompress.arch import moe_view
+from moecompress.capture import run_calibration
+from moecompress.errors import MoECompressError
+from moecompress.merge import merge_checkpoint, merge_experts
+from moecompress.merge.align import match_neurons
+from moecompress.merge.api import METHODS, merged_expert
+from moecompress.merge.cluster import dominant_groups, hierarchical_clusters, logit_cosine
+from moecompress.merge.combine import ExpertWeights
+from moecompress.merge.observe import MergeObserver
+from moecompress.merge.refit import block_output
+from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint, tiny_model, tokens
+
+
+def _logits(model, toks):
+    with torch.no_grad():
+        return model(toks).logits
+
+
+class _Recorder:
+    """Keeps every MoE layer's (x, routing, y) of a calibration run."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def observe(self, layer, x, routing, y):
+        self.calls.setdefault(layer.layer_idx, []).append((x.clone(), routing, y.clone()))
+
+
+# ----- clustering ------------------------------------------------------------------------------
+def _naive_agglomerative(x: torch.Tensor, n: int, linkage: str) -> list[list[int]]:
+    d = torch.cdist(x.double(), x.double())
+    clusters = [[i] for i in range(x.shape[0])]
+
+    def dist(a, b):
+        pair = d[a][:, b]
+        if linkage == "single":
+            return pair.min()
+        if linkage == "complete":
+            return pair.max()
+        if linkage == "average":
+            return pair.mean()
+        ca, cb = x[a].double().mean(0), x[b].double().mean(0)  # ward: increase of the within-cluster variance
+        return (2 * len(a) * len(b) / (len(a) + len(b))) ** 0.5 * (ca - cb).norm()
+
+    while len(clusters) > n:
+        i, j = min(itertools.combinations(range(len(clusters)), 2), key=lambda p: float(dist(clusters[p[0]], clusters[p[1]])))
+        clusters[i] = sorted(clusters[i] + clusters[j])
+        del clusters[j]
+    return sorted(clusters, key=lambda c: c[0])
+
+
+@pytest.mark.parametrize("linkage", ["single", "complete", "average", "ward"])
+def test_hierarchical_clusters_match_naive_agglomeration(linkage):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, generator=g)
+    for n in (1, 3, 7, 12):
+        assert hierarchical_clusters(x, n, linkage) == _naive_agglomerative(x, n, linkage), (linkage, n)
+
+
+def test_hierarchical_clusters_cosine_groups_by_direction():
+    base = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([base * 1.0, base * 5.0])  # 0/3, 1/4, 2/5 point the same way at different norms
+    assert hierarchical_clusters(x, 3, "average", "cosine") == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_dominant_groups_match_naive_m_smoe_grouping():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(200, 10, generator=g)
+    freq = torch.randint(0, 50, (10,), generator=g).double()
+    got = dominant_groups(freq, logit_cosine(logits.T.double() @ logits.double()), 4)
+    dominant = sorted(range(10), key=lambda e: (-float(freq[e]), e))[:4]
+    want = {d: [d] for d in dominant}
+    for e in range(10):
+        if e not in want:
+            sims = {d: float(torch.nn.functional.cosine_similarity(logits[:, e], logits[:, d], dim=0)) for d in dominant}
+            want[max(dominant, key=lambda d: sims[d])].append(e)
+    assert got == sorted((sorted(v) for v in want.values()), key=lambda c: c[0])
+
+
+# ----- calibration statistics --------------------------------------------------------------------
+def test_merge_observer_matches_per_token_reference():
+    model = tiny_model("gpt_oss")  # biases everywhere: the mean output must include the down bias
+    toks = tokens(3, 10)
+    obs, rec = MergeObserver(), _Recorder()
+    run_calibration(model, toks, [obs, rec], batch_size=2, progress=False)
+    for layer in moe_view(model):
+        li, E = layer.layer_idx, layer.num_experts
+        xs = torch.cat([x for x, _, _ in rec.calls[li]])
+        count = torch.zeros(E, dtype=torch.float64)
+        gram = torch.zeros(E, E, dtype=torch.float64)
+        out = torch.zeros(E, layer.hidden_size, dtype=torch.float64)
+        for t in range(xs.shape[0]):
+            r = layer.route(xs[t:t + 1])
+            for e in r.topk_idx[0].tolist():
+                count[e] += 1
+            gram += r.logits.double().T @ r.logits.double()
+            for e in range(E):
+                out[e] += layer.expert_forward(e, xs[t:t + 1]).double()[0]
+        assert torch.equal(obs.count[li], count)
+        torch.testing.assert_close(obs.logit_gram[li], gram, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(obs.mean_outputs(li), out / xs.shape[0], rtol=1e-4, atol=1e-6)
+
+
+# ----- alignment and weighted merge ---------------------------------------------------------------
+def _random_expert(I=12, H=8, seed=0, bias=True) -> ExpertWeights:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return ExpertWeights(r(I, H), r(I, H), r(H, I), r(I) if bias else None, r(I) if bias else None, r(H) if bias else None)
+
+
+def test_permutation_alignment_recovers_a_permuted_copy_exactly():
+    ref = _random_expert()
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    copy_ = ref.permuted(perm)
+    aligned = copy_.permuted(match_neurons(ref, copy_))
+    for a, b in zip(aligned.tensors(), ref.tensors()):
+        assert torch.equal(a, b)
+    x = torch.randn(5, 8)  # and the permuted copy is the same function
+    f = lambda w: (torch.nn.functional.silu(x @ w.gate.T + w.gate_bias) * (x @ w.up.T + w.up_bias)) @ w.down.T  # noqa: E731
+    torch.testing.assert_close(f(copy_), f(ref))
+
+
+def test_m_smoe_merges_a_permuted_copy_into_the_original_and_plain_averaging_does_not():
+    model = tiny_model("mixtral")
+    layer = moe_view(model)[0]
+    ref = ExpertWeights.read(layer, 2)
+    ref.permuted(torch.randperm(layer.intermediate_size, generator=torch.Generator().manual_seed(0))).write(layer, 5)
+    freq = torch.arange(1.0, 9.0)
+    aligned, _ = merged_expert(layer, [2, 5], 5, freq, METHODS["m-smoe"])  # 5 dominates: its neuron order
+    for a, b in zip(aligned.tensors(), ExpertWeights.read(layer, 5).tensors()):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    plain, _ = merged_expert(layer, [2, 5], 5, freq, METHODS["hc-smoe"])
+    assert not torch.allclose(plain.gate, layer.gate_proj[5], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["hc-smoe", "average"])
+def test_merge_is_the_frequency_weighted_or_uniform_average(method):
+    model = tiny_model("gpt_oss")
+    layer = moe_view(model)[1]
+    members, freq = [0, 3, 6], torch.tensor([4.0, 0, 0, 1.0, 0, 0, 3.0, 0])
+    got, w = merged_expert(layer, members, 0, freq, METHODS[method])
+    want_w = [0.5, 0.125, 0.375] if method == "hc-smoe" else [1 / 3] * 3
+    assert w.tolist() == pytest.approx(want_w)
+    experts = [ExpertWeights.read(layer, e) for e in members]
+    for i, name in enumerate(("gate", "up", "down", "gate_bias", "up_bias", "down_bias")):
+        want = sum(wi * getattr(x, name) for wi, x in zip(want_w, experts))
+        torch.testing.assert_close(got.tensors()[i], want, rtol=1e-6, atol=1e-6, msg=name)
+
+
+# ----- whole-model behaviour ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family, method", [("qwen3_moe", "m-smoe"), ("qwen3_moe", "hc-smoe"), ("qwen3_moe", "average"),
+                                            ("mixtral", "m-smoe")])  # families whose top-k weights sum to 1
+def test_merging_identical_experts_changes_no_output(family, method):
+    model = tiny_model(family)
+    for layer in moe_view(model):
+        w = ExpertWeights.read(layer, 0)
+        for e in range(1, layer.num_experts):
+            w.write(layer, e)
+    toks = tokens(2, 12)
+    before = _logits(model, toks)
+    result = merge_experts(model, keep=3, method=method, tokens=tokens(3, 16, seed=1), progress=False)
+    assert all(len(g) == 3 for g in result.clusters.values())
+    torch.testing.assert_close(_logits(model, toks), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["dominant", "weighted"])
+def test_router_rule(rule):
+    model = tiny_model("deepseek_v3")  # router rows plus a per-expert e_score_correction_bias
+    original = copy.deepcopy(model)
+    toks = tokens(4, 16)
+    obs = MergeObserver(outputs=False, logits=False)
+    run_calibration(original, toks, [obs], progress=False)
+    result = merge_experts(model, keep=3, method="m-smoe", tokens=toks, router=rule, refit=False, progress=False)
+    for layer, orig in zip(moe_view(model), moe_view(original)):
+        li = layer.layer_idx
+        rows, bias = orig.router_weight.detach(), orig.router_expert_tensors["e_score_correction_bias"]
+        for j, (members, dom) in enumerate(zip(result.clusters[li], result.dominant[li])):
+            freq = obs.count[li][members]
+            assert dom == members[int(torch.argmax(freq))]  # the most frequent member (lowest index on ties)
+            if rule == "dominant":
+                want_row, want_bias = rows[dom], bias[dom]
+            else:
+                w = (freq / freq.sum()).float() if freq.sum() > 0 else torch.full((len(members),), 1 / len(members))
+                want_row, want_bias = (w[:, None] * rows[members]).sum(0), (w * bias[members]).sum()
+            torch.testing.assert_close(layer.router_weight[j], want_row, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(layer.router_expert_tensors["e_score_correction_bias"][j], want_bias)
+        assert layer.num_experts == 3 and model.config.n_routed_experts == 3
+
+
+def test_refit_equals_naive_per_token_least_squares():
+    """The re-fit of the first MoE layer (its input is the same before and after merging) equals
+    the ridge solution built token by token: rows a*h(x) of each merged expert, target its share
+    of the residual between the original and the merged layer."""
+    ridge = 0.05
+    original = tiny_model("qwen3_moe")
+    toks = tokens(6, 24)
+    clusters = {1: [[0, 1, 2], [3], [4, 5], [6, 7]], 2: [[0, 7], [1, 2], [3, 4], [5, 6]]}
+    plain = tiny_model("qwen3_moe")
+    merge_experts(plain, keep=4, tokens=toks, clusters=clusters, refit=False, progress=False)
+    fitted = tiny_model("qwen3_moe")
+    merge_experts(fitted, keep=4, tokens=toks, clusters=clusters, refit=True, ridge=ridge, progress=False)
+
+    rec = _Recorder()
+    run_calibration(plain, toks, [rec], progress=False)
+    layer = moe_view(plain).layer(1)
+    orig_block = moe_view(original).layer(1).block
+    rows = {c: ([], []) for c in range(4)}
+    torch.set_grad_enabled(False)
+    for x, _, y in rec.calls[1]:
+        y_orig = block_output(orig_block, x)
+        for t in range(x.shape[0]):
+            r = layer.route(x[t:t + 1])
+            w = r.topk_weight[0]
+            for c, a in zip(r.topk_idx[0].tolist(), w.tolist()):
+                rows[c][0].append(a * layer.expert_hidden(c, x[t:t + 1])[0].double())
+                rows[c][1].append((y_orig[t] - y[t]).double() * a / float(w.sum()))
+    for c in range(4):
+        F, S = torch.stack(rows[c][0]), torch.stack(rows[c][1])
+        g = F.T @ F
+        lam = ridge * float(g.diagonal().mean()) + 1e-12
+        delta = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), F.T @ S)
+        want = layer.down_proj[c].double() + delta.T
+        torch.testing.assert_close(moe_view(fitted).layer(1).down_proj[c].double(), want, rtol=1e-4, atol=1e-5)
+    torch.set_grad_enabled(True)
+    # the re-fit touches only the down projections
+    for a, b in ((moe_view(fitted).layer(2), moe_view(plain).layer(2)),):
+        assert torch.equal(a.gate_proj, b.gate_proj) and torch.equal(a.router_weight, b.router_weight)
+
+
+def test_refit_lowers_the_first_layer_error_for_every_family(family):
+    toks = tokens(4, 16)
+    original = tiny_model(family)
+    first = moe_view(original)[0].layer_idx
+    rec = _Recorder()
+    run_calibration(original, toks, [rec], progress=False)
+    errors = {}
+    for refit in (False, True):
+        model = tiny_model(family)
+        merge_experts(model, keep=4, tokens=toks, refit=refit, progress=False)
+        block = moe_view(model).layer(first).block
+        with torch.no_grad():
+            errors[refit] = sum(float((block_output(block, x) - y).square().sum()) for x, _, y in rec.calls[first])
+    assert errors[True] < errors[False], (family, errors)
+
+
+def test_stats_file_supplies_the_frequencies(tmp_path):
+    from moecompress.stats import collect_stats
+
+    toks = tokens(4, 16)
+    stats = collect_stats(tiny_model("qwen3_moe"), tokens(5, 16, seed=7), progress=False)
+    for li in stats.layers:  # make expert 7 the most frequent everywhere
+        c = stats.get(li, "count").clone()
+        c[7] = c.max() + 100
+        stats.set(li, "count", c)
+    result = merge_experts(tiny_model("qwen3_moe"), keep=2, tokens=toks, stats=stats, refit=False, progress=False)
+    assert all(7 in d for d in result.dominant.values())
+    bad = collect_stats(tiny_model("qwen3_moe", num_experts=6), toks, progress=False)
+    with pytest.raises(MoECompressError, match="6 experts"):
+        merge_experts(tiny_model("qwen3_moe"), keep=2, tokens=toks, stats=bad, progress=False)
+
+
+def test_bad_options_raise_user_errors():
+    model, toks = tiny_model("qwen3_moe"), tokens(2, 8)
+    for kwargs, msg in ((dict(keep=8), "--keep"), (dict(keep=0), "--keep"), (dict(keep=4, method="x"), "method"),
+                        (dict(keep=4, linkage="x"), "linkage"), (dict(keep=4, router="x"), "router"),
+                        (dict(keep=4, linkage="ward", metric="cosine"), "ward"),
+                        (dict(keep=4, clusters={1: [[0, 1]], 2: [[0]]}), "partition")):
+        with pytest.raises(MoECompressError, match=msg):
+            merge_experts(model, tokens=toks, progress=False, **kwargs)
+
+
+# ----- checkpoint and CLI ------------------------------------------------------------------------------
+def _cli(*args):
+    from moecompress.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    tiny_checkpoint(root / "tiny", "qwen3_moe")
+    (root / "calib.txt").write_text(SAMPLE_TEXT)
+    return root
+
+
+def test_cli_merges_deterministically_and_output_reloads(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    common = (ckpt / "tiny", "--keep", 3, "--calib", ckpt / "calib.txt", "-n", 4, "--seq-len", 32, "--batch-size", 2)
+    r1 = _cli("merge", *common, "-o", tmp_path / "a", "--json", tmp_path / "a.json")
+    assert r1.exit_code == 0, r1.output
+    assert "m-smoe, 8 -> 3 experts" in r1.output
+    r2 = _cli("merge", *common, "-o", tmp_path / "b")
+    assert r2.exit_code == 0, r2.output
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert {"model.safetensors", "moecompress.json", "tokenizer.json", "config.json"} <= set(files)
+    for name in files:  # same inputs and seed: same bytes
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    record = json.loads((tmp_path / "a" / "moecompress.json").read_text())
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert record["stage"] == "merge" and record["method"] == "m-smoe" and record["parameters"]["keep"] == 3
+    assert record["clusters"] == result["clusters"] and set(record["clusters"]) == {"1", "2"}
+    for li, groups in record["clusters"].items():
+        assert sorted(e for g in groups for e in g) == list(range(8))
+        assert [d in g for d, g in zip(record["dominant_experts"][li], groups)] == [True] * 3
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert loaded.config.num_local_experts == 3 and loaded.config.num_experts_per_tok == 2
+    # the saved checkpoint is exactly what the library computes on a loaded model
+    from transformers import AutoTokenizer
+
+    from moecompress.calibration import load_calibration
+
+    toks = load_calibration(AutoTokenizer.from_pretrained(ckpt / "tiny"), ckpt / "calib.txt", n=4, seq_len=32)
+    model = tiny_model("qwen3_moe")
+    merge_experts(model, keep=3, tokens=toks, batch_size=2, progress=False)
+    probe = tokens(1, 9)
+    torch.testing.assert_close(_logits(loaded, probe), _logits(model, probe))
+
+
+def test_merge_checkpoint_hc_smoe_without_refit(ckpt, tmp_path):
+    result = merge_checkpoint(ckpt / "tiny", tmp_path / "o", keep=5, method="hc-smoe", calib=str(ckpt / "calib.txt"),
+                              n=2, seq_len=32, refit=False, linkage="complete", progress=False)
+    record = json.loads((tmp_path / "o" / "moecompress.json").read_text())
+    assert record["parameters"]["refit"] is False and record["parameters"]["linkage"] == "complete"
+    assert result.merge_error == {} and all(len(g) == 5 for g in result.clusters.values())
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("--keep", 8), "--keep must be between 1 and 7"),
+    (("--keep", 3, "--method", "ties"), "unknown merge method"),
+    (("--keep", 3, "--linkage", "centroid"), "unknown --linkage"),
+    (("--keep", 3, "--calib", "missing.txt"), "not found"),
+    (("--keep", 3, "--stats", "missing.safetensors"), "not found"),
+])
+def test_cli_errors_exit_2_and_write_nothing(ckpt, tmp_path, args, msg):
+    out = tmp_path / "out"
+    r = _cli("merge", ckpt / "tiny", "-o", out, *args)
+    assert r.exit_code == 2, r.output
+    assert msg in " ".join(r.output.split())
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_cli_refuses_missing_model_and_existing_output(ckpt, tmp_path):
+    r = _cli("merge", tmp_path / "nope", "-o", tmp_path / "x", "--keep", 2)
+    assert r.exit_code == 2 and "not found" in r.output
+    (tmp_path / "exists").mkdir()
+    r = _cli("merge", ckpt / "tiny", "-o", tmp_path / "exists", "--keep", 2, "--calib", ckpt / "calib.txt")
+    assert r.exit_code == 2 and "--overwrite" in r.output
