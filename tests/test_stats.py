@@ -230,6 +230,13 @@ def test_expert_chunking_is_exact():
     chunked = routed_activations(layer, x, routing, max_elements=0, want_routed_output=True)  # expert by expert
     for f in ("out_norm", "contribution_norm", "in_absmax", "out_absmax", "routed_output"):
         torch.testing.assert_close(getattr(whole, f), getattr(chunked, f))
+    from moecompress.stats import grouped
+
+    if grouped._GROUPED_MM is not None:  # the GPU path (grouped matmuls), where torch runs it on CPU too
+        gmm = routed_activations(layer, x, routing, want_routed_output=True, grouped_mm=True)
+        if ("cpu", x.dtype) not in grouped._GROUPED_MM_BROKEN:
+            for f in ("out_norm", "contribution_norm", "in_absmax", "out_absmax", "routed_output"):
+                torch.testing.assert_close(getattr(gmm, f), getattr(chunked, f), rtol=1e-5, atol=1e-6)
     # the routed output is the layer's own routed path
     torch.testing.assert_close(whole.routed_output, layer.routed_forward(x, routing), rtol=1e-4, atol=1e-6)
 
@@ -240,6 +247,11 @@ def test_sch_bounds_and_full_cache():
     rates = simulate_cache(seqs, 6, 4, (2, 3, 6))[0]
     assert rates[2] == 1.0  # a cache holding every expert never misses
     assert 0 <= rates[0] <= rates[1] <= rates[2]
+    # the torch implementation (what runs on a GPU), in memory-bounded row chunks, agrees
+    from moecompress.stats.locality import _simulate_cache_torch
+
+    many = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(3 * 4 * 30)]).reshape(3, 4, 30, 2)
+    assert torch.equal(_simulate_cache_torch(many, 6, 4, (2, 3, 6), max_elements=500), simulate_cache(many, 6, 4, (2, 3, 6)))
 
 
 def test_super_expert_rule():
@@ -317,3 +329,27 @@ def test_cli_plot(tmp_path):
         return
     assert r.exit_code == 0, r.output
     assert (tmp_path / "usage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fused_experts_match_the_stock_forward(family):
+    """With fuse_experts the experts run once, through the statistics' grouped computation:
+    the model's logits stay the stock ones (to float rounding), the statistics the same."""
+    model, toks = tiny_model(family), tokens(N, S)
+    with torch.no_grad():
+        want = model(input_ids=toks).logits
+    obs_logits = {}
+
+    from moecompress.stats.observer import StatsObserver
+
+    obs = StatsObserver(S)
+    undo = obs.fuse_experts(moe_view(model))
+    try:
+        with torch.no_grad():
+            obs_logits["fused"] = model(input_ids=toks).logits
+    finally:
+        for u in undo:
+            u()
+    torch.testing.assert_close(obs_logits["fused"], want, rtol=1e-4, atol=1e-5)
+    assert all("forward" not in layer.experts.__dict__ for layer in moe_view(model))  # undone
+    if not moe_view(model).spec.weight_on_input:
+        assert obs.pending  # the fused path ran

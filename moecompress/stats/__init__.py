@@ -54,13 +54,21 @@ def collect_stats(
     tcess_threshold: float = 0.0,
     sch_cache_sizes: tuple[int, ...] | None = None,
     meta: dict | None = None,
+    timings: dict | None = None,
+    fuse_experts: bool = True,
 ) -> Stats:
     """Routing statistics of ``model`` on ``tokens`` [n, seq_len].
 
     ``segment_len`` is the window m of SRP / SCH; ``tcess_threshold`` the PreMoe threshold r;
     ``sch_cache_sizes`` the cache sizes of SCH (default k, 2k, 4k). ``meta`` entries (model
-    name, calibration source, seed...) are stored with the statistics.
+    name, calibration source, seed...) are stored with the statistics. ``timings``, when given,
+    receives the seconds spent in the forward+observe pass and in finalisation (never stored).
+    ``fuse_experts`` runs the experts once, through the statistics' own grouped computation,
+    instead of once in the forward and again for the statistics (see
+    :meth:`StatsObserver.fuse_experts`); with False the model's forward is left untouched.
     """
+    import time
+
     if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
         raise MoECompressError("calibration tokens must be a [n, seq_len] tensor with n, seq_len >= 1")
     if segment_len < 1:
@@ -73,13 +81,22 @@ def collect_stats(
                         sch_cache_sizes=sch_cache_sizes)
     obs.residual_scale = float(getattr(model.config, "residual_multiplier", 1.0) or 1.0)
     hooks = _residual_hooks(model, view, obs)
+    undo = obs.fuse_experts(view) if fuse_experts else []
+    t0 = time.perf_counter()
     try:
         run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
                         description="routing statistics")
     finally:
         for h in hooks:
             h.remove()
+        for u in undo:
+            u()
+    if timings is not None and tokens.is_cuda or (timings is not None and next(model.parameters()).is_cuda):
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
     per_layer = obs.finalize()
+    if timings is not None:
+        timings.update(forward_observe=t1 - t0, finalize=time.perf_counter() - t1)
     stats = Stats()
     for li, d in per_layer.items():
         for name, t in d.items():

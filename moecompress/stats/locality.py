@@ -19,11 +19,13 @@ priority = (number of uses in the next m tokens, then most recent use), i.e. the
 m tokens into the future. As in the authors' code, loading into a not-yet-full cache counts
 as a hit (cold start is free). SCH(C) = hits / (tokens * k), reported for several cache sizes
 C >= k (default k, 2k, 4k, capped at E). The simulation is sequential in token position by
-nature; it runs once at the end, vectorised over every layer, sequence and cache size.
+nature; it runs once at the end on the CPU (NumPy), vectorised over every layer, sequence
+and cache size.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -36,7 +38,9 @@ def srp_histogram(seqs: torch.Tensor, num_experts: int, m: int) -> tuple[torch.T
     hit.scatter_(2, seqs, 1)
     cs = torch.nn.functional.pad(hit.cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
     win = cs[:, m:] - cs[:, :-m]  # [B, S - m + 1, E]
-    return torch.bincount(win.reshape(-1).long(), minlength=m + 1), B * (S - m + 1)
+    flat = win.reshape(-1).long()
+    hist = torch.zeros(m + 1, dtype=torch.int64, device=seqs.device).index_add_(0, flat, torch.ones_like(flat))
+    return hist, B * (S - m + 1)
 
 
 def srp_from_histogram(hist: torch.Tensor, windows: int, m: int, k: int) -> torch.Tensor:
@@ -63,7 +67,7 @@ class SCHBuffer:
 
     def add(self, layer_idx: int, seqs: torch.Tensor, num_experts: int) -> None:
         small = torch.int16 if num_experts < 2**15 else torch.int32
-        self.seqs.setdefault(layer_idx, []).append(seqs.to("cpu", small))
+        self.seqs.setdefault(layer_idx, []).append(seqs.to(small))  # stays on the device: no sync per batch
         self.num_experts[layer_idx] = num_experts
 
     def finalize(self, m: int, cache_sizes: tuple[int, ...] | None) -> dict[int, torch.Tensor]:
@@ -76,7 +80,7 @@ class SCHBuffer:
         for (shape, E), layers in groups.items():
             k = shape[2]
             sizes = tuple(sorted({min(max(c, k), E) for c in cache_sizes})) if cache_sizes else default_cache_sizes(k, E)
-            stacked = torch.stack([torch.cat(self.seqs[li]).long() for li in layers])  # [L, N, S, k]
+            stacked = torch.stack([torch.cat(self.seqs[li]) for li in layers])  # [L, N, S, k], on its device
             rates = simulate_cache(stacked, E, m, sizes)  # [L, nC]
             for i, li in enumerate(layers):
                 out[li] = rates[i]
@@ -84,47 +88,94 @@ class SCHBuffer:
         return out
 
 
-@torch.no_grad()
-def simulate_cache(seqs: torch.Tensor, num_experts: int, m: int, sizes: tuple[int, ...]) -> torch.Tensor:
-    """Hit rate [L, len(sizes)] of the m-token-lookahead cache for seqs [L, N, S, k]."""
+def simulate_cache(seqs, num_experts: int, m: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Hit rate [L, len(sizes)] of the m-token-lookahead cache for seqs [L, N, S, k].
+
+    On a GPU tensor the simulation runs there (torch, rows in memory-bounded chunks); else in
+    NumPy on the CPU, whose per-call cost on these small arrays is a fraction of torch's.
+    The loop over token positions is sequential by nature.
+    """
+    if isinstance(seqs, torch.Tensor) and seqs.is_cuda:
+        return _simulate_cache_torch(seqs, num_experts, m, sizes)
+    seqs = seqs.cpu().numpy() if isinstance(seqs, torch.Tensor) else np.asarray(seqs)
     L, N, S, k = seqs.shape
     E, R, nC = num_experts, L * N, len(sizes)
-    seqs = seqs.reshape(R, S, k)
-    C = torch.tensor(sizes, dtype=torch.long)
-    rows = torch.arange(R)[:, None]
-
-    def onehot(t: int) -> torch.Tensor:
-        h = torch.zeros(R, E, dtype=torch.long)
-        return h.scatter_(1, seqs[:, t], 1)
-
-    cached = torch.zeros(R, nC, E, dtype=torch.bool)
-    seen = torch.zeros(R, E, dtype=torch.bool)
-    n_seen = torch.zeros(R, dtype=torch.long)
-    last_use = torch.full((R, E), -1, dtype=torch.long)
-    window = sum((onehot(t) for t in range(min(m, S))), torch.zeros(R, E, dtype=torch.long))  # uses in [0, m)
-    tie = torch.arange(E - 1, -1, -1)  # deterministic tie-break: lower expert index wins
-    hits = torch.zeros(R, nC, dtype=torch.long)
-    big = torch.iinfo(torch.long).max
+    seqs = np.ascontiguousarray(seqs.reshape(R, S, k).astype(np.int64))
+    C = np.asarray(sizes, dtype=np.int64)
+    rows = np.arange(R)[:, None]
+    cached = np.zeros((R, nC, E), dtype=bool)
+    seen = np.zeros((R, E), dtype=bool)
+    n_seen = np.zeros(R, dtype=np.int64)
+    last_use = np.full((R, E), -1, dtype=np.int64)
+    window = np.zeros((R, E), dtype=np.int64)  # uses in the next m tokens
+    for t in range(min(m, S)):
+        window[rows, seqs[:, t]] += 1
+    tie = np.arange(E - 1, -1, -1)  # deterministic tie-break: lower expert index wins
+    hits = np.zeros((R, nC), dtype=np.int64)
+    top = np.iinfo(np.int64).max
+    now = np.zeros((R, E), dtype=bool)
     for t in range(S):
         ids = seqs[:, t]  # [R, k]
-        now = torch.zeros(R, E, dtype=torch.bool)
+        now[:] = False
         now[rows, ids] = True
         hits += (cached & now[:, None, :]).sum(-1)
-        # first uses fill free slots for free (order of the top-k list within the token)
-        new = ~seen.gather(1, ids)  # [R, k]
-        order = n_seen[:, None] + new.long().cumsum(1) - new.long()
-        hits += (new[:, :, None] & (order[:, :, None] < C[None, None, :]) & ~cached.gather(2, ids[:, None, :].expand(R, nC, k)).transpose(1, 2)).sum(1)
+        # first uses fill the cache's free slots for free (as the authors' code counts them)
+        n_new = (~seen[rows, ids]).sum(1)
+        hits += np.minimum(n_new[:, None], np.maximum(C[None, :] - n_seen[:, None], 0))
         seen |= now
-        n_seen += new.sum(1)
+        n_seen += n_new
         last_use[now] = t
-        # window -> uses in (t, t + m]
-        window -= now.long()
+        window -= now  # -> uses in (t, t + m]
         if t + m < S:
-            window += onehot(t + m)
+            window[rows, seqs[:, t + m]] += 1
         prio = (window * (S + 1) + (last_use + 1)) * E + tie
-        prio = torch.where(now, torch.full_like(prio, big), prio)
+        prio[now] = top
         cand = cached | now[:, None, :]
-        score = torch.where(cand, prio[:, None, :], torch.full_like(cand, -1, dtype=torch.long))
-        kth = score.sort(dim=-1, descending=True).values.gather(2, (C - 1).expand(R, nC)[:, :, None])
-        cached = cand & (score >= kth)
-    return (hits.reshape(L, N, nC).sum(1).double() / (N * S * k)).float()
+        score = np.where(cand, prio[:, None, :], -1)
+        for i, c in enumerate(sizes):  # keep the c highest priorities
+            kth = -np.partition(-score[:, i, :], c - 1, axis=-1)[:, c - 1]
+            cached[:, i, :] = cand[:, i, :] & (score[:, i, :] >= kth[:, None])
+    return torch.from_numpy(hits.reshape(L, N, nC).sum(1) / (N * S * k)).float()
+
+
+@torch.no_grad()
+def _simulate_cache_torch(seqs: torch.Tensor, num_experts: int, m: int, sizes: tuple[int, ...],
+                          max_elements: int = 1 << 28) -> torch.Tensor:
+    """The same simulation as the NumPy path, in torch on the tensor's device."""
+    L, N, S, k = seqs.shape
+    E, nC, dev = num_experts, len(sizes), seqs.device
+    flat = seqs.reshape(L * N, S, k).long()
+    C = torch.tensor(sizes, dtype=torch.long, device=dev)
+    tie = torch.arange(E - 1, -1, -1, device=dev)
+    top = torch.iinfo(torch.long).max
+    hits_all = []
+    rows_per_chunk = max(1, max_elements // ((S + m) * E))
+    for r0 in range(0, flat.shape[0], rows_per_chunk):
+        ids = flat[r0 : r0 + rows_per_chunk]
+        R = ids.shape[0]
+        # one-hot uses, padded with m empty tokens so the window update needs no branch
+        use = torch.zeros(R, S + m, E, dtype=torch.bool, device=dev)
+        use[:, :S].scatter_(2, ids, True)
+        window = use[:, :m].sum(1)
+        cached = torch.zeros(R, nC, E, dtype=torch.bool, device=dev)
+        seen = torch.zeros(R, E, dtype=torch.bool, device=dev)
+        n_seen = torch.zeros(R, dtype=torch.long, device=dev)
+        last_use = torch.full((R, E), -1, dtype=torch.long, device=dev)
+        hits = torch.zeros(R, nC, dtype=torch.long, device=dev)
+        for t in range(S):
+            now = use[:, t]
+            hits += (cached & now[:, None, :]).sum(-1)
+            n_new = (now & ~seen).sum(-1)
+            hits += torch.minimum(n_new[:, None], (C[None, :] - n_seen[:, None]).clamp_min(0))
+            seen |= now
+            n_seen += n_new
+            last_use.masked_fill_(now, t)
+            window += use[:, t + m].long() - now.long()
+            prio = ((window * (S + 1) + (last_use + 1)) * E + tie).masked_fill_(now, top)
+            cand = cached | now[:, None, :]
+            score = torch.where(cand, prio[:, None, :], -1)
+            kth = score.sort(dim=-1, descending=True).values.gather(2, (C - 1).expand(R, nC)[:, :, None])
+            cached = cand & (score >= kth)
+        hits_all.append(hits)
+    hits = torch.cat(hits_all).reshape(L, N, nC).sum(1)
+    return (hits.double() / (N * S * k)).float().cpu()

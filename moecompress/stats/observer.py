@@ -81,6 +81,10 @@ class StatsObserver:
         self.residual: dict[int, torch.Tensor] = {}  # filled by collect_stats' norm pre-hooks
         self.residual_scale: float = 1.0
         self.sch = SCHBuffer()
+        # (top-k ids, weights, activations) computed by the fused experts forward (see
+        # fuse_experts), keyed by layer: reused instead of recomputing the experts
+        self.pending: dict[int, tuple] = {}
+        self.reused = 0
 
     @torch.no_grad()
     def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
@@ -95,7 +99,7 @@ class StatsObserver:
 
         # --- routing-only statistics ------------------------------------------------
         flat = idx.reshape(-1)
-        a.count += torch.bincount(flat, minlength=E)
+        a.count.index_add_(0, flat, torch.ones_like(flat))  # not bincount: no host sync on GPU
         a.soft += routing.probs.sum(0, dtype=torch.float64)
         a.gate.index_add_(0, flat, routing.topk_weight.reshape(-1).double())
         hit = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_(1, idx, 1.0)
@@ -116,7 +120,12 @@ class StatsObserver:
         self.sch.add(li, seqs, E)
 
         # --- statistics on the routed experts' activations ---------------------------
-        acts = routed_activations(layer, x, routing, self.max_elements, want_routed_output=True)
+        pending = self.pending.pop(li, None)
+        if pending is not None and pending[0] is routing.topk_idx:
+            acts = pending[2]  # the forward already ran exactly these experts on exactly this routing
+            self.reused += 1
+        else:
+            acts = routed_activations(layer, x, routing, self.max_elements, want_routed_output=True)
         a.ean.index_add_(0, acts.expert, acts.out_norm.double())
         a.contrib.index_add_(0, acts.expert, acts.contribution_norm.double())
         a.in_max = torch.maximum(a.in_max, acts.in_absmax)
@@ -126,6 +135,35 @@ class StatsObserver:
         after = h + self.residual_scale * acts.routed_output.float()
         s = (1 - torch.nn.functional.cosine_similarity(h, after, dim=-1)).clamp_min(0)
         a.easy.index_add_(0, acts.expert, (acts.contribution_norm * s[acts.token]).double())
+
+    def fuse_experts(self, view) -> list:
+        """Let the statistics' grouped expert computation *be* the experts' forward pass, so the
+        experts run once instead of twice (forward + recompute). Applies to experts modules with
+        transformers' standard ``(hidden_states, top_k_index, top_k_weights)`` interface that
+        are not dispatched by accelerate; returns undo callables. The block output is the same
+        up to float rounding (a different summation order of the same products)."""
+        undo = []
+        for layer in view:
+            ex = layer.experts
+            if layer.spec.weight_on_input or hasattr(ex, "_hf_hook") or "forward" in ex.__dict__:
+                continue
+            original = ex.forward
+
+            def forward(*args, _layer=layer, _orig=original, **kwargs):
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+                w = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+                if (hidden is None or idx is None or w is None or hidden.dim() != 2 or idx.dim() != 2
+                        or w.shape != idx.shape or idx.dtype.is_floating_point):
+                    return _orig(*args, **kwargs)
+                routing = Routing(logits=None, probs=None, topk_idx=idx, topk_weight=w.float())
+                acts = routed_activations(_layer, hidden, routing, self.max_elements, want_routed_output=True)
+                self.pending[_layer.layer_idx] = (idx, w, acts)
+                return acts.routed_output
+
+            ex.forward = forward
+            undo.append(lambda ex=ex: ex.__dict__.pop("forward", None))
+        return undo
 
     def finalize(self) -> dict[int, dict[str, torch.Tensor]]:
         """Per MoE layer: name -> tensor (float32 except ``count`` / ``coactivation`` int64)."""
