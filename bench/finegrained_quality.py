@@ -35,6 +35,8 @@ RUNS = [
     ("moe-pruner 50%", "moe-pruner", {"sparsity": 0.5}),
     ("wanda 50%", "wanda", {"sparsity": 0.5}),
     ("magnitude 50%", "magnitude", {"sparsity": 0.5}),
+    ("moe-pruner 70%", "moe-pruner", {"sparsity": 0.7}),
+    ("wanda 70%", "wanda", {"sparsity": 0.7}),
     ("moe-pruner 2:4", "moe-pruner", {"nm": "2:4"}),
     ("wanda 2:4", "wanda", {"nm": "2:4"}),
     ("heapr 25% (48/64 neurons per expert)", "heapr", {"ratio": 0.25}),

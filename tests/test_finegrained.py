@@ -238,6 +238,9 @@ def test_heapr_global_ranking_zeros_lowest_atoms_without_resizing():
 def test_kept_size_alignment():
     assert kept_size(64, 0.25) == 48
     assert kept_size(24, 0.25, align=8) == 16  # 18 is no multiple of 8: nearest is 16
+    assert kept_size(16, 0.25, align=8) == 8  # 12: a tie, and 16 would remove nothing: down
+    assert kept_size(64, 0.3, align=8) == 48  # 45 -> 48
+    assert kept_size(64, 0.05, align=8) == 56  # 61 -> 64 would remove nothing: down
     assert kept_size(24, 0.25, align=1) == 18
     assert kept_size(20, 0.25, align=8) == 15  # original size unaligned: no rounding
     assert kept_size(64, 0.0) == 64
@@ -477,3 +480,55 @@ def test_prune_checkpoint_writes_record_and_refuses_bad_input(tmp_path):
     with pytest.raises(MoECompressError, match="calib"):
         prune_checkpoint(src, tmp_path / "o2", "heapr", calib=None, ratio=0.25, progress=False)
     assert not (tmp_path / "o2").exists()
+
+
+def _char_tokenizer():
+    """Character-level tokenizer inside the tiny models' 96-token vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 \n.,:;()[]=+-*/#'\"_?!<>"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_src(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("qwen3_moe").save_pretrained(src)
+    _char_tokenizer().save_pretrained(src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def add(a, b):\n    return a + b  # why, not what\n" * 40)
+    return src, calib
+
+
+def test_cli_branch_heapr_and_stun(tiny_src, tmp_path, capsys):
+    from moecompress.finegrained.cli import run, wants_finegrained
+
+    src, calib = tiny_src
+    common = dict(keep=None, nm=None, heapr_global=False, stun_expert_ratio=None, stun_unstructured="wanda",
+                  calib=str(calib), n=4, seq_len=32, seed=0, overwrite=False, dtype="float32", device=None,
+                  batch_size=2, field="text")
+    run(str(src), tmp_path / "h", "heapr", ratio=0.25, sparsity=None, json_out=tmp_path / "h.json",
+        **common)
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert data["intermediate_size_after"] == 8 and data["params_after"] < data["params_before"]
+    assert data["ratio_effective"] == 0.5  # 12 of 16 rounds to a multiple of 8
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config.moe_intermediate_size == 8
+    assert "fine-grained pruning: heapr" in capsys.readouterr().out
+    # `--method stun` with a second-stage budget runs the whole STUN pipeline
+    assert wants_finegrained("stun", 0.5, None) and not wants_finegrained("stun", None, None)
+    if pytest.importorskip("moecompress.prune").METHODS.get("frequency") is None:
+        pytest.skip("no frequency expert pruning yet")
+    run(str(src), tmp_path / "s", "stun", ratio=None, sparsity=0.5, json_out=None,
+        **{**common, "stun_expert_ratio": 0.25})
+    record = json.loads((tmp_path / "s" / "moecompress.json").read_text())
+    assert record["method"] == "stun-unstructured" and record["report"]["experts_after"] == 6
+    with pytest.raises(MoECompressError, match="--keep"):
+        run(str(src), tmp_path / "x", "wanda", ratio=None, sparsity=0.5, json_out=None, **{**common, "keep": 4})
+    with pytest.raises(MoECompressError, match="--sparsity"):
+        run(str(src), tmp_path / "x", "wanda", ratio=0.5, sparsity=None, json_out=None, **common)
+    assert not (tmp_path / "x").exists()

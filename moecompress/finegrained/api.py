@@ -45,7 +45,8 @@ def finegrained_prune(model, tokens: torch.Tensor | None, method: str, *, ratio:
 
 def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, method: str, *,
                      calib: str | os.PathLike | None, n: int = 64, seq_len: int = 512, seed: int = 0,
-                     overwrite: bool = False, dtype: str = "auto", device: str | None = None, **options) -> dict:
+                     overwrite: bool = False, dtype: str = "auto", device: str | None = None, field: str = "text",
+                     **options) -> dict:
     """Load ``model_path``, prune with ``method`` (options as :func:`finegrained_prune`), save to ``out``."""
     from transformers import AutoTokenizer
 
@@ -60,7 +61,7 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
             if calib is None:
                 raise MoECompressError(f"{method} needs calibration text: pass --calib FILE")
             tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_path))
-            tokens = load_calibration(tokenizer, calib, n=n, seq_len=seq_len, seed=seed)
+            tokens = load_calibration(tokenizer, calib, n=n, seq_len=seq_len, seed=seed, field=field)
         stored = _stored_dtype(load_config(model_path))  # read before loading: loading rewrites config.dtype
         model = load_model(model_path, dtype=dtype, device=device)
         torch.manual_seed(seed)
@@ -68,7 +69,8 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
         if stored is not None and model.dtype != stored:  # compute in --dtype, store as the input was
             model.to(stored)
         record = {"stage": "prune", "method": method, "options": {k: v for k, v in options.items() if k != "progress"},
-                  "calibration": None if tokens is None else {"source": str(calib), "n": n, "seq_len": seq_len, "seed": seed},
+                  "calibration": None if tokens is None else {"source": str(calib), "n": n, "seq_len": seq_len, "seed": seed,
+                                                             "field": field},
                   "seed": seed, "report": report}
         save_model(model, Path(folder), source=model_path, record=record)
     return report

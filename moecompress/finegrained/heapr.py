@@ -277,10 +277,13 @@ def _keep_linear_rows(lin: nn.Linear, keep: torch.Tensor) -> None:
 
 
 def kept_size(inter: int, ratio: float, align: int = 8) -> int:
-    """Atoms each expert keeps: ``inter - round(ratio * inter)``, rounded to a multiple of ``align``."""
+    """Atoms each expert keeps: ``inter - round(ratio * inter)``, rounded to the nearest multiple
+    of ``align`` (a tie, or a rounding that would remove nothing, goes down)."""
     n_keep = inter - int(round(ratio * inter))
     if align > 1 and inter % align == 0 and n_keep < inter:
-        n_keep = min(inter, max(align, align * int(round(n_keep / align))))
+        low = (n_keep // align) * align
+        n_keep = low if n_keep - low <= low + align - n_keep or low + align >= inter else low + align
+        n_keep = max(align, n_keep)
     if n_keep < 1:
         raise MoECompressError(f"--ratio {ratio} would remove all {inter} neurons of every expert; use a smaller ratio")
     return n_keep
