@@ -96,7 +96,12 @@ def simulate_cache(seqs, num_experts: int, m: int, sizes: tuple[int, ...]) -> to
     The loop over token positions is sequential by nature.
     """
     if isinstance(seqs, torch.Tensor) and seqs.is_cuda:
-        return _simulate_cache_torch(seqs, num_experts, m, sizes)
+        try:  # one Triton kernel when available (the torch loop costs ~25 launches a position)
+            from ._sch_triton import simulate_cache_triton
+
+            return simulate_cache_triton(seqs, num_experts, m, sizes)
+        except Exception:  # no Triton, or a kernel/compiler problem: the same result in torch
+            return _simulate_cache_torch(seqs, num_experts, m, sizes)
     seqs = seqs.cpu().numpy() if isinstance(seqs, torch.Tensor) else np.asarray(seqs)
     L, N, S, k = seqs.shape
     E, R, nC = num_experts, L * N, len(sizes)
