@@ -1,7 +1,7 @@
 """Accumulate per-expert routing statistics from :func:`moecompress.capture.run_calibration`.
 
 One :class:`LayerAccumulator` per MoE layer sums, per batch, everything the statistics need
-(all batched: bincount / index_add / scatter_reduce / matmul, no Python loop per token).
+(all batched: index_add / scatter_reduce / matmul, no Python loop per token, no host sync).
 Sums are kept in float64 so that results do not depend on the batch size beyond rounding.
 Definitions (T = calibration tokens, k = top-k, g = routing weight the model gives a selected
 expert, o = that expert's output for the token):
@@ -10,9 +10,11 @@ expert, o = that expert's output for the token):
 * ``soft_count[e]``   sum over all tokens of the routing probability of e (softmax families:
                       sums to T; sigmoid families: sum of the sigmoid scores).
 * ``gate_mean[e]``    mean of g over the tokens routed to e (0 for unused experts).
-* ``ean[e]``          Expert Activation Norm, sum over routed tokens of ||o|| (L2). "Finding
-                      Fantastic Experts in MoEs" (Jaiswal et al., 2025), EAN criterion: the
-                      accumulated output norm of an expert over the tokens routed to it.
+* ``ean[e]``          Expert Activation Norm, sum over routed tokens of ||o|| (L2): the
+                      accumulated output norm of an expert over the tokens routed to it, as
+                      EAN is described in "Finding Fantastic Experts in MoEs" (Jaiswal et al.,
+                      2025) and used as a baseline by REAP. The paper's own equation could not
+                      be consulted offline; this is our reading of it.
 * ``reap[e]``         REAP saliency (Lasby et al., 2025, "REAP the Experts", Eq. 9):
                       S_e = 1/|X_e| * sum_{x in X_e} g_e(x) * ||f_e(x)||, X_e = tokens routed to e.
 * ``easy_ep[e]``      EASY-EP output-aware importance (Dong et al., 2025, "Domain-Specific
@@ -22,9 +24,15 @@ expert, o = that expert's output for the token):
                       MoE block and r_t the routed-experts output (shared experts excluded), as
                       in the authors' code (``simibr``).
 * ``tcess[e]``        PreMoe task-conditioned expected selection score (Pei et al., 2025,
-                      Sec. 3.2): per token, a softmax over the top-k router *logits*
-                      p~_t; s_{t,e} = p~_{t,e} if e is in the top-k logits and p~_{t,e} >= r,
-                      else 0; TCESS_e = 1/T * sum_t s_{t,e}. ``r`` = ``tcess_threshold``.
+                      "PreMoe", probabilistic expert pruning): per token, a softmax over the
+                      top-k router *logits* p~_t; s_{t,e} = p~_{t,e} if e is in the top-k
+                      logits and p~_{t,e} >= r, else 0; TCESS_e = 1/T * sum_t s_{t,e}
+                      (r = ``tcess_threshold``, default 0, k = the model's top-k).
+                      Interpretation: the paper text was not available offline; the authors'
+                      code (JarvisPei/PreMoe, collect_utils.py) selects the top-k logits, keeps
+                      those whose local softmax is >= r and averages a per-token marker over
+                      tokens (it stores the raw logit as the marker); we average the local
+                      probability, which is what an *expected selection score* measures.
 * ``coactivation``    [E, E] number of tokens routing to both i and j (diagonal = count).
 * ``entropy``         scalar: mean over tokens of the entropy (nats) of the routing
                       distribution over all experts (sigmoid scores normalised to sum 1).
