@@ -13,6 +13,10 @@ magnitude of the largest outlier. A is taken over all MoE layers of the model to
 down_proj input maxima (``super_in_max``) are reported alongside but do not enter the rule.
 With few experts in the model (< 200) the percentile lies between the two largest values, so
 at most the single largest expert qualifies; that is the rule, not a bug.
+
+Caveat: the paper and its profiling tool could not be consulted offline; the two thresholds
+are the paper's rule as we know it and are parameters here. Callers needing another rule can
+recompute masks from the stored ``super_out_max`` with :func:`super_expert_mask`.
 """
 
 from __future__ import annotations
