@@ -1,0 +1,32 @@
+"""What a pruning method reads (:class:`Selection`) and returns (:class:`Plan`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..arch import MoEModel
+
+
+@dataclass
+class Selection:
+    """Everything a method may read. ``protected[layer_idx]`` experts must be kept."""
+
+    model: object
+    view: MoEModel
+    keep: int
+    tokens: torch.Tensor | None = None
+    stats: object | None = None  # moecompress.stats.Stats
+    seed: int = 0
+    protected: dict[int, set[int]] = field(default_factory=dict)
+    batch_size: int = 8
+    progress: bool = False
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    kept: dict[int, list[int]]  # layer_idx -> kept experts, ascending
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer_idx -> [E], higher = kept first
+    info: dict = field(default_factory=dict)  # method-specific report (errors, clusters, ...)

@@ -1,0 +1,120 @@
+"""Routing among a subset of experts with the model's own router code.
+
+After pruning, a layer's router picks its top-k among the kept experts only. To score a
+candidate kept set without editing the model (NAEE's search, layer-wise sequential pruning),
+we build a *sub-router*: a copy of the layer's router module with only the kept rows (and
+per-expert router tensors), the same attribute fixes that :meth:`MoEModel.keep_experts`
+applies (``num_experts``, ``top_k = min(top_k, kept)``, one routing group when the kept count
+no longer splits into the configured groups). Running it is exactly what the pruned layer's
+router computes, for every family, because it *is* that router.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import nn
+
+from ..arch import MoELayer, Routing
+
+
+def _set_path(obj, dotted: str, value) -> None:
+    head, _, last = dotted.rpartition(".")
+    setattr(operator.attrgetter(head)(obj) if head else obj, last, value)
+
+
+def _group_attrs(router: nn.Module) -> tuple[str | None, str | None]:
+    n = next((a for a in ("num_group", "n_group") if hasattr(router, a)), None)
+    return n, ("topk_group" if hasattr(router, "topk_group") else None)
+
+
+@torch.no_grad()
+def sub_router(layer: MoELayer, keep: list[int] | torch.Tensor) -> nn.Module:
+    """A copy of ``layer``'s router that routes among ``keep`` only (indices in ``keep`` order)."""
+    src = layer.router
+    idx = torch.as_tensor(keep, dtype=torch.long, device=src.weight.device)
+    r = copy.deepcopy(src)  # a router is small ([E, H]); the experts are not copied
+    for mod in r.modules():  # never inherit hooks registered on the original
+        for name, v in list(vars(mod).items()):
+            if "hooks" in name and isinstance(v, dict):
+                setattr(mod, name, type(v)())
+    r.weight = nn.Parameter(r.weight.data.index_select(0, idx), requires_grad=False)
+    for path in layer.spec.router_expert_tensors:
+        t = operator.attrgetter(path)(r)
+        new = t.data.index_select(-1, idx.to(t.device))
+        _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new)
+    m = idx.numel()
+    if hasattr(r, "num_experts"):
+        r.num_experts = m
+    if hasattr(r, "top_k"):
+        r.top_k = min(int(r.top_k), m)
+    if hasattr(r, "out_features"):  # nn.Linear-based routers (Llama-4, PhiMoE)
+        r.out_features = m
+    n_attr, k_attr = _group_attrs(r)
+    if n_attr is not None:
+        n_group = int(getattr(r, n_attr) or 1)
+        # Same rule as MoEModel.keep_experts: groups must split the kept experts evenly,
+        # with >= 2 experts each, else routing falls back to one group (plain top-k).
+        if n_group > 1 and (m % n_group or m // n_group < 2):
+            setattr(r, n_attr, 1)
+            if k_attr is not None:
+                setattr(r, k_attr, 1)
+    return r
+
+
+def route_subset(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> Routing:
+    """Routing of tokens ``x`` [T, H] by a :func:`sub_router`, with ``topk_idx`` mapped back to
+    the layer's original expert numbering (``logits``/``probs`` stay over the kept experts)."""
+    r = layer.routing_from_router_output(router(x))
+    return Routing(logits=r.logits, probs=r.probs, topk_idx=keep.to(r.topk_idx.device)[r.topk_idx],
+                   topk_weight=r.topk_weight)
+
+
+def full_router_output(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x: torch.Tensor):
+    """What the *unpruned* layer's router would return if the removed experts did not exist:
+    the sub-router's output re-expressed over all E experts (indices mapped back, removed
+    experts' logits -inf, their dense scores 0). A router forward hook returning this makes the
+    unpruned layer compute exactly what the pruned layer computes."""
+    out = router(x.reshape(-1, x.shape[-1]))
+    E = layer.num_experts
+    keep = keep.to(x.device)
+    if layer.spec.router_output == "scores_logits":  # Llama-4: (dense scores [T, m], logits [T, m])
+        scores, logits = out
+        full_scores = scores.new_zeros(scores.shape[0], E).index_copy_(1, keep, scores)
+        full_logits = logits.new_full((logits.shape[0], E), float("-inf")).index_copy_(1, keep, logits)
+        return full_scores, full_logits
+    logits, weight, idx = out
+    full_logits = logits.new_full((logits.shape[0], E), float("-inf")).index_copy_(1, keep, logits)
+    return full_logits, weight, keep[idx]
+
+
+class SubsetRouting:
+    """Context manager: while active, the given layers route only among their kept experts
+    (router forward hooks; the model's weights are untouched)."""
+
+    def __init__(self, layers: dict[int, tuple[MoELayer, list[int]]] | None = None):
+        self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        for layer, keep in (layers or {}).values():
+            self.add(layer, keep)
+
+    def add(self, layer: MoELayer, keep: list[int]) -> None:
+        router = sub_router(layer, keep)
+        idx = torch.as_tensor(keep, dtype=torch.long)
+
+        def hook(mod, args, out):
+            return full_router_output(layer, router, idx, args[0])
+
+        self._hooks[layer.layer_idx] = layer.router.register_forward_hook(hook)
+
+    def remove(self) -> None:
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self) -> "SubsetRouting":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
