@@ -11,12 +11,16 @@ from rich.table import Table
 from ._common import console, user_errors, write_json
 
 _METHOD_PANEL = "Method options"
+_FINE_PANEL = "Fine-grained pruning (inside experts)"
 
 
 def _method_help() -> str:
     from ..prune import METHODS
 
-    return f"Pruning method: {', '.join(METHODS)} (docs/benchmarks.md compares them)."
+    from ..finegrained.api import METHODS as FINEGRAINED  # fine-grained methods (issue 5)
+
+    return (f"Pruning method: {', '.join(METHODS)} (whole experts); {', '.join(FINEGRAINED)} (inside experts; "
+            "for heapr --ratio is the fraction of each expert's neurons removed) (docs/benchmarks.md compares them).")
 
 
 def register(app: typer.Typer) -> None:
@@ -52,11 +56,39 @@ def register(app: typer.Typer) -> None:
         stun_coactivation_weight: Optional[float] = typer.Option(
             None, "--stun-coactivation-weight", rich_help_panel=_METHOD_PANEL,
             help="stun: weight of co-activation in the behaviour distance (0 = router weights only)."),
+        # --- fine-grained pruning options (issue 5, moecompress/finegrained) -----------------
+        sparsity: Optional[float] = typer.Option(
+            None, "--sparsity", rich_help_panel=_FINE_PANEL,
+            help="moe-pruner/wanda/magnitude: fraction of each expert matrix's weights zeroed; stun: total over "
+                 "expert weights (experts removed + zeros)."),
+        nm: Optional[str] = typer.Option(None, "--nm", rich_help_panel=_FINE_PANEL,
+                                         help="N:M semi-structured pattern instead of --sparsity, e.g. 2:4."),
+        stun_expert_ratio: Optional[float] = typer.Option(
+            None, "--stun-expert-ratio", rich_help_panel=_FINE_PANEL,
+            help="stun with --sparsity/--nm: fraction of experts removed before the unstructured stage."),
+        stun_unstructured: str = typer.Option("wanda", "--stun-unstructured", rich_help_panel=_FINE_PANEL,
+                                              help="stun: second-stage method (wanda, moe-pruner, magnitude)."),
+        heapr_global: bool = typer.Option(False, "--heapr-global", rich_help_panel=_FINE_PANEL,
+                                          help="heapr: rank atoms globally and only ZERO them (no size saving)."),
+        # --------------------------------------------------------------------------------------
     ) -> None:
         """Prune whole experts: keep --keep (or remove --ratio of) the experts of every MoE layer.
 
         Writes a standard checkpoint (fewer experts, router rows sliced, config updated, top-k lowered to the kept count if needed) with a moecompress.json record. With both --stats and --calib, the file's statistics are used and the text feeds naee.
         """
+        # --- fine-grained methods (issue 5): heapr, moe-pruner, wanda, magnitude, stun + --sparsity/--nm ---
+        from ..finegrained import cli as finegrained_cli
+
+        with user_errors():
+            if finegrained_cli.wants_finegrained(method, sparsity, nm, stun_expert_ratio, heapr_global):
+                finegrained_cli.run(model, output, method, keep=keep, ratio=ratio, sparsity=sparsity, nm=nm,
+                                    heapr_global=heapr_global, stun_expert_ratio=stun_expert_ratio,
+                                    stun_unstructured=stun_unstructured, calib=calib, n=n, seq_len=seq_len, seed=seed,
+                                    overwrite=overwrite, dtype=dtype, device=device, batch_size=batch_size,
+                                    field=field, json_out=json_out, stats=stats,
+                                    protect_super_experts=protect_super_experts)
+                return
+        # ---------------------------------------------------------------------------------------------------
         from ..info import model_info
         from ..prune import prune_checkpoint
 
