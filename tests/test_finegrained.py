@@ -532,3 +532,23 @@ def test_cli_branch_heapr_and_stun(tiny_src, tmp_path, capsys):
     with pytest.raises(MoECompressError, match="--sparsity"):
         run(str(src), tmp_path / "x", "wanda", ratio=0.5, sparsity=None, json_out=None, **common)
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_command_dispatches_fine_grained_methods(tiny_src, tmp_path):
+    from typer.testing import CliRunner
+
+    from moecompress.cli import app
+
+    src, calib = tiny_src
+    runner = CliRunner()
+    args = ["prune", str(src), "--calib", str(calib), "-n", "4", "--seq-len", "32", "--dtype", "float32"]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "w"), "--method", "wanda", "--nm", "2:4", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["nm"] == "2:4" and data["expert_weight_sparsity"] == pytest.approx(0.5)
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "h"), "--method", "heapr", "--ratio", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config.moe_intermediate_size == 8
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "f"), "--method", "frequency", "--keep", "4",
+                              "--sparsity", "0.5"])
+    assert res.exit_code == 2 and "--sparsity" in res.output and not (tmp_path / "f").exists()

@@ -11,15 +11,25 @@ from ..errors import MoECompressError
 from .api import METHODS
 
 
-def wants_finegrained(method: str, sparsity: float | None, nm: str | None) -> bool:
-    """Fine-grained methods, and ``stun`` given a second-stage budget (the full STUN pipeline)."""
-    return method in METHODS or (method == "stun" and (sparsity is not None or nm is not None))
+def wants_finegrained(method: str, sparsity: float | None, nm: str | None, stun_expert_ratio: float | None = None,
+                      heapr_global: bool = False) -> bool:
+    """Fine-grained methods, and ``stun`` given a second-stage budget (the full STUN pipeline).
+    Fine-grained options given to a whole-expert method are refused rather than ignored."""
+    if method in METHODS or (method == "stun" and (sparsity is not None or nm is not None)):
+        return True
+    given = [flag for flag, v in (("--sparsity", sparsity), ("--nm", nm), ("--stun-expert-ratio", stun_expert_ratio),
+                                  ("--heapr-global", heapr_global or None)) if v is not None]
+    if given:
+        raise MoECompressError(f"{given[0]} applies to the fine-grained methods ({', '.join(METHODS)}; stun with "
+                               f"--sparsity/--nm), not to '{method}'")
+    return False
 
 
 def run(model: str, output: Path, method: str, *, keep: int | None, ratio: float | None, sparsity: float | None,
         nm: str | None, heapr_global: bool, stun_expert_ratio: float | None, stun_unstructured: str,
         calib: str | None, n: int, seq_len: int, seed: int, overwrite: bool, dtype: str, device: str | None,
-        batch_size: int, field: str, json_out: Path | None) -> None:
+        batch_size: int, field: str, json_out: Path | None, stats: Path | None = None,
+        protect_super_experts: bool = False) -> None:
     from ..commands._common import console, write_json
     from ..info import model_info
     from .api import prune_checkpoint
@@ -27,6 +37,9 @@ def run(model: str, output: Path, method: str, *, keep: int | None, ratio: float
     if keep is not None:
         raise MoECompressError("--keep counts whole experts; fine-grained methods take --ratio (heapr), "
                                "--sparsity or --nm (and --stun-expert-ratio for stun)")
+    if stats is not None or protect_super_experts:
+        raise MoECompressError("--stats and --protect-super-experts belong to whole-expert pruning; the fine-grained "
+                               "methods measure on --calib text")
     options: dict = {"batch_size": batch_size, "progress": json_out is None or str(json_out) != "-"}
     if method in ("stun", "stun-unstructured"):
         method = "stun-unstructured"
