@@ -18,8 +18,6 @@ router then renormalises the top-k weights as before (``norm_topk_prob``...), an
 
 from __future__ import annotations
 
-import copy
-import operator
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ from .align import match_neurons
 from .cluster import LINKAGES, METRICS, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
-from .refit import RefitObserver
+from .refit import refit_to_original, swap_in_copies
 
 
 @dataclass(frozen=True)
@@ -191,16 +189,6 @@ def merged_expert(layer, members: list[int], dominant: int, freq: torch.Tensor, 
     return merge_weights(experts, w), w
 
 
-def _swap_in_copies(model, view: MoEModel) -> dict[int, torch.nn.Module]:
-    """Replace every MoE block by a copy (that we will merge) and return the untouched originals."""
-    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
-    originals = {}
-    for layer in view:
-        originals[layer.layer_idx] = layer.block
-        setattr(decoder_layers[layer.layer_idx], view.spec.moe_block, copy.deepcopy(layer.block))
-    return originals
-
-
 @torch.no_grad()
 def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torch.Tensor | None = None,
                   stats=None, clusters: dict[int, list[list[int]]] | None = None, linkage: str = "average",
@@ -242,7 +230,7 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         li = layer.layer_idx
         merged[li] = [merged_expert(layer, g, d, plan.frequency[li], spec)
                       for g, d in zip(plan.clusters[li], plan.dominant[li])]
-    originals = _swap_in_copies(model, view) if refit else None
+    originals = swap_in_copies(model, view) if refit else None
     view = moe_view(model)
     for layer in view:
         li = layer.layer_idx
@@ -254,13 +242,8 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
 
     errors: dict[int, float | None] = {}
     if refit:
-        obs = RefitObserver(originals)
-        run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
-                        description="merge: least-squares re-fit")
-        for layer in view:
-            obs.apply(layer, ridge)
-            errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
-        del originals, obs
+        errors = refit_to_original(model, originals, tokens, ridge=ridge, batch_size=batch_size, progress=progress)
+        del originals
     options = {"linkage": linkage if spec.clustering == "outputs" and clusters is None else None,
                "distance": metric if spec.clustering == "outputs" and clusters is None else None,
                "router": router, "refit": refit, "ridge": ridge if refit else None,

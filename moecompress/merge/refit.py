@@ -22,10 +22,14 @@ only an [I, I] and an [I, H] accumulator per expert, never the stored activation
 
 from __future__ import annotations
 
+import copy
+import operator
+
 import torch
 from torch import nn
 
-from ..arch import MoELayer, Routing
+from ..arch import MoELayer, MoEModel, Routing, moe_view
+from ..capture import run_calibration
 
 
 def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -97,3 +101,33 @@ class RefitObserver:
         if layer_idx not in self.err or self.ref[layer_idx] == 0:
             return None
         return self.err[layer_idx] / self.ref[layer_idx]
+
+
+def swap_in_copies(model, view: MoEModel | None = None) -> dict[int, nn.Module]:
+    """Replace every MoE block of ``model`` by a copy (the one to compress) and return the
+    untouched originals, the re-fit's reference. Peak memory: the originals plus one block."""
+    view = view or moe_view(model)
+    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+    originals = {}
+    for layer in view:
+        originals[layer.layer_idx] = layer.block
+        setattr(decoder_layers[layer.layer_idx], view.spec.moe_block, copy.deepcopy(layer.block))
+    return originals
+
+
+@torch.no_grad()
+def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tensor, *, ridge: float,
+                      batch_size: int = 8, progress: bool = True) -> dict[int, float | None]:
+    """Re-fit the down projections of ``model``'s (compressed) experts so each MoE layer
+    reproduces ``originals[layer_idx]`` on the calibration ``tokens``; returns each layer's
+    relative routed-output error before the re-fit. Works for any edit that leaves one router
+    row per expert (merging, or pruning)."""
+    view = moe_view(model)
+    obs = RefitObserver(originals)
+    run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
+                    description="least-squares re-fit")
+    errors = {}
+    for layer in view:
+        obs.apply(layer, ridge)
+        errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
+    return errors
