@@ -552,3 +552,12 @@ def test_prune_command_dispatches_fine_grained_methods(tiny_src, tmp_path):
     res = runner.invoke(app, [*args, "-o", str(tmp_path / "f"), "--method", "frequency", "--keep", "4",
                               "--sparsity", "0.5"])
     assert res.exit_code == 2 and "--sparsity" in res.output and not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("method,opts", [("heapr", {"ratio": 0.5}), ("moe-pruner", {"sparsity": 0.5})])
+def test_same_inputs_give_the_same_bytes(tiny_src, tmp_path, method, opts):
+    src, calib = tiny_src
+    for name in ("a", "b"):
+        prune_checkpoint(src, tmp_path / name, method, calib=str(calib), n=4, seq_len=32, progress=False, **opts)
+    for f in ("model.safetensors", "moecompress.json", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
