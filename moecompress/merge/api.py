@@ -225,19 +225,19 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         plan = plan_merge(model, tokens, keep=keep, method=method, stats=stats, linkage=linkage, metric=metric,
                           batch_size=batch_size, progress=progress)
 
-    merged = {}
-    for layer in view:
-        li = layer.layer_idx
-        merged[li] = [merged_expert(layer, g, d, plan.frequency[li], spec)
-                      for g, d in zip(plan.clusters[li], plan.dominant[li])]
+    # With the re-fit, the merged experts go into copies of the blocks and the originals stay
+    # as the re-fit's reference; without it, in place. Each cluster reads only its own members
+    # and writes only its dominant, so merging one cluster at a time is safe in place too.
     originals = swap_in_copies(model, view) if refit else None
-    view = moe_view(model)
-    for layer in view:
-        li = layer.layer_idx
-        for members, dom, (weights, w) in zip(plan.clusters[li], plan.dominant[li], merged[li]):
-            weights.write(layer, dom)
+    new_view = moe_view(model)
+    for source, target in zip(view, new_view):
+        li = source.layer_idx
+        for members, dom in zip(plan.clusters[li], plan.dominant[li]):
+            weights, w = merged_expert(source, members, dom, plan.frequency[li], spec)
+            weights.write(target, dom)
             if router == "weighted":
-                _weighted_router_row(layer, members, dom, w)
+                _weighted_router_row(target, members, dom, w)
+    view = new_view
     view.keep_experts(plan.dominant)
 
     errors: dict[int, float | None] = {}
