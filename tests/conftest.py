@@ -6,7 +6,9 @@ import torch
 # Tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tiny models gain nothing from more, and on a busy machine OpenMP threads
+# spin-waiting for a core made tiny forwards ~1000x slower.
+torch.set_num_threads(1)
 
 from moecompress.testing import TINY_CONFIGS, tiny_model  # noqa: E402
 

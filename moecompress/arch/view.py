@@ -150,7 +150,9 @@ class MoELayer:
             topk_logits, idx = torch.topk(logits, self.top_k, dim=-1)
             weight = torch.sigmoid(topk_logits.float())
         else:
-            logits, weight, idx = out
+            # (logits, weights, indices) in most families and versions, but GraniteMoE's router
+            # returned (indices, weights, logits) in transformers 5.17: the integer tensor tells.
+            logits, weight, idx = out if out[0].is_floating_point() else out[::-1]
         logits = logits.float()
         probs = torch.sigmoid(logits) if self.spec.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
         return Routing(logits=logits, probs=probs, topk_idx=idx, topk_weight=weight.float())
