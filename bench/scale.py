@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-gpu-memory", default="4GiB")
     ap.add_argument("--method", default="frequency")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: stats,prune,stream")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: stats,stream,prune,surgery")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
@@ -197,6 +197,29 @@ def main() -> None:
                    floor_parts_s={"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
                                   "forward": fwd_flops / res["matmul_flops"]}, prune_method=a.method)
         print(json.dumps(res, indent=1), flush=True)
+    if "surgery" not in skip:
+        # The same pruning written by shard surgery: in GPU memory, then streamed under the cap.
+        from moecompress.stream import prune_streaming
+
+        fwd_flops = 2 * res["active_params"] * ntok
+        for label, cap in (("surgery", None), ("surgery_streamed", a.max_gpu_memory)):
+            out = a.work / f"{a.name}-{label}"
+            shutil.rmtree(out, ignore_errors=True)
+            drop_cache(src)
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _, t = timed(lambda: prune_streaming(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
+                                                 seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
+                                                 progress=False, overwrite=True,
+                                                 **({"max_cpu_memory": "16GiB"} if cap else {})))
+            out_bytes = folder_bytes(out)
+            floor = res["input_bytes"] / res["read_Bps"] + out_bytes / res["write_Bps"] + fwd_flops / res["matmul_flops"]
+            res[f"prune_{label}_s"] = t
+            res[f"prune_{label}_vs_floor"] = t / floor
+            res[f"prune_{label}_peak_gpu_GiB"] = peak_gpu_gib()
+            res["floor_s"] = floor
+            shutil.rmtree(out, ignore_errors=True)
+            print(json.dumps(res, indent=1), flush=True)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")
 
