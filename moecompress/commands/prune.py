@@ -138,7 +138,10 @@ def _table(result) -> Table:
     t.add_column("removed experts")
     summary = result.score_summary()
     layers_info = result.info.get("layers", {})
-    has_share = any(s.get("kept_share") is not None for s in summary.values()) and result.method != "naee"
+    from ..prune import METHODS
+
+    # The kept share of a statistic is meaningful; of random draws or NAEE's removal errors it is not.
+    has_share = METHODS[result.method].needs == "stats" and any(s.get("kept_share") is not None for s in summary.values())
     has_err = any("relative_error" in v for v in layers_info.values())
     if has_share:
         t.add_column("score share kept", justify="right")

@@ -6,7 +6,8 @@
 """
 
 from .api import DEFAULT_METHOD, PruneResult, plan_pruning, prune_checkpoint, prune_experts, resolve_keep, select_experts
-from .methods import METHODS, Method, Plan, Selection
+from .methods import METHODS, Method
+from .selection import Plan, Selection
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "Method", "Plan", "PruneResult", "Selection", "plan_pruning",
            "prune_checkpoint", "prune_experts", "resolve_keep", "select_experts"]

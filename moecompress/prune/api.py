@@ -20,7 +20,8 @@ import torch
 from ..arch import moe_view
 from ..errors import MoECompressError
 from . import naee, stun
-from .methods import METHODS, Plan, Selection
+from .methods import METHODS
+from .selection import Plan, Selection
 
 DEFAULT_METHOD = "naee"
 # Method-specific options (keyword arguments of prune_experts / prune_checkpoint) and defaults.
@@ -224,11 +225,12 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     num_experts = int(getattr(config, spec.num_experts_field))
     keep = resolve_keep(num_experts, keep, ratio)
     _check_data(method, calib is not None, stats is not None, protect_super_experts, options)
-    if calib is not None and not Path(calib).expanduser().exists():
-        from ..calibration import default_sets
+    if calib is not None:
+        from ..calibration import check_source
 
-        if str(calib) not in default_sets():
-            raise MoECompressError(f"calibration file '{calib}' not found; pass an existing .txt/.jsonl/.parquet file")
+        check_source(calib)
+        if n < 1 or seq_len < 2:
+            raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
     if stats is not None and not Path(stats).expanduser().is_file():
         raise MoECompressError(f"statistics file '{stats}' not found; create it with `moecompress stats MODEL -o {stats}`")
     if batch_size < 1:
