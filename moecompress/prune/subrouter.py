@@ -85,9 +85,12 @@ def full_router_output(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x
         full_scores = scores.new_zeros(scores.shape[0], E).index_copy_(1, keep, scores)
         full_logits = logits.new_full((logits.shape[0], E), float("-inf")).index_copy_(1, keep, logits)
         return full_scores, full_logits
-    logits, weight, idx = out
+    # (logits, weights, indices), or reversed (GraniteMoE in transformers 5.17): keep the order.
+    reverse = not out[0].is_floating_point()
+    logits, weight, idx = out[::-1] if reverse else out
     full_logits = logits.new_full((logits.shape[0], E), float("-inf")).index_copy_(1, keep, logits)
-    return full_logits, weight, keep[idx]
+    res = (full_logits, weight, keep[idx])
+    return res[::-1] if reverse else res
 
 
 class SubsetRouting:
