@@ -146,7 +146,9 @@ def load_model(
         max_memory: dict = {}
         if torch.cuda.is_available():
             gpu = parse_memory(max_gpu_memory) if max_gpu_memory else torch.cuda.get_device_properties(0).total_memory
-            max_memory[0] = gpu
+            # accelerate budgets weights only; keep 30% of the cap for activations and the
+            # observers' workspace so that the *peak* stays under the cap.
+            max_memory[0] = int(gpu * 0.7)
         max_memory["cpu"] = parse_memory(max_cpu_memory) if max_cpu_memory else _available_cpu_memory()
         if offload_folder is None:
             offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
