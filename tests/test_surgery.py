@@ -85,3 +85,21 @@ def test_stats_on_streamed_model_equal_in_memory(tmp_path):
     assert ref.tensors.keys() == got.tensors.keys()
     for k in ref.tensors:
         torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_prune_cli_streamed_equals_in_memory(tmp_path):
+    """`prune --max-cpu-memory` (streamed, disk offload) writes the same checkpoint bytes."""
+    from typer.testing import CliRunner
+
+    from moecompress.cli import app
+    from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "src", "qwen3_moe")
+    (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
+    common = ["prune", str(tmp_path / "src"), "--keep", "4", "--method", "frequency", "--calib", str(tmp_path / "t.txt"),
+              "-n", "4", "--seq-len", "32", "--dtype", "float32"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*common, "-o", str(tmp_path / "mem")]).exit_code == 0
+    res = runner.invoke(app, [*common, "-o", str(tmp_path / "streamed"), "--max-cpu-memory", "40KB"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "mem" / "model.safetensors").read_bytes() == (tmp_path / "streamed" / "model.safetensors").read_bytes()

@@ -48,6 +48,10 @@ def register(app: typer.Typer) -> None:
                                   "the checkpoint's dtype."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, auto ... (default: cpu)."),
         batch_size: int = typer.Option(8, "--batch-size", help="Calibration sequences per forward pass."),
+        max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="Stream the model under this GPU "
+                                                     "memory cap (e.g. 4GiB): layers are onloaded while they run."),
+        max_cpu_memory: Optional[str] = typer.Option(None, "--max-cpu-memory", help="CPU memory cap when streaming; "
+                                                     "the rest is offloaded to disk."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here ('-' = stdout)."),
         naee_tokens: Optional[int] = typer.Option(None, "--naee-tokens", rich_help_panel=_METHOD_PANEL,
                                                   help="naee: calibration tokens used for the reconstruction error."),
@@ -98,7 +102,8 @@ def register(app: typer.Typer) -> None:
             result = prune_checkpoint(model, output, keep=keep, ratio=ratio, method=method, calib=calib, stats=stats,
                                       n=n, seq_len=seq_len, seed=seed, protect_super_experts=protect_super_experts,
                                       overwrite=overwrite, dtype=dtype, device=device, batch_size=batch_size,
-                                      field_name=field, progress=json_out is None or str(json_out) != "-", **options)
+                                      field_name=field, progress=json_out is None or str(json_out) != "-",
+                                      max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, **options)
             before, after = model_info(model), model_info(output)
         data = {**result.to_dict(), "output": str(output),
                 "params_before": before["total_params"], "params_after": after["total_params"],
