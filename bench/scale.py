@@ -198,8 +198,9 @@ def main() -> None:
                                   "forward": fwd_flops / res["matmul_flops"]}, prune_method=a.method)
         print(json.dumps(res, indent=1), flush=True)
     if "surgery" not in skip:
+        from moecompress.prune.api import prune_checkpoint
+
         # The same pruning written by shard surgery: in GPU memory, then streamed under the cap.
-        from moecompress.stream import prune_streaming
 
         fwd_flops = 2 * res["active_params"] * ntok
         for label, cap in (("surgery", None), ("surgery_streamed", a.max_gpu_memory)):
@@ -208,10 +209,10 @@ def main() -> None:
             drop_cache(src)
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            _, t = timed(lambda: prune_streaming(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
-                                                 seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
-                                                 progress=False, overwrite=True,
-                                                 **({"max_cpu_memory": "16GiB"} if cap else {})))
+            _, t = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
+                                                  seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
+                                                  device=None if cap else dev, progress=False, overwrite=True,
+                                                  **({"max_cpu_memory": "16GiB"} if cap else {})))
             out_bytes = folder_bytes(out)
             floor = res["input_bytes"] / res["read_Bps"] + out_bytes / res["write_Bps"] + fwd_flops / res["matmul_flops"]
             res[f"prune_{label}_s"] = t
