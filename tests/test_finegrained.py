@@ -48,13 +48,9 @@ def _reload(model, tmp_path):
 # ----- HEAPr --------------------------------------------------------------------------------
 
 
-def _reference_heapr(model, x):
-    """S[e,k] = 1/2 sum_t o_k(t)^T H_e o_k(t) with H_e = mean_t g_t g_t^T built explicitly.
-
-    g_t = dL/d(expert e's output at token t) comes from an additive zero perturbation of each
-    MoE block output (autograd); atom outputs o_k(t) = d_k * act(gate_k.x) (up_k.x) are computed
-    neuron by neuron, token by token.
-    """
+def _block_inputs_and_output_grads(model, x):
+    """Per MoE layer: the block input [T, H] and dLoss/d(block output) [T, H] (summed token
+    cross-entropy), from an additive zero perturbation of each block output (autograd)."""
     view = moe_view(model)
     deltas, inputs, hooks = {}, {}, []
     for layer in view:
@@ -67,15 +63,25 @@ def _reference_heapr(model, x):
         hooks.append(layer.block.register_forward_hook(hook))
     with torch.enable_grad():
         logits = model(x).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        loss.backward()
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").backward()
     for h in hooks:
         h.remove()
+    return view, {i: (inputs[i], deltas[i].grad.reshape(inputs[i].shape)) for i in inputs}
+
+
+def _reference_heapr(model, x):
+    """S[e,k] = 1/2 sum_t o_k(t)^T H_e o_k(t) with H_e = mean_t g_t g_t^T built explicitly.
+
+    g_t = dL/d(expert e's output at token t) comes from an additive zero perturbation of each
+    MoE block output (autograd); atom outputs o_k(t) = d_k * act(gate_k.x) (up_k.x) are computed
+    neuron by neuron, token by token.
+    """
+    view, io = _block_inputs_and_output_grads(model, x)
     out = {}
     with torch.no_grad():
         for layer in view:
             i = layer.layer_idx
-            xs, grad = inputs[i], deltas[i].grad.reshape(-1, layer.hidden_size)
+            xs, grad = io[i]
             routing = layer.route(xs)
             gb, ub, _ = layer.expert_biases
             E, inter, H = layer.num_experts, layer.intermediate_size, layer.hidden_size
@@ -187,25 +193,11 @@ def test_heapr_shrinks_tied_shared_expert_by_its_scores_and_reloads(family, tmp_
 
 def _reference_shared_scores(model, x):
     """Shared expert atoms: 1/2 * mean_t (g_t . d_k)^2 * sum_t a_k(t)^2, token by token."""
-    view = moe_view(model)
-    deltas, inputs, hooks = {}, {}, []
-    for layer in view:
-        def hook(mod, inp, out, i=layer.layer_idx):
-            inputs[i] = inp[0].detach().reshape(-1, inp[0].shape[-1])
-            y = out[0] if isinstance(out, tuple) else out
-            deltas[i] = torch.zeros_like(y, requires_grad=True)
-            return (y + deltas[i], *out[1:]) if isinstance(out, tuple) else y + deltas[i]
-
-        hooks.append(layer.block.register_forward_hook(hook))
-    with torch.enable_grad():
-        logits = model(x).logits
-        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").backward()
-    for h in hooks:
-        h.remove()
+    view, io = _block_inputs_and_output_grads(model, x)
     out = {}
     with torch.no_grad():
         for layer in view:
-            xs, grad = inputs[layer.layer_idx], deltas[layer.layer_idx].grad.reshape(-1, layer.hidden_size)
+            xs, grad = io[layer.layer_idx]
             gate, up, dn, act = shared_mlp_parts(layer)
             n = dn.weight.shape[1]
             quad, energy = torch.zeros(n), torch.zeros(n)
