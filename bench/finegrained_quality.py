@@ -112,7 +112,7 @@ def main() -> None:
         if method == "stun-unstructured":
             opts["stun_expert_method"] = a.stun_stage
         t = time.time()
-        report = finegrained_prune(model, calib, method, progress=False, **opts)
+        finegrained_prune(model, calib, method, progress=False, **opts)
         seconds = time.time() - t
         with tempfile.TemporaryDirectory() as d:
             save_model(model, Path(d), source=a.model, record={"stage": "bench", "method": method})

@@ -221,12 +221,23 @@ def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: st
         raise MoECompressError(f"cannot write to '{parent}': {e.strerror or e}; choose a writable output folder") from None
     try:
         yield tmp
+        _normal_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder (and some writers 0600 files); give the output the modes
+    the user's umask gives any new file, so that other users and containers can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def versions() -> dict[str, str]:

@@ -96,3 +96,12 @@ SAMPLE_TEXT = (
     "def mean(values):\n    return sum(values) / len(values)\n\n"
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
 ) * 40
+
+
+def invoke_cli(*args):
+    """Run the ``moecompress`` CLI in-process (typer's CliRunner); arguments may be paths/numbers."""
+    from typer.testing import CliRunner
+
+    from .cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])

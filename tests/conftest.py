@@ -31,3 +31,14 @@ def tiny_ckpt(tmp_path):
         return folder, model
 
     return make
+
+
+@pytest.fixture(scope="module")
+def calib_ckpt(tmp_path_factory):
+    """A folder with ``tiny/`` (a qwen3_moe checkpoint with tokenizer) and ``calib.txt``."""
+    from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("calib-ckpt")
+    tiny_checkpoint(root / "tiny", "qwen3_moe")
+    (root / "calib.txt").write_text(SAMPLE_TEXT)
+    return root

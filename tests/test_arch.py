@@ -149,3 +149,16 @@ def test_non_moe_model_is_refused(model_type):
 
     with pytest.raises(MoECompressError, match="supported"):
         family_for_config(AutoConfig.for_model(model_type))
+
+
+def test_output_folder_gets_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    with output_folder(tmp_path / "out") as tmp:
+        (tmp / "w.bin").write_bytes(b"x")
+        os.chmod(tmp / "w.bin", 0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "out" / "w.bin").stat().st_mode) == 0o666 & ~umask

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from moecompress.arch import moe_view
 from moecompress.capture import run_calibration
@@ -21,7 +20,7 @@ from moecompress.merge.cluster import dominant_groups, hierarchical_clusters, lo
 from moecompress.merge.combine import ExpertWeights
 from moecompress.merge.observe import MergeObserver
 from moecompress.merge.refit import block_output
-from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint, tiny_model, tokens
+from moecompress.testing import invoke_cli, tiny_model, tokens
 
 
 def _logits(model, toks):
@@ -284,28 +283,16 @@ def test_bad_options_raise_user_errors():
 
 
 # ----- checkpoint and CLI ------------------------------------------------------------------------------
-def _cli(*args):
-    from moecompress.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
-    tiny_checkpoint(root / "tiny", "qwen3_moe")
-    (root / "calib.txt").write_text(SAMPLE_TEXT)
-    return root
-
-
-def test_cli_merges_deterministically_and_output_reloads(ckpt, tmp_path):
+def test_cli_merges_deterministically_and_output_reloads(calib_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    common = (ckpt / "tiny", "--keep", 3, "--calib", ckpt / "calib.txt", "-n", 4, "--seq-len", 32, "--batch-size", 2)
-    r1 = _cli("merge", *common, "-o", tmp_path / "a", "--json", tmp_path / "a.json")
+    common = (calib_ckpt / "tiny", "--keep", 3, "--calib", calib_ckpt / "calib.txt", "-n", 4, "--seq-len", 32, "--batch-size", 2)
+    r1 = invoke_cli("merge", *common, "-o", tmp_path / "a", "--json", tmp_path / "a.json")
     assert r1.exit_code == 0, r1.output
     assert "m-smoe, 8 -> 3 experts" in r1.output
-    r2 = _cli("merge", *common, "-o", tmp_path / "b")
+    r2 = invoke_cli("merge", *common, "-o", tmp_path / "b")
     assert r2.exit_code == 0, r2.output
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert {"model.safetensors", "moecompress.json", "tokenizer.json", "config.json"} <= set(files)
@@ -327,15 +314,15 @@ def test_cli_merges_deterministically_and_output_reloads(ckpt, tmp_path):
 
     from moecompress.calibration import load_calibration
 
-    toks = load_calibration(AutoTokenizer.from_pretrained(ckpt / "tiny"), ckpt / "calib.txt", n=4, seq_len=32)
+    toks = load_calibration(AutoTokenizer.from_pretrained(calib_ckpt / "tiny"), calib_ckpt / "calib.txt", n=4, seq_len=32)
     model = tiny_model("qwen3_moe")
     merge_experts(model, keep=3, tokens=toks, batch_size=2, progress=False)
     probe = tokens(1, 9)
     torch.testing.assert_close(_logits(loaded, probe), _logits(model, probe))
 
 
-def test_merge_checkpoint_hc_smoe_without_refit(ckpt, tmp_path):
-    result = merge_checkpoint(ckpt / "tiny", tmp_path / "o", keep=5, method="hc-smoe", calib=str(ckpt / "calib.txt"),
+def test_merge_checkpoint_hc_smoe_without_refit(calib_ckpt, tmp_path):
+    result = merge_checkpoint(calib_ckpt / "tiny", tmp_path / "o", keep=5, method="hc-smoe", calib=str(calib_ckpt / "calib.txt"),
                               n=2, seq_len=32, refit=False, linkage="complete", progress=False)
     record = json.loads((tmp_path / "o" / "moecompress.json").read_text())
     assert record["parameters"]["refit"] is False and record["parameters"]["linkage"] == "complete"
@@ -349,17 +336,17 @@ def test_merge_checkpoint_hc_smoe_without_refit(ckpt, tmp_path):
     (("--keep", 3, "--calib", "missing.txt"), "not found"),
     (("--keep", 3, "--stats", "missing.safetensors"), "not found"),
 ])
-def test_cli_errors_exit_2_and_write_nothing(ckpt, tmp_path, args, msg):
+def test_cli_errors_exit_2_and_write_nothing(calib_ckpt, tmp_path, args, msg):
     out = tmp_path / "out"
-    r = _cli("merge", ckpt / "tiny", "-o", out, *args)
+    r = invoke_cli("merge", calib_ckpt / "tiny", "-o", out, *args)
     assert r.exit_code == 2, r.output
     assert msg in " ".join(r.output.split())
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_cli_refuses_missing_model_and_existing_output(ckpt, tmp_path):
-    r = _cli("merge", tmp_path / "nope", "-o", tmp_path / "x", "--keep", 2)
+def test_cli_refuses_missing_model_and_existing_output(calib_ckpt, tmp_path):
+    r = invoke_cli("merge", tmp_path / "nope", "-o", tmp_path / "x", "--keep", 2)
     assert r.exit_code == 2 and "not found" in r.output
     (tmp_path / "exists").mkdir()
-    r = _cli("merge", ckpt / "tiny", "-o", tmp_path / "exists", "--keep", 2, "--calib", ckpt / "calib.txt")
+    r = invoke_cli("merge", calib_ckpt / "tiny", "-o", tmp_path / "exists", "--keep", 2, "--calib", calib_ckpt / "calib.txt")
     assert r.exit_code == 2 and "--overwrite" in r.output

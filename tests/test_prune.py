@@ -9,7 +9,6 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 from moecompress.arch import moe_view
 from moecompress.capture import run_calibration
@@ -17,7 +16,7 @@ from moecompress.prune import METHODS, plan_pruning, prune_experts, select_exper
 from moecompress.prune.naee import search
 from moecompress.prune.stun import greedy_clusters, representative, threshold_clusters
 from moecompress.prune.subrouter import SubsetRouting
-from moecompress.testing import SAMPLE_TEXT, TINY_CONFIGS, tiny_checkpoint, tiny_model, tokens
+from moecompress.testing import invoke_cli, TINY_CONFIGS, tiny_model, tokens
 
 ALL_FAMILIES = sorted(TINY_CONFIGS)
 
@@ -312,28 +311,16 @@ def test_every_method_is_registered_with_a_paper_or_baseline():
 
 
 # ----- checkpoint and CLI ---------------------------------------------------------------------
-def _cli(*args):
-    from moecompress.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune")
-    tiny_checkpoint(root / "tiny", "qwen3_moe")
-    (root / "calib.txt").write_text(SAMPLE_TEXT)
-    return root
-
-
-def test_cli_prunes_deterministically_and_output_loads(ckpt, tmp_path):
+def test_cli_prunes_deterministically_and_output_loads(calib_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    common = (ckpt / "tiny", "--keep", 6, "--calib", ckpt / "calib.txt", "-n", 4, "--seq-len", 32, "--batch-size", 2)
-    r1 = _cli("prune", *common, "-o", tmp_path / "a", "--json", tmp_path / "a.json")
+    common = (calib_ckpt / "tiny", "--keep", 6, "--calib", calib_ckpt / "calib.txt", "-n", 4, "--seq-len", 32, "--batch-size", 2)
+    r1 = invoke_cli("prune", *common, "-o", tmp_path / "a", "--json", tmp_path / "a.json")
     assert r1.exit_code == 0, r1.output
     assert "6 of 8 kept" in r1.output and "8 -> 6 experts" in r1.output
-    r2 = _cli("prune", *common, "-o", tmp_path / "b")
+    r2 = invoke_cli("prune", *common, "-o", tmp_path / "b")
     assert r2.exit_code == 0, r2.output
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert "model.safetensors" in files and "moecompress.json" in files and "tokenizer.json" in files
@@ -355,13 +342,13 @@ def test_cli_prunes_deterministically_and_output_loads(ckpt, tmp_path):
     torch.testing.assert_close(_logits(loaded, toks), _logits(model, toks))
 
 
-def test_cli_ratio_stats_file_and_topk_clamp(ckpt, tmp_path):
+def test_cli_ratio_stats_file_and_topk_clamp(calib_ckpt, tmp_path):
     from moecompress.stats import collect_stats
     from transformers import AutoModelForCausalLM
 
     stats = collect_stats(tiny_model("qwen3_moe"), tokens(3, 16), progress=False)
     stats.save(tmp_path / "s.safetensors")
-    r = _cli("prune", ckpt / "tiny", "-o", tmp_path / "f", "--ratio", 0.875, "--method", "frequency",
+    r = invoke_cli("prune", calib_ckpt / "tiny", "-o", tmp_path / "f", "--ratio", 0.875, "--method", "frequency",
              "--stats", tmp_path / "s.safetensors")
     assert r.exit_code == 0, r.output
     cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "f").config
@@ -371,8 +358,8 @@ def test_cli_ratio_stats_file_and_topk_clamp(ckpt, tmp_path):
         assert record["kept_experts"][str(li)] == [int(stats.get(li, "count").argmax())]
 
 
-def test_cli_errors_exit_2_before_work(ckpt, tmp_path):
-    tiny, calib = ckpt / "tiny", ckpt / "calib.txt"
+def test_cli_errors_exit_2_before_work(calib_ckpt, tmp_path):
+    tiny, calib = calib_ckpt / "tiny", calib_ckpt / "calib.txt"
     (tmp_path / "exists").mkdir()
     (tmp_path / "afile").write_text("x")
     cases = [
@@ -390,12 +377,12 @@ def test_cli_errors_exit_2_before_work(ckpt, tmp_path):
         (("--keep", 4, "--method", "random", "--protect-super-experts"), "needs routing statistics"),
     ]
     for args, msg in cases:
-        r = _cli("prune", tiny, "-o", tmp_path / "out", *args)
+        r = invoke_cli("prune", tiny, "-o", tmp_path / "out", *args)
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)
         assert not (tmp_path / "out").exists()
-    r = _cli("prune", tiny, "-o", tmp_path / "exists", "--keep", 4, "--method", "random")
+    r = invoke_cli("prune", tiny, "-o", tmp_path / "exists", "--keep", 4, "--method", "random")
     assert r.exit_code == 2 and "--overwrite" in r.output
-    r = _cli("prune", tiny, "-o", tmp_path / "afile" / "sub", "--keep", 4, "--method", "random")
+    r = invoke_cli("prune", tiny, "-o", tmp_path / "afile" / "sub", "--keep", 4, "--method", "random")
     assert r.exit_code == 2 and "cannot write" in r.output
-    r = _cli("prune", tmp_path / "no-model", "-o", tmp_path / "out", "--keep", 4, "--method", "random")
+    r = invoke_cli("prune", tmp_path / "no-model", "-o", tmp_path / "out", "--keep", 4, "--method", "random")
     assert r.exit_code == 2 and "not found" in r.output

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner

@@ -14,7 +14,7 @@ from moecompress.stats import STAT_NAMES, Stats, collect_stats
 from moecompress.stats.grouped import routed_activations
 from moecompress.stats.locality import simulate_cache
 from moecompress.stats.super_experts import super_expert_mask
-from moecompress.testing import tiny_model, tokens
+from moecompress.testing import invoke_cli, tiny_model, tokens
 
 N, S, BATCH, SEG = 3, 20, 2, 4  # 2 batches, the last one partial
 
@@ -270,50 +270,44 @@ def test_bad_tokens_are_refused():
 
 
 # ----- CLI -------------------------------------------------------------------------------
-def _cli(*args):
-    from typer.testing import CliRunner
-
-    from moecompress.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_cli_collect_show_and_errors(tmp_path):
     from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
 
-    ckpt = tmp_path / "tiny"
-    tiny_checkpoint(ckpt, "qwen3_moe")
+    calib_ckpt = tmp_path / "tiny"
+    tiny_checkpoint(calib_ckpt, "qwen3_moe")
     calib = tmp_path / "calib.txt"
     calib.write_text(SAMPLE_TEXT)
     out = tmp_path / "s.safetensors"
-    args = ("stats", ckpt, "--calib", calib, "-n", 4, "--seq-len", 32, "--batch-size", 3, "--segment-len", 8, "-o", out)
-    r = _cli(*args)
+    args = ("stats", calib_ckpt, "--calib", calib, "-n", 4, "--seq-len", 32, "--batch-size", 3, "--segment-len", 8, "-o", out)
+    r = invoke_cli(*args)
     assert r.exit_code == 0, r.output
     assert out.is_file() and out.with_suffix(".json").is_file() and "routing statistics" in r.output
     s = Stats.load(out)
     assert s.meta["n"] == 4 and s.meta["seq_len"] == 32 and s.meta["calib"] == str(calib)
     assert int(s.get(s.layers[0], "count").sum()) == 4 * 32 * s.meta["top_k"]
 
-    again = _cli(*args)  # existing output without --overwrite
+    again = invoke_cli(*args)  # existing output without --overwrite
     assert again.exit_code == 2 and "--overwrite" in again.output
     out2 = tmp_path / "s2.safetensors"
-    assert _cli(*args[:-1], out2).exit_code == 0
+    assert invoke_cli(*args[:-1], out2).exit_code == 0
     assert out.read_bytes() == out2.read_bytes()  # same seed, same bytes
 
-    shown = _cli("stats", "show", out, "--layer", s.layers[0])
+    shown = invoke_cli("stats", "show", out, "--layer", s.layers[0])
     assert shown.exit_code == 0, shown.output
     assert "per-expert" in shown.output
-    as_json = _cli("stats", "show", out, "--json")
+    as_json = invoke_cli("stats", "show", out, "--json")
     assert json.loads(as_json.output)["meta"]["tokens"] == 128
 
     for bad, msg in [
-        (("stats", ckpt, "--calib", tmp_path / "nope.txt", "-o", tmp_path / "x.safetensors"), "not found"),
+        (("stats", calib_ckpt, "--calib", tmp_path / "nope.txt", "-o", tmp_path / "x.safetensors"), "not found"),
         (("stats", tmp_path / "no-model", "--calib", calib, "-o", tmp_path / "x.safetensors"), "not found"),
-        (("stats", ckpt, "--calib", calib, "-n", 500, "--seq-len", 32, "-o", tmp_path / "x.safetensors"), "lower -n"),
+        (("stats", calib_ckpt, "--calib", calib, "-n", 500, "--seq-len", 32, "-o", tmp_path / "x.safetensors"), "lower -n"),
         (("stats", "show", tmp_path / "missing.safetensors"), "not found"),
         (("stats", "show", out, "--layer", 99), "not an MoE layer"),
     ]:
-        r = _cli(*bad)
+        r = invoke_cli(*bad)
         assert r.exit_code == 2 and msg in r.output, (bad, r.output)
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -321,7 +315,7 @@ def test_cli_collect_show_and_errors(tmp_path):
 def test_cli_plot(tmp_path):
     s = collect_stats(tiny_model("mixtral"), tokens(N, S), progress=False)
     f = s.save(tmp_path / "s.safetensors")
-    r = _cli("stats", "show", f, "--plot", tmp_path / "usage.png")
+    r = invoke_cli("stats", "show", f, "--plot", tmp_path / "usage.png")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
