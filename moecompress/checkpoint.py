@@ -162,6 +162,15 @@ def load_model(
     return model
 
 
+def stored_dtype(config) -> torch.dtype | None:
+    """The dtype the checkpoint stores its weights in (config.dtype / torch_dtype); read it
+    before loading, since loading with another dtype rewrites config.dtype."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
+
+
 def _available_cpu_memory() -> int:
     try:
         import psutil

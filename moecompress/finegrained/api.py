@@ -51,7 +51,7 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
     from transformers import AutoTokenizer
 
     from ..calibration import load_calibration
-    from ..checkpoint import load_config, load_model, output_folder, resolve_source, save_model
+    from ..checkpoint import load_config, load_model, output_folder, resolve_source, save_model, stored_dtype
 
     if method not in METHODS:
         raise MoECompressError(f"unknown fine-grained method '{method}'; use one of: {', '.join(METHODS)}")
@@ -62,7 +62,7 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
                 raise MoECompressError(f"{method} needs calibration text: pass --calib FILE")
             tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_path))
             tokens = load_calibration(tokenizer, calib, n=n, seq_len=seq_len, seed=seed, field=field)
-        stored = _stored_dtype(load_config(model_path))  # read before loading: loading rewrites config.dtype
+        stored = stored_dtype(load_config(model_path))  # read before loading: loading rewrites config.dtype
         model = load_model(model_path, dtype=dtype, device=device)
         torch.manual_seed(seed)
         report = finegrained_prune(model, tokens, method, **options)
@@ -75,9 +75,3 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
         save_model(model, Path(folder), source=model_path, record=record)
     return report
 
-
-def _stored_dtype(config) -> torch.dtype | None:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else None

@@ -29,7 +29,7 @@ from ..arch import MoEModel, moe_view
 from ..capture import run_calibration
 from ..errors import MoECompressError
 from .align import match_neurons
-from .cluster import LINKAGES, METRICS, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
+from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
 from .refit import refit_to_original, swap_in_copies
@@ -89,12 +89,7 @@ def check_options(*, method: str, num_experts: int, keep: int, linkage: str = "a
     if not 1 <= keep < num_experts:
         raise MoECompressError(f"--keep must be between 1 and {num_experts - 1} (the model has {num_experts} "
                                f"experts per MoE layer), got {keep}")
-    if linkage not in LINKAGES:
-        raise MoECompressError(f"unknown --linkage '{linkage}'; use one of: {', '.join(LINKAGES)}")
-    if metric not in METRICS:
-        raise MoECompressError(f"unknown --distance '{metric}'; use one of: {', '.join(METRICS)}")
-    if linkage == "ward" and metric != "euclidean":
-        raise MoECompressError("ward linkage needs --distance euclidean")
+    check_clustering(linkage, metric)
     if router not in ROUTER_RULES:
         raise MoECompressError(f"unknown --router '{router}'; use one of: {', '.join(ROUTER_RULES)}")
     if not ridge >= 0:
@@ -278,7 +273,7 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     """
     from ..arch import family_for_config
     from ..calibration import check_source, load_calibration
-    from ..checkpoint import load_config, load_model, output_folder, parse_dtype, resolve_source, save_model
+    from ..checkpoint import load_config, load_model, output_folder, parse_dtype, resolve_source, save_model, stored_dtype
 
     start = time.perf_counter()
     config = load_config(src)
@@ -303,7 +298,7 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
         tok = AutoTokenizer.from_pretrained(resolve_source(src))
         tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=calib_mode, field=field_name)
         model = load_model(src, dtype=compute_dtype, device=device)
-        stored = _stored_dtype(config)
+        stored = stored_dtype(config)
         result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=linkage,
                                metric=metric, router=router, refit=refit, ridge=ridge, batch_size=batch_size,
                                progress=progress)
@@ -320,9 +315,3 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     result.seconds = time.perf_counter() - start
     return result
 
-
-def _stored_dtype(config) -> torch.dtype | None:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else None

@@ -20,8 +20,20 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 
+from ..errors import MoECompressError
+
 LINKAGES = ("average", "single", "complete", "ward")
 METRICS = ("euclidean", "cosine")
+
+
+def check_clustering(linkage: str, metric: str) -> None:
+    """The linkage / distance pairs scipy's hierarchical clustering accepts."""
+    if linkage not in LINKAGES:
+        raise MoECompressError(f"unknown --linkage '{linkage}'; use one of: {', '.join(LINKAGES)}")
+    if metric not in METRICS:
+        raise MoECompressError(f"unknown --distance '{metric}'; use one of: {', '.join(METRICS)}")
+    if linkage == "ward" and metric != "euclidean":
+        raise MoECompressError("ward linkage needs --distance euclidean")
 
 
 def clusters_from_labels(labels) -> list[list[int]]:
@@ -39,12 +51,7 @@ def hierarchical_clusters(features: torch.Tensor, n_clusters: int, linkage: str 
     The tree is cut by replaying its first ``E - n_clusters`` merges (exactly ``n_clusters``
     clusters, even when several merges happen at the same height).
     """
-    if linkage not in LINKAGES:
-        raise ValueError(f"unknown linkage '{linkage}'; use one of {', '.join(LINKAGES)}")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
-    if linkage == "ward" and metric != "euclidean":
-        raise ValueError("ward linkage needs the euclidean metric")
+    check_clustering(linkage, metric)
     x = features.detach().double().cpu().numpy()
     num = x.shape[0]
     if not 1 <= n_clusters <= num:

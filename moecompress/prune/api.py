@@ -233,7 +233,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     """
     from ..arch import family_for_config
     from ..checkpoint import (copy_tokenizer, load_config, load_model, output_folder, parse_dtype, parse_memory,
-                              save_model, source_folder, write_record)
+                              save_model, source_folder, stored_dtype, write_record)
     from ..surgery import prune_checkpoint_files
 
     start = time.perf_counter()
@@ -262,7 +262,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
         stats_obj = Stats.load(stats) if stats is not None else None
         model = load_model(src, dtype=dtype, device=device, max_gpu_memory=max_gpu_memory,
                            max_cpu_memory=max_cpu_memory)
-        stored_dtype = _stored_dtype(config, model)
+        stored = stored_dtype(config)
         tokens = None
         if calib is not None:
             from transformers import AutoTokenizer
@@ -278,8 +278,8 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
         result = prune(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, seed=seed,
                        protect_super_experts=protect_super_experts, batch_size=batch_size,
                        progress=progress, **options)
-        if not surgery and stored_dtype is not None and model.dtype != stored_dtype:
-            model.to(stored_dtype)
+        if not surgery and stored is not None and model.dtype != stored:
+            model.to(stored)
         record = {"stage": "prune", "method": method, "seed": seed,
                   "parameters": {"keep": keep, "ratio": ratio, "num_experts_before": num_experts,
                                  "calib": str(calib) if calib is not None else None, "n": n if calib else None,
@@ -300,10 +300,3 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     result.seconds = time.perf_counter() - start
     return result
 
-
-def _stored_dtype(config, model) -> torch.dtype | None:
-    """The dtype the checkpoint stores its weights in (config.dtype / torch_dtype)."""
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else None
