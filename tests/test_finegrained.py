@@ -293,6 +293,45 @@ def test_activation_scores_equal_naive_reference(method, family):
             torch.testing.assert_close(s[name][~seen], getattr(layer, name).abs()[~seen])
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_pruner_score_is_the_papers_eq9_with_eq2_gate(family):
+    """Xie et al. 2024, brute force and independent of the library's routing code: with the
+    gate of Eq. 2, Gate(x) = Softmax(TopK(x W_g)) (0 off the top-k), and Algorithm 1's dense
+    Gate [tokens, experts] over *all* calibration tokens, S_ij = |W_ij| * ||X_j * Gate_e|| (Eq. 9)
+    for every expert's gate, up (X = block input) and down projection (X = act(gate x) * (up x))."""
+    model = tiny_model(family)
+    x = tokens(2, 10)
+    view = moe_view(model)
+    inputs = {}
+    hooks = [layer.block.register_forward_hook(
+        lambda m, inp, out, i=layer.layer_idx: inputs.__setitem__(i, inp[0].reshape(-1, inp[0].shape[-1]).detach()))
+        for layer in view]
+    _logits(model, x)
+    for h in hooks:
+        h.remove()
+    norms = InputNorms(view.moe_layer_indices, router_weighted=True)
+    run_calibration(model, x, [norms], progress=False)
+    with torch.no_grad():
+        for layer in view:
+            xs = inputs[layer.layer_idx].float()
+            logits = xs @ layer.router_weight.float().T
+            top = logits.topk(layer.top_k, dim=-1)
+            gate = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values).softmax(-1)  # Eq. 2
+            scores = weight_scores(layer, "moe-pruner", norms)
+            for e in range(layer.num_experts):
+                g = gate[:, e:e + 1]  # [T, 1], zero for tokens not routed to e
+                if not bool((g > 0).any()):
+                    continue
+                h = F.silu(xs @ layer.gate_proj[e].T) * (xs @ layer.up_proj[e].T)
+                for name, inp in (("gate_proj", xs), ("up_proj", xs), ("down_proj", h)):
+                    expected = getattr(layer, name)[e].abs() * (inp * g).norm(dim=0)[None, :]
+                    torch.testing.assert_close(scores[name][e], expected, rtol=1e-4, atol=1e-6)
+                # the full-softmax probability (not renormalised over the top-k) is a different score
+                p_full = logits.softmax(-1)[:, e:e + 1] * (g > 0)
+                full = layer.gate_proj[e].abs() * (xs * p_full).norm(dim=0)[None, :]
+                assert not torch.allclose(scores["gate_proj"][e], full, rtol=1e-3)
+
+
 def test_moe_pruner_differs_from_wanda_only_by_router_weights():
     model = tiny_model("qwen3_moe")
     x = tokens(2, 10)

@@ -1,25 +1,46 @@
 """Unstructured and N:M pruning of the routed experts' weights: MoE-Pruner, Wanda, magnitude.
 
 * ``moe-pruner`` — Xie et al., "MoE-Pruner: Pruning Mixture-of-Experts Large Language Model
-  using the Hints from Its Router" (2024, arXiv:2410.12013), the pruning metric of its method section::
+  using the Hints from Its Router" (2024, arXiv:2410.12013), Eq. 9 of its method section::
 
       S_ij = |W_ij| * || X_j * Gate ||_2
 
-  for expert e: ``X`` holds the inputs of the matrix over the calibration tokens routed to e and
-  ``Gate`` each token's routing weight for e, i.e. ``||X_j * Gate||^2 = sum_t (w_{t,e} x_{t,j})^2``.
+  for expert e: ``X`` holds the inputs of the matrix over the calibration tokens and ``Gate`` each
+  token's router weight for e (0 where e is not selected, so only tokens routed to e count), i.e.
+  ``||X_j * Gate||^2 = sum_t (w_{t,e} x_{t,j})^2``.
 * ``wanda`` — Sun et al., "A Simple and Effective Pruning Approach for Large Language Models"
   (2023): ``S_ij = |W_ij| * ||X_j||_2`` with the same per-expert tokens, without the router weight.
 * ``magnitude`` — ``S_ij = |W_ij|``.
 
-All three compare weights within each output neuron (a row of ``W`` in ``nn.Linear``
-convention; Wanda's and MoE-Pruner's comparison group) and are one-shot: no weight update.
-They apply to every routed expert's gate, up and down projection; the input of gate/up is the
-token's hidden state, the input of down is the expert's intermediate activation
-``act(gate x) * (up x)`` on those tokens. Shared experts, attention and routers are untouched.
+Where the paper is followed (audited against its text; tests check Eq. 9 with Eq. 2 by brute force):
 
-As in the reference implementations, layers are pruned in order and each layer's statistics
-are gathered with the earlier layers already pruned (``sequential=True``); within a layer the
-statistics of gate, up and down all come from the layer before it is pruned.
+* Gate is the paper's Eq. 2, ``Softmax(TopK(x W_g))``: the top-k router weights renormalised over
+  the selected experts ("the normalized router weight of each selected expert", Fig. 1), not the
+  full-softmax probability. We take the weight the model itself multiplies the expert's output
+  by (Eq. 1), which *is* Eq. 2 for Mixtral and Qwen3-MoE with ``norm_topk_prob`` (the testbed).
+* Every expert matrix (gate, up, down) is pruned; the input of gate/up is the token's hidden
+  state, the input of down the expert's intermediate activation ``act(gate x) * (up x)`` on those
+  tokens. Shared experts, attention and routers are untouched.
+* Comparison group: each output neuron (a row of ``W`` in ``nn.Linear`` convention), as in
+  Wanda; N:M compares within every M consecutive inputs of a row. One-shot, no weight update.
+* Calibration: the paper uses 128 sequences of pretraining text (C4), the same sequences for
+  every method; here the caller's tokens (CLI default 64 x 512 of the given file).
+
+Where the paper is silent or ambiguous, our reading:
+
+* Sequential layers: the paper says its pruning "is implemented in a layer-wise reconstruction
+  manner", like SparseGPT and Wanda, whose reference code re-runs each layer after pruning it so
+  the next layer sees pruned inputs. We do that (``sequential=True``; each layer's statistics are
+  gathered with the earlier layers already pruned, and within a layer gate, up and down all use
+  the statistics of the layer before it is pruned). Algorithm 1 as printed passes on the output
+  computed *before* pruning, i.e. dense statistics: ``sequential=False``.
+* Families whose router weight is not renormalised (DeepSeek-V2, Qwen3-MoE without
+  ``norm_topk_prob``, sigmoid routers): Gate is the weight the model applies to the expert output.
+  Llama-4 scales the expert *input* instead: ``X`` is then the scaled input the matrix reads and
+  Gate multiplies it once more (the paper only treats Mixtral).
+* An expert no calibration token reached has no activation statistics: its weights are ranked by
+  magnitude rather than by index. ``round(sparsity * in)`` weights go per row (Wanda's code
+  truncates; equal at 50%).
 
 Pruned weights are written as zeros in dense storage (the checkpoint keeps its size; sparse
 kernels, e.g. 2:4 on recent GPUs, are what turn them into speed or memory). ``nm=(N, M)`` keeps
