@@ -1,25 +1,33 @@
-"""Checkpoint surgery: remove experts by rewriting safetensors shards, never loading the model.
+"""Checkpoint surgery: remove or replace experts by rewriting safetensors shards, never loading the model.
 
 Pruning a 235B-parameter checkpoint should cost little more than reading the input and
 writing the output once. This module copies every tensor of the input shards, dropping the
 removed experts' tensors, renumbering the kept ones and slicing router rows and biases, one
-shard at a time (memory is bounded by the largest shard).
+shard at a time (memory is bounded by the largest shard). Kept experts can also receive new
+weights (merging computes them): ``replace`` gives, per MoE layer and kept position, the
+expert's canonical gate/up/down (and biases) and/or its router row and per-expert router
+tensors; every other tensor is still copied from the input.
 
 Key names differ between checkpoints (Mixtral's ``block_sparse_moe.experts.3.w1.weight`` vs
 Qwen's ``mlp.experts.3.gate_proj.weight`` vs GPT-OSS's fused ``mlp.experts.gate_up_proj``).
 Rather than declaring them per family, we ask transformers: its ``revert_weight_conversion``
 (what ``save_pretrained`` uses) is applied to small *probe* tensors whose values are the
 expert index, which tells, for every checkpoint key of an MoE layer, which expert it holds or
-along which dimension it stacks the experts.
+along which dimension it stacks the experts. A replacement is turned into checkpoint tensors
+the same way: it is written, through the MoE view's canonical accessors, into a one-expert
+copy of the layer, and ``revert_weight_conversion`` of that copy gives the tensors (per-expert
+keys of expert 0, or a slice of width 1 of the fused keys) in the checkpoint's layout.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -29,6 +37,10 @@ from .arch import MoELayer, MoEModel, family_for_config
 from .checkpoint import load_config
 
 SHARD_INDEX = "model.safetensors.index.json"
+# Replacement parts of one expert: canonical expert weights (one group), router tensors (another).
+EXPERT_PARTS = ("gate", "up", "down")  # [I, H], [I, H], [H, I]
+BIAS_PARTS = ("gate_bias", "up_bias", "down_bias")  # [I], [I], [H], for families with expert biases
+ROUTER_PART = "router"  # the router row [H]; per-expert router tensors are "router.<path>"
 
 
 @dataclass(frozen=True)
@@ -95,34 +107,186 @@ def _input_shards(src: Path) -> list[Path]:
     return sorted(src.glob("*.safetensors"))
 
 
-def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], progress=None) -> None:
-    """Write into ``out`` the shards and config of ``src`` with only ``keep[layer]`` experts.
+@dataclass(frozen=True)
+class _Target:
+    """Where an input tensor goes: output ``key``; fused keys are sliced to the kept experts
+    (``index`` along ``dim``); ``expert`` is the kept position a per-expert key now holds;
+    ``k0`` names the tensor in a one-expert revert (where replacements are looked up)."""
+    key: str
+    layer: int
+    index: torch.Tensor | None = None
+    dim: int | None = None
+    expert: int | None = None
+    k0: str | None = None
 
-    The kept count must be the same in every MoE layer (one config field describes it).
-    """
-    config = load_config(src)
-    old = _meta_view(config)
-    new_config = type(config).from_dict(config.to_dict())
-    new = _meta_view(new_config)
-    new.keep_experts({layer.layer_idx: list(range(len(keep[layer.layer_idx]))) for layer in new})  # sizes only
 
-    plan: dict[str, list[tuple[str, torch.Tensor | None, int | None]]] = {}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool = False) -> dict[str, torch.Tensor]:
+    """Expert ``j`` of a loaded MoE layer as replacement parts (copies in the layer's dtype):
+    its canonical weights (``experts``) and/or its router row and per-expert router tensors
+    (``router``). Offloaded weights must be onloaded (``capture.onloaded``)."""
+    parts: dict[str, torch.Tensor] = {}
+    if experts:
+        parts.update(zip(EXPERT_PARTS, (layer.gate_proj[j], layer.up_proj[j], layer.down_proj[j])))
+        parts.update((name, b[j]) for name, b in zip(BIAS_PARTS, layer.expert_biases) if b is not None)
+    if router:
+        parts[ROUTER_PART] = layer.router_weight[j]
+        parts.update((f"{ROUTER_PART}.{path}", t[..., j]) for path, t in layer.router_expert_tensors.items())
+    return {k: v.detach().clone() for k, v in parts.items()}
+
+
+class ModelReplacements:
+    """``replace`` for :func:`prune_checkpoint_files`, read from the MoE layers of a loaded model
+    (onloaded one layer at a time if it is streamed): ``groups[layer_idx][j]`` says what kept
+    expert ``j`` replaces, ``{"experts"}``, ``{"router"}`` or both."""
+
+    def __init__(self, view: MoEModel, groups: dict[int, dict[int, set[str]]]):
+        self.view, self.groups = view, groups
+
+    def get(self, layer_idx: int, default=None):
+        wanted = {j: set(g) for j, g in self.groups.get(layer_idx, {}).items() if g}
+        if not wanted:
+            return default
+        from .capture import onloaded
+
+        layer = self.view.layer(layer_idx)
+        with onloaded(layer.block):
+            return {j: layer_parts(layer, j, experts="experts" in g, router="router" in g) for j, g in sorted(wanted.items())}
+
+
+class _OneExpert:
+    """A one-expert, materialised copy of a (meta) MoE layer: replacement parts are written
+    into it through the canonical accessors, ``revert_weight_conversion`` gives them in the
+    checkpoint's layout (per-expert keys of expert 0, fused keys of width 1)."""
+
+    def __init__(self, model, layer: MoELayer):
+        self.model = model
+        self.layer = MoELayer(model, layer.spec, layer.layer_idx, copy.deepcopy(layer.block))
+        self.layer.keep_experts([0])
+        self.prefix = f"{layer.spec.layers_path}.{layer.layer_idx}.{layer.spec.moe_block}."
+        biases = self.layer.expert_biases[0] is not None
+        self.expert_names = EXPERT_PARTS + (BIAS_PARTS if biases else ())
+        self.router_names = (ROUTER_PART, *(f"{ROUTER_PART}.{p}" for p in self.layer.router_expert_tensors))
+        self.dtype = None
+
+    def _materialise(self, dtype: torch.dtype) -> None:
+        if self.dtype != dtype:  # only the experts and the router: shared experts stay on meta
+            for mod in (self.layer.experts, self.layer.router):
+                mod.to_empty(device="cpu")
+                mod.to(dtype)
+            self.dtype = dtype
+
+    def _groups(self, parts: Mapping[str, torch.Tensor]) -> tuple[bool, bool]:
+        unknown = sorted(set(parts) - set(self.expert_names) - set(self.router_names))
+        if unknown:
+            raise ValueError(f"unknown replacement part(s) {unknown}; this layer takes "
+                             f"{list(self.expert_names)} and/or {list(self.router_names)}")
+        given = []
+        for names in (self.expert_names, self.router_names):
+            missing = [n for n in names if n not in parts]
+            if len(missing) not in (0, len(names)):
+                raise ValueError(f"a replacement must give all of {list(names)} or none; missing {missing}")
+            given.append(not missing)
+        return given[0], given[1]
+
+    @torch.no_grad()
+    def revert(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        experts, router = self._groups(parts)
+        self._materialise(torch.float64 if any(t.dtype == torch.float64 for t in parts.values()) else torch.float32)
+        layer, spec, state = self.layer, self.layer.spec, {}
+        if experts:
+            views = dict(zip(EXPERT_PARTS, (layer.gate_proj[0], layer.up_proj[0], layer.down_proj[0])))
+            views.update((n, b[0]) for n, b in zip(BIAS_PARTS, layer.expert_biases) if b is not None)
+            for name, view in views.items():
+                _copy_part(view, parts[name], name)
+            state.update({f"{self.prefix}{spec.experts}.{n}": p.data for n, p in layer.experts.named_parameters(recurse=False)})
+        if router:
+            _copy_part(layer.router_weight.data[0], parts[ROUTER_PART], ROUTER_PART)
+            state[f"{self.prefix}{spec.router}.weight"] = layer.router_weight.data
+            for path, t in layer.router_expert_tensors.items():
+                _copy_part(t.data[..., 0], parts[f"{ROUTER_PART}.{path}"], f"{ROUTER_PART}.{path}")
+                state[f"{self.prefix}{spec.router}.{path}"] = t.data
+        return {k: v.clone() for k, v in revert_weight_conversion(self.model, state).items()}
+
+
+def _copy_part(view: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(value.shape) != tuple(view.shape):
+        raise ValueError(f"replacement part '{name}' has shape {tuple(value.shape)}, the layer needs {tuple(view.shape)}")
+    view.copy_(value)
+
+
+class _Replacements:
+    """The checkpoint-layout tensors of one layer's replacements at a time (shards list a
+    layer's keys together, so each layer is converted about once per shard it spans)."""
+
+    def __init__(self, replace, keep: dict[int, list[int]], new: MoEModel):
+        self.replace, self.keep, self.new = replace, keep, new
+        self.layer_idx: int | None = None
+        self.pieces: dict[int, dict[str, torch.Tensor]] = {}
+
+    def of(self, layer_idx: int) -> dict[int, dict[str, torch.Tensor]]:
+        if self.replace is None:
+            return {}
+        if layer_idx != self.layer_idx:
+            self.layer_idx, self.pieces = layer_idx, {}
+            given = self.replace.get(layer_idx) or {}
+            n = len(self.keep[layer_idx])
+            bad = [j for j in given if not 0 <= j < n]
+            if bad:
+                raise ValueError(f"replacements for experts {bad} of layer {layer_idx}, which keeps {n} (positions 0..{n - 1})")
+            if given:
+                one = _OneExpert(self.new.model, self.new.layer(layer_idx))
+                self.pieces = {j: one.revert(parts) for j, parts in sorted(given.items())}
+        return self.pieces
+
+
+def _plan(old: MoEModel, new: MoEModel, keep: dict[int, list[int]]) -> dict[str, list[_Target]]:
+    """Input checkpoint key -> where it goes, for the routed-expert and router keys."""
+    plan: dict[str, list[_Target]] = {}
     for layer_old, layer_new in zip(old, new):
-        kept = keep[layer_old.layer_idx]
+        li, kept = layer_old.layer_idx, keep[layer_old.layer_idx]
         old_roles = checkpoint_roles(old.model, layer_old, layer_old.num_experts)
         new_roles = checkpoint_roles(new.model, layer_new, len(kept))
         new_by_expert = {(r.expert, r.slot): k for k, r in new_roles.items() if r.expert is not None}
         index = torch.tensor(kept, dtype=torch.long)
         for key, role in old_roles.items():
             if role.expert_dim is not None:  # fused: slice along the expert dimension
-                plan[key] = [(key, index, role.expert_dim)]
+                plan[key] = [_Target(key, li, index=index, dim=role.expert_dim, k0=key)]
             elif role.expert in kept:  # per-expert: rename to the new position
                 j = kept.index(role.expert)
                 new_key = new_by_expert[(j, role.slot)]
                 assert re.sub(r"\d+", "#", new_key) == re.sub(r"\d+", "#", key), (key, new_key)
-                plan[key] = [(new_key, None, None)]
+                plan[key] = [_Target(new_key, li, expert=j, k0=new_by_expert[(0, role.slot)])]
             else:
                 plan[key] = []  # removed expert
+    return plan
+
+
+def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], progress=None, *,
+                           replace: Mapping[int, Mapping[int, Mapping[str, torch.Tensor]]] | None = None) -> None:
+    """Write into ``out`` the shards and config of ``src`` with only ``keep[layer]`` experts.
+
+    The kept count must be the same in every MoE layer (one config field describes it).
+
+    ``replace`` gives kept experts new weights: ``replace.get(layer_idx)`` is ``None`` or
+    ``{j: parts}`` for kept position ``j`` (input expert ``keep[layer_idx][j]``), ``parts`` in
+    the canonical layout with all of :data:`EXPERT_PARTS` (and :data:`BIAS_PARTS` where the
+    family has expert biases) and/or :data:`ROUTER_PART` with every ``"router.<path>"`` of the
+    family's per-expert router tensors. A dict works, or any object with ``get`` (called per
+    layer and shard, so it can load lazily: :class:`ModelReplacements`). Values are cast to
+    the dtype the input stores; everything not replaced is copied from the input.
+    """
+    config = load_config(src)
+    old = _meta_view(config)
+    new_config = type(config).from_dict(config.to_dict())
+    new = _meta_view(new_config)
+    new.keep_experts({layer.layer_idx: list(range(len(keep[layer.layer_idx]))) for layer in new})  # sizes only
+    plan = _plan(old, new, keep)
+    replacements = _Replacements(replace, keep, new)
 
     shards = _input_shards(src)
     weight_map: dict[str, str] = {}
@@ -132,10 +296,8 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
         with safe_open(shard, framework="pt") as f:
             metadata = f.metadata()
             for key in f.keys():
-                targets = plan.get(key, [(key, None, None)])
-                for new_key, index, dim in targets:
-                    t = f.get_tensor(key)
-                    tensors[new_key] = t.index_select(dim, index).contiguous() if index is not None else t
+                for target in plan.get(key, [_Target(key, -1)]):
+                    tensors[target.key] = _output_tensor(f, key, target, replacements)
         # Kept order: sorted keys give deterministic bytes whatever the dict order was.
         tensors = dict(sorted(tensors.items()))
         save_file(tensors, out / shard.name, metadata=metadata or {"format": "pt"})
@@ -150,3 +312,20 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     for extra in ("generation_config.json",):
         if (src / extra).exists():
             shutil.copyfile(src / extra, out / extra)
+
+
+def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) -> torch.Tensor:
+    if target.expert is not None:  # per-expert key: the replacement, or the input tensor
+        piece = replacements.of(target.layer).get(target.expert, {}).get(target.k0)
+        if piece is None:
+            return f.get_tensor(key)
+        dtype = _ST_DTYPES.get(f.get_slice(key).get_dtype()) or f.get_tensor(key).dtype
+        return piece.to(dtype).contiguous()
+    t = f.get_tensor(key)
+    if target.index is None:
+        return t
+    t = t.index_select(target.dim, target.index).contiguous()
+    for j, pieces in replacements.of(target.layer).items():
+        if target.k0 in pieces:
+            t.narrow(target.dim, j, 1).copy_(pieces[target.k0])
+    return t

@@ -2,13 +2,14 @@
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moecompress.arch import moe_view
 from moecompress.checkpoint import load_model, parse_memory
-from moecompress.surgery import prune_checkpoint_files
+from moecompress.surgery import ModelReplacements, prune_checkpoint_files
 from moecompress.testing import tiny_model, tokens
 
 
@@ -103,3 +104,89 @@ def test_prune_cli_streamed_equals_in_memory(tmp_path):
     res = runner.invoke(app, [*common, "-o", str(tmp_path / "streamed"), "--max-cpu-memory", "40KB"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "mem" / "model.safetensors").read_bytes() == (tmp_path / "streamed" / "model.safetensors").read_bytes()
+
+
+def _assert_same_tensors(folder_a, folder_b):
+    with safe_open(folder_a / "model.safetensors", "pt") as a, safe_open(folder_b / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            ta, tb = a.get_tensor(k), b.get_tensor(k)
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb), k
+
+
+def _replace_some(view, seed=0):
+    """New random weights for kept experts 0 and 2 and a new router row (and per-expert router
+    tensors) for expert 1 of every MoE layer, written into the model; returns them as parts."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda t: torch.randn(t.shape, generator=g).to(t.dtype)  # noqa: E731
+    groups = {layer.layer_idx: {0: {"experts"}, 1: {"router"}, 2: {"experts", "router"}} for layer in view}
+    with torch.no_grad():
+        for layer in view:
+            for j, g_ in groups[layer.layer_idx].items():
+                if "experts" in g_:
+                    layer.set_expert(j, rnd(layer.gate_proj[j]), rnd(layer.up_proj[j]), rnd(layer.down_proj[j]))
+                    for b in layer.expert_biases:
+                        if b is not None:
+                            b[j].copy_(rnd(b[j]))
+                if "router" in g_:
+                    layer.router_weight[j].copy_(rnd(layer.router_weight[j]))
+                    for t in layer.router_expert_tensors.values():
+                        t.data[..., j] = rnd(t.data[..., j])
+    return ModelReplacements(view, groups)
+
+
+def test_surgery_with_replacements_equals_in_memory_edit(family, tmp_path):
+    """Pruning plus new weights for some kept experts (expert weights, router rows, or both)
+    writes exactly the tensors save_pretrained writes for the same edit made in memory."""
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "src")
+    view = moe_view(model)
+    keep = _keep(view, 4)
+    view.keep_experts(keep)
+    replace = _replace_some(view)
+    plain = {li: replace.get(li) for li in view.moe_layer_indices}  # a plain dict works too
+    (tmp_path / "out").mkdir()
+    prune_checkpoint_files(tmp_path / "src", tmp_path / "out", keep, replace=plain)
+    model.save_pretrained(tmp_path / "ref")
+    _assert_same_tensors(tmp_path / "out", tmp_path / "ref")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits, atol=1e-6, rtol=0)
+
+
+def test_surgery_replacements_take_the_stored_dtype_and_shards(tmp_path):
+    """float32 replacements of a bfloat16 sharded checkpoint are cast like model.to(bfloat16)."""
+    model = tiny_model("mixtral", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    view = moe_view(model)
+    keep = _keep(view, 3)
+    view.keep_experts(keep)
+    model.float()  # compute in float32, as merging does, then store in the checkpoint's dtype
+    replace = _replace_some(moe_view(model), seed=3)
+    (tmp_path / "out").mkdir()
+    prune_checkpoint_files(tmp_path / "src", tmp_path / "out", keep, replace=replace)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "ref", max_shard_size="100KB")
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "ref").state_dict()
+    assert got.keys() == want.keys()
+    for k in got:
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]), k
+
+
+def test_surgery_refuses_incomplete_or_misplaced_replacements(tmp_path):
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    view = moe_view(model)
+    keep = _keep(view, 4)
+    layer = view[0]
+    good = {"gate": layer.gate_proj[0].detach(), "up": layer.up_proj[0].detach(), "down": layer.down_proj[0].detach()}
+    li = layer.layer_idx
+    for replace, msg in (({li: {0: {"gate": good["gate"]}}}, "all of"),
+                         ({li: {0: {**good, "bias": good["gate"]}}}, "unknown replacement"),
+                         ({li: {4: good}}, "keeps 4"),
+                         ({li: {0: {**good, "down": good["gate"]}}}, "shape")):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        with pytest.raises(ValueError, match=msg):
+            prune_checkpoint_files(tmp_path / "src", out, keep, replace=replace)
