@@ -22,6 +22,9 @@ from moecompress.merge.observe import MergeObserver
 from moecompress.merge.refit import block_output
 from moecompress.testing import invoke_cli, tiny_model, tokens
 
+LOAD_CANNOT_STREAM = {"llama4_text": "load_model cannot stream Llama-4 yet: its decoder moves input_ids to the "
+                                     "embedding weight's device, which is meta once the embedding is offloaded"}
+
 
 def _logits(model, toks):
     with torch.no_grad():
@@ -335,6 +338,8 @@ def test_merge_checkpoint_hc_smoe_without_refit(calib_ckpt, tmp_path):
     (("--keep", 3, "--linkage", "centroid"), "unknown --linkage"),
     (("--keep", 3, "--calib", "missing.txt"), "not found"),
     (("--keep", 3, "--stats", "missing.safetensors"), "not found"),
+    (("--keep", 3, "--max-gpu-memory", "lots"), "cannot read memory size 'lots'"),
+    (("--keep", 3, "--max-cpu-memory", "4XB"), "cannot read memory size '4XB'"),
 ])
 def test_cli_errors_exit_2_and_write_nothing(calib_ckpt, tmp_path, args, msg):
     out = tmp_path / "out"
@@ -350,3 +355,104 @@ def test_cli_refuses_missing_model_and_existing_output(calib_ckpt, tmp_path):
     (tmp_path / "exists").mkdir()
     r = invoke_cli("merge", calib_ckpt / "tiny", "-o", tmp_path / "exists", "--keep", 2, "--calib", calib_ckpt / "calib.txt")
     assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+# ----- streaming and shard surgery ----------------------------------------------------------------
+def _write_by_surgery(src, out, model, result, *, refit, router):
+    from moecompress.merge.api import merged_replacements
+    from moecompress.surgery import prune_checkpoint_files
+
+    out.mkdir()
+    prune_checkpoint_files(src, out, result.dominant, replace=merged_replacements(model, result, refit=refit, router=router))
+
+
+def _same_tensors(folder_a, folder_b):
+    from safetensors import safe_open
+
+    with safe_open(folder_a / "model.safetensors", "pt") as a, safe_open(folder_b / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+@pytest.mark.parametrize("refit, router", [(False, "weighted"), (True, "dominant")])
+def test_surgery_writes_what_save_pretrained_writes_for_the_merged_model(family, refit, router, tmp_path):
+    """Shard surgery with the merged experts as replacements (only those that changed: clusters
+    of several members, every expert after a re-fit, router rows under the weighted rule)
+    writes exactly the tensors save_pretrained writes for the model merged in memory."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "src")
+    result = merge_experts(model, keep=3, tokens=tokens(4, 16), refit=refit, router=router, batch_size=2, progress=False)
+    _write_by_surgery(tmp_path / "src", tmp_path / "out", model, result, refit=refit, router=router)
+    model.save_pretrained(tmp_path / "ref")
+    _same_tensors(tmp_path / "out", tmp_path / "ref")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    probe = tokens(2, 9, seed=3)
+    torch.testing.assert_close(_logits(reloaded, probe), _logits(model, probe), rtol=0, atol=1e-6)
+
+
+def test_streamed_merge_equals_in_memory(family, tmp_path):
+    """A model streamed under a tiny CPU cap (its layers offloaded to disk) is merged layer by
+    layer, the merged blocks offloaded too: same clusters, errors, merged weights (hence the
+    same checkpoint bytes) and logits as merging the model loaded in memory."""
+    from moecompress.checkpoint import load_model
+    from moecompress.merge.offload import is_offloaded
+
+    if family in LOAD_CANNOT_STREAM:
+        pytest.skip(LOAD_CANNOT_STREAM[family])
+    tiny_model(family).save_pretrained(tmp_path / "src")
+    options = dict(keep=4, tokens=tokens(4, 16), router="weighted", batch_size=2, progress=False)
+    in_memory = load_model(tmp_path / "src", dtype="float32")
+    want = merge_experts(in_memory, **options)
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB", offload_folder=tmp_path / "off")
+    assert any(p.device.type == "meta" for p in streamed.parameters())  # really offloaded
+    got = merge_experts(streamed, offload_folder=tmp_path / "merged", **options)
+    assert got.clusters == want.clusters and got.dominant == want.dominant and got.merge_error == want.merge_error
+    for layer in moe_view(streamed):  # the merged blocks wait on disk as well
+        assert is_offloaded(layer.block) and layer.experts.gate_up_proj.device.type == "meta"
+    probe = tokens(2, 9, seed=3)
+    assert torch.equal(_logits(streamed, probe), _logits(in_memory, probe))
+    for name, model, result in (("a", in_memory, want), ("b", streamed, got)):
+        _write_by_surgery(tmp_path / "src", tmp_path / name, model, result, refit=True, router="weighted")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_cli_streamed_merge_writes_the_same_checkpoint(calib_ckpt, tmp_path):
+    """`merge --max-cpu-memory` (streamed, disk offload) writes the same files as the in-memory
+    run, through shard surgery, leaves no offload files behind, and the output reloads."""
+    from transformers import AutoModelForCausalLM
+
+    common = (calib_ckpt / "tiny", "--keep", 3, "--calib", calib_ckpt / "calib.txt", "-n", 4, "--seq-len", 32,
+              "--batch-size", 2, "--router", "weighted")
+    r = invoke_cli("merge", *common, "-o", tmp_path / "mem")
+    assert r.exit_code == 0, r.output
+    r = invoke_cli("merge", *common, "-o", tmp_path / "streamed", "--max-cpu-memory", "40KB")
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in (tmp_path / "mem").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "streamed").iterdir())  # no work folder left
+    for name in files:
+        if name != "moecompress.json":  # the record names the memory cap
+            assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+    record = json.loads((tmp_path / "streamed" / "moecompress.json").read_text())
+    assert record["writer"] == "shard surgery" and record["parameters"]["max_cpu_memory"] == "40KB"
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "mem")
+    assert a.config.num_local_experts == 3
+    probe = tokens(1, 9)
+    assert torch.equal(_logits(a, probe), _logits(b, probe))
+
+
+def test_streamed_merge_needs_safetensors(calib_ckpt, tmp_path):
+    import shutil
+
+    src = tmp_path / "nosafetensors"
+    src.mkdir()
+    for f in calib_ckpt.joinpath("tiny").iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copyfile(f, src / f.name)
+    r = invoke_cli("merge", src, "-o", tmp_path / "out", "--keep", 3, "--calib", calib_ckpt / "calib.txt",
+                   "--max-gpu-memory", "4GiB")
+    assert r.exit_code == 2 and "needs a safetensors checkpoint" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "out").exists()

@@ -50,6 +50,11 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help="Computation dtype: auto (float32 on CPU, checkpoint dtype on GPU), "
                                   "float32, bfloat16, float16. Weights are saved in the checkpoint's dtype."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu)."),
+        max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="Stream the model under this GPU "
+                                                     "memory cap (e.g. 4GiB): layers are onloaded while they run and "
+                                                     "merged one at a time."),
+        max_cpu_memory: Optional[str] = typer.Option(None, "--max-cpu-memory", help="CPU memory cap when streaming; "
+                                                     "the rest waits on disk (e.g. 32GiB)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result (clusters, errors) as JSON here."),
     ) -> None:
@@ -63,7 +68,8 @@ def register(app: typer.Typer) -> None:
             result = merge_checkpoint(model, output, keep=keep, method=method, calib=calib, stats=stats, n=n,
                                       seq_len=seq_len, seed=seed, linkage=linkage, metric=distance, router=router,
                                       refit=refit, ridge=ridge, overwrite=overwrite, dtype=dtype, device=device,
-                                      batch_size=batch_size, field_name=field, calib_mode=mode)
+                                      batch_size=batch_size, field_name=field, calib_mode=mode,
+                                      max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory)
         console.print(f"{result.method}, {result.num_experts} -> {result.keep} experts per MoE layer", highlight=False)
         console.print(_table(result))
         write_json(json_out, result.to_dict(with_time=False))

@@ -18,21 +18,27 @@ router then renormalises the top-k weights as before (``norm_topk_prob``...), an
 
 from __future__ import annotations
 
+import operator
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 
-from ..arch import MoEModel, moe_view
-from ..capture import run_calibration
+from ..arch import MoELayer, MoEModel, moe_view
+from ..capture import onloaded, run_calibration
 from ..errors import MoECompressError
+from ..surgery import ModelReplacements
 from .align import match_neurons
 from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
-from .refit import refit_to_original, swap_in_copies
+from .offload import detached_copy, execution_device, offload_block
+from .refit import refit_to_original
 
 
 @dataclass(frozen=True)
@@ -188,13 +194,19 @@ def merged_expert(layer, members: list[int], dominant: int, freq: torch.Tensor, 
 def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torch.Tensor | None = None,
                   stats=None, clusters: dict[int, list[list[int]]] | None = None, linkage: str = "average",
                   metric: str = "euclidean", router: str = "dominant", refit: bool = True,
-                  ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True) -> MergeResult:
+                  ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True,
+                  offload_folder: str | os.PathLike | None = None) -> MergeResult:
     """Merge every MoE layer's experts into ``keep`` experts, in place.
 
     ``tokens`` [n, seq_len] are the calibration tokens (needed to cluster, to count
     frequencies unless ``stats`` gives them, and for the re-fit). ``clusters`` overrides the
     method's clustering (``{layer_idx: [[experts], ...]}``); the method still decides how a
     cluster is merged.
+
+    The model may be streamed (``load_model(max_gpu_memory=...)``): layers are merged one at
+    a time from onloaded weights and the merged blocks are offloaded to ``offload_folder``
+    (a temporary folder if not given; given, it is used even for a model in memory, so that
+    the merged copies never add to its memory). Results equal the in-memory run's.
     """
     start = time.perf_counter()
     view = moe_view(model)
@@ -220,20 +232,22 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         plan = plan_merge(model, tokens, keep=keep, method=method, stats=stats, linkage=linkage, metric=metric,
                           batch_size=batch_size, progress=progress)
 
-    # With the re-fit, the merged experts go into copies of the blocks and the originals stay
-    # as the re-fit's reference; without it, in place. Each cluster reads only its own members
-    # and writes only its dominant, so merging one cluster at a time is safe in place too.
-    originals = swap_in_copies(model, view) if refit else None
-    new_view = moe_view(model)
-    for source, target in zip(view, new_view):
+    # Each MoE block is replaced by a new block holding the merged experts, built one layer at
+    # a time from the (onloaded) original; with the re-fit the originals stay as its reference.
+    # A streamed model keeps the new blocks on disk (offload_folder), like its own layers.
+    folder = _offload_folder(model, offload_folder)
+    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+    originals = {}
+    for source in view:
         li = source.layer_idx
-        for members, dom in zip(plan.clusters[li], plan.dominant[li]):
-            weights, w = merged_expert(source, members, dom, plan.frequency[li], spec)
-            weights.write(target, dom)
-            if router == "weighted":
-                _weighted_router_row(target, members, dom, w)
-    view = new_view
-    view.keep_experts(plan.dominant)
+        block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], spec, router)
+        if folder is not None:
+            offload_block(block, folder / f"merged-layer-{li}.safetensors", execution_device(source.block))
+        if refit:
+            originals[li] = source.block
+        setattr(decoder_layers[li], view.spec.moe_block, block)
+    view = moe_view(model)
+    view._set_config_num_experts(keep)  # config (and grouped-routing fields) for the new count
 
     errors: dict[int, float | None] = {}
     if refit:
@@ -249,13 +263,67 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
                        seconds=time.perf_counter() - start)
 
 
-def _weighted_router_row(layer, members: list[int], dom: int, w: torch.Tensor) -> None:
-    """Router rule "weighted": the dominant's row (and per-expert router tensors) become the
-    weighted average of the members' (same weights as the expert merge)."""
-    rows = layer.router_weight.data
-    rows[dom] = (w.to(rows.device)[:, None] * rows[members].double()).sum(0).to(rows.dtype)
-    for t in layer.router_expert_tensors.values():
-        t.data[..., dom] = (w.to(t.device) * t.data[..., members].double()).sum(-1).to(t.dtype)
+@torch.no_grad()
+def _merged_block(source, clusters: list[list[int]], dominant: list[int], freq: torch.Tensor, method: Method,
+                  router: str) -> torch.nn.Module:
+    """A new MoE block for ``source``'s layer whose expert ``j`` is the merge of ``clusters[j]``.
+
+    Everything but the experts and the router's per-expert tensors is copied from the
+    onloaded original; those are built at the merged size directly (never a full-size copy).
+    Router rule "dominant": expert ``j`` keeps the row (and per-expert router tensors) of
+    ``dominant[j]``; "weighted": their average with the expert-merge weights.
+    """
+    with onloaded(source.block):
+        per_expert = [*source.expert_parameters().values(), source.router_weight, *source.router_expert_tensors.values()]
+        block = detached_copy(source.block, skip=per_expert, share=[source.model.config])
+        target = MoELayer(source.model, source.spec, source.layer_idx, block)
+        target.keep_experts(dominant)  # shapes and module counters (the tensors are still meta)
+        device = source.router_weight.device
+        for module, path in [(target.experts, n) for n in target.expert_parameters()] + \
+                [(target.router, "weight")] + [(target.router, p) for p in target.router_expert_tensors]:
+            t = operator.attrgetter(path)(module)
+            set_module_tensor_to_device(module, path, device, value=torch.empty(t.shape, dtype=t.dtype, device=device))
+        rows, row_tensors = source.router_weight.data, source.router_expert_tensors
+        for j, (members, dom) in enumerate(zip(clusters, dominant)):
+            weights, w = merged_expert(source, members, dom, freq, method)
+            weights.write(target, j)
+            if router == "weighted":
+                target.router_weight.data[j] = (w.to(rows.device)[:, None] * rows[members].double()).sum(0).to(rows.dtype)
+                for path, t in row_tensors.items():
+                    target.router_expert_tensors[path].data[..., j] = \
+                        (w.to(t.device) * t.data[..., members].double()).sum(-1).to(t.dtype)
+            else:
+                target.router_weight.data[j] = rows[dom]
+                for path, t in row_tensors.items():
+                    target.router_expert_tensors[path].data[..., j] = t.data[..., dom]
+    return block
+
+
+def _offload_folder(model, folder: str | os.PathLike | None) -> Path | None:
+    """Where merged blocks go: ``folder`` if given; a new temporary folder for a streamed
+    (offloaded) model; None (in memory) otherwise."""
+    if folder is None:
+        from accelerate.utils import has_offloaded_params
+
+        if not any(has_offloaded_params(m) for m in model.modules()):
+            return None
+        folder = tempfile.mkdtemp(prefix="moecompress-merge-")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def merged_replacements(model, result: MergeResult, *, refit: bool, router: str):
+    """What shard surgery must write besides the input's tensors, read from the merged
+    ``model`` one layer at a time: the expert weights of every merged expert of more than one
+    member (of every expert after a re-fit, which changes all down projections) and, with the
+    weighted router rule, their router rows. Everything else equals the input's."""
+    groups = {}
+    for li, clusters in result.clusters.items():
+        groups[li] = {j: ({"experts"} if refit or len(m) > 1 else set()) |
+                      ({"router"} if router == "weighted" and len(m) > 1 else set())
+                      for j, m in enumerate(clusters)}
+    return ModelReplacements(moe_view(model), groups)
 
 
 def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: int, method: str = DEFAULT_METHOD,
@@ -263,17 +331,29 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
                      seq_len: int = 512, seed: int = 0, linkage: str = "average", metric: str = "euclidean",
                      router: str = "dominant", refit: bool = True, ridge: float = DEFAULT_RIDGE,
                      overwrite: bool = False, dtype: str = "auto", device: str | None = None, batch_size: int = 8,
-                     field_name: str = "text", calib_mode: str = "chunk", progress: bool = True) -> MergeResult:
+                     field_name: str = "text", calib_mode: str = "chunk", progress: bool = True,
+                     max_gpu_memory: str | None = None, max_cpu_memory: str | None = None) -> MergeResult:
     """Merge the checkpoint ``src`` into the folder ``out``; see :func:`merge_experts`.
 
     ``calib`` is a calibration source (``n`` sequences of ``seq_len`` tokens drawn with
     ``seed``); ``stats`` a file from ``moecompress stats`` whose ``count`` gives the routing
     frequencies. ``dtype="auto"`` computes in float32 on the CPU; the weights are written in
     the checkpoint's own dtype.
+
+    ``max_gpu_memory`` / ``max_cpu_memory`` stream the model (see ``checkpoint.load_model``):
+    each layer is onloaded while it runs and merged from onloaded weights, and the merged
+    blocks wait on disk, inside the output's temporary folder, deleted at the end. A local
+    safetensors checkpoint (a Hub id once downloaded too) is written by shard surgery
+    (``surgery.py``): the input's tensors are copied shard by shard, without the experts
+    merged away, with the merged experts' new weights read from the model one layer at a
+    time, never materialising the model. Streamed or not, the bytes are the same. Other
+    checkpoints are merged in memory and saved with ``save_pretrained``; streaming refuses them.
     """
     from ..arch import family_for_config
     from ..calibration import check_source, load_calibration
-    from ..checkpoint import load_config, load_model, output_folder, parse_dtype, resolve_source, save_model, stored_dtype
+    from ..checkpoint import (copy_tokenizer, load_config, load_model, output_folder, parse_dtype, parse_memory,
+                              resolve_source, save_model, source_folder, stored_dtype, write_record)
+    from ..surgery import prune_checkpoint_files
 
     start = time.perf_counter()
     config = load_config(src)
@@ -289,6 +369,10 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     on_cpu = device is None or str(device) == "cpu"
     compute_dtype = "float32" if dtype == "auto" and on_cpu else dtype
     parse_dtype(compute_dtype)
+    streamed = parse_memory(max_gpu_memory) is not None or parse_memory(max_cpu_memory) is not None
+    local = source_folder(src)
+    if streamed and local is not None and not any(local.glob("*.safetensors")):
+        raise MoECompressError(_NEEDS_SAFETENSORS.format(src=src))
     with output_folder(out, overwrite=overwrite, source=src) as folder:
         from transformers import AutoTokenizer
 
@@ -297,21 +381,41 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
         stats_obj = Stats.load(stats) if stats is not None else None
         tok = AutoTokenizer.from_pretrained(resolve_source(src))
         tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=calib_mode, field=field_name)
-        model = load_model(src, dtype=compute_dtype, device=device)
+        work = folder / ".moecompress-work" if streamed else None  # offloaded weights; removed below
+        model = load_model(src, dtype=compute_dtype, device=device, max_gpu_memory=max_gpu_memory,
+                           max_cpu_memory=max_cpu_memory, offload_folder=work / "offload" if work else None)
+        local = source_folder(src)  # a Hub id is in the cache now
+        surgery = local is not None and any(local.glob("*.safetensors"))
+        if streamed and not surgery:
+            raise MoECompressError(_NEEDS_SAFETENSORS.format(src=src))
         stored = stored_dtype(config)
         result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=linkage,
                                metric=metric, router=router, refit=refit, ridge=ridge, batch_size=batch_size,
-                               progress=progress)
-        if stored is not None and model.dtype != stored:
-            model.to(stored)
+                               progress=progress, offload_folder=work / "merged" if work else None)
         record = {"stage": "merge", "method": method, "seed": seed,
                   "parameters": {"keep": keep, "num_experts_before": num_experts, "calib": str(calib), "n": n,
                                  "seq_len": seq_len, "calib_mode": calib_mode, "field": field_name,
                                  "stats": str(stats) if stats is not None else None, "linkage": linkage,
                                  "distance": metric, "router": router, "refit": refit, "ridge": ridge,
-                                 "batch_size": batch_size, "dtype": dtype},
+                                 "batch_size": batch_size, "dtype": dtype, "max_gpu_memory": max_gpu_memory,
+                                 "max_cpu_memory": max_cpu_memory},
+                  "writer": "shard surgery" if surgery else "save_pretrained",
                   **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "options")}}
-        save_model(model, folder, source=src, record=record)
+        if surgery:
+            replace = merged_replacements(model, result, refit=refit, router=router)
+            prune_checkpoint_files(local, folder, result.dominant, replace=replace)
+            del replace, model
+            copy_tokenizer(src, folder)
+            write_record(folder, record, src)
+        else:
+            if stored is not None and model.dtype != stored:
+                model.to(stored)
+            save_model(model, folder, source=src, record=record)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
 
+
+_NEEDS_SAFETENSORS = ("'{src}' has no safetensors files; streamed merging (--max-gpu-memory / --max-cpu-memory) "
+                      "writes by shard surgery and needs a safetensors checkpoint; convert it or drop the memory caps")

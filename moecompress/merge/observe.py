@@ -52,8 +52,11 @@ class MergeObserver:
     @torch.no_grad()
     def mean_outputs(self, layer_idx: int) -> torch.Tensor:
         """[E, H] average output of each expert over all calibration tokens."""
+        from ..capture import onloaded
+
         layer = self.layers[layer_idx]
         mean_hidden = self.hidden_sum[layer_idx] / max(self.tokens[layer_idx], 1)
-        out = torch.einsum("ehi,ei->eh", layer.down_proj.detach().double().cpu(), mean_hidden)
-        down_bias = layer.expert_biases[2]
-        return out if down_bias is None else out + down_bias.detach().double().cpu()
+        with onloaded(layer.block):  # a streamed model's weights
+            out = torch.einsum("ehi,ei->eh", layer.down_proj.detach().double().cpu(), mean_hidden)
+            down_bias = layer.expert_biases[2]
+            return out if down_bias is None else out + down_bias.detach().double().cpu()

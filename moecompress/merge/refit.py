@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..arch import MoELayer, MoEModel, Routing, moe_view
-from ..capture import run_calibration
+from ..capture import onloaded, run_calibration
+from .offload import write_back
 
 
 def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +105,9 @@ class RefitObserver:
 
 
 def swap_in_copies(model, view: MoEModel | None = None) -> dict[int, nn.Module]:
-    """Replace every MoE block of ``model`` by a copy (the one to compress) and return the
-    untouched originals, the re-fit's reference. Peak memory: the originals plus one block."""
+    """Replace every MoE block of ``model`` (held in memory) by a copy (the one to compress)
+    and return the untouched originals, the re-fit's reference. Peak memory: the originals
+    plus one block. (merge_experts builds its merged blocks itself, one layer at a time.)"""
     view = view or moe_view(model)
     decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
     originals = {}
@@ -128,6 +130,8 @@ def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tens
                     description="least-squares re-fit")
     errors = {}
     for layer in view:
-        obs.apply(layer, ridge)
+        with onloaded(layer.block):  # a streamed model's merged block: onload, edit, save
+            obs.apply(layer, ridge)
+            write_back(layer.block)
         errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
     return errors

@@ -1,0 +1,123 @@
+"""Merged MoE blocks of a streamed model: built one layer at a time, kept on disk between uses.
+
+A streamed model (``load_model(max_gpu_memory=...)``) holds its weights offloaded and onloads
+each leaf module while it runs (accelerate hooks). Merging builds, per MoE layer, a new block
+with fewer experts; for a streamed model that block is written to a safetensors file and
+hooked the same way (:func:`offload_block`), so the merged model runs, and its observers see
+onloaded weights (``capture.onloaded``), without ever holding more than one layer. Edits made
+to an onloaded offloaded block (the re-fit) are saved with :func:`write_back`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+# What accelerate's add_hook_to_module puts in a module's __dict__.
+_HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "forward")
+
+
+@contextlib.contextmanager
+def _hooks_detached(module: nn.Module) -> Iterator[None]:
+    """Take accelerate's hooks off ``module`` and its submodules for the block, then put them
+    back (a copy made inside has none, and does not drag along the hooks' weight maps)."""
+    saved = []
+    for m in module.modules():
+        if "_hf_hook" in m.__dict__:
+            saved.append((m, {a: m.__dict__.pop(a) for a in _HOOK_ATTRIBUTES if a in m.__dict__}))
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            m.__dict__.update(attrs)
+
+
+def detached_copy(module: nn.Module, *, skip: Iterable[torch.Tensor] = (), share: Iterable[object] = ()) -> nn.Module:
+    """A deep copy of ``module`` without accelerate hooks. Tensors in ``skip`` are not copied:
+    they become meta tensors of the same shape (to be filled by the caller); objects in
+    ``share`` (the model config) are shared, not copied."""
+    memo: dict = {}
+    for t in skip:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    for o in share:
+        memo[id(o)] = o
+    with _hooks_detached(module):
+        return copy.deepcopy(module, memo)
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its hooks' execution device, else its first real tensor's."""
+    for m in module.modules():
+        dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(dev)
+    for t in module.parameters():
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+class SafetensorsWeights(Mapping):
+    """A lazy name -> tensor map over one safetensors file (accelerate's ``weights_map``)."""
+
+    def __init__(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None):
+        """The file at ``path``; written first with ``tensors`` when given."""
+        self.path = Path(path)
+        if tensors is not None:
+            self.write(tensors)
+        with safe_open(self.path, framework="pt") as f:
+            self._keys = list(f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(self.path, framework="pt") as f:
+            # A fresh (64-byte aligned) copy: the file's buffer can sit at any offset, and CPU
+            # kernels pick other code paths (other rounding) for unaligned data.
+            return f.get_tensor(key).clone()
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the file's tensors (written aside, then renamed: readers never see half a file)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in sorted(tensors.items())}, tmp)
+        os.replace(tmp, self.path)
+        self._keys = sorted(tensors)
+
+
+def offload_block(block: nn.Module, path: str | os.PathLike, device: torch.device) -> None:
+    """Write ``block``'s parameters to ``path`` and hook it like a streamed layer: parameters
+    live on the meta device and are onloaded to ``device`` only while a leaf runs (or inside
+    ``capture.onloaded``); buffers stay on ``device``."""
+    from accelerate.hooks import attach_align_device_hook
+
+    weights = SafetensorsWeights(path, dict(block.named_parameters()))
+    attach_align_device_hook(block, execution_device=device, offload=True, weights_map=weights)
+    block.__dict__["_moecompress_weights"] = weights
+
+
+def is_offloaded(block: nn.Module) -> bool:
+    return "_moecompress_weights" in block.__dict__
+
+
+@torch.no_grad()
+def write_back(block: nn.Module) -> None:
+    """Save the parameters of an onloaded block from :func:`offload_block` (a no-op for a block
+    held in memory, whose edits are already in place)."""
+    weights = block.__dict__.get("_moecompress_weights")
+    if weights is not None:
+        weights.write(dict(block.named_parameters()))
