@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,14 +301,15 @@ def _merged_block(source, clusters: list[list[int]], dominant: list[int], freq: 
 
 
 def _offload_folder(model, folder: str | os.PathLike | None) -> Path | None:
-    """Where merged blocks go: ``folder`` if given; a new temporary folder for a streamed
-    (offloaded) model; None (in memory) otherwise."""
+    """Where merged blocks go: ``folder`` if given; for a streamed (offloaded) model a new
+    temporary folder, deleted with the model; None (in memory) otherwise."""
     if folder is None:
         from accelerate.utils import has_offloaded_params
 
         if not any(has_offloaded_params(m) for m in model.modules()):
             return None
         folder = tempfile.mkdtemp(prefix="moecompress-merge-")
+        weakref.finalize(model, shutil.rmtree, folder, True)  # lives as long as the model
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
