@@ -358,12 +358,12 @@ def test_cli_refuses_missing_model_and_existing_output(calib_ckpt, tmp_path):
 
 
 # ----- streaming and shard surgery ----------------------------------------------------------------
-def _write_by_surgery(src, out, model, result, *, refit, router):
+def _write_by_surgery(src, out, model, result):
     from moecompress.merge.api import merged_replacements
     from moecompress.surgery import prune_checkpoint_files
 
     out.mkdir()
-    prune_checkpoint_files(src, out, result.dominant, replace=merged_replacements(model, result, refit=refit, router=router))
+    prune_checkpoint_files(src, out, result.dominant, replace=merged_replacements(model, result))
 
 
 def _same_tensors(folder_a, folder_b):
@@ -385,7 +385,7 @@ def test_surgery_writes_what_save_pretrained_writes_for_the_merged_model(family,
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "src")
     result = merge_experts(model, keep=3, tokens=tokens(4, 16), refit=refit, router=router, batch_size=2, progress=False)
-    _write_by_surgery(tmp_path / "src", tmp_path / "out", model, result, refit=refit, router=router)
+    _write_by_surgery(tmp_path / "src", tmp_path / "out", model, result)
     model.save_pretrained(tmp_path / "ref")
     _same_tensors(tmp_path / "out", tmp_path / "ref")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
@@ -415,7 +415,7 @@ def test_streamed_merge_equals_in_memory(family, tmp_path):
     probe = tokens(2, 9, seed=3)
     assert torch.equal(_logits(streamed, probe), _logits(in_memory, probe))
     for name, model, result in (("a", in_memory, want), ("b", streamed, got)):
-        _write_by_surgery(tmp_path / "src", tmp_path / name, model, result, refit=True, router="weighted")
+        _write_by_surgery(tmp_path / "src", tmp_path / name, model, result)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 

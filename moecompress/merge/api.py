@@ -315,11 +315,13 @@ def _offload_folder(model, folder: str | os.PathLike | None) -> Path | None:
     return folder
 
 
-def merged_replacements(model, result: MergeResult, *, refit: bool, router: str):
-    """What shard surgery must write besides the input's tensors, read from the merged
-    ``model`` one layer at a time: the expert weights of every merged expert of more than one
-    member (of every expert after a re-fit, which changes all down projections) and, with the
-    weighted router rule, their router rows. Everything else equals the input's."""
+def merged_replacements(model, result: MergeResult) -> ModelReplacements:
+    """What shard surgery must write besides the input's tensors, read from the ``model`` that
+    :func:`merge_experts` merged into ``result``, one layer at a time: the expert weights of
+    every merged expert of more than one member (of every expert after a re-fit, which changes
+    all down projections) and, with the weighted router rule, their router rows. Everything
+    else equals the input's."""
+    refit, router = result.options["refit"], result.options["router"]
     groups = {}
     for li, clusters in result.clusters.items():
         groups[li] = {j: ({"experts"} if refit or len(m) > 1 else set()) |
@@ -404,7 +406,7 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
                   "writer": "shard surgery" if surgery else "save_pretrained",
                   **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "options")}}
         if surgery:
-            replace = merged_replacements(model, result, refit=refit, router=router)
+            replace = merged_replacements(model, result)
             prune_checkpoint_files(local, folder, result.dominant, replace=replace)
             del replace, model
             copy_tokenizer(src, folder)
