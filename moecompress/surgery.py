@@ -25,9 +25,9 @@ import copy
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -123,10 +123,12 @@ class _Target:
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool = False) -> dict[str, torch.Tensor]:
-    """Expert ``j`` of a loaded MoE layer as replacement parts (copies in the layer's dtype):
-    its canonical weights (``experts``) and/or its router row and per-expert router tensors
-    (``router``). Offloaded weights must be onloaded (``capture.onloaded``)."""
+def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool = False,
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Expert ``j`` of a loaded MoE layer as replacement parts (copies in the layer's dtype, on
+    ``device`` or the layer's): its canonical weights (``experts``) and/or its router row and
+    per-expert router tensors (``router``). Offloaded weights must be onloaded
+    (``capture.onloaded``)."""
     parts: dict[str, torch.Tensor] = {}
     if experts:
         parts.update(zip(EXPERT_PARTS, (layer.gate_proj[j], layer.up_proj[j], layer.down_proj[j])))
@@ -134,13 +136,13 @@ def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool =
     if router:
         parts[ROUTER_PART] = layer.router_weight[j]
         parts.update((f"{ROUTER_PART}.{path}", t[..., j]) for path, t in layer.router_expert_tensors.items())
-    return {k: v.detach().clone() for k, v in parts.items()}
+    return {k: v.detach().to(device, copy=True) if device is not None else v.detach().clone() for k, v in parts.items()}
 
 
 class ModelReplacements:
     """``replace`` for :func:`prune_checkpoint_files`, read from the MoE layers of a loaded model
-    (onloaded one layer at a time if it is streamed): ``groups[layer_idx][j]`` says what kept
-    expert ``j`` replaces, ``{"experts"}``, ``{"router"}`` or both."""
+    (onloaded one layer at a time if it is streamed, copied to the CPU): ``groups[layer_idx][j]``
+    says what kept expert ``j`` replaces, ``{"experts"}``, ``{"router"}`` or both."""
 
     def __init__(self, view: MoEModel, groups: dict[int, dict[int, set[str]]]):
         self.view, self.groups = view, groups
@@ -153,7 +155,8 @@ class ModelReplacements:
 
         layer = self.view.layer(layer_idx)
         with onloaded(layer.block):
-            return {j: layer_parts(layer, j, experts="experts" in g, router="router" in g) for j, g in sorted(wanted.items())}
+            return {j: layer_parts(layer, j, experts="experts" in g, router="router" in g, device="cpu")
+                    for j, g in sorted(wanted.items())}
 
 
 class _OneExpert:
