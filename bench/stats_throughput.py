@@ -10,9 +10,12 @@ Three timings over identical batches (median of --repeats after one warm-up each
 Prints tokens/s and the stats/plain throughput ratio, and how the stats time splits between
 the forward+observe pass and the final SRP/SCH/super-expert step; --json writes the numbers.
 
-    python bench/stats_throughput.py --device cuda --synthetic --layers 8
-builds a random-weight Qwen3-MoE with Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts,
-top-8, expert width 768) instead of loading --model, to see the overhead at realistic size.
+    python bench/stats_throughput.py --device cuda --shape olmoe-1b-7b
+builds a random-weight model of a published shape (bench/shaped_checkpoints.py: olmoe-1b-7b,
+qwen1.5-moe-a2.7b, deepseek-v2-lite, qwen3-30b-a3b; --layers keeps only the first L decoder
+layers) in GPU memory instead of loading --model, to see the overhead at realistic size;
+tokens are then random ids. --synthetic is --shape qwen3-30b-a3b --layers 8.
+--profile prints the CUDA kernels of one stats run and one plain run, by total time.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from moecompress.calibration import load_calibration  # noqa: E402
 from moecompress.capture import _decoder, batches_of, run_calibration  # noqa: E402
@@ -73,8 +77,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--synthetic", action="store_true", help="random Qwen3-30B-A3B-shaped model instead of --model")
-    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the --synthetic model")
+    ap.add_argument("--synthetic", action="store_true", help="same as --shape qwen3-30b-a3b --layers 8")
+    ap.add_argument("--shape", default=None, help="random-weight model of this published shape instead of --model")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the --shape model (default: all)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of stats and plain")
     a = ap.parse_args()
 
     if a.threads:
@@ -83,8 +89,10 @@ def main() -> None:
 
     dtype = "float32" if a.dtype == "auto" and a.device == "cpu" else a.dtype
     if a.synthetic:
-        model = _synthetic(a.layers, a.device, torch.float32 if dtype == "float32" else torch.bfloat16)
-        a.model = f"synthetic Qwen3-MoE, {a.layers} layers, hidden 2048, 128 experts x 768, top-8"
+        a.shape, a.layers = "qwen3-30b-a3b", a.layers or 8
+    if a.shape:
+        model = _shaped(a.shape, a.layers, a.device, torch.float32 if dtype == "float32" else torch.bfloat16)
+        a.model = f"random-weight {a.shape}, {model.config.num_hidden_layers} layers"
         tokens = torch.randint(0, model.config.vocab_size, (a.n, a.seq_len), generator=torch.Generator().manual_seed(0))
     else:
         model = load_model(a.model, dtype=dtype, device=None if a.device == "cpu" else a.device)
@@ -109,6 +117,9 @@ def main() -> None:
         split.append(t)
 
     times = {name: _timed(fn, a.device, a.repeats) for name, fn in (("plain", plain), ("hooks", hooks), ("stats", stats))}
+    if a.profile and a.device.startswith("cuda"):
+        _profile(stats, "stats")
+        _profile(plain, "plain")
     s = result["stats"]
     k = s.meta["top_k"]
     assert all(int(s.get(li, "count").sum()) == tokens.numel() * k for li in s.layers), "counts must sum to tokens x top-k"
@@ -135,20 +146,32 @@ def main() -> None:
         }, indent=2) + "\n")
 
 
-def _synthetic(layers: int, device: str, dtype):
+def _shaped(name: str, layers: int | None, device: str, dtype):
+    """Random-weight model of a published shape, built directly in ``device`` memory."""
+    from shaped_checkpoints import PUBLISHED
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
-                               num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-                               moe_intermediate_size=768, intermediate_size=6144, vocab_size=32000,
-                               norm_topk_prob=True, max_position_embeddings=4096)
+    kw = dict(PUBLISHED[name])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    with torch.no_grad():  # transformers zero-initialises routers: give them some spread
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0, 0.02)
+    with torch.no_grad():  # as bench/shaped_checkpoints.py (transformers zero-initialises routers)
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     return model.eval()
+
+
+def _profile(fn, label: str, rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"--- profile: {label} ---")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=50))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ from .arch import MoELayer, MoEModel, Routing, moe_view
 
 class Observer(Protocol):
     def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
-        """Called once per MoE layer and batch, in layer order, under ``torch.no_grad``."""
+        """Called once per MoE layer and batch, in layer order, under ``torch.no_grad``.
+
+        An observer may also define ``end_batch()``, called after every batch (e.g. to reduce
+        what it kept of all layers at once)."""
 
 
 def batches_of(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -99,6 +102,10 @@ def run_calibration(
             task = bar.add_task(description, total=len(chunks))
             for chunk in chunks:
                 _decoder(model)(input_ids=chunk.to(device), use_cache=False)
+                for obs in observers:
+                    end_batch = getattr(obs, "end_batch", None)
+                    if end_batch is not None:
+                        end_batch()
                 bar.advance(task)
     finally:
         for h in hooks:

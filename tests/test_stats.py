@@ -347,3 +347,51 @@ def test_fused_experts_match_the_stock_forward(family):
     assert all("forward" not in layer.experts.__dict__ for layer in moe_view(model))  # undone
     if not moe_view(model).spec.weight_on_input:
         assert obs.pending  # the fused path ran
+
+
+def test_flushing_every_layer_equals_flushing_every_batch():
+    """The observer reduces what it kept of all layers at once; flushing after every single
+    layer (a tiny memory budget) must give the same statistics."""
+    from moecompress.stats.observer import StatsObserver
+
+    model, toks = tiny_model("qwen3_moe"), tokens(N, S)
+    results = []
+    for flush_bytes in (1, 1 << 30):
+        obs = StatsObserver(S, segment_len=SEG, flush_bytes=flush_bytes)
+        undo = obs.fuse_experts(moe_view(model))
+        try:
+            run_calibration(model, toks, [obs], batch_size=BATCH, progress=False)
+        finally:
+            for u in undo:
+                u()
+        results.append(obs.finalize())
+    for li, stats in results[0].items():
+        for name, t in stats.items():
+            torch.testing.assert_close(t.double(), results[1][li][name].double(), rtol=1e-6, atol=1e-7)
+
+
+def test_segment_sums_equal_index_add():
+    from moecompress.stats.observer import segment_sums
+
+    g = torch.Generator().manual_seed(0)
+    expert = torch.sort(torch.randint(0, 5, (40,), generator=g)).values
+    expert[expert == 3] = 2  # an expert with no pairs
+    values = torch.rand(2, 3, 40, generator=g, dtype=torch.float64)
+    offsets = torch.searchsorted(expert, torch.arange(6)).expand(2, 6)
+    want = torch.zeros(2, 5, 3, dtype=torch.float64)
+    for i in range(2):
+        want[i].index_add_(0, expert, values[i].T)
+    torch.testing.assert_close(segment_sums(values, offsets), want)
+
+
+def test_srp_histograms_per_layer_equal_single_layer():
+    from moecompress.stats.locality import srp_histogram, srp_histograms
+
+    g = torch.Generator().manual_seed(1)
+    seqs = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(2 * 3 * 25)]).reshape(2, 3, 25, 2)
+    hit = torch.zeros(2, 3, 25, 6).scatter_(3, seqs, 1.0)
+    hist, windows = srp_histograms(hit, 4)
+    for layer in range(2):
+        h1, w1 = srp_histogram(seqs[layer], 6, 4)
+        assert torch.equal(hist[layer], h1) and windows == w1 == 3 * (25 - 4 + 1)
+        assert int(hist[layer].sum()) == 3 * 22 * 6  # every (window, expert) counted once

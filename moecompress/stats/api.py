@@ -19,7 +19,7 @@ def stats_for_checkpoint(
     seed: int = 0,
     mode: str = "chunk",
     field: str = "text",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     segment_len: int = 16,
     dtype: str = "auto",
     device: str | None = None,
@@ -30,7 +30,8 @@ def stats_for_checkpoint(
     """Load ``model``, draw calibration tokens from ``calib`` and collect routing statistics;
     save them to ``output`` (safetensors + JSON summary) when given.
 
-    ``dtype="auto"`` keeps the checkpoint's dtype on a GPU and computes in float32 on the CPU
+    ``batch_size`` None: 8 sequences on the CPU; on a GPU as many as make ~16k tokens
+    (:func:`default_batch_size`). ``dtype="auto"`` keeps the checkpoint's dtype on a GPU and computes in float32 on the CPU
     (half-precision matmuls are slow there and the statistics less exact).
     """
     from transformers import AutoTokenizer
@@ -46,6 +47,9 @@ def stats_for_checkpoint(
             raise MoECompressError(f"'{output}' already exists; pass --overwrite to replace it")
         if output.parent.exists() and not output.parent.is_dir():
             raise MoECompressError(f"cannot write into '{output.parent}': not a folder")
+    on_cpu = device is None or str(device) == "cpu"
+    if batch_size is None:
+        batch_size = default_batch_size(seq_len, n, on_gpu=not on_cpu)
     for name, v, lo in (("-n", n, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--segment-len", segment_len, 1)):
         if v < lo:
             raise MoECompressError(f"{name} must be at least {lo}")
@@ -53,7 +57,6 @@ def stats_for_checkpoint(
         raise MoECompressError(f"unknown --mode '{mode}'; use chunk or document")
     check_source(calib)
     load_config(model)  # a clear error for missing / non-MoE models before reading any weights
-    on_cpu = device is None or str(device) == "cpu"
     dt = "float32" if dtype == "auto" and on_cpu else dtype
     parse_dtype(dt)
     tok = AutoTokenizer.from_pretrained(resolve_source(model))
@@ -65,6 +68,19 @@ def stats_for_checkpoint(
     if output is not None:
         stats.save(output)
     return stats
+
+
+def default_batch_size(seq_len: int, n: int, *, on_gpu: bool) -> int:
+    """Sequences per forward pass when the user gives none.
+
+    On a GPU a batch of 8 x 512 tokens leaves the forward bound by kernel-launch overhead for
+    models with few active parameters (OLMoE-1B-7B, Qwen3-30B-A3B on an H100: see
+    docs/benchmarks.md), and every MoE layer adds the statistics' own launches; ~16k tokens per
+    batch keeps the GPU busy. On the CPU larger batches gain nothing and cost memory.
+    """
+    if not on_gpu:
+        return 8
+    return max(1, min(n, max(8, 16384 // max(seq_len, 1))))
 
 
 def plot_usage(stats: Stats, path: str | os.PathLike, stat: str = "count") -> Path:

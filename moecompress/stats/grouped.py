@@ -25,11 +25,32 @@ class RoutedActivations:
     expert: torch.Tensor  # [P] expert index
     token: torch.Tensor  # [P] token index in the batch
     weight: torch.Tensor  # [P] routing weight (float32)
+    offsets: torch.Tensor  # [E + 1] expert e owns pairs offsets[e]:offsets[e + 1]
     out_norm: torch.Tensor  # [P] ||expert output|| (float32), the output as computed in the forward
-    contribution_norm: torch.Tensor  # [P] ||weighted contribution to the layer output|| (float32)
-    in_absmax: torch.Tensor  # [E] per expert: max |down_proj input| over its routed tokens (float32)
-    out_absmax: torch.Tensor  # [E] per expert: max |down_proj output| over its routed tokens (float32)
+    row_in_max: torch.Tensor  # [P] max |down_proj input| of the pair (float32)
+    row_out_max: torch.Tensor  # [P] max |down_proj output| of the pair (float32)
+    weight_on_input: bool  # Llama-4: the routing weight scaled the input, not the output
     routed_output: torch.Tensor | None = None  # [T, H] sum of the routed experts' contributions
+
+    @property
+    def contribution_norm(self) -> torch.Tensor:
+        """[P] ||weighted contribution to the layer output|| (float32)."""
+        return self.out_norm if self.weight_on_input else self.out_norm * self.weight.abs()
+
+    @property
+    def in_absmax(self) -> torch.Tensor:
+        """[E] per expert: max |down_proj input| over its routed tokens (float32)."""
+        return _expert_max(self.row_in_max, self.expert, self.offsets.numel() - 1)
+
+    @property
+    def out_absmax(self) -> torch.Tensor:
+        """[E] per expert: max |down_proj output| over its routed tokens (float32)."""
+        return _expert_max(self.row_out_max, self.expert, self.offsets.numel() - 1)
+
+
+def _expert_max(rows: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    # amax is order-free: deterministic even with atomics
+    return torch.zeros(num_experts, dtype=rows.dtype, device=rows.device).scatter_reduce_(0, expert, rows, "amax")
 
 
 def _batched_expert(layer: MoELayer, xs: torch.Tensor, e0: int, e1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,15 +114,19 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
     ``grouped_mm`` (default: on CUDA when torch has it): the whole layer in three grouped
     matmuls with no host synchronisation. Otherwise experts are computed in padded chunks of at
     most ``max_elements`` (default: one expert at a time on CPU, no padding).
+
+    Every reduction is deterministic (no floating-point atomics): per-expert offsets come from
+    ``searchsorted`` on the expert-sorted pairs, and the routed output is un-sorted and summed
+    over the k slots of each token, the way transformers' own grouped experts forward does it.
+    Per-expert reductions are left to the caller (the statistics do them for all layers at once).
     """
     T, k = routing.topk_idx.shape
     E = layer.num_experts
-    flat_e = routing.topk_idx.reshape(-1)
-    order = torch.argsort(flat_e, stable=True)
-    expert = flat_e[order]
+    dev = x.device
+    expert, order = torch.sort(routing.topk_idx.reshape(-1), stable=True)
     token = torch.div(order, k, rounding_mode="floor")
     weight = routing.topk_weight.reshape(-1)[order].float()
-    counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, expert, torch.ones_like(expert))
+    offsets = torch.searchsorted(expert, _arange(E + 1, dev))  # [E + 1]: expert e owns rows offsets[e]:offsets[e+1]
 
     # Llama-4 scales the expert *input* by the routing weight: the forward's expert sees w * x.
     xin = x[token]
@@ -109,38 +134,62 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
         xin = xin * weight[:, None].to(x.dtype)
 
     P = expert.numel()
-    out_norm = torch.empty(P, dtype=torch.float32, device=x.device)
-    in_absmax = torch.zeros(E, dtype=torch.float32, device=x.device)
-    out_absmax = torch.zeros_like(in_absmax)
-    routed = torch.zeros_like(x) if want_routed_output else None
+    row_in_max = torch.empty(P, dtype=torch.float32, device=dev)  # max |down_proj input| of each row
+    row_out_max = torch.empty_like(row_in_max)
+    out_norm = torch.empty_like(row_in_max)
+    contrib = None  # [P, H] weighted expert outputs, expert-sorted
 
-    def reduce_rows(lo, hi, h_sel, o_sel, per_row_max: bool):
-        if per_row_max:
-            in_absmax.scatter_reduce_(0, expert[lo:hi], _absmax(h_sel, dim=1), "amax")
-            out_absmax.scatter_reduce_(0, expert[lo:hi], _absmax(o_sel, dim=1), "amax")
-        out_norm[lo:hi] = torch.linalg.vector_norm(o_sel, dim=1, dtype=torch.float32)
-        if routed is not None:
-            contrib = o_sel if layer.spec.weight_on_input else o_sel * weight[lo:hi, None].to(o_sel.dtype)
-            routed.index_add_(0, token[lo:hi], contrib.to(x.dtype))
+    def weighted(lo, hi, o):
+        return o if layer.spec.weight_on_input else o * weight[lo:hi, None].to(o.dtype)
 
-    key = (x.device.type, x.dtype)
+    def reduce_rows(lo, hi, h, o):
+        nonlocal contrib
+        row_in_max[lo:hi] = torch.linalg.vector_norm(h, ord=float("inf"), dim=1, dtype=torch.float32)
+        row_out_max[lo:hi] = torch.linalg.vector_norm(o, ord=float("inf"), dim=1, dtype=torch.float32)
+        out_norm[lo:hi] = torch.linalg.vector_norm(o, dim=1, dtype=torch.float32)
+        if want_routed_output:
+            if lo == 0 and hi == P:  # the whole layer at once (grouped matmuls): no buffer copy
+                contrib = weighted(lo, hi, o)
+                return
+            if contrib is None:
+                contrib = x.new_zeros(P, x.shape[1])
+            contrib[lo:hi] = weighted(lo, hi, o)
+
+    key = (dev.type, x.dtype)
     if grouped_mm is None:
-        grouped_mm = max_elements is None and x.device.type == "cuda"
+        grouped_mm = max_elements is None and dev.type == "cuda"
+    done = False
     if grouped_mm and _GROUPED_MM is not None and key not in _GROUPED_MM_BROKEN:
         try:
-            h, out = _grouped_expert(layer, xin, expert, torch.cumsum(counts, 0).to(torch.int32))
+            h, out = _grouped_expert(layer, xin, expert, offsets[1:].to(torch.int32))
         except (RuntimeError, NotImplementedError):  # dtype / layout the kernel does not take
             _GROUPED_MM_BROKEN.add(key)
         else:
-            reduce_rows(0, P, h, out, per_row_max=True)
-            return _result(layer, expert, token, weight, out_norm, in_absmax, out_absmax, routed)
+            reduce_rows(0, P, h, out)
+            done = True
+    if not done:
+        _chunked_experts(layer, x, xin, expert, offsets, max_elements, reduce_rows)
+
+    routed = None
+    if want_routed_output:
+        if contrib is None:  # no routed pairs at all
+            contrib = x.new_zeros(P, x.shape[1])
+        inverse = torch.empty_like(order)
+        inverse[order] = _arange(P, dev)
+        # sum over the k slots in fp32, then cast: what transformers' experts forward does
+        routed = contrib[inverse].view(T, k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return RoutedActivations(expert=expert, token=token, weight=weight, offsets=offsets, out_norm=out_norm,
+                             row_in_max=row_in_max, row_out_max=row_out_max,
+                             weight_on_input=bool(layer.spec.weight_on_input), routed_output=routed)
+
+
+def _chunked_experts(layer, x, xin, expert, offsets, max_elements, reduce_rows) -> None:
+    """Experts in padded chunks of at most ``max_elements`` (one expert per chunk: no padding)."""
+    E = layer.num_experts
     if max_elements is None:
         max_elements = default_max_elements(x.device)
-
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(P, device=x.device) - starts[expert]
-    counts_cpu = counts.tolist()
-    starts_cpu = starts.tolist()
+    starts_cpu = offsets.tolist()
+    counts_cpu = [b - a for a, b in zip(starts_cpu[:-1], starts_cpu[1:])]
     width = max(layer.hidden_size, layer.intermediate_size)
     e0 = 0
     while e0 < E:
@@ -149,27 +198,30 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
         while e1 < E and (e1 + 1 - e0) * max(cmax, counts_cpu[e1]) * width <= max_elements:
             cmax = max(cmax, counts_cpu[e1])
             e1 += 1
-        lo, hi = starts_cpu[e0], starts_cpu[e1 - 1] + counts_cpu[e1 - 1]
+        lo, hi = starts_cpu[e0], starts_cpu[e1]
         if hi > lo:
             if e1 - e0 == 1:  # one expert: its pairs are contiguous, no padding needed
                 h, out = _batched_expert(layer, xin[lo:hi][None], e0, e1)
-                h_sel, o_sel = h[0], out[0]
-                in_absmax[e0] = _absmax(h_sel)
-                out_absmax[e0] = _absmax(o_sel)
-                reduce_rows(lo, hi, h_sel, o_sel, per_row_max=False)
+                reduce_rows(lo, hi, h[0], out[0])
             else:
                 local_e = expert[lo:hi] - e0
-                local_p = pos[lo:hi]
+                local_p = torch.arange(lo, hi, device=x.device) - offsets[expert[lo:hi]]
                 xs = x.new_zeros(e1 - e0, cmax, x.shape[1])
                 xs[local_e, local_p] = xin[lo:hi]
                 h, out = _batched_expert(layer, xs, e0, e1)
-                reduce_rows(lo, hi, h[local_e, local_p], out[local_e, local_p], per_row_max=True)
+                reduce_rows(lo, hi, h[local_e, local_p], out[local_e, local_p])
         e0 = e1
-    return _result(layer, expert, token, weight, out_norm, in_absmax, out_absmax, routed)
 
 
-def _result(layer, expert, token, weight, out_norm, in_absmax, out_absmax, routed) -> RoutedActivations:
-    contribution = out_norm if layer.spec.weight_on_input else out_norm * weight.abs()
-    return RoutedActivations(expert=expert, token=token, weight=weight, out_norm=out_norm,
-                             contribution_norm=contribution, in_absmax=in_absmax, out_absmax=out_absmax,
-                             routed_output=routed)
+_ARANGE: dict = {}
+
+
+def _arange(n: int, device) -> torch.Tensor:
+    """Cached ``arange(n)`` (int64) per device: saves a kernel launch per layer and batch."""
+    key = (n, str(device))
+    t = _ARANGE.get(key)
+    if t is None:
+        if len(_ARANGE) > 64:
+            _ARANGE.clear()
+        t = _ARANGE[key] = torch.arange(n, device=device)
+    return t

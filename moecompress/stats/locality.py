@@ -29,18 +29,59 @@ import numpy as np
 import torch
 
 
-def srp_histogram(seqs: torch.Tensor, num_experts: int, m: int) -> tuple[torch.Tensor, int]:
-    """Histogram over c = 0..m of per-(window, expert) hit counts; seqs [B, S, k] top-k ids."""
-    B, S, _ = seqs.shape
+def srp_histograms(hit: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
+    """Per layer, the histogram over c = 0..m of per-(window, expert) hit counts.
+
+    ``hit`` [L, B, S, E] is the 0/1 routing of L layers over B sequences of S tokens; returns
+    ([L, m + 1] int64 counts, windows per layer).
+    """
+    L, B, S, E = hit.shape
     if S < m:
-        return torch.zeros(m + 1, dtype=torch.int64, device=seqs.device), 0
-    hit = torch.zeros(B, S, num_experts, dtype=torch.int32, device=seqs.device)
-    hit.scatter_(2, seqs, 1)
-    cs = torch.nn.functional.pad(hit.cumsum(1, dtype=torch.int32), (0, 0, 1, 0))
-    win = cs[:, m:] - cs[:, :-m]  # [B, S - m + 1, E]
-    flat = win.reshape(-1).long()
-    hist = torch.zeros(m + 1, dtype=torch.int64, device=seqs.device).index_add_(0, flat, torch.ones_like(flat))
-    return hist, B * (S - m + 1)
+        return torch.zeros(L, m + 1, dtype=torch.int64, device=hit.device), 0
+    # prefix sums over positions, in int32, along the last (contiguous) dimension: the fast
+    # scan on a GPU (a scan along an outer dimension runs one sequential thread per column)
+    cs = torch.nn.functional.pad(hit.transpose(2, 3).contiguous().cumsum(-1, dtype=torch.int32), (1, 0))
+    win = cs[..., m:] - cs[..., :-m]  # [L, B, E, S - m + 1] counts in 0..m
+    # one histogram per layer: bin = layer * (m + 1) + count. Integer counting is exact whatever
+    # the order, so deterministic. On a GPU, histc on integers counts in shared memory per block:
+    # index_add_ would send millions of global atomics to a few dozen addresses.
+    nbins = L * (m + 1)
+    bins = (win + _layer_base(L, m + 1, hit.device)).reshape(-1)
+    hist = None
+    if bins.is_cuda:
+        try:
+            hist = torch.histc(bins, bins=nbins, min=0, max=nbins - 1).long()
+        except (RuntimeError, NotImplementedError):  # a torch without integer histc on this device
+            hist = None
+    if hist is None:  # CPU histc takes floats only (inexact past 2**24 per bin): count with index_add_
+        hist = torch.zeros(nbins, dtype=torch.int64, device=hit.device).index_add_(0, bins, _ones(bins))
+    return hist.view(L, m + 1), B * (S - m + 1)
+
+
+def srp_histogram(seqs: torch.Tensor, num_experts: int, m: int) -> tuple[torch.Tensor, int]:
+    """:func:`srp_histograms` of one layer from its top-k ids seqs [B, S, k]."""
+    B, S, _ = seqs.shape
+    hit = torch.zeros(B, S, num_experts, dtype=torch.int32, device=seqs.device).scatter_(2, seqs, 1)
+    hist, windows = srp_histograms(hit[None], m)
+    return hist[0], windows
+
+
+def _layer_base(L: int, bins: int, device) -> torch.Tensor:
+    return (torch.arange(L, dtype=torch.int32, device=device) * bins).view(L, 1, 1, 1)
+
+
+_ONES: dict = {}
+
+
+def _ones(like: torch.Tensor) -> torch.Tensor:
+    """A cached int64 vector of ones as long as ``like`` (one launch fewer per layer and batch)."""
+    key = (like.numel(), str(like.device))
+    t = _ONES.get(key)
+    if t is None:
+        if len(_ONES) > 64:
+            _ONES.clear()
+        t = _ONES[key] = torch.ones(like.numel(), dtype=torch.int64, device=like.device)
+    return t
 
 
 def srp_from_histogram(hist: torch.Tensor, windows: int, m: int, k: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Accumulate per-expert routing statistics from :func:`moecompress.capture.run_calibration`.
 
-One :class:`LayerAccumulator` per MoE layer sums, per batch, everything the statistics need
-(all batched: index_add / scatter_reduce / matmul, no Python loop per token, no host sync).
-Sums are kept in float64 so that results do not depend on the batch size beyond rounding.
+The observer keeps each MoE layer's routing and per-pair expert values of a batch and reduces
+all layers of the batch at once (stacked, no Python loop per token, no host sync, and no
+floating-point atomics, so the same seed gives the same bytes on a GPU too). Sums are kept in
+float64 so that results do not depend on the batch size beyond rounding.
 Definitions (T = calibration tokens, k = top-k, g = routing weight the model gives a selected
 expert, o = that expert's output for the token):
 
@@ -47,45 +48,133 @@ computes) and the contribution ||g-weighted output|| used by REAP and EASY-EP is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..arch import MoELayer, Routing
-from .grouped import routed_activations
-from .locality import SCHBuffer, srp_histogram
+from .grouped import RoutedActivations, routed_activations
+from .locality import SCHBuffer, srp_histograms
+
+# Per routed (token, expert) pair values summed per expert: the routing weight (gate_mean), the
+# expert output norm (EAN), the weighted contribution norm (REAP) and its EASY-EP weighting.
+PAIR_SUMS = ("gate", "ean", "contrib", "easy")
 
 
-class LayerAccumulator:
-    def __init__(self, num_experts: int, top_k: int, device, segment_len: int):
-        E = num_experts
-        f64 = dict(dtype=torch.float64, device=device)
-        self.E, self.k = E, top_k
-        self.tokens = 0
-        self.count = torch.zeros(E, dtype=torch.int64, device=device)
-        self.soft = torch.zeros(E, **f64)
-        self.gate = torch.zeros(E, **f64)
-        self.ean = torch.zeros(E, **f64)
-        self.contrib = torch.zeros(E, **f64)
-        self.easy = torch.zeros(E, **f64)
-        self.tcess = torch.zeros(E, **f64)
-        self.coact = torch.zeros(E, E, **f64)
-        self.entropy = torch.zeros((), **f64)
-        self.in_max = torch.zeros(E, dtype=torch.float32, device=device)
-        self.out_max = torch.zeros(E, dtype=torch.float32, device=device)
-        self.srp_hist = torch.zeros(segment_len + 1, dtype=torch.int64, device=device)
-        self.srp_windows = 0
+@dataclass
+class _Traffic:
+    """One MoE layer's traffic of one batch, reduced to what the statistics need, kept until the
+    next :meth:`StatsObserver.flush` (a few [T, E] and [T x k] tensors, never [T, H])."""
+
+    layer_idx: int
+    probs: torch.Tensor  # [T, E]
+    logits: torch.Tensor  # [T, E]
+    topk_idx: torch.Tensor  # [T, k]
+    acts: RoutedActivations  # per routed pair, expert-sorted (its routed_output dropped)
+    gram: torch.Tensor  # [T, 3] float32: h.h, h.r, r.r (h residual stream, r routed output)
+
+    @property
+    def key(self) -> tuple:
+        return tuple(self.probs.shape) + (self.topk_idx.shape[1], str(self.probs.device))
+
+    @property
+    def nbytes(self) -> int:
+        t = [self.probs, self.logits, self.topk_idx, self.gram, self.acts.expert, self.acts.token, self.acts.weight,
+             self.acts.out_norm, self.acts.row_in_max, self.acts.row_out_max]
+        return sum(x.numel() * x.element_size() for x in t)
+
+
+class _Sums:
+    """Running sums of every layer with the same (experts, top-k), stacked [L, ...] in the order
+    the layers were first seen, so that one batch of all layers is one set of kernels."""
+
+    def __init__(self, num_experts: int, top_k: int, segment_len: int, device):
+        self.E, self.k, self.m, self.device = num_experts, top_k, segment_len, device
+        self.layers: list[int] = []
+        self.row: dict[int, int] = {}
+        self.tokens: list[int] = []
+        self.srp_windows: list[int] = []
+        self.t: dict[str, torch.Tensor] = {}
+
+    def _zeros(self, n: int) -> dict[str, torch.Tensor]:
+        E, f64, dev = self.E, torch.float64, self.device
+        return {
+            "count": torch.zeros(n, E, dtype=torch.int64, device=dev),
+            "soft": torch.zeros(n, E, dtype=f64, device=dev),
+            "pair_sums": torch.zeros(n, E, len(PAIR_SUMS), dtype=f64, device=dev),
+            "tcess": torch.zeros(n, E, dtype=f64, device=dev),
+            "coact": torch.zeros(n, E, E, dtype=f64, device=dev),
+            "entropy": torch.zeros(n, dtype=f64, device=dev),
+            "in_max": torch.zeros(n, E, dtype=torch.float32, device=dev),
+            "out_max": torch.zeros(n, E, dtype=torch.float32, device=dev),
+            "srp_hist": torch.zeros(n, self.m + 1, dtype=torch.int64, device=dev),
+        }
+
+    def rows(self, layer_ids: list[int]):
+        """Row selector for ``layer_ids`` (a slice when contiguous: in-place updates on a view)."""
+        new = [li for li in layer_ids if li not in self.row]
+        if new:
+            for li in new:
+                self.row[li] = len(self.layers)
+                self.layers.append(li)
+                self.tokens.append(0)
+                self.srp_windows.append(0)
+            grow = self._zeros(len(new))
+            self.t = {name: torch.cat([self.t[name], grow[name]]) if self.t else grow[name] for name in grow}
+        r = [self.row[li] for li in layer_ids]
+        if r == list(range(r[0], r[0] + len(r))):
+            return slice(r[0], r[0] + len(r))
+        return torch.tensor(r, device=self.device)
+
+    def get(self, layer_idx: int, name: str) -> torch.Tensor:
+        return self.t[name][self.row[layer_idx]]
+
+
+def segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-expert sums [L, E, F] of expert-sorted rows values [L, F, P] (float64), offsets [L, E + 1].
+
+    Why not ``index_add_``: floating-point atomics on a GPU add in a different order every run,
+    so the same seed would not give the same bytes. A float64 prefix sum read at the expert
+    boundaries is deterministic and its cancellation error (~1e-16 of the batch total) is far
+    below the float32 the statistics are stored in. The scan runs along the last (contiguous)
+    dimension: a scan along an outer dimension runs one sequential thread per column on a GPU.
+    """
+    L, F, _ = values.shape
+    c = torch.nn.functional.pad(values.cumsum(-1), (1, 0))
+    ends = offsets[:, None, :].expand(L, F, -1)
+    bounds = c.gather(2, ends)  # [L, F, E + 1]
+    return (bounds[..., 1:] - bounds[..., :-1]).transpose(1, 2)
+
+
+def _gram(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """[T, 3] float32: h.h, h.r, r.r per token, in one batched matmul."""
+    x = torch.stack([h, r.to(h.dtype)], dim=1).float()  # [T, 2, H]
+    g = torch.bmm(x, x.transpose(1, 2))  # [T, 2, 2]
+    return g.reshape(-1, 4)[:, (0, 1, 3)]
 
 
 class StatsObserver:
-    """Observer for :func:`run_calibration`; call :meth:`finalize` after the run."""
+    """Observer for :func:`run_calibration`; call :meth:`finalize` after the run.
+
+    Per layer and batch, :meth:`observe` only keeps the layer's routing and the per-pair values
+    of its routed experts (plus three dot products per token for EASY-EP); :meth:`flush` (called
+    by ``run_calibration`` after each batch, and whenever the kept tensors pass ``flush_bytes``)
+    reduces all kept layers at once. On a GPU the statistics are then a few dozen kernel launches
+    per batch instead of per layer and batch: a plain forward is itself close to bound by
+    launch overhead, so per-layer statistics kernels cost as much as their launches, not their work.
+    """
 
     def __init__(self, seq_len: int, *, segment_len: int = 16, tcess_threshold: float = 0.0,
-                 sch_cache_sizes: tuple[int, ...] | None = None, max_elements: int | None = None):
+                 sch_cache_sizes: tuple[int, ...] | None = None, max_elements: int | None = None,
+                 flush_bytes: int = 256 << 20):
         self.seq_len = seq_len
         self.segment_len = min(segment_len, seq_len)
         self.tcess_threshold = tcess_threshold
         self.sch_cache_sizes = sch_cache_sizes
         self.max_elements = max_elements
-        self.acc: dict[int, LayerAccumulator] = {}
+        self.flush_bytes = flush_bytes
+        self.sums: dict[tuple[int, int], _Sums] = {}
+        self.layer_group: dict[int, tuple[int, int]] = {}
         self.residual: dict[int, torch.Tensor] = {}  # filled by collect_stats' norm pre-hooks
         self.residual_scale: float = 1.0
         self.sch = SCHBuffer()
@@ -93,56 +182,101 @@ class StatsObserver:
         # fuse_experts), keyed by layer: reused instead of recomputing the experts
         self.pending: dict[int, tuple] = {}
         self.reused = 0
+        self.kept: list[_Traffic] = []
+        self.kept_bytes = 0
 
     @torch.no_grad()
     def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
         li = layer.layer_idx
-        E, k = layer.num_experts, routing.topk_idx.shape[1]
-        a = self.acc.get(li)
-        if a is None:
-            a = self.acc[li] = LayerAccumulator(E, k, x.device, self.segment_len)
-        T = x.shape[0]
-        idx = routing.topk_idx
-        a.tokens += T
-
-        # --- routing-only statistics ------------------------------------------------
-        flat = idx.reshape(-1)
-        a.count.index_add_(0, flat, torch.ones_like(flat))  # not bincount: no host sync on GPU
-        a.soft += routing.probs.sum(0, dtype=torch.float64)
-        a.gate.index_add_(0, flat, routing.topk_weight.reshape(-1).double())
-        hit = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_(1, idx, 1.0)
-        a.coact += (hit.T @ hit).double()  # exact: integer counts <= T < 2**24 per batch
-        p = routing.probs.double()
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
-        a.entropy += -(p * torch.log(p.clamp_min(1e-300))).sum()
-        top_logits, top_idx = routing.logits.topk(k, dim=-1)
-        local = torch.softmax(top_logits.double(), dim=-1)
-        local = torch.where(local >= self.tcess_threshold, local, torch.zeros_like(local))
-        a.tcess.index_add_(0, top_idx.reshape(-1), local.reshape(-1))
-
-        # --- local routing consistency (per sequence of seq_len tokens) --------------
-        seqs = idx.reshape(-1, self.seq_len, k)
-        hist, windows = srp_histogram(seqs, E, self.segment_len)
-        a.srp_hist += hist
-        a.srp_windows += windows
-        self.sch.add(li, seqs, E)
-
-        # --- statistics on the routed experts' activations ---------------------------
         pending = self.pending.pop(li, None)
         if pending is not None and pending[0] is routing.topk_idx:
             acts = pending[2]  # the forward already ran exactly these experts on exactly this routing
             self.reused += 1
         else:
             acts = routed_activations(layer, x, routing, self.max_elements, want_routed_output=True)
-        a.ean.index_add_(0, acts.expert, acts.out_norm.double())
-        a.contrib.index_add_(0, acts.expert, acts.contribution_norm.double())
-        a.in_max = torch.maximum(a.in_max, acts.in_absmax)
-        a.out_max = torch.maximum(a.out_max, acts.out_absmax)
         h = self.residual.pop(li, None)
-        h = (x if h is None else h.reshape(-1, h.shape[-1])).float()
-        after = h + self.residual_scale * acts.routed_output.float()
-        s = (1 - torch.nn.functional.cosine_similarity(h, after, dim=-1)).clamp_min(0)
-        a.easy.index_add_(0, acts.expert, (acts.contribution_norm * s[acts.token]).double())
+        h = x if h is None else h.reshape(-1, h.shape[-1])
+        gram = _gram(h, acts.routed_output)
+        acts.routed_output = None  # [T, H]: not kept
+        t = _Traffic(li, routing.probs, routing.logits, routing.topk_idx, acts, gram)
+        self.layer_group[li] = (layer.num_experts, routing.topk_idx.shape[1])
+        self.kept.append(t)
+        self.kept_bytes += t.nbytes
+        if self.kept_bytes >= self.flush_bytes:
+            self.flush()
+
+    def end_batch(self) -> None:
+        """Called by ``run_calibration`` after every batch."""
+        self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Reduce every kept layer's traffic into the running sums (layers of equal shape at once)."""
+        groups: dict[tuple, list[_Traffic]] = {}
+        for t in self.kept:
+            groups.setdefault(t.key, []).append(t)
+        self.kept, self.kept_bytes = [], 0
+        for items in groups.values():
+            self._reduce(items)
+
+    def _reduce(self, items: list[_Traffic]) -> None:
+        L = len(items)
+        T, E = items[0].probs.shape
+        k = items[0].topk_idx.shape[1]
+        dev = items[0].probs.device
+        ids = [t.layer_idx for t in items]
+        acc = self.sums.get((E, k))
+        if acc is None:
+            acc = self.sums[(E, k)] = _Sums(E, k, self.segment_len, dev)
+        rows = acc.rows(ids)
+        a = acc.t
+        for li in ids:
+            acc.tokens[acc.row[li]] += T
+
+        # --- routing-only statistics ------------------------------------------------
+        probs = torch.stack([t.probs for t in items])  # [L, T, E]
+        idx = torch.stack([t.topk_idx for t in items])  # [L, T, k]
+        a["soft"][rows] += probs.sum(1, dtype=torch.float64)
+        hit = torch.zeros(L, T, E, dtype=torch.float32, device=dev).scatter_(2, idx, 1.0)
+        a["coact"][rows] += torch.bmm(hit.transpose(1, 2), hit).double()  # exact: counts <= T < 2**24
+        p = probs.double()
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+        a["entropy"][rows] += torch.special.entr(p).sum((1, 2))  # entr(p) = -p log p, 0 at p = 0
+        top_logits, top_idx = torch.stack([t.logits for t in items]).topk(k, dim=-1)
+        local = torch.softmax(top_logits.double(), dim=-1)
+        local = local.masked_fill_(local < self.tcess_threshold, 0.0).float()
+        a["tcess"][rows] += torch.zeros_like(hit).scatter_(2, top_idx, local).sum(1, dtype=torch.float64)
+
+        # --- local routing consistency (per sequence of seq_len tokens) --------------
+        seqs = idx.view(L, -1, self.seq_len, k)
+        hist, windows = srp_histograms(hit.view(L, -1, self.seq_len, E), self.segment_len)
+        a["srp_hist"][rows] += hist
+        for i, li in enumerate(ids):
+            acc.srp_windows[acc.row[li]] += windows
+            self.sch.add(li, seqs[i], E)
+
+        # --- statistics on the routed experts' activations ---------------------------
+        offsets = torch.stack([t.acts.offsets for t in items])  # [L, E + 1]
+        a["count"][rows] += offsets.diff(dim=1)
+        expert = torch.stack([t.acts.expert for t in items])  # [L, P]
+        for name, field in (("in_max", "row_in_max"), ("out_max", "row_out_max")):
+            rowmax = torch.stack([getattr(t.acts, field) for t in items])
+            batch_max = torch.zeros(L, E, dtype=torch.float32, device=dev).scatter_reduce_(1, expert, rowmax, "amax")
+            a[name][rows] = torch.maximum(a[name][rows], batch_max)
+        # EASY-EP: s = max(0, 1 - cos(h, h + c r)) from the per-token dot products
+        g = torch.stack([t.gram for t in items]).double()  # [L, T, 3]
+        c = self.residual_scale
+        hh, hr, rr = g[..., 0], c * g[..., 1], c * c * g[..., 2]
+        after = (hh + 2 * hr + rr).clamp_min(0)
+        cos = (hh + hr) / (hh * after).sqrt().clamp_min(1e-8)
+        s = (1 - cos).clamp_min(0)
+        weight = torch.stack([t.acts.weight for t in items])
+        out_norm = torch.stack([t.acts.out_norm for t in items])
+        contrib = out_norm if items[0].acts.weight_on_input else out_norm * weight.abs()
+        token = torch.stack([t.acts.token for t in items])
+        pairs = torch.stack([weight.double(), out_norm.double(), contrib.double(),
+                             contrib.double() * s.gather(1, token)], dim=1)  # [L, 4, P]
+        a["pair_sums"][rows] += segment_sums(pairs, offsets)
 
     def fuse_experts(self, view) -> list:
         """Let the statistics' grouped expert computation *be* the experts' forward pass, so the
@@ -178,27 +312,33 @@ class StatsObserver:
         from .locality import srp_from_histogram
         from .super_experts import super_expert_mask
 
+        self.flush()
         out: dict[int, dict[str, torch.Tensor]] = {}
         sch = self.sch.finalize(self.segment_len, self.sch_cache_sizes)
-        for li, a in sorted(self.acc.items()):
-            cnt = a.count.double()
+        for li in sorted(self.layer_group):
+            acc = self.sums[self.layer_group[li]]
+            r = acc.row[li]
+            tokens = max(acc.tokens[r], 1)
+            a = {name: t[r].cpu() for name, t in acc.t.items()}
+            cnt = a["count"].double()
             used = cnt.clamp_min(1)
             mean = cnt.mean()
             cv = cnt.std(unbiased=False) / mean if mean > 0 else torch.zeros((), dtype=torch.float64)
+            pair = {name: a["pair_sums"][:, i] for i, name in enumerate(PAIR_SUMS)}
             out[li] = {
-                "count": a.count.cpu(),
-                "soft_count": a.soft.float().cpu(),
-                "gate_mean": (a.gate / used).float().cpu(),
-                "ean": a.ean.float().cpu(),
-                "reap": (a.contrib / used).float().cpu(),
-                "easy_ep": a.easy.float().cpu(),
-                "tcess": (a.tcess / max(a.tokens, 1)).float().cpu(),
-                "coactivation": a.coact.round().long().cpu(),
-                "entropy": (a.entropy / max(a.tokens, 1)).float().cpu(),
-                "load_cv": cv.float().cpu(),
-                "super_in_max": a.in_max.cpu(),
-                "super_out_max": a.out_max.cpu(),
-                "srp": srp_from_histogram(a.srp_hist.cpu(), a.srp_windows, self.segment_len, a.k),
+                "count": a["count"],
+                "soft_count": a["soft"].float(),
+                "gate_mean": (pair["gate"] / used).float(),
+                "ean": pair["ean"].float(),
+                "reap": (pair["contrib"] / used).float(),
+                "easy_ep": pair["easy"].float(),
+                "tcess": (a["tcess"] / tokens).float(),
+                "coactivation": a["coact"].round().long(),
+                "entropy": (a["entropy"] / tokens).float(),
+                "load_cv": cv.float(),
+                "super_in_max": a["in_max"],
+                "super_out_max": a["out_max"],
+                "srp": srp_from_histogram(a["srp_hist"], acc.srp_windows[r], self.segment_len, acc.k),
                 "sch": sch[li],
             }
         masks = super_expert_mask({li: d["super_out_max"] for li, d in out.items()})
