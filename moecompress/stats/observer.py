@@ -147,10 +147,13 @@ def segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _gram(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """[T, 3] float32: h.h, h.r, r.r per token, in one batched matmul."""
-    x = torch.stack([h, r.to(h.dtype)], dim=1).float()  # [T, 2, H]
-    g = torch.bmm(x, x.transpose(1, 2))  # [T, 2, 2]
-    return g.reshape(-1, 4)[:, (0, 1, 3)]
+    """[T, 3] float32: h.h, h.r, r.r per token (one batched matmul on a GPU: fewer launches;
+    on the CPU T tiny matmuls are slower than three row-wise products)."""
+    if h.is_cuda:
+        x = torch.stack([h, r.to(h.dtype)], dim=1).float()  # [T, 2, H]
+        return torch.bmm(x, x.transpose(1, 2)).reshape(-1, 4)[:, (0, 1, 3)]
+    h, r = h.float(), r.float()
+    return torch.stack([(h * h).sum(-1), (h * r).sum(-1), (r * r).sum(-1)], dim=1)
 
 
 class StatsObserver:
