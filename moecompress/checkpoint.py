@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -150,13 +151,19 @@ def load_model(
             # observers' workspace so that the *peak* stays under the cap.
             max_memory[0] = int(gpu * 0.7)
         max_memory["cpu"] = parse_memory(max_cpu_memory) if max_cpu_memory else _available_cpu_memory()
-        if offload_folder is None:
+        own_folder = offload_folder is None
+        if own_folder:
             offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
         kwargs = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload_folder)}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
     except (OSError, ValueError) as e:
+        if kwargs.get("offload_folder") and own_folder:
+            shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
         raise MoECompressError(f"cannot load '{src}': {_first_line(e)}") from None
+    if kwargs.get("offload_folder") and own_folder:
+        # the offloaded weights live as long as the model: delete them with it
+        weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], True)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -395,3 +395,34 @@ def test_srp_histograms_per_layer_equal_single_layer():
         h1, w1 = srp_histogram(seqs[layer], 6, 4)
         assert torch.equal(hist[layer], h1) and windows == w1 == 3 * (25 - 4 + 1)
         assert int(hist[layer].sum()) == 3 * 22 * 6  # every (window, expert) counted once
+
+
+def test_cli_streamed_stats_equal_in_memory(tmp_path):
+    """`stats --max-cpu-memory` streams the model (disk offload, layer by layer): the same
+    statistics as in memory, the offload folder is gone afterwards, and bad caps exit 2."""
+    import glob
+    import tempfile
+
+    from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
+
+    ckpt = tmp_path / "tiny"
+    tiny_checkpoint(ckpt, "qwen3_moe")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(SAMPLE_TEXT)
+    common = ("stats", ckpt, "--calib", calib, "-n", 4, "--seq-len", 32, "--batch-size", 2, "--segment-len", 8)
+    before = set(glob.glob(f"{tempfile.gettempdir()}/moecompress-offload-*"))
+    assert invoke_cli(*common, "-o", tmp_path / "mem.safetensors").exit_code == 0
+    r = invoke_cli(*common, "--max-cpu-memory", "40KB", "-o", tmp_path / "streamed.safetensors")
+    assert r.exit_code == 0, r.output
+    import gc
+
+    gc.collect()
+    assert set(glob.glob(f"{tempfile.gettempdir()}/moecompress-offload-*")) <= before  # cleaned up
+    mem, streamed = Stats.load(tmp_path / "mem.safetensors"), Stats.load(tmp_path / "streamed.safetensors")
+    for key, t in mem.tensors.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(streamed.tensors[key], t, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(streamed.tensors[key], t), key
+    bad = invoke_cli(*common, "--max-gpu-memory", "lots", "-o", tmp_path / "x.safetensors")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output and not (tmp_path / "x.safetensors").exists()

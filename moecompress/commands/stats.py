@@ -79,6 +79,10 @@ def register(app: typer.Typer) -> None:
         segment_len: int = typer.Option(16, "--segment-len", help="Window (tokens) of the SRP / SCH routing-locality metrics."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16, float16."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu)."),
+        max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="Stream the model under this GPU "
+                                                     "memory cap (e.g. 4GiB): layers are onloaded one at a time."),
+        max_cpu_memory: Optional[str] = typer.Option(None, "--max-cpu-memory", help="CPU memory cap when streaming; "
+                                                     "the rest is offloaded to disk."),
         output: Path = typer.Option(..., "-o", "--output", help="Statistics file (.safetensors); a .json summary is written beside it."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a per-layer expert-usage heatmap (PNG, needs matplotlib)."),
@@ -91,7 +95,8 @@ def register(app: typer.Typer) -> None:
                 require_matplotlib()  # fail before the long run, not after
             stats = stats_for_checkpoint(model, calib, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field,
                                          batch_size=batch_size, segment_len=segment_len, dtype=dtype, device=device,
-                                         output=output, overwrite=overwrite)
+                                         output=output, overwrite=overwrite, max_gpu_memory=max_gpu_memory,
+                                         max_cpu_memory=max_cpu_memory)
             if plot is not None:
                 plot_usage(stats, plot)
         console.print(_meta_line(stats.meta), highlight=False)

@@ -26,10 +26,14 @@ def stats_for_checkpoint(
     output: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    max_gpu_memory: str | None = None,
+    max_cpu_memory: str | None = None,
 ) -> Stats:
     """Load ``model``, draw calibration tokens from ``calib`` and collect routing statistics;
     save them to ``output`` (safetensors + JSON summary) when given.
 
+    ``max_gpu_memory`` / ``max_cpu_memory`` stream the model layer by layer under those caps
+    (see ``checkpoint.load_model``); the statistics equal the in-memory ones up to float rounding.
     ``batch_size`` None: 8 sequences on the CPU; on a GPU as many as make ~16k tokens
     (:func:`default_batch_size`). ``dtype="auto"`` keeps the checkpoint's dtype on a GPU and computes in float32 on the CPU
     (half-precision matmuls are slow there and the statistics less exact).
@@ -37,7 +41,7 @@ def stats_for_checkpoint(
     from transformers import AutoTokenizer
 
     from ..calibration import check_source, load_calibration
-    from ..checkpoint import load_config, load_model, parse_dtype, resolve_source
+    from ..checkpoint import load_config, load_model, parse_dtype, parse_memory, resolve_source
 
     if output is not None:
         output = Path(output)
@@ -47,7 +51,13 @@ def stats_for_checkpoint(
             raise MoECompressError(f"'{output}' already exists; pass --overwrite to replace it")
         if output.parent.exists() and not output.parent.is_dir():
             raise MoECompressError(f"cannot write into '{output.parent}': not a folder")
-    on_cpu = device is None or str(device) == "cpu"
+    parse_memory(max_gpu_memory)
+    parse_memory(max_cpu_memory)
+    streamed = max_gpu_memory is not None or max_cpu_memory is not None
+    if streamed and device not in (None, "cuda", "cuda:0"):
+        raise MoECompressError("--max-gpu-memory / --max-cpu-memory stream onto the first GPU (or the CPU without "
+                               "one); leave --device out or pass --device cuda")
+    on_cpu = (device is None or str(device) == "cpu") and not (streamed and _has_cuda())
     if batch_size is None:
         batch_size = default_batch_size(seq_len, n, on_gpu=not on_cpu)
     for name, v, lo in (("-n", n, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--segment-len", segment_len, 1)):
@@ -61,13 +71,20 @@ def stats_for_checkpoint(
     parse_dtype(dt)
     tok = AutoTokenizer.from_pretrained(resolve_source(model))
     tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field)
-    lm = load_model(model, dtype=dt, device=device)
+    lm = load_model(model, dtype=dt, device=None if streamed else device, max_gpu_memory=max_gpu_memory,
+                    max_cpu_memory=max_cpu_memory)
     stats = collect_stats(lm, tokens, batch_size=batch_size, segment_len=segment_len, progress=progress,
                           meta={"model": str(model), "calib": str(calib), "mode": mode, "field": field,
                                 "seed": seed, "dtype": str(next(lm.parameters()).dtype).replace("torch.", "")})
     if output is not None:
         stats.save(output)
     return stats
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def default_batch_size(seq_len: int, n: int, *, on_gpu: bool) -> int:
