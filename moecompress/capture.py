@@ -25,6 +25,10 @@ class Observer(Protocol):
         what it kept of all layers at once)."""
 
 
+class _StopForward(Exception):
+    """Raised after the ``stop_after`` layer's observers ran: the rest of the forward is skipped."""
+
+
 def batches_of(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [tokens[i : i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
 
@@ -73,8 +77,13 @@ def run_calibration(
     view: MoEModel | None = None,
     progress: bool = True,
     description: str = "calibrating",
+    stop_after: int | None = None,
 ) -> MoEModel:
-    """Forward ``tokens`` [N, S] in batches; every observer sees every MoE layer's traffic."""
+    """Forward ``tokens`` [N, S] in batches; every observer sees every MoE layer's traffic.
+
+    ``stop_after`` (a decoder layer index): each batch's forward ends once that MoE layer's
+    observers ran, for stages that work on one layer (or a group of layers) at a time.
+    """
     view = view or moe_view(model)
     observers = list(observers)
     device = execution_device(model)
@@ -92,6 +101,8 @@ def run_calibration(
             with onloaded(layer.block):
                 for obs in observers:
                     obs.observe(layer, x, routing, y)
+            if layer.layer_idx == stop_after:
+                raise _StopForward
 
         hooks.append(layer.router.register_forward_hook(on_router))
         hooks.append(layer.block.register_forward_hook(on_block))
@@ -101,7 +112,10 @@ def run_calibration(
                       disable=not progress, transient=True) as bar:
             task = bar.add_task(description, total=len(chunks))
             for chunk in chunks:
-                _decoder(model)(input_ids=chunk.to(device), use_cache=False)
+                try:
+                    _decoder(model)(input_ids=chunk.to(device), use_cache=False)
+                except _StopForward:
+                    pass
                 for obs in observers:
                     end_batch = getattr(obs, "end_batch", None)
                     if end_batch is not None:

@@ -456,3 +456,35 @@ def test_streamed_merge_needs_safetensors(calib_ckpt, tmp_path):
                    "--max-gpu-memory", "4GiB")
     assert r.exit_code == 2 and "needs a safetensors checkpoint" in " ".join(r.output.split()), r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_refit_in_layer_groups_bounds_the_accumulators():
+    """With a budget below one layer's accumulators every layer is re-fitted in its own pass:
+    the first layer's re-fit is the same as in one pass (same inputs), later layers are fitted
+    on the already re-fitted earlier layers, and the groups follow the model's shape."""
+    from moecompress.merge import refit as refit_mod
+
+    toks = tokens(6, 24)
+    clusters = {1: [[0, 1, 2], [3], [4, 5], [6, 7]], 2: [[0, 7], [1, 2], [3, 4], [5, 6]]}
+    one_pass, grouped = tiny_model("qwen3_moe"), tiny_model("qwen3_moe")
+    merge_experts(one_pass, keep=4, tokens=toks, clusters=clusters, refit=True, progress=False)
+    budget = refit_mod.ACCUMULATOR_BUDGET
+    refit_mod.ACCUMULATOR_BUDGET = 1  # monkeypatching the module default: merge_experts uses it
+    try:
+        assert [len(g) for g in refit_mod.layer_groups(moe_view(grouped), 1)] == [1] * len(moe_view(grouped))
+        result = merge_experts(grouped, keep=4, tokens=toks, clusters=clusters, refit=True, progress=False)
+    finally:
+        refit_mod.ACCUMULATOR_BUDGET = budget
+    a, b = moe_view(one_pass), moe_view(grouped)
+    torch.testing.assert_close(b.layer(1).down_proj, a.layer(1).down_proj, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(b.layer(2).down_proj, a.layer(2).down_proj, rtol=1e-5, atol=1e-6)
+    assert set(result.merge_error) == {1, 2}  # every layer re-fitted (and its error reported)
+    assert len(refit_mod.layer_groups(moe_view(grouped))) == 1  # the default budget: one pass here
+
+
+def test_run_calibration_stops_after_a_layer():
+    model, toks = tiny_model("qwen3_moe"), tokens(3, 16)
+    rec = _Recorder()
+    first = moe_view(model)[0].layer_idx
+    run_calibration(model, toks, [rec], batch_size=2, progress=False, stop_after=first)
+    assert set(rec.calls) == {first} and len(rec.calls[first]) == 2  # both batches, no later layer

@@ -61,18 +61,13 @@ METHODS = ("moe-pruner", "wanda", "magnitude")
 MATRICES = ("gate_proj", "up_proj", "down_proj")
 
 
-class _Stop(Exception):
-    """Raised after the layer of interest to skip the rest of the forward pass."""
-
-
 class InputNorms:
     """Observer: per expert, sum over routed tokens of squared inputs of gate/up ([E, H]) and
     down ([E, I]), optionally weighted by the routing weight (MoE-Pruner's ``X * Gate``)."""
 
-    def __init__(self, layer_indices, router_weighted: bool, stop_after: int | None = None):
+    def __init__(self, layer_indices, router_weighted: bool):
         self.layer_indices = set(layer_indices)
         self.router_weighted = router_weighted
-        self.stop_after = stop_after
         self.sq_in: dict[int, torch.Tensor] = {}
         self.sq_hidden: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, torch.Tensor] = {}
@@ -93,8 +88,6 @@ class InputNorms:
                 self.sq_in[i][et.e] += xin.square().sum(0)
                 self.sq_hidden[i][et.e] += h.square().sum(0)
                 self.tokens[i][et.e] += et.tok.numel()
-        if self.stop_after is not None and i == self.stop_after:
-            raise _Stop
 
 
 def weight_scores(layer: MoELayer, method: str, norms: InputNorms | None) -> dict[str, torch.Tensor]:
@@ -194,12 +187,10 @@ def unstructured_prune(model, tokens: torch.Tensor | None, sparsity: float | Non
         task = bar.add_task(f"{method} pruning", total=len(view) * max(1, len(chunks)))
         for layer in view:
             if chunks:
-                norms = InputNorms([layer.layer_idx], router_weighted=method == "moe-pruner", stop_after=layer.layer_idx)
+                norms = InputNorms([layer.layer_idx], router_weighted=method == "moe-pruner")
                 for chunk in chunks:
-                    try:
-                        run_calibration(model, chunk, [norms], batch_size=chunk.shape[0], view=view, progress=False)
-                    except _Stop:
-                        pass
+                    run_calibration(model, chunk, [norms], batch_size=chunk.shape[0], view=view, progress=False,
+                                    stop_after=layer.layer_idx)  # later layers need not run
                     bar.advance(task)
             else:
                 bar.advance(task)

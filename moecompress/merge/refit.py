@@ -18,6 +18,14 @@ with ``F_{t,c} = a_{t,c} h_c(x_t)`` (``h_c(a_{t,c} x_t)`` for Llama-4, whose rou
 scales the expert input), i.e. ``dD^T = (F^T F + lam' I)^-1 F^T (s e)``, then ``D_c += dD``.
 This is one Jacobi step on the joint least-squares problem over all merged experts: it needs
 only an [I, I] and an [I, H] accumulator per expert, never the stored activations.
+
+Memory: the accumulators of one layer are 4 * E' * I * (I + H) bytes (402 MB for OLMoE-1B-7B
+merged to 32 experts; all 16 layers at once took a streamed merge to 9.5 GiB of GPU memory under
+a 4 GiB cap on an H100). Layers are therefore re-fitted in groups whose accumulators fit
+``ACCUMULATOR_BUDGET``, each group from its own calibration pass that stops after the group's
+last layer; later groups see the earlier groups re-fitted (layer-wise sequential, as GPTQ).
+The grouping depends only on the model's shape, never on memory caps, so a streamed run and an
+in-memory run re-fit the same way.
 """
 
 from __future__ import annotations
@@ -40,11 +48,34 @@ def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1, x.shape[-1])
 
 
+ACCUMULATOR_BUDGET = 1 << 30  # bytes of re-fit accumulators held at once (one layer at least)
+
+
+def accumulator_bytes(layer: MoELayer) -> int:
+    """Bytes of one layer's re-fit accumulators (float32 [E', I, I] + [E', I, H])."""
+    return 4 * layer.num_experts * layer.intermediate_size * (layer.intermediate_size + layer.hidden_size)
+
+
+def layer_groups(view: MoEModel, budget: int | None = None) -> list[list[MoELayer]]:
+    """Consecutive MoE layers whose accumulators fit ``budget`` together (at least one each)."""
+    budget = ACCUMULATOR_BUDGET if budget is None else budget
+    groups: list[list[MoELayer]] = []
+    size = 0
+    for layer in view:
+        b = accumulator_bytes(layer)
+        if not groups or size + b > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(layer)
+        size += b
+    return groups
+
+
 class RefitObserver:
     """Accumulates the normal equations of the re-fit, per merged layer and expert."""
 
     def __init__(self, originals: dict[int, nn.Module]):
-        self.originals = originals  # layer_idx -> the unmerged MoE block (detached from the model)
+        self.originals = originals  # layer_idx -> the unmerged MoE block (detached from the model); only these are observed
         self.gram: dict[int, torch.Tensor] = {}  # [E', I, I]  F^T F
         self.rhs: dict[int, torch.Tensor] = {}  # [E', I, H]  F^T (s e)
         self.tokens: dict[int, torch.Tensor] = {}  # [E'] tokens seen per expert
@@ -54,6 +85,8 @@ class RefitObserver:
     @torch.no_grad()
     def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
         li, num, inter = layer.layer_idx, layer.num_experts, layer.intermediate_size
+        if li not in self.originals:
+            return
         if li not in self.gram:
             self.gram[li] = torch.zeros(num, inter, inter, dtype=torch.float32, device=x.device)
             self.rhs[li] = torch.zeros(num, inter, layer.hidden_size, dtype=torch.float32, device=x.device)
@@ -119,19 +152,28 @@ def swap_in_copies(model, view: MoEModel | None = None) -> dict[int, nn.Module]:
 
 @torch.no_grad()
 def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tensor, *, ridge: float,
-                      batch_size: int = 8, progress: bool = True) -> dict[int, float | None]:
+                      batch_size: int = 8, progress: bool = True,
+                      budget: int | None = None) -> dict[int, float | None]:
     """Re-fit the down projections of ``model``'s (compressed) experts so each MoE layer
     reproduces ``originals[layer_idx]`` on the calibration ``tokens``; returns each layer's
     relative routed-output error before the re-fit. Works for any edit that leaves one router
-    row per expert (merging, or pruning)."""
+    row per expert (merging, or pruning). Layers go in groups of at most ``budget`` bytes of
+    accumulators (default ``ACCUMULATOR_BUDGET``; see the module docstring)."""
     view = moe_view(model)
-    obs = RefitObserver(originals)
-    run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
-                    description="least-squares re-fit")
+    budget = ACCUMULATOR_BUDGET if budget is None else budget
     errors = {}
-    for layer in view:
-        with onloaded(layer.block):  # a streamed model's merged block: onload, edit, save
-            obs.apply(layer, ridge)
-            write_back(layer.block)
-        errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
+    groups = [[layer for layer in group if layer.layer_idx in originals] for group in layer_groups(view, budget)]
+    groups = [g for g in groups if g]
+    for i, group in enumerate(groups):
+        obs = RefitObserver({layer.layer_idx: originals[layer.layer_idx] for layer in group})
+        label = "least-squares re-fit" + (f" (layers {group[0].layer_idx}-{group[-1].layer_idx}, group {i + 1}/{len(groups)})"
+                                          if len(groups) > 1 else "")
+        run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
+                        description=label, stop_after=group[-1].layer_idx)
+        for layer in group:
+            with onloaded(layer.block):  # a streamed model's merged block: onload, edit, save
+                obs.apply(layer, ridge)
+                write_back(layer.block)
+            errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
+        del obs  # free this group's accumulators before the next group's
     return errors

@@ -47,10 +47,6 @@ _GRAM_BUDGET = 1 << 29  # bytes of cached Gram matrices per layer (caps the toke
 _CHUNK_ELEMENTS = 1 << 24  # expert outputs computed at once (tokens x E x H floats)
 
 
-class _Stop(Exception):
-    """Raised by the collector once its layer is seen: later layers need not run."""
-
-
 class LayerCache:
     """Subsampled tokens of one layer: inputs x [N, H], full-layer routing weights w [N, E]
     and Gram matrices of all experts' outputs G [N, E, E] (float32)."""
@@ -71,7 +67,6 @@ class LayerCache:
         self.x.append(xs)
         self.w.append(routing.dense_weights(layer.num_experts).index_select(0, pick))
         self.gram.append(expert_gram(layer, xs))
-        raise _Stop
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.cat(self.x), torch.cat(self.w), torch.cat(self.gram)
@@ -145,10 +140,8 @@ def naee_select(sel: Selection) -> Plan:
             progress.update(task, description=f"naee: layer {li} tokens", refresh=True)
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li)
             for chunk in chunks:
-                try:
-                    run_calibration(sel.model, chunk, [cache], batch_size=chunk.shape[0], view=view, progress=False)
-                except _Stop:
-                    pass
+                run_calibration(sel.model, chunk, [cache], batch_size=chunk.shape[0], view=view, progress=False,
+                                stop_after=li)  # later layers need not run
                 progress.advance(task)
                 progress.refresh()
             x, w, gram = cache.tensors()

@@ -1,0 +1,80 @@
+"""Peak GPU memory of a streamed merge (`merge --max-gpu-memory`), on a random-weight model of
+a published shape with its first few layers (issue 8).
+
+    python bench/merge_stream_check.py --shape olmoe-1b-7b --layers 4 --tokenizer-from <testbed qwen3moe> \
+        --calib calib_mix.txt --json bench/results/merge_olmoe4_stream_h100.json
+
+Builds the model on the GPU, saves it to --work, then merges it to half its experts (m-smoe +
+re-fit) with ``max_gpu_memory=--cap`` twice: with every layer's re-fit accumulators held at once
+(the re-fit before layer groups) and with the default accumulator budget. Prints and writes the
+wall time and ``torch.cuda.max_memory_allocated`` of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def main() -> None:
+    from shaped_checkpoints import PUBLISHED
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moecompress.merge import refit
+    from moecompress.merge.api import merge_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="olmoe-1b-7b", choices=sorted(PUBLISHED))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokenizer-from", type=Path, required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("-n", type=int, default=16)
+    ap.add_argument("--cap", default="4GiB")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/merge-stream"))
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+
+    kw = dict(PUBLISHED[a.shape])
+    kw["num_hidden_layers"] = a.layers
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():  # as shaped_checkpoints.py
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    src = a.work / a.shape
+    model.save_pretrained(src, max_shard_size="2GB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(a.tokenizer_from / f, src / f)
+    keep = cfg.num_experts // 2 if hasattr(cfg, "num_experts") else cfg.n_routed_experts // 2
+    del model
+    torch.cuda.empty_cache()
+
+    res = {"shape": a.shape, "layers": a.layers, "cap": a.cap, "n": a.n, "keep": keep}
+    default_budget = refit.ACCUMULATOR_BUDGET
+    for label, budget in (("all_layers_at_once", 1 << 62), ("grouped_default", default_budget)):
+        refit.ACCUMULATOR_BUDGET = budget
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        merge_checkpoint(src, a.work / f"merged-{label}", keep=keep, calib=a.calib, n=a.n, seq_len=512,
+                         dtype="bfloat16", max_gpu_memory=a.cap, max_cpu_memory="16GiB", progress=False, overwrite=True)
+        res[label] = {"s": time.perf_counter() - t, "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        print(label, res[label], flush=True)
+    refit.ACCUMULATOR_BUDGET = default_budget
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
