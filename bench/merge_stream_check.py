@@ -5,9 +5,10 @@ a published shape with its first few layers (issue 8).
         --calib calib_mix.txt --json bench/results/merge_olmoe4_stream_h100.json
 
 Builds the model on the GPU, saves it to --work, then merges it to half its experts (m-smoe +
-re-fit) with ``max_gpu_memory=--cap`` twice: with every layer's re-fit accumulators held at once
-(the re-fit before layer groups) and with the default accumulator budget. Prints and writes the
-wall time and ``torch.cuda.max_memory_allocated`` of each.
+re-fit) with ``max_gpu_memory=--cap``; prints and writes the wall time and
+``torch.cuda.max_memory_allocated``. ``--unbounded`` also runs it first with every layer's
+re-fit accumulators at once and no working-set reservation (the code before the fix), in a
+separate process state only as far as ``gc.collect()`` frees the first model.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--cap", default="4GiB")
     ap.add_argument("--work", type=Path, default=Path("/tmp/merge-stream"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--unbounded", action="store_true", help="also measure without the working-set reservation")
     a = ap.parse_args()
 
     kw = dict(PUBLISHED[a.shape])
@@ -62,16 +64,26 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     res = {"shape": a.shape, "layers": a.layers, "cap": a.cap, "n": a.n, "keep": keep}
-    default_budget = refit.ACCUMULATOR_BUDGET
-    for label, budget in (("all_layers_at_once", 1 << 62), ("grouped_default", default_budget)):
-        refit.ACCUMULATOR_BUDGET = budget
+    import gc
+
+    from moecompress.merge import api as merge_api
+
+    runs = [("bounded", None)]
+    if a.unbounded:
+        runs.insert(0, ("unbounded", 1 << 62))
+    default_budget, working = refit.ACCUMULATOR_BUDGET, merge_api.streamed_working_bytes
+    for label, budget in runs:
+        refit.ACCUMULATOR_BUDGET = budget or default_budget
+        merge_api.streamed_working_bytes = (lambda *args, **kw: 0) if budget else working
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         merge_checkpoint(src, a.work / f"merged-{label}", keep=keep, calib=a.calib, n=a.n, seq_len=512,
                          dtype="bfloat16", max_gpu_memory=a.cap, max_cpu_memory="16GiB", progress=False, overwrite=True)
         res[label] = {"s": time.perf_counter() - t, "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30}
         print(label, res[label], flush=True)
-    refit.ACCUMULATOR_BUDGET = default_budget
+    refit.ACCUMULATOR_BUDGET, merge_api.streamed_working_bytes = default_budget, working
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")
 

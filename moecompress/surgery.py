@@ -92,7 +92,8 @@ def checkpoint_roles(model, layer: MoELayer, num_experts: int) -> dict[str, KeyR
     return roles
 
 
-def _meta_view(config) -> MoEModel:
+def meta_view(config) -> MoEModel:
+    """The MoE view of a weightless (meta device) model built from ``config``: shapes only."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -284,9 +285,9 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     the dtype the input stores; everything not replaced is copied from the input.
     """
     config = load_config(src)
-    old = _meta_view(config)
+    old = meta_view(config)
     new_config = type(config).from_dict(config.to_dict())
-    new = _meta_view(new_config)
+    new = meta_view(new_config)
     new.keep_experts({layer.layer_idx: list(range(len(keep[layer.layer_idx]))) for layer in new})  # sizes only
     plan = _plan(old, new, keep)
     replacements = _Replacements(replace, keep, new)

@@ -315,6 +315,24 @@ def _offload_folder(model, folder: str | os.PathLike | None) -> Path | None:
     return folder
 
 
+def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") -> int:
+    """GPU bytes a streamed merge holds besides the streamed weights and activations: while the
+    re-fit observes a layer, its original block and its merged block are both onloaded, and
+    the re-fit's accumulators of a layer group live on the GPU (merging itself, without the
+    re-fit, onloads one original block and builds one merged block). Measured on an H100 before
+    this was reserved: 9.49 GiB under a 4 GiB cap for the OLMoE-1B-7B shape."""
+    from ..checkpoint import parse_dtype, stored_dtype
+    from ..surgery import meta_view
+    from .refit import peak_accumulator_bytes
+
+    view = meta_view(config)
+    dt = parse_dtype(dtype) if dtype != "auto" else None
+    size = (dt or stored_dtype(config) or torch.float32).itemsize
+    block = max(sum(p.numel() for p in layer.block.parameters()) for layer in view) * size
+    merged = block * keep // max(view.layers[0].num_experts, 1)
+    return block + merged + (peak_accumulator_bytes(view, keep) if refit else 0)
+
+
 def merged_replacements(model, result: MergeResult) -> ModelReplacements:
     """What shard surgery must write besides the input's tensors, read from the ``model`` that
     :func:`merge_experts` merged into ``result``, one layer at a time: the expert weights of
@@ -387,7 +405,8 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
         tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=calib_mode, field=field_name)
         work = folder / ".moecompress-work" if streamed else None  # offloaded weights; removed below
         model = load_model(src, dtype=compute_dtype, device=device, max_gpu_memory=max_gpu_memory,
-                           max_cpu_memory=max_cpu_memory, offload_folder=work / "offload" if work else None)
+                           max_cpu_memory=max_cpu_memory, offload_folder=work / "offload" if work else None,
+                           gpu_working_bytes=streamed_working_bytes(config, keep, refit, compute_dtype) if streamed else 0)
         local = source_folder(src)  # a Hub id is in the cache now
         surgery = local is not None and any(local.glob("*.safetensors"))
         if streamed and not surgery:

@@ -71,6 +71,12 @@ def layer_groups(view: MoEModel, budget: int | None = None) -> list[list[MoELaye
     return groups
 
 
+def peak_accumulator_bytes(view: MoEModel, keep: int) -> int:
+    """Most re-fit accumulator bytes held at once when ``view``'s layers keep ``keep`` experts."""
+    sizes = [accumulator_bytes(layer) * keep // max(layer.num_experts, 1) for layer in view]
+    return max(min(ACCUMULATOR_BUDGET, sum(sizes)), max(sizes, default=0))
+
+
 class RefitObserver:
     """Accumulates the normal equations of the re-fit, per merged layer and expert."""
 
