@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -177,7 +178,49 @@ def load_model(
         weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], True)
     model.eval()
     model.requires_grad_(False)
+    _align_cpu_weights(model)
     return model
+
+
+# CPU matrix kernels take different paths (and round differently) for operands at different
+# memory alignments. Weights loaded from safetensors are views into the file at arbitrary
+# 8-byte offsets, and a streamed model onloads them from wherever its offload keeps them, so the
+# same weights would give slightly different results in memory and streamed. Both paths get
+# 64-byte-aligned weights instead (torch's CPU allocator aligns to 64 bytes).
+_ALIGN = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.device.type == "cpu" and t.data_ptr() % _ALIGN else t
+
+
+class _AlignedWeights(Mapping):
+    """An accelerate hook's ``weights_map`` whose CPU tensors come back 64-byte aligned."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getitem__(self, key):
+        return _aligned(self.inner[key])
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def _align_cpu_weights(model) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.device.type == "cpu" and p.data_ptr() % _ALIGN:
+                    p.data = p.data.clone()
+            hook = getattr(module, "_hf_hook", None)
+            for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+                weights = getattr(h, "weights_map", None)
+                if weights is not None and not isinstance(weights, _AlignedWeights):
+                    h.weights_map = _AlignedWeights(weights)
 
 
 def stored_dtype(config) -> torch.dtype | None:
