@@ -22,7 +22,9 @@ class Observer(Protocol):
         """Called once per MoE layer and batch, in layer order, under ``torch.no_grad``.
 
         An observer may also define ``end_batch()``, called after every batch (e.g. to reduce
-        what it kept of all layers at once)."""
+        what it kept of all layers at once), and ``reads_weights(layer) -> bool``: a streamed
+        layer's weights are onloaded for the observers only if one of them reads them (an
+        observer without the method is assumed to)."""
 
 
 class _StopForward(Exception):
@@ -98,7 +100,9 @@ def run_calibration(
             y = out[0] if isinstance(out, tuple) else out
             y = y.reshape(-1, y.shape[-1])
             routing = routings.pop(layer.layer_idx)
-            with onloaded(layer.block):
+            # onload a streamed block only for observers that read its weights
+            needed = any(getattr(obs, "reads_weights", None) is None or obs.reads_weights(layer) for obs in observers)
+            with onloaded(layer.block) if needed else contextlib.nullcontext():
                 for obs in observers:
                     obs.observe(layer, x, routing, y)
             if layer.layer_idx == stop_after:

@@ -426,3 +426,33 @@ def test_cli_streamed_stats_equal_in_memory(tmp_path):
             assert torch.equal(streamed.tensors[key], t), key
     bad = invoke_cli(*common, "--max-gpu-memory", "lots", "-o", tmp_path / "x.safetensors")
     assert bad.exit_code == 2 and "Traceback" not in bad.output and not (tmp_path / "x.safetensors").exists()
+
+
+def test_streamed_stats_fuse_the_experts_and_equal_in_memory(tmp_path):
+    """On a streamed model (accelerate hooks, disk offload) the statistics' grouped computation
+    replaces the hooked experts' forward too: each batch onloads the experts once, and the
+    statistics are the in-memory ones."""
+    from moecompress.checkpoint import load_model
+    from moecompress.stats.observer import StatsObserver
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    toks = tokens(N, S)
+    in_memory = collect_stats(load_model(tmp_path / "src", dtype="float32"), toks, batch_size=BATCH,
+                              segment_len=SEG, progress=False)
+    streamed_model = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=tmp_path / "off")
+    view = moe_view(streamed_model)
+    assert all(hasattr(layer.experts, "_hf_hook") for layer in view)  # really streamed
+    obs = StatsObserver(S, segment_len=SEG)
+    accelerates = [layer.experts._old_forward for layer in view]
+    undo = obs.fuse_experts(view)
+    assert all(layer.experts._old_forward is not f for layer, f in zip(view, accelerates))
+    try:
+        run_calibration(streamed_model, toks, [obs], batch_size=BATCH, progress=False)
+    finally:
+        for u in undo:
+            u()
+    assert obs.reused == len(view) * math.ceil(N / BATCH)  # every layer and batch fused
+    assert all(layer.experts._old_forward is f for layer, f in zip(view, accelerates))  # undone
+    streamed = collect_stats(streamed_model, toks, batch_size=BATCH, segment_len=SEG, progress=False)
+    for key, t in in_memory.tensors.items():
+        assert torch.equal(streamed.tensors[key], t), key

@@ -284,15 +284,25 @@ class StatsObserver:
     def fuse_experts(self, view) -> list:
         """Let the statistics' grouped expert computation *be* the experts' forward pass, so the
         experts run once instead of twice (forward + recompute). Applies to experts modules with
-        transformers' standard ``(hidden_states, top_k_index, top_k_weights)`` interface that
-        are not dispatched by accelerate; returns undo callables. The block output is the same
-        up to float rounding (a different summation order of the same products)."""
+        transformers' standard ``(hidden_states, top_k_index, top_k_weights)`` interface;
+        returns undo callables. The block output is the same up to float rounding (a different
+        summation order of the same products).
+
+        A streamed model's experts are wrapped by accelerate, whose hook onloads the weights
+        around ``_old_forward``: the fused computation replaces ``_old_forward`` there, so it
+        runs on the onloaded weights and the observer need not onload them a second time
+        (:meth:`reads_weights`): half the transfers of offloaded experts per batch.
+        """
         undo = []
         for layer in view:
             ex = layer.experts
-            if layer.spec.weight_on_input or hasattr(ex, "_hf_hook") or "forward" in ex.__dict__:
+            if layer.spec.weight_on_input:
                 continue
-            original = ex.forward
+            hooked = hasattr(ex, "_hf_hook") and "_old_forward" in ex.__dict__
+            attr = "_old_forward" if hooked else "forward"
+            if not hooked and "forward" in ex.__dict__:
+                continue  # someone else's wrapper: leave it alone
+            original = getattr(ex, attr)
 
             def forward(*args, _layer=layer, _orig=original, **kwargs):
                 hidden = args[0] if args else kwargs.get("hidden_states")
@@ -306,9 +316,18 @@ class StatsObserver:
                 self.pending[_layer.layer_idx] = (idx, w, acts)
                 return acts.routed_output
 
-            ex.forward = forward
-            undo.append(lambda ex=ex: ex.__dict__.pop("forward", None))
+            if hooked:
+                ex._old_forward = forward
+                undo.append(lambda ex=ex, orig=original: setattr(ex, "_old_forward", orig))
+            else:
+                ex.forward = forward
+                undo.append(lambda ex=ex: ex.__dict__.pop("forward", None))
         return undo
+
+    def reads_weights(self, layer: MoELayer) -> bool:
+        """Whether :meth:`observe` will read ``layer``'s weights (``run_calibration`` onloads a
+        streamed layer only then): not when the fused forward already computed its experts."""
+        return layer.layer_idx not in self.pending
 
     def finalize(self) -> dict[int, dict[str, torch.Tensor]]:
         """Per MoE layer: name -> tensor (float32 except ``count`` / ``coactivation`` int64)."""
