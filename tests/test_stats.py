@@ -384,17 +384,23 @@ def test_segment_sums_equal_index_add():
     torch.testing.assert_close(segment_sums(values, offsets), want)
 
 
-def test_srp_histograms_per_layer_equal_single_layer():
-    from moecompress.stats.locality import srp_histogram, srp_histograms
+def test_srp_histograms_equal_a_window_by_window_count():
+    from moecompress.stats.locality import srp_histograms
 
     g = torch.Generator().manual_seed(1)
-    seqs = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(2 * 3 * 25)]).reshape(2, 3, 25, 2)
-    hit = torch.zeros(2, 3, 25, 6).scatter_(3, seqs, 1.0)
-    hist, windows = srp_histograms(hit, 4)
-    for layer in range(2):
-        h1, w1 = srp_histogram(seqs[layer], 6, 4)
-        assert torch.equal(hist[layer], h1) and windows == w1 == 3 * (25 - 4 + 1)
-        assert int(hist[layer].sum()) == 3 * 22 * 6  # every (window, expert) counted once
+    L, B, S, E, k, m = 2, 3, 25, 6, 2, 4
+    seqs = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(L * B * S)]).reshape(L, B, S, k)
+    hit = torch.zeros(L, B, S, E).scatter_(3, seqs, 1.0)
+    hist, windows = srp_histograms(hit, m)
+    assert windows == B * (S - m + 1)
+    for layer in range(L):
+        want = torch.zeros(m + 1, dtype=torch.int64)
+        for b in range(B):
+            for start in range(S - m + 1):
+                window = seqs[layer, b, start:start + m].reshape(-1).tolist()
+                for e in range(E):
+                    want[window.count(e)] += 1
+        assert torch.equal(hist[layer], want)
 
 
 def test_cli_streamed_stats_equal_in_memory(tmp_path):

@@ -75,12 +75,6 @@ def _row_absmax(t: torch.Tensor) -> torch.Tensor:
     return t.abs().amax(dim=1).float() if t.shape[1] else t.new_zeros(t.shape[0], dtype=torch.float32)
 
 
-def _absmax(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """max |t| (over ``dim``, or everything) in float32."""
-    m = t.abs().amax() if dim is None else t.abs().amax(dim=dim)
-    return m.float()
-
-
 def default_max_elements(device: torch.device) -> int:
     """CPU: one expert at a time (exact sizes, no padding waste); GPU: pad experts into few
     large batched matmuls (kernel launches dominate there)."""

@@ -58,14 +58,6 @@ def srp_histograms(hit: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
     return hist.view(L, m + 1), B * (S - m + 1)
 
 
-def srp_histogram(seqs: torch.Tensor, num_experts: int, m: int) -> tuple[torch.Tensor, int]:
-    """:func:`srp_histograms` of one layer from its top-k ids seqs [B, S, k]."""
-    B, S, _ = seqs.shape
-    hit = torch.zeros(B, S, num_experts, dtype=torch.int32, device=seqs.device).scatter_(2, seqs, 1)
-    hist, windows = srp_histograms(hit[None], m)
-    return hist[0], windows
-
-
 def _layer_base(L: int, bins: int, device) -> torch.Tensor:
     return (torch.arange(L, dtype=torch.int32, device=device) * bins).view(L, 1, 1, 1)
 
