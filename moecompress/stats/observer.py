@@ -90,8 +90,7 @@ class _Sums:
 
     def __init__(self, num_experts: int, top_k: int, segment_len: int, device):
         self.E, self.k, self.m, self.device = num_experts, top_k, segment_len, device
-        self.layers: list[int] = []
-        self.row: dict[int, int] = {}
+        self.row: dict[int, int] = {}  # layer index -> row
         self.tokens: list[int] = []
         self.srp_windows: list[int] = []
         self.t: dict[str, torch.Tensor] = {}
@@ -115,8 +114,7 @@ class _Sums:
         new = [li for li in layer_ids if li not in self.row]
         if new:
             for li in new:
-                self.row[li] = len(self.layers)
-                self.layers.append(li)
+                self.row[li] = len(self.row)
                 self.tokens.append(0)
                 self.srp_windows.append(0)
             grow = self._zeros(len(new))
@@ -125,9 +123,6 @@ class _Sums:
         if r == list(range(r[0], r[0] + len(r))):
             return slice(r[0], r[0] + len(r))
         return torch.tensor(r, device=self.device)
-
-    def get(self, layer_idx: int, name: str) -> torch.Tensor:
-        return self.t[name][self.row[layer_idx]]
 
 
 def segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
