@@ -190,7 +190,8 @@ def load_model(
 _ALIGN = 64
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a 64-byte-aligned copy of it if it is an unaligned CPU tensor."""
     return t.clone() if t.device.type == "cpu" and t.data_ptr() % _ALIGN else t
 
 
@@ -201,7 +202,7 @@ class _AlignedWeights(Mapping):
         self.inner = inner
 
     def __getitem__(self, key):
-        return _aligned(self.inner[key])
+        return aligned(self.inner[key])
 
     def __iter__(self):
         return iter(self.inner)

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoint import aligned
+
 # What accelerate's add_hook_to_module puts in a module's __dict__.
 _HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "forward")
 
@@ -81,9 +83,8 @@ class SafetensorsWeights(Mapping):
         if key not in self._keys:
             raise KeyError(key)
         with safe_open(self.path, framework="pt") as f:
-            # A fresh (64-byte aligned) copy: the file's buffer can sit at any offset, and CPU
-            # kernels pick other code paths (other rounding) for unaligned data.
-            return f.get_tensor(key).clone()
+            # the file's buffer can sit at any offset (see checkpoint.aligned)
+            return aligned(f.get_tensor(key))
 
     def __iter__(self):
         return iter(self._keys)
