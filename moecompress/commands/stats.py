@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         mode: str = typer.Option("chunk", "--mode", help="chunk: concatenate and cut; document: one sequence per document."),
         field: str = typer.Option("text", "--field", help="Text field of .jsonl / column of .parquet / Hub datasets."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass "
-                                                 "[default: 8 on the CPU; on a GPU as many as make ~16k tokens]."),
+                                                 "[default: 8 on the CPU or when streaming; on a GPU as many as make ~16k tokens]."),
         segment_len: int = typer.Option(16, "--segment-len", help="Window (tokens) of the SRP / SCH routing-locality metrics."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16, float16."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu)."),

@@ -34,7 +34,7 @@ def stats_for_checkpoint(
 
     ``max_gpu_memory`` / ``max_cpu_memory`` stream the model layer by layer under those caps
     (see ``checkpoint.load_model``); the statistics equal the in-memory ones up to float rounding.
-    ``batch_size`` None: 8 sequences on the CPU; on a GPU as many as make ~16k tokens
+    ``batch_size`` None: 8 sequences on the CPU or streamed; on a GPU as many as make ~16k tokens
     (:func:`default_batch_size`). ``dtype="auto"`` keeps the checkpoint's dtype on a GPU and computes in float32 on the CPU
     (half-precision matmuls are slow there and the statistics less exact).
     """
@@ -59,7 +59,8 @@ def stats_for_checkpoint(
                                "one); leave --device out or pass --device cuda")
     on_cpu = (device is None or str(device) == "cpu") and not (streamed and _has_cuda())
     if batch_size is None:
-        batch_size = default_batch_size(seq_len, n, on_gpu=not on_cpu)
+        # streamed: the measured peak under the cap is at 8 sequences (activations are not capped)
+        batch_size = default_batch_size(seq_len, n, on_gpu=not on_cpu and not streamed)
     for name, v, lo in (("-n", n, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--segment-len", segment_len, 1)):
         if v < lo:
             raise MoECompressError(f"{name} must be at least {lo}")
