@@ -128,7 +128,8 @@ def _naive_srp(seqs, E, m, k):
 
 
 def _naive_sch(seq, E, m, C):
-    """One sequence, explicit sets: lookahead-m cache of C experts; returns hits."""
+    """One sequence, explicit sets: a cache of C experts that sees the m-token segment starting
+    at the current token (authors' calc_fsf); returns hits."""
     cache, seen, last, hits = set(), set(), {}, 0
     for t, tok in enumerate(seq):
         new_before = 0
@@ -145,7 +146,7 @@ def _naive_sch(seq, E, m, C):
         cache |= set(tok)
         while len(cache) > C:
             def prio(e):
-                fut = sum(tok2.count(e) for tok2 in seq[t + 1 : t + 1 + m])
+                fut = sum(tok2.count(e) for tok2 in seq[t + 1 : t + m])  # the segment [t, t + m)
                 return (fut, last.get(e, -1), -e)
             victim = min((e for e in cache if e not in tok), key=prio)
             cache.remove(victim)
@@ -462,3 +463,48 @@ def test_streamed_stats_fuse_the_experts_and_equal_in_memory(tmp_path):
     streamed = collect_stats(streamed_model, toks, batch_size=BATCH, segment_len=SEG, progress=False)
     for key, t in in_memory.tensors.items():
         assert torch.equal(streamed.tensors[key], t), key
+
+
+# ----- definitions pinned on hand-computable cases (audit against the authors' sources) ------
+
+
+def test_sch_segment_starts_at_the_current_token():
+    """SCH (authors' calc_fsf, future_len = m): eviction priority = uses in the segment of m
+    tokens starting at the current one. With m = 1 that is no look-ahead (LRU)."""
+    from moecompress.stats.locality import SCHBuffer
+
+    seq = torch.tensor([0, 1, 2, 0, 1]).reshape(1, 5, 1)  # k = 1, E = 3, cache of 2
+    rates = {}
+    for m in (1, 2):
+        buf = SCHBuffer()
+        buf.add(0, seq, 3)
+        rates[m] = buf.finalize(m, (2,))[0].item()
+    # m = 1 (LRU): hit, hit (cold start), miss (evicts 0), miss (evicts 1), miss -> 2/5
+    assert rates[1] == pytest.approx(0.4)
+    # m = 2: at t=2 the segment [2, 3] holds expert 0 -> evict 1; t=3 hits; t=4 misses -> 3/5
+    assert rates[2] == pytest.approx(0.6)
+    assert _naive_sch(seq.reshape(5, 1).tolist(), 3, 1, 2) == 2 and _naive_sch(seq.reshape(5, 1).tolist(), 3, 2, 2) == 3
+
+
+def test_srp_hand_case():
+    """SRP (authors' 30_srp_calc.py / 31_srp_refine.py, layer level): best F1 over a threshold c
+    shared by all windows and experts, F1 = 2 M / (P + A)."""
+    from moecompress.stats.locality import srp_from_histogram, srp_histograms
+
+    seqs = torch.tensor([0, 0, 1]).reshape(1, 1, 3, 1)  # k = 1, E = 2, windows of m = 2: [0, 0], [0, 1]
+    hit = torch.zeros(1, 1, 3, 2).scatter_(3, seqs, 1.0)
+    hist, windows = srp_histograms(hit, 2)
+    assert windows == 2 and hist[0].tolist() == [1, 2, 1]  # counts c_e: (2, 0) and (1, 1)
+    # A = 4; c=0: M=4, P=8 -> 8/12; c=1: M=4, P=6 -> 0.8; c=2: M=2, P=2 -> 4/6
+    assert srp_from_histogram(hist[0], windows, 2, 1).item() == pytest.approx(0.8)
+
+
+def test_super_expert_rule_thresholds_are_strict_and_global():
+    """Su et al. (as implemented by REAP's get_super_expert_indices): a > P99.5 of all layers'
+    maxima and a > max / 10, strict."""
+    vals = {0: torch.ones(200), 1: torch.ones(200)}
+    vals[0][3] = 100.0
+    vals[1][5] = 10.0  # exactly max / 10: not a super expert
+    vals[1][6] = 10.5  # above both thresholds (P99.5 of 400 values lies below it)
+    masks = super_expert_mask(vals)
+    assert masks[0].nonzero().flatten().tolist() == [3] and masks[1].nonzero().flatten().tolist() == [6]

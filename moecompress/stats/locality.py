@@ -1,6 +1,9 @@
 """Local routing consistency: SRP and SCH (Liang et al., 2025, "Not All Models Suit Expert
 Offloading: On Local Routing Consistency of Mixture-of-Expert Models"), following the
-definitions of the authors' code (github.com/ljcleo/moe-lrc, ``30_srp_calc`` / ``41_sch_calc``).
+definitions of the authors' code (github.com/ljcleo/moe-lrc, src/30_srp_calc.py +
+src/31_srp_refine.py for SRP, src/41_sch_calc.py ``calc_fsf`` for SCH), read for this audit.
+Only the paper's abstract (arxiv.org/html/2505.16056v3) is in the stored corpora, not its
+equations: the definitions below are the code's.
 
 Both are computed per MoE layer over windows of ``m`` consecutive tokens inside each
 calibration sequence (windows never cross sequences).
@@ -9,18 +12,27 @@ calibration sequence (windows never cross sequences).
 by one token) let c_e be the number of its tokens routed to expert e. Serving the whole window
 with the fixed expert group G_c = {e : c_e >= c} matches sum_{e in G_c} c_e of the window's
 m*k routed (token, expert) pairs while predicting |G_c| * m pairs. With the threshold c shared
-by all windows, SRP = max_c F1(c) = max_c 2 * M(c) / (P(c) + A), M, P and A summed over all
-windows. Computed from a histogram of c_e, so it is exact and fully batched.
+by all windows and experts, SRP = max_c F1(c) = max_c 2 * M(c) / (P(c) + A), M, P and A summed
+over all windows and experts: the authors' layer-level SRP (31_srp_refine.py sums the
+per-expert m/p/a over experts, then takes the best F1 over c). Computed from a histogram of
+c_e, so it is exact and fully batched. Matches the authors' code.
 
 **SCH - segment cache best hit rate.** A cache holding C experts serves the tokens of a
 sequence in order. A token's experts hit if they are cached when the token arrives; a miss
 loads the expert and, once the cache is full, evicts the cached expert with the lowest
-priority = (number of uses in the next m tokens, then most recent use), i.e. the cache sees
-m tokens into the future. As in the authors' code, loading into a not-yet-full cache counts
-as a hit (cold start is free). SCH(C) = hits / (tokens * k), reported for several cache sizes
-C >= k (default k, 2k, 4k, capped at E). The simulation is sequential in token position by
-nature; it runs once at the end on the CPU (NumPy), vectorised over every layer, sequence
-and cache size.
+priority = (number of uses in the m-token segment that starts at the current token, i.e. the
+next m - 1 tokens, then most recent use). This is the authors' ``calc_fsf(seq, E, future_len=m)``:
+its priority counts uses in tokens [i, i + m - 1] (earlier versions here looked at m tokens
+*after* the current one, one token too far). As in the authors' code, loading into a
+not-yet-full cache counts as a hit (cold start is free). SCH(C) = hits / (tokens * k),
+reported for several cache sizes C >= k (default k, 2k, 4k, capped at E).
+Remaining deviations from ``calc_fsf`` (edge cases only): the authors update their priority
+stack expert by expert inside a token (so an expert of the current token can be pushed out by
+a later one of the same token), while here all experts of the current token stay cached; and
+equal priorities are broken by lower expert index here, by top-k slot order there.
+The simulation is sequential in token position by nature; it runs once at the end on the CPU
+(NumPy), vectorised over every layer, sequence and cache size (the kernels take the look-ahead
+m - 1 after the current token).
 """
 
 from __future__ import annotations
@@ -114,7 +126,8 @@ class SCHBuffer:
             k = shape[2]
             sizes = tuple(sorted({min(max(c, k), E) for c in cache_sizes})) if cache_sizes else default_cache_sizes(k, E)
             stacked = torch.stack([torch.cat(self.seqs[li]) for li in layers])  # [L, N, S, k], on its device
-            rates = simulate_cache(stacked, E, m, sizes)  # [L, nC]
+            # the segment is the current token and the next m - 1 (authors' calc_fsf)
+            rates = simulate_cache(stacked, E, max(m - 1, 0), sizes)  # [L, nC]
             for i, li in enumerate(layers):
                 out[li] = rates[i]
         self.seqs.clear()

@@ -11,29 +11,41 @@ expert, o = that expert's output for the token):
 * ``soft_count[e]``   sum over all tokens of the routing probability of e (softmax families:
                       sums to T; sigmoid families: sum of the sigmoid scores).
 * ``gate_mean[e]``    mean of g over the tokens routed to e (0 for unused experts).
-* ``ean[e]``          Expert Activation Norm, sum over routed tokens of ||o|| (L2): the
-                      accumulated output norm of an expert over the tokens routed to it, as
-                      EAN is described in "Finding Fantastic Experts in MoEs" (Jaiswal et al.,
-                      2025) and used as a baseline by REAP. The paper's own equation could not
-                      be consulted offline; this is our reading of it.
+* ``ean[e]``          Expert Activation Norm, sum over routed tokens of ||o|| (L2), as REAP's
+                      authors compute the EAN baseline (CerebrasResearch/reap, authors' code file
+                      src/reap/observer.py, ``ean_sum``: the norms of the unweighted expert
+                      output summed over the tokens whose top-k holds e). The EAN paper itself
+                      ("Finding Fantastic Experts in MoEs", Jaiswal et al., 2025) is not in the
+                      stored corpora: its own equation could not be consulted offline.
 * ``reap[e]``         REAP saliency (Lasby et al., 2025, "REAP the Experts", Eq. 9):
-                      S_e = 1/|X_e| * sum_{x in X_e} g_e(x) * ||f_e(x)||, X_e = tokens routed to e.
+                      S_e = 1/|X_e| * sum_{x in X_e} g_e(x) * ||f_e(x)||, X_e = tokens routed to e;
+                      checked against authors' code file src/reap/observer.py (``reap``: mean over
+                      routed tokens of router weight * ||expert output||, the router weight being
+                      renormalised over the top-k when the model does so) and the Eq. 9 quoted by
+                      openvinotoolkit/nncf (``saliency_reap``). The paper text itself is not stored.
 * ``easy_ep[e]``      EASY-EP output-aware importance (Dong et al., 2025, "Domain-Specific
                       Pruning of Large MoE Models with Few-shot Demonstrations", Sec. 3):
                       c_{e,t} = g_{e,t} * ||o_{e,t}||, s_t = max(0, 1 - cos(h_t, h_t + r_t)),
                       I(E_e) = sum_t c_{e,t} * s_t, where h_t is the residual stream entering the
-                      MoE block and r_t the routed-experts output (shared experts excluded), as
-                      in the authors' code (``simibr``).
+                      MoE block and r_t the routed-experts output (shared experts excluded).
+                      Checked against the authors' code (RUCAIBox/EASYEP, pruning/model_new.py:
+                      ``cos_sim_0_1 = cos(x_before_moe, x + r_moe)`` with x the residual before
+                      ffn_norm; pruning/expert_selection.py: ``weight * max(1 - simibr, 0) * norm``
+                      summed over tokens, norm = ||unweighted expert output||).
 * ``tcess[e]``        PreMoe task-conditioned expected selection score (Pei et al., 2025,
                       "PreMoe", probabilistic expert pruning): per token, a softmax over the
                       top-k router *logits* p~_t; s_{t,e} = p~_{t,e} if e is in the top-k
                       logits and p~_{t,e} >= r, else 0; TCESS_e = 1/T * sum_t s_{t,e}
                       (r = ``tcess_threshold``, default 0, k = the model's top-k).
-                      Interpretation: the paper text was not available offline; the authors'
-                      code (JarvisPei/PreMoe, collect_utils.py) selects the top-k logits, keeps
-                      those whose local softmax is >= r and averages a per-token marker over
-                      tokens (it stores the raw logit as the marker); we average the local
-                      probability, which is what an *expected selection score* measures.
+                      KNOWN DEVIATION from the authors' code (JarvisPei/PreMoe, collect_utils.py,
+                      ``collect_moe_gate_logits_r1`` + ``build_logits_permutations``, read for
+                      this audit): the threshold r is the same (local softmax over the top-k
+                      logits, kept where >= r; r = -1 keeps all), and the average is over all
+                      tokens, but the averaged marker there is the *raw logit* z_{t,e}, not p~
+                      (and the code hard-codes k = 1, r = -1). Not switched yet: the pruning
+                      tests (tests/test_prune.py, another owner) pin the probability form.
+                      Only the paper's abstract (arxiv.org/html/2505.17639v1) is in the stored
+                      corpora, not its equation.
 * ``coactivation``    [E, E] number of tokens routing to both i and j (diagonal = count).
 * ``entropy``         scalar: mean over tokens of the entropy (nats) of the routing
                       distribution over all experts (sigmoid scores normalised to sum 1).
