@@ -70,10 +70,12 @@ def _block_inputs_and_output_grads(model, x):
 
 
 def _reference_heapr(model, x):
-    """S[e,k] = 1/2 sum_t o_k(t)^T H_e o_k(t) with H_e = mean_t g_t g_t^T built explicitly.
+    """HEAPr's two-stage estimate, literally: G_i = 1/|T_i| sum_{x in T_i} g g^T built explicitly
+    (stage 1), then s_k = 1/|T_i| sum_{x in T_i} 1/2 e_k(x)^T G_i e_k(x) (stage 2), T_i the
+    tokens routed to expert i.
 
-    g_t = dL/d(expert e's output at token t) comes from an additive zero perturbation of each
-    MoE block output (autograd); atom outputs o_k(t) = d_k * act(gate_k.x) (up_k.x) are computed
+    g = dL/d(expert i's own output at token x) comes from an additive zero perturbation of each
+    MoE block output (autograd); atom outputs e_k(x) = d_k * act(gate_k.x) (up_k.x) are computed
     neuron by neuron, token by token.
     """
     view, io = _block_inputs_and_output_grads(model, x)
@@ -109,7 +111,7 @@ def _reference_heapr(model, x):
                     He += torch.outer(g, g)
                 He /= len(gs)
                 for k in range(inter):
-                    S[e, k] = 0.5 * sum(o[k] @ He @ o[k] for o in atoms)
+                    S[e, k] = sum(0.5 * (o[k] @ He @ o[k]) for o in atoms) / len(atoms)
             out[i] = S
     return out
 
@@ -124,6 +126,17 @@ def test_heapr_scores_equal_bruteforce_output_space_quadratic_form(family):
     for i in ref:
         assert (ref[i] > 0).any()
         torch.testing.assert_close(got[i], ref[i], rtol=1e-4, atol=1e-7)
+
+
+def test_heapr_score_is_a_mean_over_routed_tokens_not_a_sum():
+    """s_k averages over T_i in both stages: repeating the calibration set leaves every score
+    unchanged (a sum over tokens would double them, and weight experts by their traffic)."""
+    model = tiny_model("qwen3_moe", hidden_size=16)
+    x = tokens(2, 8)
+    once = heapr_scores(model, x, batch_size=2, progress=False)
+    twice = heapr_scores(model, torch.cat([x, x]), batch_size=2, progress=False)
+    for i in once:
+        torch.testing.assert_close(twice[i], once[i], rtol=1e-4, atol=1e-8)
 
 
 def test_heapr_ratio_zero_is_identity():
@@ -192,7 +205,7 @@ def test_heapr_shrinks_tied_shared_expert_by_its_scores_and_reloads(family, tmp_
 
 
 def _reference_shared_scores(model, x):
-    """Shared expert atoms: 1/2 * mean_t (g_t . d_k)^2 * sum_t a_k(t)^2, token by token."""
+    """Shared expert atoms: 1/2 * mean_t (g_t . d_k)^2 * mean_t a_k(t)^2, token by token."""
     view, io = _block_inputs_and_output_grads(model, x)
     out = {}
     with torch.no_grad():
@@ -206,7 +219,7 @@ def _reference_shared_scores(model, x):
                     a = act(gate.weight[k] @ xs[t]) * (up.weight[k] @ xs[t])
                     quad[k] += (grad[t] @ dn.weight[:, k]) ** 2
                     energy[k] += a ** 2
-            out[layer.layer_idx] = 0.5 * quad / xs.shape[0] * energy
+            out[layer.layer_idx] = 0.5 * (quad / xs.shape[0]) * (energy / xs.shape[0])
     return out
 
 

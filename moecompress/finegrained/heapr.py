@@ -1,44 +1,55 @@
 """HEAPr: second-order importance of atomic experts, measured in the expert's output space.
 
-Li et al., "HEAPr: Hessian-based Efficient Atomic Expert Pruning in Output Space" (2025,
-arXiv:2509.22299). An expert is a sum of *atomic experts*, one per intermediate neuron k::
+Li et al., "HEAPr: Hessian-based Efficient Atomic Expert Pruning in Output Space" (ICLR 2026,
+arXiv:2509.22299, code https://github.com/LLIKKE/HEAPr). An expert is a sum of *atomic experts*,
+one per intermediate neuron k::
 
-    E_e(x) = sum_k d_k * a_k(x),   a_k(x) = act(gate_k . x) * (up_k . x)
+    E_i(x) = sum_k e_k(x),   e_k(x) = d_k * a_k(x),   a_k(x) = act(gate_k . x) * (up_k . x)
 
 (``gate_k``/``up_k`` rows of the gate/up projections, ``d_k`` the k-th column of the down
-projection). Removing atom k changes the expert output by ``delta o = -d_k a_k(x)``.
-Following the Optimal Brain Surgeon argument (second-order Taylor expansion of the loss, the
-first-order term vanishing at a trained optimum), the loss grows by::
+projection, E_i the expert's own output, before the routing weight). Cross-atom second
+derivatives vanish, so the OBS expansion is block-diagonal over atoms; the paper then rewrites
+"remove atom k" as "zero its output" and approximates the Hessian of the loss with respect to
+the expert output by the Fisher matrix (gradient covariance). Its two-stage estimate is::
 
-    delta L_{e,k} = 1/2 * sum_{t routed to e} o_{e,k}(t)^T  H_e  o_{e,k}(t)              (*)
+    G_i = 1/|T_i| * sum_{x in T_i} g_i(x) g_i(x)^T,      g_i(x) = dl/dE_i(x) = w_i(x) dl/dy(x)   (stage 1)
+    s_k = 1/|T_i| * sum_{x in T_i} 1/2 * e_k(x)^T G_i e_k(x)                                   (stage 2)
 
-with ``H_e`` the Hessian of the loss with respect to expert e's *output* (d x d: the paper's
-move from parameter space, O(d^4), to output space, O(d^2)), approximated by the Fisher /
-Gauss-Newton matrix of the calibration gradients::
+with ``T_i`` the calibration tokens routed to expert i, ``w_i(x)`` its routing weight and y the
+MoE block output; ``s_k`` is compared globally, across experts and layers. Because the atom
+output factorises as ``d_k a_k(x)``::
 
-    H_e ~= 1/n_e * sum_{t routed to e} g_{t,e} g_{t,e}^T,   g_{t,e} = dL/dE_e(x_t) = w_{t,e} dL/dy_t
+    s_k = 1/2 * (d_k^T G_i d_k) * mean_{x in T_i} a_k(x)^2
+        = 1/2 * [1/|T_i| sum_x (g_i(x) . d_k)^2] * [1/|T_i| sum_x a_k(x)^2]
 
-(y the MoE block output, w the routing weight). Because the atom output factorises as
-``d_k a_k(t)``, (*) equals::
+which we evaluate without materialising G_i (memory O(E x I) per layer instead of O(E x d^2);
+the numbers are identical, see ``tests/test_finegrained.py``, which builds G_i explicitly and
+averages the quadratic form token by token). Both averages run over the expert's own routed
+tokens, so the score is the expected loss increase *per routed token*, not summed over the
+calibration set (an earlier version here summed the second factor, which weighted frequently
+routed experts by their token count; that changed only the global ranking). The paper's two
+forward passes and one backward pass (stage 1, then stage 2 with G_i fixed) collapse into one
+forward and one backward pass here, since ``a_k`` only needs the forward activations.
 
-    S_{e,k} = 1/2 * (d_k^T H_e d_k) * sum_t a_k(t)^2
-            = 1/2 * (1/n_e) sum_t (g_{t,e} . d_k)^2 * sum_t a_k(t)^2
-
-which we evaluate without materialising ``H_e`` (memory O(E x I) per layer instead of
-O(E x d^2); the numbers are identical, see ``tests/test_finegrained.py``, which builds H_e
-explicitly). The paper needs two forward passes and one backward pass (gradients, then atom
-outputs); since ``a_k`` only needs the forward activations, we accumulate both in one forward
-and one backward pass over the calibration tokens.
+Source checked: the paper's full text could not be retrieved offline (only its abstract,
+arXiv HTML v1/v2); the two formulas above are as transcribed in the paper note
+https://en.papernotes.org/ICLR2026/model_compression/heapr_hessian-based_efficient_atomic_expert_pruning_in_output_space/
+("Efficient Two-stage Estimation"; the note cites the OBS constraint as the paper's Formula 2 but
+gives no numbers for these two, so none are quoted here). The authors' released code
+(LLIKKE/HEAPr, ``pruning/pruning_global.py``) only loads precomputed scores and ranks them
+globally over all layers (defaults: 128 WikiText calibration samples, batch 1); it does not
+contain the score computation, so the formula itself is not verified against code.
 
 Pruning and storage. The paper ranks atoms globally. Stock transformers (and vLLM) describe
 every expert of every layer with one ``moe_intermediate_size``, so the default here keeps the
 same number of atoms in every expert, each expert keeping its own highest-scoring atoms
 (``MoELayer.keep_neurons`` + ``MoEModel.set_intermediate_size``): a real, loadable size
-reduction. Families that size their shared expert from the same config field (DeepSeek,
-GLM-4.5, ERNIE, Llama-4) get their shared expert shrunk to the size the new config implies,
-keeping its highest-scoring atoms by the same criterion (see ``conform_shared_experts``).
-The paper's global ranking is offered only as ``global_ranking=True``, which writes zeros into
-the pruned atoms' weights and saves no memory at all.
+reduction (per-expert ranking is unaffected by the 1/|T_i| normalisation). Families that size
+their shared expert from the same config field (DeepSeek, GLM-4.5, ERNIE, Llama-4) get their
+shared expert shrunk to the size the new config implies, keeping its highest-scoring atoms by the
+same criterion over every token (see ``conform_shared_experts``). The paper's global ranking is
+offered only as ``global_ranking=True``, which writes zeros into the pruned atoms' weights and
+saves no memory at all.
 """
 
 from __future__ import annotations
@@ -60,7 +71,8 @@ from ._routing import routed_tokens
 @dataclass
 class _Sums:
     """Running sums of one layer: sum_t (g_t . d_k)^2, sum_t a_k(t)^2 and the token count,
-    for the routed experts ([E, I], [E, I], [E]) and the shared expert(s) ([I_s], [I_s], [])."""
+    for the routed experts ([E, I], [E, I], [E]) and the shared expert(s) ([I_s], [I_s], []).
+    ``scores`` turns both sums into means over the expert's routed tokens (s_k above)."""
 
     q: torch.Tensor
     energy: torch.Tensor
@@ -70,10 +82,12 @@ class _Sums:
     shared_count: int = 0
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        routed = 0.5 * self.q / self.counts.clamp(min=1)[:, None] * self.energy  # 1/2 d^T H d * sum a^2
+        n = self.counts.clamp(min=1)[:, None]
+        routed = 0.5 * (self.q / n) * (self.energy / n)  # 1/2 d_k^T G_i d_k * mean_{T_i} a_k^2
         if self.shared_q is None:
             return routed.cpu(), None
-        return routed.cpu(), (0.5 * self.shared_q / max(1, self.shared_count) * self.shared_energy).cpu()
+        ns = max(1, self.shared_count)
+        return routed.cpu(), (0.5 * (self.shared_q / ns) * (self.shared_energy / ns)).cpu()
 
 
 def shared_mlp_parts(layer) -> tuple[nn.Linear, nn.Linear, nn.Linear, object] | None:
