@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import console, user_errors, write_json
+from ._common import CalibField, CalibMode, CalibSeed, CalibSource, MaxCpuMemory, MaxGpuMemory, Samples, SeqLen, console, user_errors, write_json
 
 
 def _table(result) -> Table:
@@ -30,15 +30,14 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "-o", "--output", help="Folder for the merged checkpoint."),
         keep: int = typer.Option(..., "--keep", help="Experts per MoE layer after merging."),
         method: str = typer.Option("m-smoe", "--method", help="m-smoe (default), hc-smoe or average."),
-        calib: str = typer.Option("python_docs", "--calib", help="Calibration .txt/.jsonl/.parquet, a shipped set "
-                                  "(python_docs, python_code, numpy_docs) or a Hub dataset org/name[:split]."),
+        calib: CalibSource = "python_docs",
         stats: Optional[Path] = typer.Option(None, "--stats", help="Take the routing frequencies from a "
                                              "`moecompress stats` file instead of counting them on --calib."),
-        n: int = typer.Option(64, "-n", help="Number of calibration sequences."),
-        seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
-        seed: int = typer.Option(0, "--seed", help="Seed for drawing the calibration sequences."),
-        mode: str = typer.Option("chunk", "--mode", help="chunk: concatenate and cut; document: one sequence per document."),
-        field: str = typer.Option("text", "--field", help="Text field of .jsonl / column of .parquet / Hub datasets."),
+        n: Samples = 64,
+        seq_len: SeqLen = 512,
+        seed: CalibSeed = 0,
+        mode: CalibMode = "chunk",
+        field: CalibField = "text",
         linkage: str = typer.Option("average", "--linkage", help="hc-smoe/average clustering: average, single, complete or ward."),
         distance: str = typer.Option("euclidean", "--distance", help="hc-smoe/average clustering distance: euclidean or cosine."),
         router: str = typer.Option("dominant", "--router", help="Router row of a merged expert: dominant (its most "
@@ -50,11 +49,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help="Computation dtype: auto (float32 on CPU, checkpoint dtype on GPU), "
                                   "float32, bfloat16, float16. Weights are saved in the checkpoint's dtype."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu)."),
-        max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="Stream the model under this GPU "
-                                                     "memory cap (e.g. 4GiB): layers are onloaded while they run and "
-                                                     "merged one at a time."),
-        max_cpu_memory: Optional[str] = typer.Option(None, "--max-cpu-memory", help="CPU memory cap when streaming; "
-                                                     "the rest waits on disk (e.g. 32GiB)."),
+        max_gpu_memory: MaxGpuMemory = None,
+        max_cpu_memory: MaxCpuMemory = None,
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result (clusters, errors) as JSON here."),
     ) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import console, user_errors, write_json
+from ._common import CalibField, MaxCpuMemory, MaxGpuMemory, Samples, SeqLen, console, user_errors, write_json
 
 _METHOD_PANEL = "Method options"
 _FINE_PANEL = "Fine-grained pruning (inside experts)"
@@ -37,9 +37,9 @@ def register(app: typer.Typer) -> None:
                                             "shipped set); domain text prunes for that domain."),
         stats: Optional[Path] = typer.Option(None, "--stats", help="Routing statistics from `moecompress stats` "
                                              "(reused instead of recomputing them)."),
-        n: int = typer.Option(64, "-n", help="Calibration sequences."),
-        seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
-        field: str = typer.Option("text", "--field", help="Text field of .jsonl / .parquet calibration files."),
+        n: Samples = 64,
+        seq_len: SeqLen = 512,
+        field: CalibField = "text",
         seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample and of `random`."),
         protect_super_experts: bool = typer.Option(False, "--protect-super-experts",
                                                    help="Never remove super-expert candidates (needs --calib or --stats)."),
@@ -48,10 +48,8 @@ def register(app: typer.Typer) -> None:
                                   "the checkpoint's dtype."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, auto ... (default: cpu)."),
         batch_size: int = typer.Option(8, "--batch-size", help="Calibration sequences per forward pass."),
-        max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="Stream the model under this GPU "
-                                                     "memory cap (e.g. 4GiB): layers are onloaded while they run."),
-        max_cpu_memory: Optional[str] = typer.Option(None, "--max-cpu-memory", help="CPU memory cap when streaming; "
-                                                     "the rest is offloaded to disk."),
+        max_gpu_memory: MaxGpuMemory = None,
+        max_cpu_memory: MaxCpuMemory = None,
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here ('-' = stdout)."),
         naee_tokens: Optional[int] = typer.Option(None, "--naee-tokens", rich_help_panel=_METHOD_PANEL,
                                                   help="naee: calibration tokens used for the reconstruction error."),

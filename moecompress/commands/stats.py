@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from ._common import console, user_errors
+from ._common import CalibField, CalibMode, CalibSeed, CalibSource, MaxCpuMemory, MaxGpuMemory, Samples, SeqLen, console, user_errors
 
 
 class _CollectByDefault(TyperGroup):
@@ -67,22 +67,19 @@ def register(app: typer.Typer) -> None:
     @stats_app.command("collect")
     def collect(
         model: str = typer.Argument(..., help="Checkpoint folder or Hub id."),
-        calib: str = typer.Option("python_docs", "--calib", help="Calibration .txt/.jsonl/.parquet, a shipped set "
-                                  "(python_docs, python_code, numpy_docs) or a Hub dataset org/name[:split]."),
-        n: int = typer.Option(64, "-n", help="Number of calibration sequences."),
-        seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
-        seed: int = typer.Option(0, "--seed", help="Seed for drawing the sequences."),
-        mode: str = typer.Option("chunk", "--mode", help="chunk: concatenate and cut; document: one sequence per document."),
-        field: str = typer.Option("text", "--field", help="Text field of .jsonl / column of .parquet / Hub datasets."),
+        calib: CalibSource = "python_docs",
+        n: Samples = 64,
+        seq_len: SeqLen = 512,
+        seed: CalibSeed = 0,
+        mode: CalibMode = "chunk",
+        field: CalibField = "text",
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass "
                                                  "[default: 8 on the CPU or when streaming; on a GPU as many as make ~16k tokens]."),
         segment_len: int = typer.Option(16, "--segment-len", help="Window (tokens) of the SRP / SCH routing-locality metrics."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16, float16."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu)."),
-        max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory", help="Stream the model under this GPU "
-                                                     "memory cap (e.g. 4GiB): layers are onloaded one at a time."),
-        max_cpu_memory: Optional[str] = typer.Option(None, "--max-cpu-memory", help="CPU memory cap when streaming; "
-                                                     "the rest is offloaded to disk."),
+        max_gpu_memory: MaxGpuMemory = None,
+        max_cpu_memory: MaxCpuMemory = None,
         output: Path = typer.Option(..., "-o", "--output", help="Statistics file (.safetensors); a .json summary is written beside it."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a per-layer expert-usage heatmap (PNG, needs matplotlib)."),
