@@ -21,10 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..capture import HOOK_ATTRIBUTES
 from ..checkpoint import aligned
-
-# What accelerate's add_hook_to_module puts in a module's __dict__.
-_HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "forward")
 
 
 @contextlib.contextmanager
@@ -34,7 +32,7 @@ def _hooks_detached(module: nn.Module) -> Iterator[None]:
     saved = []
     for m in module.modules():
         if "_hf_hook" in m.__dict__:
-            saved.append((m, {a: m.__dict__.pop(a) for a in _HOOK_ATTRIBUTES if a in m.__dict__}))
+            saved.append((m, {a: m.__dict__.pop(a) for a in HOOK_ATTRIBUTES if a in m.__dict__}))
     try:
         yield
     finally:

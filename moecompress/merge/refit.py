@@ -120,6 +120,10 @@ class RefitObserver:
             self.rhs[li][c] += feat.T @ (resid[tok] * share[tok, pos][:, None])
             self.tokens[li][c] += tok.numel()
 
+    def onload_with(self, layer: MoELayer) -> list[nn.Module]:
+        """The original block runs on the merged layer's inputs: onload it with the layer."""
+        return [self.originals[layer.layer_idx]] if layer.layer_idx in self.originals else []
+
     @torch.no_grad()
     def apply(self, layer: MoELayer, ridge: float) -> None:
         """Solve each expert's ridge problem and add the correction to its down projection."""

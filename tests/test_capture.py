@@ -1,0 +1,92 @@
+"""The calibration runner's two schedules: batch by batch and layer by layer (streamed models)."""
+
+import math
+
+import torch
+
+from moecompress.arch import moe_view
+from moecompress.capture import is_streamed, run_calibration
+from moecompress.checkpoint import load_model
+from moecompress.stats import collect_stats
+from moecompress.testing import tiny_model, tokens
+
+N, S, BATCH = 5, 24, 2  # three batches, the last one short
+
+
+class _Record:
+    """Keeps every (layer, batch) an observer sees."""
+
+    def __init__(self):
+        self.seen: dict[int, list] = {}
+
+    def observe(self, layer, x, routing, y):
+        self.seen.setdefault(layer.layer_idx, []).append(
+            (x.clone(), routing.topk_idx.clone(), routing.topk_weight.clone(), y.clone()))
+
+
+def _observed(model, toks, **kw):
+    rec = _Record()
+    run_calibration(model, toks, [rec], batch_size=BATCH, progress=False, **kw)
+    return rec.seen
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for li in a:
+        assert len(a[li]) == len(b[li]) == math.ceil(N / BATCH)
+        for ta, tb in zip(a[li], b[li]):
+            for u, v in zip(ta, tb):
+                assert torch.equal(u, v), li
+
+
+def test_layer_by_layer_equals_batch_by_batch(family):
+    """Every family (sliding-window masks per layer, dense first layers, MLA...): recording the
+    decoder layers' inputs and running them one layer at a time gives every observer exactly
+    the tensors of the batch-by-batch forward, and the same statistics bit for bit."""
+    model = tiny_model(family)
+    toks = tokens(N, S)
+    _assert_same(_observed(model, toks, layer_by_layer=True), _observed(model, toks, layer_by_layer=False))
+    assert all(type(m).__name__ != "_RecordInputs" for m in model.modules())  # the layers are back
+
+
+def test_stop_after_ends_both_schedules_at_the_same_layer():
+    model = tiny_model("qwen3_moe", num_hidden_layers=4)
+    view = moe_view(model)
+    stop = view.moe_layer_indices[1]
+    toks = tokens(N, S)
+    a = _observed(model, toks, layer_by_layer=True, stop_after=stop)
+    b = _observed(model, toks, layer_by_layer=False, stop_after=stop)
+    assert sorted(a) == [li for li in view.moe_layer_indices if li <= stop]
+    _assert_same(a, b)
+
+
+def test_streamed_model_runs_layer_by_layer_and_onloads_each_layer_once(tmp_path):
+    """A streamed model (disk offload) runs layer by layer by default: each offloaded experts
+    module is onloaded once per calibration run, not once per batch, and the observers see
+    the in-memory tensors exactly."""
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    toks = tokens(N, S)
+    in_memory = load_model(tmp_path / "src", dtype="float32")
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=tmp_path / "off")
+    assert is_streamed(streamed) and not is_streamed(in_memory)
+    view = moe_view(streamed)
+    onloads = {}
+    for layer in view:
+        hook = layer.experts._hf_hook
+        original = hook.pre_forward
+
+        def counting(module, *args, _li=layer.layer_idx, _orig=original, **kwargs):
+            onloads[_li] = onloads.get(_li, 0) + 1
+            return _orig(module, *args, **kwargs)
+
+        hook.pre_forward = counting
+    got = _observed(streamed, toks)
+    assert onloads == {li: 1 for li in view.moe_layer_indices}
+    _assert_same(got, _observed(in_memory, toks))
+    onloads.clear()
+    _observed(streamed, toks, layer_by_layer=False)  # the other schedule: once per batch at least
+    assert all(v >= math.ceil(N / BATCH) for v in onloads.values())
+    mem = collect_stats(in_memory, toks, batch_size=BATCH, segment_len=8, progress=False)
+    st = collect_stats(streamed, toks, batch_size=BATCH, segment_len=8, progress=False)
+    for key, t in mem.tensors.items():
+        assert torch.equal(st.tensors[key], t), key
