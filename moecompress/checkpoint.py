@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -143,7 +144,8 @@ def load_model(
 
     from .arch import family_for_config
 
-    family_for_config(load_config(src))  # refuse non-MoE / unknown families before loading weights
+    config = load_config(src)
+    family_for_config(config)  # refuse non-MoE / unknown families before loading weights
     source = resolve_source(src)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     kwargs: dict = {"device_map": device}
@@ -152,15 +154,20 @@ def load_model(
         if torch.cuda.is_available():
             gpu = parse_memory(max_gpu_memory) if max_gpu_memory else torch.cuda.get_device_properties(0).total_memory
             # accelerate budgets weights only; keep 30% of the cap for activations and the
-            # observers' workspace (measured: stats peak 3.27-3.68 GiB under 4 GiB on the
+            # observers' workspace (measured: stats peak 3.24-3.68 GiB under 4 GiB on the
             # OLMoE-1B-7B shape), plus the stage's own working set, so that the *peak* stays
-            # under the cap.
+            # under the cap. Of the weights' share accelerate keeps room for the largest
+            # decoder layer (the one onloaded at a time); if that room is missing it places
+            # every weight on the CPU and the whole run computes there, so refuse instead.
             weights = int(gpu * 0.7) - int(gpu_working_bytes)
-            if weights < gpu * 0.1:
+            layer = largest_layer_bytes(config, dt if isinstance(dt, torch.dtype) else None)
+            if weights < layer * 1.1:
+                need = (layer * 1.1 + gpu_working_bytes) / 0.7
                 raise MoECompressError(
-                    f"--max-gpu-memory {max_gpu_memory or 'of this GPU'} is too small for this stage on this model: it "
-                    f"needs about {gpu_working_bytes / 2**30:.1f} GiB for one layer's work besides the streamed "
-                    f"weights; give at least {(gpu_working_bytes / 0.6) / 2**30:.1f}GiB")
+                    f"--max-gpu-memory {max_gpu_memory or '(the whole GPU)'} is too small: one decoder layer takes "
+                    f"{layer / 2**30:.2f} GiB on the GPU while it runs"
+                    + (f", this stage {gpu_working_bytes / 2**30:.2f} GiB besides" if gpu_working_bytes else "")
+                    + f", and 30% stays for activations; give at least {math.ceil(need / 2**28) / 4:g}GiB")
             max_memory[0] = weights
         max_memory["cpu"] = parse_memory(max_cpu_memory) if max_cpu_memory else _available_cpu_memory()
         own_folder = offload_folder is None
@@ -180,6 +187,19 @@ def load_model(
     model.requires_grad_(False)
     _align_cpu_weights(model)
     return model
+
+
+def largest_layer_bytes(config, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the largest decoder layer's weights in ``dtype`` (default: the checkpoint's):
+    what a streamed model onloads at once, and accelerate keeps room for on the GPU."""
+    import operator
+
+    from .surgery import meta_view
+
+    view = meta_view(config)
+    size = (dtype or stored_dtype(config) or torch.float32).itemsize
+    layers = operator.attrgetter(view.spec.layers_path)(view.model)
+    return max(sum(p.numel() for p in layer.parameters()) for layer in layers) * size
 
 
 # CPU matrix kernels take different paths (and round differently) for operands at different

@@ -490,9 +490,10 @@ def test_run_calibration_stops_after_a_layer():
     assert set(rec.calls) == {first} and len(rec.calls[first]) == 2  # both batches, no later layer
 
 
-def test_streamed_working_bytes_counts_two_blocks_and_the_accumulators():
-    """What a streamed merge reserves on the GPU besides the streamed weights: one original
-    block, one merged block (keep/E of it) and the re-fit accumulators held at once."""
+def test_streamed_working_bytes_counts_the_merged_block_and_the_accumulators():
+    """What a streamed merge reserves on the GPU besides the streamed weights and the room
+    ``load_model`` keeps for one onloaded layer: one merged block (keep/E of an original one)
+    and the re-fit accumulators held at once."""
     from moecompress.merge.api import streamed_working_bytes
     from moecompress.merge.refit import accumulator_bytes
 
@@ -502,6 +503,6 @@ def test_streamed_working_bytes_counts_two_blocks_and_the_accumulators():
     block = sum(p.numel() for p in layer.block.parameters()) * 4  # float32
     keep = layer.num_experts // 2
     accum = sum(accumulator_bytes(x) for x in view) * keep // layer.num_experts  # all fit the default budget
-    assert streamed_working_bytes(model.config, keep, refit=False, dtype="float32") == block + block * keep // layer.num_experts
+    assert streamed_working_bytes(model.config, keep, refit=False, dtype="float32") == block * keep // layer.num_experts
     assert streamed_working_bytes(model.config, keep, refit=True, dtype="float32") == \
-        block + block * keep // layer.num_experts + accum
+        block * keep // layer.num_experts + accum

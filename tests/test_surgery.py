@@ -89,6 +89,24 @@ def test_parse_memory():
     assert parse_memory("4GiB") == 4 * 2**30 and parse_memory("512MiB") == 512 * 2**20 and parse_memory("8GB") == 8 * 10**9
 
 
+def test_gpu_cap_below_one_layer_is_refused_before_loading(tmp_path, monkeypatch):
+    """accelerate places every weight on the CPU (and the run computes there) when the GPU's
+    weights budget cannot hold one decoder layer: load_model refuses such a cap, naming the
+    smallest one that works, before any weight is read."""
+    from moecompress.checkpoint import largest_layer_bytes
+    from moecompress.errors import MoECompressError
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    sizes = [sum(p.numel() for p in layer.parameters()) * 4 for layer in model.model.layers]
+    assert largest_layer_bytes(model.config, torch.float32) == max(sizes)
+    assert largest_layer_bytes(model.config, torch.bfloat16) == max(sizes) // 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(MoECompressError, match=r"too small: one decoder layer .* give at least") as e:
+        load_model(tmp_path / "src", dtype="float32", max_gpu_memory="20KB", gpu_working_bytes=1000)
+    assert "this stage" in str(e.value)
+
+
 def test_stats_on_streamed_model_equal_in_memory(tmp_path):
     """Observers read expert weights of offloaded layers: statistics equal the in-memory run."""
     from moecompress.stats import collect_stats

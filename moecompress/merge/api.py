@@ -316,11 +316,16 @@ def _offload_folder(model, folder: str | os.PathLike | None) -> Path | None:
 
 
 def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") -> int:
-    """GPU bytes a streamed merge holds besides the streamed weights and activations: while the
-    re-fit observes a layer, its original block and its merged block are both onloaded, and
-    the re-fit's accumulators of a layer group live on the GPU (merging itself, without the
-    re-fit, onloads one original block and builds one merged block). Measured on an H100 before
-    this was reserved: 9.49 GiB under a 4 GiB cap for the OLMoE-1B-7B shape."""
+    """GPU bytes a streamed merge holds besides what ``load_model`` already budgets (resident
+    weights and room for one onloaded decoder layer): the merged block, built while the
+    original is onloaded and, in the re-fit, onloaded with the original block that serves as
+    its reference, and the re-fit's accumulators of a layer group.
+
+    Measured on an H100 (OLMoE-1B-7B shape, 4 GiB cap): with none of this reserved the peak
+    was 9.49 GiB; reserving a whole original block besides (double counting accelerate's
+    room for a layer) left less weights budget than one layer, and accelerate then silently
+    placed every weight on the CPU (peak 0.19 GiB, the merge computed on the CPU), which
+    ``load_model`` now refuses."""
     from ..checkpoint import parse_dtype, stored_dtype
     from ..surgery import meta_view
     from .refit import peak_accumulator_bytes
@@ -330,7 +335,7 @@ def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") 
     size = (dt or stored_dtype(config) or torch.float32).itemsize
     block = max(sum(p.numel() for p in layer.block.parameters()) for layer in view) * size
     merged = block * keep // max(view.layers[0].num_experts, 1)
-    return block + merged + (peak_accumulator_bytes(view, keep) if refit else 0)
+    return merged + (peak_accumulator_bytes(view, keep) if refit else 0)
 
 
 def merged_replacements(model, result: MergeResult) -> ModelReplacements:
