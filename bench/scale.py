@@ -113,23 +113,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name")
     ap.add_argument("--work", type=Path, default=Path("/tmp/scale"))
+    ap.add_argument("--out-work", type=Path,
+                    help="where outputs (and the write-rate probe) go, if not --work: e.g. the input on a RAM disk "
+                         "and the outputs on the disk, when both do not fit the disk")
     ap.add_argument("--calib", required=True)
     ap.add_argument("--tokenizer-from", type=Path, required=True)
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-gpu-memory", default="4GiB")
+    ap.add_argument("--max-cpu-memory", default="16GiB", help="CPU cap of the streamed runs (the rest is offloaded to disk)")
     ap.add_argument("--method", default="frequency")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: stats,stream,prune,surgery")
+    ap.add_argument("--old-schedule-too", action="store_true",
+                    help="also time streamed stats batch by batch (the schedule before layer-by-layer streaming)")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: stats,stream,prune,surgery (both of: surgery_memory,surgery_streamed)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     src = a.work / a.name
+    outs = a.out_work or a.work
     res: dict = {"model": a.name, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "n": a.n, "seq_len": a.seq_len,
                  "torch": torch.__version__}
     if not (src / "config.json").exists():
         res["generate"] = make(a.name, src, a.tokenizer_from, dev)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     info = model_info(src)
     res.update(total_params=info["total_params"], active_params=info["active_params"], input_bytes=folder_bytes(src))
     tok = AutoTokenizer.from_pretrained(src)
@@ -137,7 +147,7 @@ def main() -> None:
     ntok = tokens.numel()
 
     res["read_Bps"] = read_rate(src)
-    res["write_Bps"] = write_rate(a.work / "probe", res["input_bytes"] // 2)
+    res["write_Bps"] = write_rate(outs / "probe", res["input_bytes"] // 2)
     res["matmul_flops"] = matmul_rate(dev)
     print(json.dumps(res, indent=1), flush=True)
 
@@ -166,10 +176,19 @@ def main() -> None:
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         (model, t_load) = timed(lambda: load_model(src, dtype="bfloat16", max_gpu_memory=a.max_gpu_memory,
-                                                   offload_folder=a.work / "offload"))
+                                                   max_cpu_memory=a.max_cpu_memory, offload_folder=outs / "offload"))
         stats_stream, t_sstats = timed(lambda: collect_stats(model, tokens, batch_size=a.batch_size, progress=False))
         res.update(stream_load_s=t_load, stream_stats_s=t_sstats,
                    stream_peak_gpu_GiB=peak_gpu_gib(), max_gpu_memory=a.max_gpu_memory)
+        if a.old_schedule_too:
+            import moecompress.capture as capture
+
+            streamed, capture.is_streamed = capture.is_streamed, lambda model: False  # batch by batch
+            try:
+                _, res["stream_stats_batch_by_batch_s"] = timed(
+                    lambda: collect_stats(model, tokens, batch_size=a.batch_size, progress=False))
+            finally:
+                capture.is_streamed = streamed
         if "stats" not in skip:
             same = all(torch.equal(stats_mem.tensors[k].cpu(), stats_stream.tensors[k].cpu())
                        for k in stats_mem.tensors if k.endswith(".count"))
@@ -178,13 +197,13 @@ def main() -> None:
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
-        shutil.rmtree(a.work / "offload", ignore_errors=True)
+        shutil.rmtree(outs / "offload", ignore_errors=True)
         print(json.dumps(res, indent=1), flush=True)
 
     if "prune" not in skip:
         from moecompress.prune.api import prune_checkpoint
 
-        out = a.work / f"{a.name}-pruned"
+        out = outs / f"{a.name}-pruned"
         shutil.rmtree(out, ignore_errors=True)
         drop_cache(src)
         _, t_prune = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
@@ -204,7 +223,9 @@ def main() -> None:
 
         fwd_flops = 2 * res["active_params"] * ntok
         for label, cap in (("surgery", None), ("surgery_streamed", a.max_gpu_memory)):
-            out = a.work / f"{a.name}-{label}"
+            if {"surgery_streamed": "surgery_streamed", "surgery": "surgery_memory"}[label] in skip:
+                continue
+            out = outs / f"{a.name}-{label}"
             shutil.rmtree(out, ignore_errors=True)
             drop_cache(src)
             if dev == "cuda":
@@ -212,10 +233,11 @@ def main() -> None:
             _, t = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
                                                   seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
                                                   device=None if cap else dev, progress=False, overwrite=True,
-                                                  **({"max_cpu_memory": "16GiB"} if cap else {})))
+                                                  **({"max_cpu_memory": a.max_cpu_memory} if cap else {})))
             out_bytes = folder_bytes(out)
             floor = res["input_bytes"] / res["read_Bps"] + out_bytes / res["write_Bps"] + fwd_flops / res["matmul_flops"]
             res[f"prune_{label}_s"] = t
+            res[f"prune_{label}_output_bytes"] = out_bytes
             res[f"prune_{label}_vs_floor"] = t / floor
             res[f"prune_{label}_peak_gpu_GiB"] = peak_gpu_gib()
             res["floor_s"] = floor

@@ -12,6 +12,8 @@ calibration works (its ids are a subset of every vocabulary here).
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -63,12 +65,64 @@ def make(name: str, out: Path, tokenizer_from: Path | None, device: str, seed: i
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     n = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(out, max_shard_size="4GB")
+    save_by_layer(model, out)
     if tokenizer_from is not None:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(tokenizer_from / f, out / f)
     del model
     return {"name": name, "params": n, "seconds": time.time() - t0}
+
+
+def save_by_layer(model, out: Path, max_shard_bytes: int = 4 * 10**9) -> None:
+    """``save_pretrained``'s files (the published per-expert key names, 4 GB shards), written
+    one decoder layer at a time: ``save_pretrained`` reverts the fused experts of the whole
+    model at once, a second copy of it (Qwen3-30B-A3B: 61 GB, over an 80 GB GPU). Each
+    layer's tensors go through transformers' own revert, then to the CPU and into a shard."""
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    groups: dict[object, list[str]] = {}
+    for key in state:
+        m = re.search(r"\.layers\.(\d+)\.", key)
+        groups.setdefault(int(m.group(1)) if m else key, []).append(key)
+    shards: list[dict] = [{}]
+    size = 0
+    total = 0
+    for keys in groups.values():
+        part = revert_weight_conversion(model, {k: state[k] for k in keys})
+        for key, t in part.items():
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t.detach().to("cpu").contiguous()
+            size += nbytes
+            total += nbytes
+        if len(shards) > 1:  # write the full shards now: CPU memory holds one shard
+            for i in range(len(shards) - 1):
+                save_file(shards[i], out / f"shard-{_written(out):05d}.tmp", metadata={"format": "pt"})
+            shards = shards[-1:]
+    save_file(shards[0], out / f"shard-{_written(out):05d}.tmp", metadata={"format": "pt"})
+    files = sorted(out.glob("shard-*.tmp"))
+    weight_map = {}
+    for i, f in enumerate(files):
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(f, "pt") as fh:
+            weight_map.update({k: name for k in fh.keys()})
+        f.rename(out / name)
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def _written(out: Path) -> int:
+    return len(list(out.glob("shard-*.tmp")))
 
 
 def main() -> None:
