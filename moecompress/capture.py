@@ -140,9 +140,35 @@ def run_calibration(
     observers = list(observers)
     if layer_by_layer is None:
         layer_by_layer = is_streamed(model)
+    if layer_by_layer:
+        cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=stop_after)
+        cursor.advance(cursor.until, observers, progress=progress, description=description)
+        return view
+    chunks = batches_of(tokens, batch_size)
+    device = execution_device(model)
+    with _observing(view, observers, stop_after), _bar(progress) as bar:
+        task = bar.add_task(description, total=len(chunks))
+        for chunk in chunks:
+            try:
+                _decoder(model)(input_ids=chunk.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            _end_batch(observers)
+            bar.advance(task)
+    return view
+
+
+def _bar(progress: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not progress, transient=True)
+
+
+@contextlib.contextmanager
+def _observing(view: MoEModel, observers: list[Observer], stop_after: int | None = None):
+    """Hooks that hand each MoE layer's input, routing and output to the observers."""
     routings: dict[int, Routing] = {}
     hooks = []
-    for layer in view:
+    for layer in view if observers else []:
         def on_router(mod, inp, out, layer=layer):
             routings[layer.layer_idx] = layer.routing_from_router_output(out)
 
@@ -161,16 +187,11 @@ def run_calibration(
 
         hooks.append(layer.router.register_forward_hook(on_router))
         hooks.append(layer.block.register_forward_hook(on_block))
-    chunks = batches_of(tokens, batch_size)
-    run = _layer_by_layer if layer_by_layer else _batch_by_batch
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=not progress, transient=True) as bar:
-            run(model, chunks, observers, view, stop_after, bar, description)
+        yield
     finally:
         for h in hooks:
             h.remove()
-    return view
 
 
 def _end_batch(observers: list[Observer]) -> None:
@@ -178,18 +199,6 @@ def _end_batch(observers: list[Observer]) -> None:
         end_batch = getattr(obs, "end_batch", None)
         if end_batch is not None:
             end_batch()
-
-
-def _batch_by_batch(model, chunks, observers, view, stop_after, bar, description) -> None:
-    device = execution_device(model)
-    task = bar.add_task(description, total=len(chunks))
-    for chunk in chunks:
-        try:
-            _decoder(model)(input_ids=chunk.to(device), use_cache=False)
-        except _StopForward:
-            pass
-        _end_batch(observers)
-        bar.advance(task)
 
 
 class _RecordInputs(nn.Module):
@@ -222,53 +231,77 @@ def _to(obj, device, memo: dict):
     return obj
 
 
-def _layer_by_layer(model, chunks, observers, view, stop_after, bar, description) -> None:
-    """Record each decoder layer's inputs for every batch (the layers stand aside, so this
-    costs the embeddings and masks only), then run the layers one at a time, each onloaded
-    once for all batches. Recorded activations wait in CPU memory between layers, so GPU
-    memory holds one layer and one batch; the model's own forward code computes every
-    layer's arguments (per-layer masks of sliding-window families included)."""
-    device = execution_device(model)
-    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
-    last = stop_after if stop_after is not None else max(layer.layer_idx for layer in view)
-    moe_layers = {layer.layer_idx: layer for layer in view}
-    calls: list[list] = [[] for _ in range(last + 1)]
-    originals = list(decoder_layers[: last + 1])
-    for i in range(last + 1):
-        decoder_layers[i] = _RecordInputs(calls[i], last=i == last)
-    try:
-        for chunk in chunks:
-            try:
-                _decoder(model)(input_ids=chunk.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for i, layer in enumerate(originals):
-            decoder_layers[i] = layer
-    # Batch b's hidden states and arguments of layer i, on the CPU; the arguments of one batch
-    # are shared by all layers (the same tensors), so they are stored once.
-    cpu_memo: dict = {}
-    hidden = [h.to("cpu") for h, _, _ in calls[0]]
-    args = [[_to((a, kw), "cpu", cpu_memo) for _, a, kw in layer_calls] for layer_calls in calls]
-    del calls, cpu_memo
-    task = bar.add_task(description, total=(last + 1) * len(chunks))
-    for i in range(last + 1):
-        moe = moe_layers.get(i)
-        extra = [m for obs in observers for m in (getattr(obs, "onload_with", lambda _: [])(moe) if moe else [])]
-        with contextlib.ExitStack() as stack:
-            for module in (decoder_layers[i], *extra):
-                stack.enter_context(onloaded(module))
-            stack.enter_context(hooks_bypassed([decoder_layers[i], *extra]))
-            for b in range(len(chunks)):
-                memo: dict = {}
-                a, kw = _to(args[i][b], device, memo)
+class LayerCursor:
+    """The calibration batches' hidden states in front of one decoder layer, moved forward a
+    layer at a time (the layer-by-layer schedule; llm-compressor's sequential pipeline).
+
+    On creation the model's own forward records every decoder layer's arguments for every
+    batch, with stand-ins for the layers that pass the hidden states through (so this costs
+    the embeddings and masks only, and per-layer masks of sliding-window families come out
+    right). :meth:`advance` then runs the layers one at a time, each onloaded once for all
+    batches. Activations wait in CPU memory between layers, so the GPU holds one layer and
+    one batch. A stage that edits layers can :meth:`state` / :meth:`restore` the position and
+    run layers again with their edits (the re-fit does, per layer group).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, tokens: torch.Tensor, *, batch_size: int = 8, view: MoEModel | None = None,
+                 until: int | None = None):
+        self.model = model
+        self.view = view or moe_view(model)
+        self.device = execution_device(model)
+        self.layers = operator.attrgetter(self.view.spec.layers_path)(model)
+        self.until = until if until is not None else max(layer.layer_idx for layer in self.view)
+        self.moe = {layer.layer_idx: layer for layer in self.view}
+        chunks = batches_of(tokens, batch_size)
+        calls: list[list] = [[] for _ in range(self.until + 1)]
+        originals = list(self.layers[: self.until + 1])
+        for i in range(self.until + 1):
+            self.layers[i] = _RecordInputs(calls[i], last=i == self.until)
+        try:
+            for chunk in chunks:
                 try:
-                    out = decoder_layers[i](hidden[b].to(device), *a, **kw)
+                    _decoder(model)(input_ids=chunk.to(self.device), use_cache=False)
                 except _StopForward:
-                    out = None
-                if moe is not None:
-                    _end_batch(observers)
-                if i < last:
-                    out = out[0] if isinstance(out, tuple) else out
-                    hidden[b] = out.to("cpu")
-                bar.advance(task)
+                    pass
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        # The arguments of one batch are shared by all layers (the same tensors): stored once.
+        memo: dict = {}
+        self.hidden = [h.to("cpu") for h, _, _ in calls[0]]
+        self.args = [[_to((a, kw), "cpu", memo) for _, a, kw in layer_calls] for layer_calls in calls]
+        self.position = 0  # self.hidden are the inputs of this decoder layer
+
+    def state(self) -> tuple[int, list[torch.Tensor]]:
+        return self.position, list(self.hidden)
+
+    def restore(self, state: tuple[int, list[torch.Tensor]]) -> None:
+        self.position, hidden = state
+        self.hidden = list(hidden)
+
+    @torch.no_grad()
+    def advance(self, through: int, observers: Iterable[Observer] = (), *, progress: bool = False,
+                description: str = "calibrating") -> None:
+        """Run decoder layers ``position..through`` on every batch; observers see their MoE layers."""
+        observers = list(observers)
+        if not self.position <= through <= self.until:
+            raise ValueError(f"cannot advance from layer {self.position} through {through} (recorded up to {self.until})")
+        with _observing(self.view, observers), _bar(progress) as bar:
+            task = bar.add_task(description, total=(through + 1 - self.position) * len(self.hidden))
+            for i in range(self.position, through + 1):
+                moe = self.moe.get(i)
+                extra = [m for obs in observers for m in (getattr(obs, "onload_with", lambda _: [])(moe) if moe else [])]
+                with contextlib.ExitStack() as stack:
+                    for module in (self.layers[i], *extra):
+                        stack.enter_context(onloaded(module))
+                    stack.enter_context(hooks_bypassed([self.layers[i], *extra]))
+                    for b, h in enumerate(self.hidden):
+                        a, kw = _to(self.args[i][b], self.device, {})
+                        out = self.layers[i](h.to(self.device), *a, **kw)
+                        if moe is not None:
+                            _end_batch(observers)
+                        out = out[0] if isinstance(out, tuple) else out
+                        self.hidden[b] = out.to("cpu")
+                        bar.advance(task)
+        self.position = through + 1

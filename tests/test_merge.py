@@ -482,6 +482,38 @@ def test_refit_in_layer_groups_bounds_the_accumulators():
     assert len(refit_mod.layer_groups(moe_view(grouped))) == 1  # the default budget: one pass here
 
 
+def test_refit_carrying_activations_equals_a_pass_from_the_embeddings_per_group(family):
+    """The re-fit carries the calibration activations from layer group to group (each layer
+    run twice: observed, then re-fitted). That equals, bit for bit, the plain definition: one
+    calibration pass from the embeddings per group, after the earlier groups were re-fitted."""
+    from moecompress.capture import run_calibration
+    from moecompress.merge.refit import RefitObserver, refit_to_original, swap_in_copies
+    from moecompress.arch import MoELayer
+
+    toks = tokens(5, 16)
+
+    def pruned_copies():
+        model = tiny_model(family)
+        originals = swap_in_copies(model)
+        view = moe_view(model)
+        view.keep_experts({layer.layer_idx: [0, 2, 3, 5] for layer in view})
+        return model, originals
+
+    model, originals = pruned_copies()
+    got = refit_to_original(model, originals, toks, ridge=1e-2, batch_size=2, progress=False, budget=1)
+    ref, ref_originals = pruned_copies()
+    view = moe_view(ref)
+    want = {}
+    for layer in view:  # budget 1: one layer per group
+        obs = RefitObserver({layer.layer_idx: ref_originals[layer.layer_idx]})
+        run_calibration(ref, toks, [obs], batch_size=2, progress=False, stop_after=layer.layer_idx, layer_by_layer=False)
+        obs.apply(layer, 1e-2)
+        want[layer.layer_idx] = obs.relative_error(layer.layer_idx)
+    assert got == want and len(got) == len(view) >= 2
+    for a, b in zip(moe_view(model), view):
+        assert isinstance(a, MoELayer) and torch.equal(a.down_proj, b.down_proj), a.layer_idx
+
+
 def test_run_calibration_stops_after_a_layer():
     model, toks = tiny_model("qwen3_moe"), tokens(3, 16)
     rec = _Recorder()

@@ -22,8 +22,9 @@ only an [I, I] and an [I, H] accumulator per expert, never the stored activation
 Memory: the accumulators of one layer are 4 * E' * I * (I + H) bytes (402 MB for OLMoE-1B-7B
 merged to 32 experts; all 16 layers at once took a streamed merge to 9.5 GiB of GPU memory under
 a 4 GiB cap on an H100). Layers are therefore re-fitted in groups whose accumulators fit
-``ACCUMULATOR_BUDGET``, each group from its own calibration pass that stops after the group's
-last layer; later groups see the earlier groups re-fitted (layer-wise sequential, as GPTQ).
+``ACCUMULATOR_BUDGET``; later groups see the earlier groups re-fitted (layer-wise sequential,
+as GPTQ). The calibration activations are carried from group to group (``capture.LayerCursor``):
+each layer runs twice in all, observed and then with its re-fitted weights.
 The grouping depends only on the model's shape, never on memory caps, so a streamed run and an
 in-memory run re-fit the same way.
 """
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from ..arch import MoELayer, MoEModel, Routing, moe_view
-from ..capture import onloaded, run_calibration
+from ..capture import LayerCursor, onloaded
 from .offload import write_back
 
 
@@ -174,16 +175,26 @@ def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tens
     errors = {}
     groups = [[layer for layer in group if layer.layer_idx in originals] for group in layer_groups(view, budget)]
     groups = [g for g in groups if g]
+    if not groups:
+        return errors
+    # The calibration activations move through the model a layer at a time: each group is
+    # observed from the activations in front of it, re-fitted, then run again with its new
+    # weights to give the next group its inputs (2 layer passes per layer, not one pass
+    # from the embeddings per group).
+    cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=groups[-1][-1].layer_idx)
     for i, group in enumerate(groups):
         obs = RefitObserver({layer.layer_idx: originals[layer.layer_idx] for layer in group})
         label = "least-squares re-fit" + (f" (layers {group[0].layer_idx}-{group[-1].layer_idx}, group {i + 1}/{len(groups)})"
                                           if len(groups) > 1 else "")
-        run_calibration(model, tokens, [obs], batch_size=batch_size, view=view, progress=progress,
-                        description=label, stop_after=group[-1].layer_idx)
+        start = cursor.state()
+        cursor.advance(group[-1].layer_idx, [obs], progress=progress, description=label)
         for layer in group:
             with onloaded(layer.block):  # a streamed model's merged block: onload, edit, save
                 obs.apply(layer, ridge)
                 write_back(layer.block)
             errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
         del obs  # free this group's accumulators before the next group's
+        if i + 1 < len(groups):
+            cursor.restore(start)
+            cursor.advance(group[-1].layer_idx, progress=progress, description=label + ": re-fitted outputs")
     return errors
