@@ -135,6 +135,23 @@ def test_permutation_alignment_recovers_a_permuted_copy_exactly():
     torch.testing.assert_close(f(copy_), f(ref))
 
 
+def test_member_permutations_solved_concurrently_equal_the_serial_ones(monkeypatch):
+    """The alignments of a layer's members are solved on several threads; each equals the
+    serial match_neurons of the member to its cluster's dominant expert."""
+    from moecompress.merge.align import member_permutations
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    layer = moe_view(tiny_model("mixtral"))[0]
+    clusters, dominant = [[0, 3, 4], [1], [2, 5, 6, 7]], [3, 1, 6]
+    got = member_permutations(layer, clusters, dominant)
+    assert sorted(got) == [0, 2, 4, 5, 7]  # every non-dominant member, no one else
+    for members, dom in zip(clusters, dominant):
+        for e in members:
+            if e != dom:
+                want = match_neurons(ExpertWeights.read(layer, dom), ExpertWeights.read(layer, e))
+                assert torch.equal(got[e], want), e
+
+
 def test_m_smoe_merges_a_permuted_copy_into_the_original_and_plain_averaging_does_not():
     model = tiny_model("mixtral")
     layer = moe_view(model)[0]

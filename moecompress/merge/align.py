@@ -11,6 +11,8 @@ up row, down column (and biases). This is a linear assignment problem, solved ex
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -31,3 +33,25 @@ def match_neurons(ref: ExpertWeights, other: ExpertWeights) -> torch.Tensor:
     perm = torch.empty(cost.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
     return perm
+
+
+def member_permutations(layer, clusters: list[list[int]], dominant: list[int]) -> dict[int, torch.Tensor]:
+    """:func:`match_neurons` of every non-dominant member of every cluster of ``layer`` to its
+    cluster's dominant expert: ``{expert: perm}``.
+
+    The problems are independent and scipy's assignment solver releases the GIL, so they are
+    solved on ``torch.get_num_threads()`` threads (2 threads: 1.9x on 1024 x 1024 problems; on
+    the H100 machine one OLMoE-shaped layer has 32 of them, 62 ms each when solved serially).
+    Each result is the serial one: only the order of solving changes.
+    """
+    pairs = [(dom, e) for members, dom in zip(clusters, dominant) for e in members if e != dom]
+    if not pairs:
+        return {}
+
+    def solve(pair: tuple[int, int]) -> torch.Tensor:
+        dom, e = pair
+        return match_neurons(ExpertWeights.read(layer, dom), ExpertWeights.read(layer, e))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(pairs), torch.get_num_threads()))) as pool:
+        perms = list(pool.map(solve, pairs))
+    return {e: perm for (_, e), perm in zip(pairs, perms)}

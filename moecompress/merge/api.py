@@ -34,7 +34,7 @@ from ..arch import MoELayer, MoEModel, moe_view
 from ..capture import onloaded, run_calibration
 from ..errors import MoECompressError
 from ..surgery import ModelReplacements
-from .align import match_neurons
+from .align import match_neurons, member_permutations
 from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
@@ -178,15 +178,17 @@ def _check_clusters(clusters: dict[int, list[list[int]]], view: MoEModel) -> Non
 
 
 @torch.no_grad()
-def merged_expert(layer, members: list[int], dominant: int, freq: torch.Tensor, method: Method) -> tuple[ExpertWeights, torch.Tensor]:
-    """The merged weights of one cluster and the per-member merge weights."""
+def merged_expert(layer, members: list[int], dominant: int, freq: torch.Tensor, method: Method,
+                  perms: dict[int, torch.Tensor] | None = None) -> tuple[ExpertWeights, torch.Tensor]:
+    """The merged weights of one cluster and the per-member merge weights; ``perms`` are the
+    members' neuron alignments if already solved (:func:`.align.member_permutations`)."""
     w = member_weights(freq, members, method.weights)
     ref = ExpertWeights.read(layer, dominant)
     experts = []
     for e in members:
         x = ExpertWeights.read(layer, e)
         if method.align and e != dominant:
-            x = x.permuted(match_neurons(ref, x))
+            x = x.permuted(perms[e] if perms is not None else match_neurons(ref, x))
         experts.append(x)
     return merge_weights(experts, w), w
 
@@ -285,8 +287,9 @@ def _merged_block(source, clusters: list[list[int]], dominant: list[int], freq: 
             t = operator.attrgetter(path)(module)
             set_module_tensor_to_device(module, path, device, value=torch.empty(t.shape, dtype=t.dtype, device=device))
         rows, row_tensors = source.router_weight.data, source.router_expert_tensors
+        perms = member_permutations(source, clusters, dominant) if method.align else None
         for j, (members, dom) in enumerate(zip(clusters, dominant)):
-            weights, w = merged_expert(source, members, dom, freq, method)
+            weights, w = merged_expert(source, members, dom, freq, method, perms)
             weights.write(target, j)
             if router == "weighted":
                 target.router_weight.data[j] = (w.to(rows.device)[:, None] * rows[members].double()).sum(0).to(rows.dtype)
