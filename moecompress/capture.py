@@ -240,8 +240,7 @@ class LayerCursor:
     the embeddings and masks only, and per-layer masks of sliding-window families come out
     right). :meth:`advance` then runs the layers one at a time, each onloaded once for all
     batches. Activations wait in CPU memory between layers, so the GPU holds one layer and
-    one batch. A stage that edits layers can :meth:`state` / :meth:`restore` the position and
-    run layers again with their edits (the re-fit does, per layer group).
+    one batch. A stage that edits layers as it goes uses :meth:`editing`.
     """
 
     @torch.no_grad()
@@ -272,6 +271,21 @@ class LayerCursor:
         self.hidden = [h.to("cpu") for h, _, _ in calls[0]]
         self.args = [[_to((a, kw), "cpu", memo) for _, a, kw in layer_calls] for layer_calls in calls]
         self.position = 0  # self.hidden are the inputs of this decoder layer
+
+    @contextlib.contextmanager
+    def editing(self, through: int, observers: Iterable[Observer], *, progress: bool = False,
+                description: str = "calibrating"):
+        """Advance through layer ``through`` with ``observers``; the block then edits those
+        layers (from what the observers saw), and on leaving it the layers run again, with
+        their edits, so that later layers get the edited model's activations. Layer-wise
+        sequential compression (GPTQ, NAEE, the re-fit): each layer runs twice, instead of a
+        pass from the embeddings per layer."""
+        start = self.state()
+        self.advance(through, observers, progress=progress, description=description)
+        yield
+        if through < self.until:  # the last recorded layer's outputs are never used
+            self.restore(start)
+            self.advance(through, progress=progress, description=f"{description}: edited outputs")
 
     def state(self) -> tuple[int, list[torch.Tensor]]:
         return self.position, list(self.hidden)

@@ -53,7 +53,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..arch import MoELayer, moe_view
-from ..capture import batches_of, run_calibration
+from ..capture import LayerCursor, run_calibration
 from ..errors import MoECompressError
 from ._routing import routed_tokens
 
@@ -161,6 +161,11 @@ def apply_mask(layer: MoELayer, masks: dict[str, torch.Tensor]) -> dict[str, flo
     return out
 
 
+def _prune_layer(layer: MoELayer, method: str, norms: InputNorms | None, sparsity: float | None, nm) -> dict[str, float]:
+    scores = weight_scores(layer, method, norms)
+    return apply_mask(layer, {name: prune_mask(s, sparsity, nm) for name, s in scores.items()})
+
+
 def unstructured_prune(model, tokens: torch.Tensor | None, sparsity: float | None = None, method: str = "moe-pruner",
                        nm: tuple[int, int] | str | None = None, *, batch_size: int = 8, sequential: bool = True,
                        progress: bool = True) -> dict:
@@ -181,22 +186,20 @@ def unstructured_prune(model, tokens: torch.Tensor | None, sparsity: float | Non
         norms = InputNorms(view.moe_layer_indices, router_weighted=method == "moe-pruner")
         run_calibration(model, tokens, [norms], batch_size=batch_size, view=view, progress=progress,
                         description=f"{method} statistics")
-    chunks = batches_of(tokens, batch_size) if needs_data and sequential else []
+    # Sequential: the activations are carried from layer to layer (each layer runs once to be
+    # observed and once more, pruned, for the next), not a pass from the embeddings per layer.
+    cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view) if needs_data and sequential else None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"{method} pruning", total=len(view) * max(1, len(chunks)))
+        task = bar.add_task(f"{method} pruning", total=len(view))
         for layer in view:
-            if chunks:
+            if cursor is not None:
                 norms = InputNorms([layer.layer_idx], router_weighted=method == "moe-pruner")
-                for chunk in chunks:
-                    run_calibration(model, chunk, [norms], batch_size=chunk.shape[0], view=view, progress=False,
-                                    stop_after=layer.layer_idx)  # later layers need not run
-                    bar.advance(task)
+                with cursor.editing(layer.layer_idx, [norms]):
+                    per_layer[layer.layer_idx] = _prune_layer(layer, method, norms, sparsity, nm)
             else:
-                bar.advance(task)
-            scores = weight_scores(layer, method, norms)
-            masks = {name: prune_mask(s, sparsity, nm) for name, s in scores.items()}
-            per_layer[layer.layer_idx] = apply_mask(layer, masks)
+                per_layer[layer.layer_idx] = _prune_layer(layer, method, norms, sparsity, nm)
+            bar.advance(task)
     total = sum(getattr(layer, n).numel() for layer in view for n in MATRICES)
     zeros = sum(int((getattr(layer, n) == 0).sum()) for layer in view for n in MATRICES)
     return {"method": method, "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None,

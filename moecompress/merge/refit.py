@@ -178,23 +178,17 @@ def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tens
     if not groups:
         return errors
     # The calibration activations move through the model a layer at a time: each group is
-    # observed from the activations in front of it, re-fitted, then run again with its new
-    # weights to give the next group its inputs (2 layer passes per layer, not one pass
-    # from the embeddings per group).
+    # observed, re-fitted, then run again with its new weights for the next group.
     cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=groups[-1][-1].layer_idx)
     for i, group in enumerate(groups):
         obs = RefitObserver({layer.layer_idx: originals[layer.layer_idx] for layer in group})
         label = "least-squares re-fit" + (f" (layers {group[0].layer_idx}-{group[-1].layer_idx}, group {i + 1}/{len(groups)})"
                                           if len(groups) > 1 else "")
-        start = cursor.state()
-        cursor.advance(group[-1].layer_idx, [obs], progress=progress, description=label)
-        for layer in group:
-            with onloaded(layer.block):  # a streamed model's merged block: onload, edit, save
-                obs.apply(layer, ridge)
-                write_back(layer.block)
-            errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
-        del obs  # free this group's accumulators before the next group's
-        if i + 1 < len(groups):
-            cursor.restore(start)
-            cursor.advance(group[-1].layer_idx, progress=progress, description=label + ": re-fitted outputs")
+        with cursor.editing(group[-1].layer_idx, [obs], progress=progress, description=label):
+            for layer in group:
+                with onloaded(layer.block):  # a streamed model's merged block: onload, edit, save
+                    obs.apply(layer, ridge)
+                    write_back(layer.block)
+                errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
+            obs.gram.clear(), obs.rhs.clear()  # free the accumulators before the group runs again
     return errors

@@ -25,7 +25,9 @@ How it is computed here:
   ``naee_max_combinations``, else backward elimination (drop, one at a time, the expert whose
   removal increases the error least) keeping the ``naee_beam`` best sets at every step.
 * Layer-wise sequential, as in the paper: layer l's tokens are collected while layers < l
-  already route among their kept experts (router hooks; weights untouched).
+  already route among their kept experts (router hooks; weights untouched). The calibration
+  activations are carried from layer to layer (``capture.LayerCursor``): each layer runs once
+  to be observed and once more, pruned, for the next (not a pass from the embeddings per layer).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..arch import MoELayer
-from ..capture import batches_of, run_calibration
+from ..capture import LayerCursor, batches_of
 from ..errors import MoECompressError
 from .selection import Plan, Selection
 from .subrouter import SubsetRouting, route_subset, sub_router
@@ -95,6 +97,27 @@ def reconstruction_error(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram
     return float(((d.unsqueeze(1) @ gram).squeeze(1) * d).sum(dtype=torch.float64))
 
 
+def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, keep: int, protected: set[int],
+            opts: dict) -> tuple[list[int], torch.Tensor, dict]:
+    """Layer ``layer``'s kept set, per-expert scores and a record, from its cached tokens."""
+    memo: dict[tuple, float] = {}
+
+    def error(s) -> float:
+        key = tuple(s)
+        if key not in memo:
+            memo[key] = reconstruction_error(layer, x, w, gram, list(s))
+        return memo[key]
+
+    E = layer.num_experts
+    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]))
+    # Per-expert score: the error caused by removing that expert alone (higher = keep).
+    scores = torch.tensor([error([f for f in range(E) if f != e]) for e in range(E)], dtype=torch.float64)
+    total = float((w.unsqueeze(1) @ gram).squeeze(1).mul(w).sum(dtype=torch.float64))
+    record = {"relative_error": err / total if total > 0 else 0.0, "search": how, "tokens": int(x.shape[0]),
+              "evaluated_sets": len(memo)}
+    return best, scores, record
+
+
 def search(error, num_experts: int, keep: int, protected: set[int], max_combinations: int,
            beam: int) -> tuple[list[int], float, str]:
     """The kept set minimising ``error(list)``: exhaustive when small enough, else beam search
@@ -133,36 +156,19 @@ def naee_select(sel: Selection) -> Plan:
     # Redrawn after each step rather than by a background thread competing with torch's CPU threads.
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         disable=not sel.progress, transient=True, auto_refresh=False)
+    cursor = LayerCursor(sel.model, sel.tokens, batch_size=sel.batch_size, view=view)
     with SubsetRouting() as pruned_so_far, progress:
         task = progress.add_task("naee", total=len(view) * len(chunks))
         for layer in view:
             li = layer.layer_idx
-            progress.update(task, description=f"naee: layer {li} tokens", refresh=True)
+            progress.update(task, description=f"naee: layer {li}", refresh=True)
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li)
-            for chunk in chunks:
-                run_calibration(sel.model, chunk, [cache], batch_size=chunk.shape[0], view=view, progress=False,
-                                stop_after=li)  # later layers need not run
-                progress.advance(task)
-                progress.refresh()
-            x, w, gram = cache.tensors()
-            progress.update(task, description=f"naee: layer {li} search", refresh=True)
-            memo: dict[tuple, float] = {}
-
-            def error(s, layer=layer, x=x, w=w, gram=gram, memo=memo):
-                key = tuple(s)
-                if key not in memo:
-                    memo[key] = reconstruction_error(layer, x, w, gram, list(s))
-                return memo[key]
-
-            protected = sel.protected.get(li, set())
-            best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]))
-            # Per-expert score: the error caused by removing that expert alone (higher = keep).
-            everyone = list(range(E))
-            scores[li] = torch.tensor([error([f for f in everyone if f != e]) for e in everyone], dtype=torch.float64)
-            total = float((w.unsqueeze(1) @ gram).squeeze(1).mul(w).sum(dtype=torch.float64))
-            info["layers"][li] = {"relative_error": err / total if total > 0 else 0.0, "search": how,
-                                  "tokens": int(x.shape[0]), "evaluated_sets": len(memo)}
-            kept[li] = best
-            pruned_so_far.add(layer, best)
+            with cursor.editing(li, [cache]):  # layer li's tokens; on leaving, its outputs with only `best`
+                best, scores[li], info["layers"][li] = _choose(layer, *cache.tensors(), keep, sel.protected.get(li, set()),
+                                                               opts)
+                kept[li] = best
+                pruned_so_far.add(layer, best)
+            progress.advance(task, len(chunks))
+            progress.refresh()
     info["options"] = opts
     return Plan(kept=kept, scores=scores, info=info)
