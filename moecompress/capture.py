@@ -21,10 +21,11 @@ import operator
 from typing import Iterable, Protocol
 
 import torch
-from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from .arch import MoELayer, MoEModel, Routing, moe_view
+from .onload import hooks_bypassed, is_streamed, onloaded
 
 
 class Observer(Protocol):
@@ -47,24 +48,6 @@ def batches_of(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [tokens[i : i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
 
 
-def onloaded(module: torch.nn.Module) -> contextlib.ExitStack:
-    """Context in which every weight of ``module`` is materialised on its execution device.
-
-    A streamed model (accelerate offload, see ``load_model(max_gpu_memory=...)``) keeps each
-    leaf module's weights offloaded except while that leaf runs; observers that read expert
-    weights after the block ran need them onloaded again, one MoE block at a time.
-    """
-    stack = contextlib.ExitStack()
-    try:
-        from accelerate.utils import align_module_device, has_offloaded_params
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        return stack
-    for m in module.modules():
-        if has_offloaded_params(m):
-            stack.enter_context(align_module_device(m))
-    return stack
-
-
 def execution_device(model) -> torch.device:
     """Where inputs must go: the embedding's execution device for a streamed (offloaded)
     model, whose parameters may sit on the meta device; else the first parameter's device."""
@@ -79,39 +62,6 @@ def execution_device(model) -> torch.device:
 def _decoder(model):
     # Run the base model, not the LM head: calibration never needs vocabulary logits.
     return getattr(model, model.base_model_prefix, model)
-
-
-# What accelerate's add_hook_to_module puts in a module's __dict__.
-HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "forward")
-
-
-def is_streamed(model: nn.Module) -> bool:
-    """Whether some of ``model``'s weights are offloaded (onloaded by accelerate hooks as they run)."""
-    from accelerate.utils import has_offloaded_params
-
-    return any(has_offloaded_params(m) for m in model.modules())
-
-
-@contextlib.contextmanager
-def hooks_bypassed(modules: Iterable[nn.Module]):
-    """Run the modules' own forwards instead of accelerate's wrappers, for modules that are
-    onloaded as a whole (``onloaded``): the wrappers would copy every weight in again at each
-    call. A forward replaced inside the hook (``_old_forward``, e.g. the statistics' fused
-    experts) is kept."""
-    saved = []
-    for module in modules:
-        for m in module.modules():
-            if "_hf_hook" in m.__dict__:
-                attrs = {a: m.__dict__.pop(a) for a in HOOK_ATTRIBUTES if a in m.__dict__}
-                saved.append((m, attrs))
-                if "_old_forward" in attrs:
-                    m.forward = attrs["_old_forward"]
-    try:
-        yield
-    finally:
-        for m, attrs in reversed(saved):
-            m.__dict__.pop("forward", None)
-            m.__dict__.update(attrs)
 
 
 @torch.no_grad()

@@ -129,7 +129,7 @@ def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool =
     """Expert ``j`` of a loaded MoE layer as replacement parts (copies in the layer's dtype, on
     ``device`` or the layer's): its canonical weights (``experts``) and/or its router row and
     per-expert router tensors (``router``). Offloaded weights must be onloaded
-    (``capture.onloaded``)."""
+    (``onload.onloaded``)."""
     parts: dict[str, torch.Tensor] = {}
     if experts:
         parts.update(zip(EXPERT_PARTS, (layer.gate_proj[j], layer.up_proj[j], layer.down_proj[j])))
@@ -152,7 +152,7 @@ class ModelReplacements:
         wanted = {j: set(g) for j, g in self.groups.get(layer_idx, {}).items() if g}
         if not wanted:
             return default
-        from .capture import onloaded
+        from .onload import onloaded
 
         layer = self.view.layer(layer_idx)
         with onloaded(layer.block):

@@ -5,7 +5,8 @@ import math
 import torch
 
 from moecompress.arch import moe_view
-from moecompress.capture import is_streamed, run_calibration
+from moecompress.capture import run_calibration
+from moecompress.onload import is_streamed
 from moecompress.checkpoint import load_model
 from moecompress.stats import collect_stats
 from moecompress.testing import tiny_model, tokens

@@ -31,14 +31,15 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 
 from ..arch import MoELayer, MoEModel, moe_view
-from ..capture import onloaded, run_calibration
+from ..capture import run_calibration
 from ..errors import MoECompressError
 from ..surgery import ModelReplacements
 from .align import match_neurons, member_permutations
 from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
-from .offload import detached_copy, execution_device, offload_block
+from ..onload import detached_copy, module_execution_device, onloaded
+from .offload import offload_block
 from .refit import refit_to_original
 
 
@@ -245,7 +246,7 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         li = source.layer_idx
         block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], spec, router)
         if folder is not None:
-            offload_block(block, folder / f"merged-layer-{li}.safetensors", execution_device(source.block))
+            offload_block(block, folder / f"merged-layer-{li}.safetensors", module_execution_device(source.block))
         if refit:
             originals[li] = source.block
         setattr(decoder_layers[li], view.spec.moe_block, block)

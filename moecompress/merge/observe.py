@@ -52,7 +52,7 @@ class MergeObserver:
     @torch.no_grad()
     def mean_outputs(self, layer_idx: int) -> torch.Tensor:
         """[E, H] average output of each expert over all calibration tokens."""
-        from ..capture import onloaded
+        from ..onload import onloaded
 
         layer = self.layers[layer_idx]
         mean_hidden = self.hidden_sum[layer_idx] / max(self.tokens[layer_idx], 1)

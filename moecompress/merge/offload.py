@@ -4,16 +4,14 @@ A streamed model (``load_model(max_gpu_memory=...)``) holds its weights offloade
 each leaf module while it runs (accelerate hooks). Merging builds, per MoE layer, a new block
 with fewer experts; for a streamed model that block is written to a safetensors file and
 hooked the same way (:func:`offload_block`), so the merged model runs, and its observers see
-onloaded weights (``capture.onloaded``), without ever holding more than one layer. Edits made
+onloaded weights (``onload.onloaded``), without ever holding more than one layer. Edits made
 to an onloaded offloaded block (the re-fit) are saved with :func:`write_back`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,49 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..capture import HOOK_ATTRIBUTES
 from ..checkpoint import aligned
-
-
-@contextlib.contextmanager
-def _hooks_detached(module: nn.Module) -> Iterator[None]:
-    """Take accelerate's hooks off ``module`` and its submodules for the block, then put them
-    back (a copy made inside has none, and does not drag along the hooks' weight maps)."""
-    saved = []
-    for m in module.modules():
-        if "_hf_hook" in m.__dict__:
-            saved.append((m, {a: m.__dict__.pop(a) for a in HOOK_ATTRIBUTES if a in m.__dict__}))
-    try:
-        yield
-    finally:
-        for m, attrs in saved:
-            m.__dict__.update(attrs)
-
-
-def detached_copy(module: nn.Module, *, skip: Iterable[torch.Tensor] = (), share: Iterable[object] = ()) -> nn.Module:
-    """A deep copy of ``module`` without accelerate hooks. Tensors in ``skip`` are not copied:
-    they become meta tensors of the same shape (to be filled by the caller); objects in
-    ``share`` (the model config) are shared, not copied."""
-    memo: dict = {}
-    for t in skip:
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    for o in share:
-        memo[id(o)] = o
-    with _hooks_detached(module):
-        return copy.deepcopy(module, memo)
-
-
-def execution_device(module: nn.Module) -> torch.device:
-    """Where ``module`` computes: its hooks' execution device, else its first real tensor's."""
-    for m in module.modules():
-        dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
-        if dev is not None:
-            return torch.device(dev)
-    for t in module.parameters():
-        if t.device.type != "meta":
-            return t.device
-    return torch.device("cpu")
 
 
 class SafetensorsWeights(Mapping):
@@ -101,7 +57,7 @@ class SafetensorsWeights(Mapping):
 def offload_block(block: nn.Module, path: str | os.PathLike, device: torch.device) -> None:
     """Write ``block``'s parameters to ``path`` and hook it like a streamed layer: parameters
     live on the meta device and are onloaded to ``device`` only while a leaf runs (or inside
-    ``capture.onloaded``); buffers stay on ``device``."""
+    ``onload.onloaded``); buffers stay on ``device``."""
     from accelerate.hooks import attach_align_device_hook
 
     weights = SafetensorsWeights(path, dict(block.named_parameters()))

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..arch import MoELayer, MoEModel, Routing, moe_view
-from ..capture import LayerCursor, onloaded
+from ..capture import LayerCursor
+from ..onload import onloaded
 from .offload import write_back
 
 
