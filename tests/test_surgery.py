@@ -73,7 +73,7 @@ def test_cpu_weights_are_aligned_in_memory_and_streamed(tmp_path):
     """CPU matmuls round differently at different operand alignments: both load paths hand out
     64-byte-aligned weights (without this, a 62M-parameter merge differed in 22 of 231 tensors,
     by up to 7e-6, between streamed and in-memory runs; with it, none)."""
-    from moecompress.capture import onloaded
+    from moecompress.onload import onloaded
 
     model = tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path / "src")
@@ -122,8 +122,10 @@ def test_stats_on_streamed_model_equal_in_memory(tmp_path):
         torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
-def test_prune_cli_streamed_equals_in_memory(tmp_path):
-    """`prune --max-cpu-memory` (streamed, disk offload) writes the same checkpoint bytes."""
+@pytest.mark.parametrize("method", ["frequency", "naee"])
+def test_prune_cli_streamed_equals_in_memory(method, tmp_path):
+    """`prune --max-cpu-memory` (streamed, disk offload) writes the same checkpoint bytes, also
+    with NAEE, whose candidate routers are copies of offloaded routers."""
     from typer.testing import CliRunner
 
     from moecompress.cli import app
@@ -131,7 +133,7 @@ def test_prune_cli_streamed_equals_in_memory(tmp_path):
 
     tiny_checkpoint(tmp_path / "src", "qwen3_moe")
     (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
-    common = ["prune", str(tmp_path / "src"), "--keep", "4", "--method", "frequency", "--calib", str(tmp_path / "t.txt"),
+    common = ["prune", str(tmp_path / "src"), "--keep", "4", "--method", method, "--calib", str(tmp_path / "t.txt"),
               "-n", "4", "--seq-len", "32", "--dtype", "float32"]
     runner = CliRunner()
     assert runner.invoke(app, [*common, "-o", str(tmp_path / "mem")]).exit_code == 0

@@ -11,13 +11,13 @@ router computes, for every family, because it *is* that router.
 
 from __future__ import annotations
 
-import copy
 import operator
 
 import torch
 from torch import nn
 
 from ..arch import MoELayer, Routing
+from ..onload import detached_copy, onloaded
 
 
 def _set_path(obj, dotted: str, value) -> None:
@@ -34,8 +34,9 @@ def _group_attrs(router: nn.Module) -> tuple[str | None, str | None]:
 def sub_router(layer: MoELayer, keep: list[int] | torch.Tensor) -> nn.Module:
     """A copy of ``layer``'s router that routes among ``keep`` only (indices in ``keep`` order)."""
     src = layer.router
-    idx = torch.as_tensor(keep, dtype=torch.long, device=src.weight.device)
-    r = copy.deepcopy(src)  # a router is small ([E, H]); the experts are not copied
+    with onloaded(src):  # a streamed model's router: copy its weights, not its offload hooks
+        r = detached_copy(src)  # a router is small ([E, H]); the experts are not copied
+    idx = torch.as_tensor(keep, dtype=torch.long, device=r.weight.device)
     for mod in r.modules():  # never inherit hooks registered on the original
         for name, v in list(vars(mod).items()):
             if "hooks" in name and isinstance(v, dict):
