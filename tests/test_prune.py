@@ -236,13 +236,13 @@ def test_search_exhaustive_and_beam():
     def additive(s):  # error = weight of the removed experts: greedy is optimal here
         return sum(w for e, w in enumerate(weights) if e not in s)
 
-    kept, err, how = search(lambda sets: [additive(s) for s in sets], 8, 4, {3}, max_combinations=0, beam=1)
+    kept, err, how = search(additive, 8, 4, {3}, max_combinations=0, beam=1)
     assert how == "beam" and kept == [0, 2, 3, 5] and err == pytest.approx(1.0 + 3.0 + 2.0 + 4.0)
 
     def pairwise(s):  # interactions: greedy could be fooled, exhaustive is not
         return sum(abs(a - b) % 3 for a, b in itertools.combinations(s, 2)) + (0 if 7 in s else 5)
 
-    kept, err, how = search(lambda sets: [pairwise(s) for s in sets], 8, 3, set(), max_combinations=1000, beam=1)
+    kept, err, how = search(pairwise, 8, 3, set(), max_combinations=1000, beam=1)
     brute = min((pairwise(list(c)), list(c)) for c in itertools.combinations(range(8), 3))
     assert how == "exhaustive" and (err, kept) == brute
 

@@ -89,13 +89,12 @@ def expert_gram(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_error(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tensor,
-                         keep: list[int]) -> torch.Tensor:
-    """sum_t || F(x_t) - F_S(x_t) ||^2 for the kept set S = ``keep`` (routed part only), a
-    float64 scalar left where ``x`` is (callers read many at once: one device sync)."""
+                         keep: list[int]) -> float:
+    """sum_t || F(x_t) - F_S(x_t) ||^2 for the kept set S = ``keep`` (routed part only)."""
     idx = torch.as_tensor(keep, dtype=torch.long)
     routing = route_subset(layer, sub_router(layer, idx), idx, x)
     d = w - routing.dense_weights(layer.num_experts)
-    return ((d.unsqueeze(1) @ gram).squeeze(1) * d).sum(dtype=torch.float64)
+    return float(((d.unsqueeze(1) @ gram).squeeze(1) * d).sum(dtype=torch.float64))
 
 
 def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, keep: int, protected: set[int],
@@ -103,40 +102,40 @@ def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tenso
     """Layer ``layer``'s kept set, per-expert scores and a record, from its cached tokens."""
     memo: dict[tuple, float] = {}
 
-    def errors(sets) -> list[float]:
-        todo = list(dict.fromkeys(tuple(s) for s in sets if tuple(s) not in memo))
-        if todo:  # queued on the device, read back together
-            memo.update(zip(todo, torch.stack([reconstruction_error(layer, x, w, gram, list(s)) for s in todo]).tolist()))
-        return [memo[tuple(s)] for s in sets]
+    def error(s) -> float:
+        key = tuple(s)
+        if key not in memo:
+            memo[key] = reconstruction_error(layer, x, w, gram, list(s))
+        return memo[key]
 
     E = layer.num_experts
-    best, err, how = search(errors, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]))
+    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]))
     # Per-expert score: the error caused by removing that expert alone (higher = keep).
-    scores = torch.tensor(errors([[f for f in range(E) if f != e] for e in range(E)]), dtype=torch.float64)
+    scores = torch.tensor([error([f for f in range(E) if f != e]) for e in range(E)], dtype=torch.float64)
     total = float((w.unsqueeze(1) @ gram).squeeze(1).mul(w).sum(dtype=torch.float64))
     record = {"relative_error": err / total if total > 0 else 0.0, "search": how, "tokens": int(x.shape[0]),
               "evaluated_sets": len(memo)}
     return best, scores, record
 
 
-def search(errors, num_experts: int, keep: int, protected: set[int], max_combinations: int,
+def search(error, num_experts: int, keep: int, protected: set[int], max_combinations: int,
            beam: int) -> tuple[list[int], float, str]:
-    """The kept set minimising the error: exhaustive when small enough, else beam search by
-    backward elimination. ``errors(sets)`` gives the errors of a list of sets (one round of
-    candidates at a time). Returns (kept ascending, its error, "exhaustive"|"beam")."""
+    """The kept set minimising ``error(list)``: exhaustive when small enough, else beam search
+    by backward elimination. Returns (kept ascending, its error, "exhaustive"|"beam")."""
     free = [e for e in range(num_experts) if e not in protected]
     need = keep - len(protected)
     if math.comb(len(free), need) <= max_combinations:
-        sets = [sorted(set(combo) | protected) for combo in itertools.combinations(free, need)]
         best = None
-        for s, err in zip(sets, errors(sets)):
+        for combo in itertools.combinations(free, need):
+            s = sorted(set(combo) | protected)
+            err = error(s)
             if best is None or err < best[1]:  # strict: the first (lexicographic) set wins ties
                 best = (s, err)
         return best[0], best[1], "exhaustive"
     frontier = [tuple(range(num_experts))]
     while len(frontier[0]) > keep:
         candidates = sorted({tuple(e2 for e2 in s if e2 != e) for s in frontier for e in s if e not in protected})
-        scored = sorted(zip(errors([list(c) for c in candidates]), candidates), key=lambda t: (t[0], t[1]))
+        scored = sorted(((error(list(c)), c) for c in candidates), key=lambda t: (t[0], t[1]))
         frontier = [c for _, c in scored[:beam]]
         best_err = scored[0][0]
     return list(frontier[0]), best_err, "beam"
