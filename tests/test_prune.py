@@ -386,27 +386,3 @@ def test_cli_errors_exit_2_before_work(calib_ckpt, tmp_path):
     assert r.exit_code == 2 and "cannot write" in r.output
     r = invoke_cli("prune", tmp_path / "no-model", "-o", tmp_path / "out", "--keep", 4, "--method", "random")
     assert r.exit_code == 2 and "not found" in r.output
-
-
-@pytest.mark.parametrize("family", ["ernie4_5_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
-def test_sub_routers_of_many_sets_leave_each_other_and_the_router_alone(family):
-    """SubRouters clones one copy of the router per kept set (shallow, sharing tensors):
-    making a set's router changes neither the template, the model's router, nor a router made
-    earlier; each routes as a router made on its own (per-expert router tensors, nested in
-    Ernie's moe_statics, included)."""
-    from moecompress.prune.subrouter import SubRouters, route_subset
-
-    layer = moe_view(tiny_model(family))[0]
-    before = {k: v.clone() for k, v in layer.router.state_dict().items()}
-    x = torch.randn(7, layer.hidden_size)
-    routers = SubRouters(layer)
-    sets = [torch.tensor([0, 2, 3, 5]), torch.tensor([1, 4, 6, 7])]
-    made = [routers(s) for s in sets]
-    assert {k: v.shape for k, v in routers.template.state_dict().items()} == {k: v.shape for k, v in before.items()}
-    for k, v in layer.router.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    for s, r in zip(sets, made):
-        fresh = SubRouters(layer)(s)
-        a, b = route_subset(layer, r, s, x), route_subset(layer, fresh, s, x)
-        assert torch.equal(a.topk_idx, b.topk_idx) and torch.equal(a.topk_weight, b.topk_weight)
-        assert r.weight.shape[0] == 4

@@ -42,7 +42,7 @@ from ..arch import MoELayer
 from ..capture import LayerCursor, batches_of
 from ..errors import MoECompressError
 from .selection import Plan, Selection
-from .subrouter import SubRouters, SubsetRouting, route_subset
+from .subrouter import SubsetRouting, route_subset, sub_router
 
 DEFAULTS = {"naee_tokens": 32768, "naee_max_combinations": 2000, "naee_beam": 1}
 _GRAM_BUDGET = 1 << 29  # bytes of cached Gram matrices per layer (caps the token subsample)
@@ -89,11 +89,10 @@ def expert_gram(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_error(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tensor,
-                         keep: list[int], routers: SubRouters | None = None) -> float:
-    """sum_t || F(x_t) - F_S(x_t) ||^2 for the kept set S = ``keep`` (routed part only);
-    ``routers`` makes the sub-routers when many sets of one layer are evaluated."""
+                         keep: list[int]) -> float:
+    """sum_t || F(x_t) - F_S(x_t) ||^2 for the kept set S = ``keep`` (routed part only)."""
     idx = torch.as_tensor(keep, dtype=torch.long)
-    routing = route_subset(layer, (routers or SubRouters(layer))(idx), idx, x)
+    routing = route_subset(layer, sub_router(layer, idx), idx, x)
     d = w - routing.dense_weights(layer.num_experts)
     return float(((d.unsqueeze(1) @ gram).squeeze(1) * d).sum(dtype=torch.float64))
 
@@ -102,12 +101,11 @@ def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tenso
             opts: dict) -> tuple[list[int], torch.Tensor, dict]:
     """Layer ``layer``'s kept set, per-expert scores and a record, from its cached tokens."""
     memo: dict[tuple, float] = {}
-    routers = SubRouters(layer)
 
     def error(s) -> float:
         key = tuple(s)
         if key not in memo:
-            memo[key] = reconstruction_error(layer, x, w, gram, list(s), routers)
+            memo[key] = reconstruction_error(layer, x, w, gram, list(s))
         return memo[key]
 
     E = layer.num_experts

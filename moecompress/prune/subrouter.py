@@ -11,7 +11,6 @@ router computes, for every family, because it *is* that router.
 
 from __future__ import annotations
 
-import copy
 import operator
 
 import torch
@@ -34,64 +33,36 @@ def _group_attrs(router: nn.Module) -> tuple[str | None, str | None]:
 @torch.no_grad()
 def sub_router(layer: MoELayer, keep: list[int] | torch.Tensor) -> nn.Module:
     """A copy of ``layer``'s router that routes among ``keep`` only (indices in ``keep`` order)."""
-    return SubRouters(layer)(keep)
-
-
-class SubRouters:
-    """:func:`sub_router` for many kept sets of one layer (NAEE's search evaluates ~1,500 per
-    layer of 64 experts). The router is copied once, onloaded and without its hooks; each set
-    gets a shallow clone of that copy with its own rows: a deep copy per set took 0.4 ms, a
-    fifth of an evaluation on the H100. The router's weights must not change meanwhile."""
-
-    @torch.no_grad()
-    def __init__(self, layer: MoELayer):
-        self.layer = layer
-        with onloaded(layer.router):  # a streamed model's router: copy its weights, not its offload hooks
-            self.template = detached_copy(layer.router)  # a router is small ([E, H]); the experts are not copied
-        for mod in self.template.modules():  # never inherit hooks registered on the original
-            for name, v in list(vars(mod).items()):
-                if "hooks" in name and isinstance(v, dict):
-                    setattr(mod, name, type(v)())
-
-    @torch.no_grad()
-    def __call__(self, keep: list[int] | torch.Tensor) -> nn.Module:
-        r = _shallow_clone(self.template)
-        idx = torch.as_tensor(keep, dtype=torch.long, device=r.weight.device)
-        r.weight = nn.Parameter(r.weight.data.index_select(0, idx), requires_grad=False)
-        for path in self.layer.spec.router_expert_tensors:
-            t = operator.attrgetter(path)(r)
-            new = t.data.index_select(-1, idx.to(t.device))
-            _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new)
-        m = idx.numel()
-        if hasattr(r, "num_experts"):
-            r.num_experts = m
-        if hasattr(r, "top_k"):
-            r.top_k = min(int(r.top_k), m)
-        if hasattr(r, "out_features"):  # nn.Linear-based routers (Llama-4, PhiMoE)
-            r.out_features = m
-        n_attr, k_attr = _group_attrs(r)
-        if n_attr is not None:
-            n_group = int(getattr(r, n_attr) or 1)
-            # Same rule as MoEModel.keep_experts: groups must split the kept experts evenly,
-            # with >= 2 experts each, else routing falls back to one group (plain top-k).
-            if n_group > 1 and (m % n_group or m // n_group < 2):
-                setattr(r, n_attr, 1)
-                if k_attr is not None:
-                    setattr(r, k_attr, 1)
-        return r
-
-
-def _shallow_clone(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` and its submodules sharing their tensors: assigning a parameter,
-    buffer or attribute on the copy leaves the original as it is."""
-    c = copy.copy(module)  # a new __dict__ holding the same values
-    c._parameters = dict(module._parameters)
-    c._buffers = dict(module._buffers)
-    c._modules = {name: _shallow_clone(m) for name, m in module._modules.items()}
-    for name, v in list(vars(c).items()):  # hooks registered on a clone stay on that clone
-        if "hooks" in name and isinstance(v, dict):
-            setattr(c, name, type(v)())
-    return c
+    src = layer.router
+    with onloaded(src):  # a streamed model's router: copy its weights, not its offload hooks
+        r = detached_copy(src)  # a router is small ([E, H]); the experts are not copied
+    idx = torch.as_tensor(keep, dtype=torch.long, device=r.weight.device)
+    for mod in r.modules():  # never inherit hooks registered on the original
+        for name, v in list(vars(mod).items()):
+            if "hooks" in name and isinstance(v, dict):
+                setattr(mod, name, type(v)())
+    r.weight = nn.Parameter(r.weight.data.index_select(0, idx), requires_grad=False)
+    for path in layer.spec.router_expert_tensors:
+        t = operator.attrgetter(path)(r)
+        new = t.data.index_select(-1, idx.to(t.device))
+        _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new)
+    m = idx.numel()
+    if hasattr(r, "num_experts"):
+        r.num_experts = m
+    if hasattr(r, "top_k"):
+        r.top_k = min(int(r.top_k), m)
+    if hasattr(r, "out_features"):  # nn.Linear-based routers (Llama-4, PhiMoE)
+        r.out_features = m
+    n_attr, k_attr = _group_attrs(r)
+    if n_attr is not None:
+        n_group = int(getattr(r, n_attr) or 1)
+        # Same rule as MoEModel.keep_experts: groups must split the kept experts evenly,
+        # with >= 2 experts each, else routing falls back to one group (plain top-k).
+        if n_group > 1 and (m % n_group or m // n_group < 2):
+            setattr(r, n_attr, 1)
+            if k_attr is not None:
+                setattr(r, k_attr, 1)
+    return r
 
 
 def route_subset(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> Routing:
