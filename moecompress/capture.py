@@ -196,7 +196,6 @@ class LayerCursor:
     @torch.no_grad()
     def __init__(self, model, tokens: torch.Tensor, *, batch_size: int = 8, view: MoEModel | None = None,
                  until: int | None = None):
-        self.model = model
         self.view = view or moe_view(model)
         self.device = execution_device(model)
         self.layers = operator.attrgetter(self.view.spec.layers_path)(model)
