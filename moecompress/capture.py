@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .arch import MoELayer, MoEModel, Routing, moe_view
-from .onload import hooks_bypassed, is_streamed, onloaded
+from .onload import hooks_bypassed, is_streamed, module_execution_device, onloaded
 
 
 class Observer(Protocol):
@@ -49,14 +49,9 @@ def batches_of(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def execution_device(model) -> torch.device:
-    """Where inputs must go: the embedding's execution device for a streamed (offloaded)
-    model, whose parameters may sit on the meta device; else the first parameter's device."""
-    emb = model.get_input_embeddings()
-    hook = getattr(emb, "_hf_hook", None)
-    if hook is not None and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
+    """Where inputs must go: where the embedding computes (its hook's execution device for a
+    streamed model, whose parameters may sit on the meta device)."""
+    return module_execution_device(model.get_input_embeddings())
 
 
 def _decoder(model):

@@ -33,12 +33,12 @@ from accelerate.utils import set_module_tensor_to_device
 from ..arch import MoELayer, MoEModel, moe_view
 from ..capture import run_calibration
 from ..errors import MoECompressError
+from ..onload import detached_copy, module_execution_device, onloaded
 from ..surgery import ModelReplacements
 from .align import match_neurons, member_permutations
 from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
-from ..onload import detached_copy, module_execution_device, onloaded
 from .offload import offload_block
 from .refit import refit_to_original
 

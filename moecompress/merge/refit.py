@@ -191,5 +191,6 @@ def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tens
                     obs.apply(layer, ridge)
                     write_back(layer.block)
                 errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
-            obs.gram.clear(), obs.rhs.clear()  # free the accumulators before the group runs again
+            obs.gram.clear()  # free the accumulators before the group runs again
+            obs.rhs.clear()
     return errors
