@@ -287,11 +287,16 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: str | os.PathLike | None = None) -> Iterator[Path]:
+def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: str | os.PathLike | None = None,
+                  check: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` when the block succeeds.
 
     Refuses an existing ``out`` without ``overwrite``, an ``out`` equal to or inside the
     source checkpoint, and an unwritable parent: all before any work is done.
+
+    With ``check`` the written checkpoint must pass ``check.require_valid`` first (every tensor
+    the config implies, nothing else, no NaN/Inf); if it fails nothing becomes ``out`` and the
+    error names the first bad tensor.
     """
     out = Path(out).expanduser().absolute()
     if source is not None:
@@ -312,6 +317,10 @@ def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: st
         raise MoECompressError(f"cannot write to '{parent}': {e.strerror or e}; choose a writable output folder") from None
     try:
         yield tmp
+        if check:
+            from .check import require_valid
+
+            require_valid(tmp, written=True)
         _normal_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-STAGES = ("info", "stats", "prune", "merge", "quantize", "distill", "eval", "bench", "run", "upload")
+STAGES = ("info", "stats", "prune", "merge", "quantize", "distill", "eval", "bench", "run", "upload", "check")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -55,7 +55,7 @@ def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, meth
 
     if method not in METHODS:
         raise MoECompressError(f"unknown fine-grained method '{method}'; use one of: {', '.join(METHODS)}")
-    with output_folder(out, overwrite=overwrite, source=model_path) as folder:
+    with output_folder(out, overwrite=overwrite, source=model_path, check=True) as folder:
         tokens = None
         if method != "magnitude":
             if calib is None:

@@ -404,7 +404,7 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     local = source_folder(src)
     if streamed and local is not None and not any(local.glob("*.safetensors")):
         raise MoECompressError(_NEEDS_SAFETENSORS.format(src=src))
-    with output_folder(out, overwrite=overwrite, source=src) as folder:
+    with output_folder(out, overwrite=overwrite, source=src, check=True) as folder:
         from transformers import AutoTokenizer
 
         from ..stats import Stats

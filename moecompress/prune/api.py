@@ -256,7 +256,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     parse_dtype(dtype)
     parse_memory(max_gpu_memory)
     parse_memory(max_cpu_memory)
-    with output_folder(out, overwrite=overwrite, source=src) as folder:
+    with output_folder(out, overwrite=overwrite, source=src, check=True) as folder:
         from ..stats import Stats
 
         stats_obj = Stats.load(stats) if stats is not None else None

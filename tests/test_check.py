@@ -1,0 +1,100 @@
+"""`moecompress check` and the check every writing stage runs on its output."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moecompress.check import check_checkpoint
+from moecompress.errors import MoECompressError
+from moecompress.testing import invoke_cli
+
+
+def test_every_family_passes_check(family, tiny_ckpt):
+    folder, _ = tiny_ckpt(family)
+    report = check_checkpoint(folder)
+    assert report.ok, report.problems
+    assert report.tensors == len(load_file(folder / "model.safetensors"))
+
+
+def _tamper(folder, edit):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+EXPERT = "model.layers.1.mlp.experts.3.gate_proj.weight"  # qwen3_moe: layer 0 is dense
+
+
+@pytest.mark.parametrize("edit, first", [
+    (lambda t: t.pop(EXPERT), f"{EXPERT}: missing"),
+    (lambda t: t.__setitem__(EXPERT, t[EXPERT][:-1].clone()), f"{EXPERT}: shape [15, 32], the config implies [16, 32]"),
+    (lambda t: t[EXPERT].__setitem__((2, 5), float("nan")), f"{EXPERT}: NaN or Inf"),
+    (lambda t: t[EXPERT].__setitem__((0, 0), float("inf")), f"{EXPERT}: NaN or Inf"),
+    (lambda t: t.__setitem__(EXPERT, t[EXPERT].half()), f"{EXPERT}: dtype F16"),
+    (lambda t: t.__setitem__("model.layers.1.mlp.experts.8.gate_proj.weight", t[EXPERT].clone()),
+     "model.layers.1.mlp.experts.8.gate_proj.weight: not implied by the config (expert 8 but num_local_experts = 8)"),
+])
+def test_tampered_checkpoint_fails_with_the_first_bad_tensor(tiny_ckpt, edit, first):
+    folder, _ = tiny_ckpt("qwen3_moe")
+    _tamper(folder, edit)
+    report = check_checkpoint(folder)
+    assert report.problems and report.problems[0].startswith(first), report.problems
+    r = invoke_cli("check", folder)
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and first in lines[0], r.output
+
+
+def test_config_fields_must_agree(tiny_ckpt):
+    folder, _ = tiny_ckpt("deepseek_v3")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "n_group": 3}))
+    assert check_checkpoint(folder).problems[0] == "config: n_group = 3 does not divide n_routed_experts = 8"
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 6}))
+    assert check_checkpoint(folder).problems[0] == "config: top-k 6 exceeds the 4 experts of 1 of 2 groups"
+
+
+def test_index_must_be_consistent(tmp_path):
+    from moecompress.testing import tiny_model
+
+    folder = tmp_path / "sharded"
+    tiny_model("qwen3_moe", dtype=torch.bfloat16).save_pretrained(folder, max_shard_size="20KB")
+    assert check_checkpoint(folder).ok
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = sorted(index["weight_map"])[0]
+    wrong = next(s for s in sorted(set(index["weight_map"].values())) if s != index["weight_map"][key])
+    index["weight_map"][key] = wrong
+    index_path.write_text(json.dumps(index))
+    assert check_checkpoint(folder).problems[0] == f"{key}: the index maps it to {wrong}, which does not hold it"
+
+
+def test_check_passes_and_reports_in_one_line(tiny_ckpt):
+    folder, _ = tiny_ckpt("mixtral")
+    r = invoke_cli("check", folder)
+    assert r.exit_code == 0 and r.output.startswith("ok: 96 tensors"), r.output
+    r = invoke_cli("check", folder, "--json", "-")
+    assert r.exit_code == 0 and json.loads(r.output)["ok"] is True
+
+
+def test_a_stage_whose_output_fails_the_check_writes_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    """A writer bug (here: surgery drops a tensor) is caught before the output appears."""
+    from moecompress import surgery
+    from moecompress.prune import prune_checkpoint
+
+    folder, _ = tiny_ckpt("qwen3_moe")
+    real = surgery.save_file
+
+    def lossy(tensors, path, metadata=None):
+        tensors.pop("model.layers.2.mlp.experts.1.down_proj.weight", None)
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(surgery, "save_file", lossy)
+    with pytest.raises(MoECompressError, match=r"^check failed: model.layers.2.mlp.experts.1.down_proj.weight: "
+                                                r"missing .*the output was removed"):
+        prune_checkpoint(folder, tmp_path / "out", keep=4, method="random")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
