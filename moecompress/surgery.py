@@ -288,7 +288,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     old = meta_view(config)
     new_config = type(config).from_dict(config.to_dict())
     new = meta_view(new_config)
-    new.keep_experts({layer.layer_idx: list(range(len(keep[layer.layer_idx]))) for layer in new})  # sizes only
+    new.keep_experts({layer.layer_idx: list(keep[layer.layer_idx]) for layer in new})  # meta: shapes and config
     plan = _plan(old, new, keep)
     replacements = _Replacements(replace, keep, new)
 

@@ -13,7 +13,8 @@ from ..errors import MoECompressError
 from .spec import FamilySpec
 from .view import MoELayer, Routing
 
-__all__ = ["FamilySpec", "MoELayer", "MoEModel", "Routing", "registry", "family_for_config", "moe_view"]
+__all__ = ["FamilySpec", "MoELayer", "MoEModel", "Routing", "registry", "family_for_config", "moe_view",
+           "num_groups", "balanced_groups", "stays_grouped"]
 
 
 @lru_cache(maxsize=None)
@@ -102,18 +103,39 @@ class MoEModel:
                   *(s.group_fields or ()), *s.dense_layer_fields]
         return {f: getattr(self.config, f, None) for f in fields if f}
 
+    @property
+    def num_groups(self) -> int:
+        """Expert groups of grouped routing (``n_group``), 1 without; see :func:`num_groups`."""
+        return num_groups(self.config, self.spec)
+
+    def balanced_groups(self, keep: int) -> int:
+        """See :func:`balanced_groups`."""
+        return balanced_groups(self.config, self.spec, self.num_experts, keep)
+
     def keep_experts(self, keep: dict[int, list[int]]) -> None:
         """Keep ``keep[layer_idx]`` experts in each MoE layer (same count in every layer, so
-        that one config field describes the model, as stock transformers and vLLM need)."""
+        that one config field describes the model, as stock transformers and vLLM need).
+
+        Grouped routing stays grouped only if every layer kept the same number of experts
+        from every group (group g of the kept experts is then group g of the input);
+        otherwise the config falls back to one group (plain top-k over the kept experts) and
+        :attr:`group_note` says so."""
         counts = {len(v) for v in keep.values()}
         if set(keep) != set(self.moe_layer_indices) or len(counts) != 1:
             raise ValueError("keep_experts needs the same number of experts for every MoE layer")
         n = counts.pop()
+        grouped = self.stays_grouped(keep)
         for layer in self.layers:
             layer.keep_experts(keep[layer.layer_idx])
-        self._set_config_num_experts(n)
+        self._set_config_num_experts(n, grouped=grouped)
 
-    def _set_config_num_experts(self, n: int) -> None:
+    def stays_grouped(self, keep: dict[int, list[int]]) -> bool:
+        """See :func:`stays_grouped` (true for every layer's kept list)."""
+        return all(stays_grouped(self.config, self.spec, self.num_experts, k) for k in keep.values())
+
+    group_note: str | None = None
+
+    def _set_config_num_experts(self, n: int, grouped: bool = False) -> None:
         s = self.spec
         setattr(self.config, s.num_experts_field, n)
         if self.top_k > n:
@@ -121,10 +143,12 @@ class MoEModel:
         if s.group_fields:
             n_group_f, topk_group_f = s.group_fields
             n_group = getattr(self.config, n_group_f, None) or 1
-            # Grouped routing needs E divisible by n_group (and >= 2 experts a group for
-            # DeepSeek-V3's top-2-per-group score). Otherwise fall back to one group, which
-            # makes group selection a no-op: plain top-k over the kept experts.
-            if n_group > 1 and (n % n_group or n // n_group < 2):
+            # Unbalanced removal leaves groups that mean nothing (and E may not divide):
+            # one group makes group selection a no-op, plain top-k over the kept experts.
+            if n_group > 1 and not grouped:
+                self.group_note = (f"{n_group_f} {n_group} -> 1, {topk_group_f} "
+                                   f"{getattr(self.config, topk_group_f, None)} -> 1: the kept experts are not "
+                                   f"the same number per group, so routing becomes plain top-k over them")
                 setattr(self.config, n_group_f, 1)
                 setattr(self.config, topk_group_f, 1)
                 for layer in self.layers:
@@ -143,6 +167,41 @@ class MoEModel:
 
     def set_intermediate_size(self, n: int) -> None:
         setattr(self.config, self.spec.intermediate_field, n)
+
+
+def num_groups(config, spec: FamilySpec) -> int:
+    """Expert groups of grouped routing (``n_group``; experts ``g*E/n .. (g+1)*E/n - 1`` form
+    group g), 1 for families and configs that route without groups."""
+    if not spec.group_fields or getattr(config, "topk_method", None) == "greedy":
+        return 1
+    return int(getattr(config, spec.group_fields[0], None) or 1)
+
+
+def balanced_groups(config, spec: FamilySpec, num_experts: int, keep: int) -> int:
+    """The group count a pruning that keeps ``keep`` of ``num_experts`` experts balances over:
+    ``n_group`` when removing the same number from every group leaves valid grouped routing
+    (every group keeps at least ``min_group_size`` and the kept groups can fill top-k), else 1
+    (routing then falls back to one group, plain top-k over the kept experts)."""
+    n_group = num_groups(config, spec)
+    if n_group <= 1 or num_experts % n_group or keep % n_group:
+        return 1
+    quota = keep // n_group
+    topk_group = int(getattr(config, spec.group_fields[1], None) or 1)
+    top_k = min(int(getattr(config, spec.top_k_field)), keep)
+    return n_group if quota >= spec.min_group_size and top_k <= topk_group * quota else 1
+
+
+def stays_grouped(config, spec: FamilySpec, num_experts: int, kept: list[int]) -> bool:
+    """Whether keeping ``kept`` (in that order) leaves grouped routing meaningful: the same number
+    of experts from every group, ascending, so kept group g holds only input group g's experts."""
+    n_group = balanced_groups(config, spec, num_experts, len(kept))
+    if n_group <= 1 or list(kept) != sorted(kept):
+        return False
+    size = num_experts // n_group
+    counts = [0] * n_group
+    for e in kept:
+        counts[e // size] += 1
+    return len(set(counts)) == 1
 
 
 def moe_view(model: nn.Module) -> MoEModel:

@@ -49,5 +49,7 @@ class FamilySpec:
     norm_topk_field: str | None = None
     scaling_field: str | None = None
     group_fields: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
+    # Experts a group needs for its group score: DeepSeek-V3 / GLM-4.5 sum each group's top 2.
+    min_group_size: int = 1
     # Config fields that decide which layers are dense, reported by `info`.
     dense_layer_fields: tuple[str, ...] = field(default_factory=tuple)

@@ -250,8 +250,9 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         if refit:
             originals[li] = source.block
         setattr(decoder_layers[li], view.spec.moe_block, block)
+    grouped = view.stays_grouped(plan.dominant)  # read before the view sees the merged blocks
     view = moe_view(model)
-    view._set_config_num_experts(keep)  # config (and grouped-routing fields) for the new count
+    view._set_config_num_experts(keep, grouped=grouped)  # config (and grouped-routing fields) for the new count
 
     errors: dict[int, float | None] = {}
     if refit:

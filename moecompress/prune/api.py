@@ -137,14 +137,17 @@ def _check_stats_match(stats, view) -> None:
                                    f"{layer.num_experts}; recompute them with `moecompress stats` on this model")
 
 
-def _protected(stats, view, keep: int) -> dict[int, set[int]]:
+def _protected(stats, view, keep: int, groups: int = 1) -> dict[int, set[int]]:
     out = {}
+    size = view.num_experts // groups
     for layer in view:
         mask = stats.get(layer.layer_idx, "super_experts").bool()
         out[layer.layer_idx] = set(torch.nonzero(mask).flatten().tolist())
-        if len(out[layer.layer_idx]) > keep:
-            raise MoECompressError(f"layer {layer.layer_idx} has {len(out[layer.layer_idx])} super-expert candidates, "
-                                   f"more than --keep {keep}; keep more experts or drop --protect-super-experts")
+        worst = max((sum(1 for e in out[layer.layer_idx] if e // size == g), g) for g in range(groups))
+        if worst[0] > keep // groups:
+            where = f" in expert group {worst[1]}" if groups > 1 else ""
+            raise MoECompressError(f"layer {layer.layer_idx} has {worst[0]} super-expert candidates{where}, more than the "
+                                   f"{keep // groups} kept there; keep more experts or drop --protect-super-experts")
     return out
 
 
@@ -165,10 +168,13 @@ def plan_pruning(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torc
         stats = collect_stats(model, tokens, batch_size=batch_size, progress=progress)
     if stats is not None:
         _check_stats_match(stats, view)
-    protected = _protected(stats, view, keep) if protect_super_experts else {}
+    groups = view.balanced_groups(keep)
+    protected = _protected(stats, view, keep, groups) if protect_super_experts else {}
     sel = Selection(model=model, view=view, keep=keep, tokens=tokens, stats=stats, seed=seed, protected=protected,
-                    batch_size=batch_size, progress=progress, options=options)
+                    batch_size=batch_size, progress=progress, options=options, groups=groups)
     plan = METHODS[method].select(sel)
+    if groups > 1:
+        plan.info["groups"] = {"n_group": groups, "kept_per_group": keep // groups}
     for li, k in plan.kept.items():  # every method must honour the contract
         assert len(k) == keep and k == sorted(set(k)) and protected.get(li, set()) <= set(k), (method, li, k)
     return plan, protected

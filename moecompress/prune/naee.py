@@ -98,7 +98,7 @@ def reconstruction_error(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram
 
 
 def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, keep: int, protected: set[int],
-            opts: dict) -> tuple[list[int], torch.Tensor, dict]:
+            opts: dict, groups: int = 1) -> tuple[list[int], torch.Tensor, dict]:
     """Layer ``layer``'s kept set, per-expert scores and a record, from its cached tokens."""
     memo: dict[tuple, float] = {}
 
@@ -109,7 +109,8 @@ def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tenso
         return memo[key]
 
     E = layer.num_experts
-    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]))
+    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]),
+                            groups)
     # Per-expert score: the error caused by removing that expert alone (higher = keep).
     scores = torch.tensor([error([f for f in range(E) if f != e]) for e in range(E)], dtype=torch.float64)
     total = float((w.unsqueeze(1) @ gram).squeeze(1).mul(w).sum(dtype=torch.float64))
@@ -119,22 +120,31 @@ def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tenso
 
 
 def search(error, num_experts: int, keep: int, protected: set[int], max_combinations: int,
-           beam: int) -> tuple[list[int], float, str]:
+           beam: int, groups: int = 1) -> tuple[list[int], float, str]:
     """The kept set minimising ``error(list)``: exhaustive when small enough, else beam search
-    by backward elimination. Returns (kept ascending, its error, "exhaustive"|"beam")."""
+    by backward elimination. Returns (kept ascending, its error, "exhaustive"|"beam").
+    With ``groups`` > 1 only sets that keep keep / groups experts of every contiguous group
+    of experts are candidates (grouped routing, see ``Selection.groups``)."""
+    size, quota = num_experts // groups, keep // groups
+
+    def removable(s, e) -> bool:  # e may leave s without its group falling under the quota
+        return e not in protected and (groups == 1 or sum(1 for f in s if f // size == e // size) > quota)
+
     free = [e for e in range(num_experts) if e not in protected]
     need = keep - len(protected)
     if math.comb(len(free), need) <= max_combinations:
         best = None
         for combo in itertools.combinations(free, need):
             s = sorted(set(combo) | protected)
+            if groups > 1 and any(sum(1 for f in s if f // size == g) != quota for g in range(groups)):
+                continue
             err = error(s)
             if best is None or err < best[1]:  # strict: the first (lexicographic) set wins ties
                 best = (s, err)
         return best[0], best[1], "exhaustive"
     frontier = [tuple(range(num_experts))]
     while len(frontier[0]) > keep:
-        candidates = sorted({tuple(e2 for e2 in s if e2 != e) for s in frontier for e in s if e not in protected})
+        candidates = sorted({tuple(e2 for e2 in s if e2 != e) for s in frontier for e in s if removable(s, e)})
         scored = sorted(((error(list(c)), c) for c in candidates), key=lambda t: (t[0], t[1]))
         frontier = [c for _, c in scored[:beam]]
         best_err = scored[0][0]
@@ -165,7 +175,7 @@ def naee_select(sel: Selection) -> Plan:
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li)
             with cursor.editing(li, [cache]):  # layer li's tokens; on leaving, its outputs with only `best`
                 best, scores[li], info["layers"][li] = _choose(layer, *cache.tensors(), keep, sel.protected.get(li, set()),
-                                                               opts)
+                                                               opts, sel.groups)
                 kept[li] = best
                 pruned_so_far.add(layer, best)
             progress.advance(task, len(chunks))

@@ -16,14 +16,19 @@ from ..errors import MoECompressError
 from .selection import Plan, Selection
 
 
-def select_top(scores: torch.Tensor, keep: int, protected: set[int] = frozenset()) -> list[int]:
-    """The ``keep`` experts with the highest ``scores`` (protected ones always), ascending.
+def select_top(scores: torch.Tensor, keep: int, protected: set[int] = frozenset(), groups: int = 1) -> list[int]:
+    """The ``keep`` experts with the highest ``scores`` (protected ones always), ascending;
+    with ``groups`` > 1, the best keep / groups of every contiguous group of experts.
 
     NaN scores rank last; equal scores rank by expert index.
     """
     s = torch.nan_to_num(scores.double(), nan=float("-inf")).tolist()
-    order = sorted(range(len(s)), key=lambda e: (e not in protected, -s[e], e))
-    return sorted(order[:keep])
+    size, quota = len(s) // groups, keep // groups
+    kept = []
+    for g in range(groups):
+        order = sorted(range(g * size, (g + 1) * size), key=lambda e: (e not in protected, -s[e], e))
+        kept += order[:quota]
+    return sorted(kept)
 
 
 def stat_selector(stat: str) -> Callable[[Selection], Plan]:
@@ -40,7 +45,7 @@ def stat_selector(stat: str) -> Callable[[Selection], Plan]:
                 raise MoECompressError(f"the statistics file has no '{stat}' for layer {layer.layer_idx}; "
                                        "recompute it with `moecompress stats`") from None
             scores[layer.layer_idx] = s
-            kept[layer.layer_idx] = select_top(s, sel.keep, sel.protected.get(layer.layer_idx, set()))
+            kept[layer.layer_idx] = select_top(s, sel.keep, sel.protected.get(layer.layer_idx, set()), sel.groups)
         return Plan(kept=kept, scores=scores)
 
     select.__doc__ = f"Keep the experts with the highest '{stat}' statistic (see moecompress.stats)."
@@ -55,5 +60,5 @@ def random_select(sel: Selection) -> Plan:
     for layer in sel.view:
         s = torch.rand(layer.num_experts, generator=g, dtype=torch.float64)
         scores[layer.layer_idx] = s
-        kept[layer.layer_idx] = select_top(s, sel.keep, sel.protected.get(layer.layer_idx, set()))
+        kept[layer.layer_idx] = select_top(s, sel.keep, sel.protected.get(layer.layer_idx, set()), sel.groups)
     return Plan(kept=kept, scores=scores)

@@ -23,6 +23,14 @@ class Selection:
     batch_size: int = 8
     progress: bool = False
     options: dict = field(default_factory=dict)
+    # Grouped routing (DeepSeek-V3, GLM-4.5, DeepSeek-V2): the E experts form ``groups``
+    # contiguous groups and every group keeps keep / groups of them (as llm-compressor's REAP
+    # does), so n_group stays valid; 1 = no constraint (MoEModel.balanced_groups decides).
+    groups: int = 1
+
+    def group_of(self, num_experts: int) -> list[range]:
+        size = num_experts // self.groups
+        return [range(g * size, (g + 1) * size) for g in range(self.groups)]
 
 
 @dataclass

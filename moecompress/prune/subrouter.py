@@ -4,8 +4,8 @@ After pruning, a layer's router picks its top-k among the kept experts only. To 
 candidate kept set without editing the model (NAEE's search, layer-wise sequential pruning),
 we build a *sub-router*: a copy of the layer's router module with only the kept rows (and
 per-expert router tensors), the same attribute fixes that :meth:`MoEModel.keep_experts`
-applies (``num_experts``, ``top_k = min(top_k, kept)``, one routing group when the kept count
-no longer splits into the configured groups). Running it is exactly what the pruned layer's
+applies (``num_experts``, ``top_k = min(top_k, kept)``, one routing group unless the kept
+experts are the same number from every group). Running it is exactly what the pruned layer's
 router computes, for every family, because it *is* that router.
 """
 
@@ -16,7 +16,7 @@ import operator
 import torch
 from torch import nn
 
-from ..arch import MoELayer, Routing
+from ..arch import MoELayer, Routing, stays_grouped
 from ..onload import detached_copy, onloaded
 
 
@@ -56,9 +56,9 @@ def sub_router(layer: MoELayer, keep: list[int] | torch.Tensor) -> nn.Module:
     n_attr, k_attr = _group_attrs(r)
     if n_attr is not None:
         n_group = int(getattr(r, n_attr) or 1)
-        # Same rule as MoEModel.keep_experts: groups must split the kept experts evenly,
-        # with >= 2 experts each, else routing falls back to one group (plain top-k).
-        if n_group > 1 and (m % n_group or m // n_group < 2):
+        # Same rule as MoEModel.keep_experts: grouped routing stays only if the kept experts
+        # are the same number from every group, else one group (plain top-k among the kept).
+        if n_group > 1 and not stays_grouped(layer.model.config, layer.spec, layer.num_experts, idx.tolist()):
             setattr(r, n_attr, 1)
             if k_attr is not None:
                 setattr(r, k_attr, 1)

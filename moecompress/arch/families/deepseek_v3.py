@@ -11,5 +11,6 @@ SPEC = FamilySpec(
     scaling_field="routed_scaling_factor",
     norm_topk_field="norm_topk_prob",
     group_fields=("n_group", "topk_group"),
+    min_group_size=2,
     dense_layer_fields=("first_k_dense_replace",),
 )
