@@ -143,11 +143,14 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     from .arch import family_for_config
+    from .formats import dequantized_loading
 
     config = load_config(src)
     family_for_config(config)  # refuse non-MoE / unknown families before loading weights
     source = resolve_source(src)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    # Quantized checkpoints (FP8 blocks, MXFP4) compute dequantized: see formats.py.
+    quantized = dequantized_loading(config)
     kwargs: dict = {"device_map": device}
     if max_gpu_memory is not None or max_cpu_memory is not None:
         max_memory: dict = {}
@@ -175,7 +178,7 @@ def load_model(
             offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
         kwargs = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload_folder)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, **quantized)
     except (OSError, ValueError) as e:
         if kwargs.get("offload_folder") and own_folder:
             shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)

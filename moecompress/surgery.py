@@ -22,6 +22,7 @@ keys of expert 0, or a slice of width 1 of the fused keys) in the checkpoint's l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -33,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import formats
 from .arch import MoELayer, MoEModel, family_for_config
 from .checkpoint import load_config
 
@@ -290,6 +292,10 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     new = meta_view(new_config)
     new.keep_experts({layer.layer_idx: list(keep[layer.layer_idx]) for layer in new})  # meta: shapes and config
     plan = _plan(old, new, keep)
+    method = formats.quant_method(config)
+    if replace is not None and method is not None:
+        raise ValueError(f"replacing experts of a {method} checkpoint by surgery would store new weights with old "
+                         "scales; stages that rewrite weights save a dequantized (bf16) model instead")
     replacements = _Replacements(replace, keep, new)
 
     shards = _input_shards(src)
@@ -300,7 +306,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
         with safe_open(shard, framework="pt") as f:
             metadata = f.metadata()
             for key in f.keys():
-                for target in plan.get(key, [_Target(key, -1)]):
+                for target in _targets(plan, key, method):
                     tensors[target.key] = _output_tensor(f, key, target, replacements)
         # Kept order: sorted keys give deterministic bytes whatever the dict order was.
         tensors = dict(sorted(tensors.items()))
@@ -316,6 +322,19 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     for extra in ("generation_config.json",):
         if (src / extra).exists():
             shutil.copyfile(src / extra, out / extra)
+
+
+def _targets(plan: dict[str, list[_Target]], key: str, method: str | None) -> list[_Target]:
+    """Where input ``key`` goes. A quantized tensor's parts (FP8 block scales, MXFP4 blocks and
+    scales) follow the plan of the tensor they quantize: the same expert renamed or dropped,
+    or the same slice along the expert dimension (dim 0 for MXFP4, as for the fused tensor),
+    so kept experts stay bit-identical in their stored format."""
+    if key in plan:
+        return plan[key]
+    logical, part = formats.logical_key(key, method)
+    if part == "weight" or logical not in plan:
+        return [_Target(key, -1)]
+    return [dataclasses.replace(t, key=formats.stored_key(t.key, part), expert=None, k0=None) for t in plan[logical]]
 
 
 def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) -> torch.Tensor:

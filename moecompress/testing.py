@@ -6,6 +6,8 @@ grouped routing, correction biases, dense first layers) at a size that runs in m
 
 from __future__ import annotations
 
+import re
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,3 +107,46 @@ def invoke_cli(*args):
     from .cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def quantized_checkpoint(folder, model_type: str, fmt: str, seed: int = 0, block: tuple[int, int] = (16, 16),
+                         **overrides):
+    """Save a tiny bf16 model, then rewrite it in a published quantized format (``formats.py``),
+    exactly as the published checkpoints store it: ``fmt="fp8"`` (DeepSeek-V3 style: every
+    2-D/3-D projection weight of attention and MLPs block-wise FP8 with ``weight_scale_inv``;
+    router, norms, embeddings, LM head stay bf16) or ``"mxfp4"`` (GPT-OSS style: the fused
+    expert tensors as ``_blocks``/``_scales``). Returns the bf16 model that was quantized."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from . import formats
+    from .arch import family_for_config
+
+    folder = Path(folder)
+    model = tiny_model(model_type, seed=seed, dtype=torch.bfloat16, **overrides)
+    model.save_pretrained(folder)
+    spec = family_for_config(model.config)
+    tensors = load_file(folder / "model.safetensors")
+    out = {}
+    for key, t in sorted(tensors.items()):
+        routerish = f".{spec.router}." in key or key.endswith(f".{spec.router}.weight")
+        if fmt == "fp8" and key.endswith(".weight") and t.dim() >= 2 and not routerish \
+                and not any(s in key for s in ("embed", "lm_head", "norm")):
+            q, s = zip(*(formats.quantize_fp8(m, block) for m in t.reshape(-1, *t.shape[-2:])))
+            out[key] = torch.stack(q).reshape(t.shape)
+            out[formats.stored_key(key, "scale")] = torch.stack(s).reshape(*t.shape[:-2], *s[0].shape)
+        elif fmt == "mxfp4" and re.search(r"\.experts\.(gate_up_proj|down_proj)$", key):
+            out[key + "_blocks"], out[key + "_scales"] = formats.quantize_mxfp4(t)
+        else:
+            out[key] = t
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": list(block)} if fmt == "fp8" else
+                                  {"quant_method": "mxfp4", "modules_to_not_convert":
+                                   ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    char_tokenizer().save_pretrained(folder)
+    return model

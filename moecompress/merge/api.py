@@ -385,6 +385,7 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     from ..calibration import check_source, load_calibration
     from ..checkpoint import (copy_tokenizer, load_config, load_model, output_folder, parse_dtype, parse_memory,
                               resolve_source, save_model, source_folder, stored_dtype, write_record)
+    from ..formats import quant_method
     from ..surgery import prune_checkpoint_files
 
     start = time.perf_counter()
@@ -418,10 +419,13 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
                            max_cpu_memory=max_cpu_memory, offload_folder=work / "offload" if work else None,
                            gpu_working_bytes=streamed_working_bytes(config, keep, refit, compute_dtype) if streamed else 0)
         local = source_folder(src)  # a Hub id is in the cache now
-        surgery = local is not None and any(local.glob("*.safetensors"))
+        # A quantized input (FP8 blocks, MXFP4) is merged dequantized and written in bf16: merged
+        # weights have no scales to share with the input's (README, "Quantized inputs").
+        quantized = quant_method(config) is not None
+        surgery = local is not None and any(local.glob("*.safetensors")) and not quantized
         if streamed and not surgery:
-            raise MoECompressError(_NEEDS_SAFETENSORS.format(src=src))
-        stored = stored_dtype(config)
+            raise MoECompressError(_NEEDS_BF16.format(src=src) if quantized else _NEEDS_SAFETENSORS.format(src=src))
+        stored = torch.bfloat16 if quantized else stored_dtype(config)
         result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=linkage,
                                metric=metric, router=router, refit=refit, ridge=ridge, batch_size=batch_size,
                                progress=progress, offload_folder=work / "merged" if work else None)
@@ -450,5 +454,7 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     return result
 
 
+_NEEDS_BF16 = ("'{src}' is quantized; streamed merging (--max-gpu-memory / --max-cpu-memory) writes by shard "
+               "surgery, which keeps the stored format; drop the memory caps (the merge is written in bf16)")
 _NEEDS_SAFETENSORS = ("'{src}' has no safetensors files; streamed merging (--max-gpu-memory / --max-cpu-memory) "
                       "writes by shard surgery and needs a safetensors checkpoint; convert it or drop the memory caps")
