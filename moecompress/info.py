@@ -54,6 +54,10 @@ def model_info(src: str | os.PathLike) -> dict:
                        "shared_expert_params": shared})
     folder = source_folder(src)
     disk = safetensors_sizes(folder) if folder is not None else {}
+    from .quantize.inspect import quantization_info
+
+    fused = tuple(f".{n}" for n in view.layers[0].expert_parameters()) if view.layers else ()
+    quant = quantization_info(folder, config, routed_total, fused)
     return {
         "model": str(src),
         "family": spec.name,
@@ -73,4 +77,5 @@ def model_info(src: str | os.PathLike) -> dict:
         "layers": layers,
         "disk_bytes_by_dtype": disk,
         "disk_bytes": sum(disk.values()),
+        **({"quantization": quant} if quant is not None else {}),
     }

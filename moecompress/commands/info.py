@@ -46,4 +46,15 @@ def register(app: typer.Typer) -> None:
         t.add_row("routed-expert parameters", _human(data["routed_expert_params"]))
         for dt, n in sorted(data["disk_bytes_by_dtype"].items()):
             t.add_row(f"on disk ({dt})", _human(n, "B"))
+        q = data.get("quantization")
+        if q:
+            t.add_row("quantization", q["method"])
+            if "expert_bits_per_weight" in q:
+                t.add_row("expert bits per weight (on disk)", f"{q['expert_bits_per_weight']:.3f}")
+            if q.get("recorded_average_bits") is not None:
+                t.add_row("expert bits per weight (recorded widths)", f"{q['recorded_average_bits']:.3f}")
+            if q.get("experts_quantized") is False:
+                t.add_row("experts quantized", "NO")
+            if q.get("note"):
+                t.add_row("note", q["note"])
         console.print(t)

@@ -1,0 +1,161 @@
+"""What one MoE layer's calibration traffic tells the quantizer, and the quantization of its experts.
+
+:class:`ExpertTraffic` observes one MoE layer (``capture`` observer protocol) and keeps, per
+expert: the GPTQ Hessians of its two inputs (gate/up see the token, down sees the expert's hidden
+activation), the routed token count, MC-MoE's activation frequency (top-k hits) and activation
+weight (routing probability before top-k renormalisation, summed), and a sample of the layer's
+tokens with their routing, from which the output loss of a quantized expert is measured.
+
+GPTQ's Hessian of an expert comes from the tokens routed to it; with ``calibrate_all_experts``
+every calibration token goes into every expert's Hessian (llm-compressor's default for MoE), while
+the layer output that the next layers see is the model's own routed output either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import MoELayer
+from .gptq import CholeskyFailed, gptq
+from .grid import QParams, dequantized, rtn, weight_args
+
+PARTS = ("gate", "up", "down")
+
+
+class ExpertTraffic:
+    def __init__(self, layer: MoELayer, *, hessians: bool, all_experts: bool = False, sample_tokens: int = 0,
+                 seed: int = 0):
+        E = layer.num_experts
+        self.layer_idx = layer.layer_idx
+        self.hessians, self.all_experts, self.sample_tokens = hessians, all_experts, sample_tokens
+        self.count = torch.zeros(E, dtype=torch.long)
+        self.freq = torch.zeros(E, dtype=torch.float64)
+        self.weight = torch.zeros(E, dtype=torch.float64)
+        self.h_in: dict[int, torch.Tensor] = {}
+        self.h_down: dict[int, torch.Tensor] = {}
+        self.sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._seen = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def reads_weights(self, layer: MoELayer) -> bool:
+        return layer.layer_idx == self.layer_idx and self.hessians
+
+    @torch.no_grad()
+    def observe(self, layer: MoELayer, x: torch.Tensor, routing, y: torch.Tensor) -> None:
+        if layer.layer_idx != self.layer_idx:
+            return
+        E = layer.num_experts
+        idx = routing.topk_idx
+        hits = torch.bincount(idx.flatten().cpu(), minlength=E)
+        self.count += hits
+        self.freq += hits.double()
+        self.weight += routing.probs.double().sum(0).cpu()
+        if self.sample_tokens:
+            self._keep_sample(x, routing)
+        if not self.hessians:
+            return
+        dense = routing.dense_weights(E)
+        for e in range(E):
+            tok = torch.arange(x.shape[0], device=x.device) if self.all_experts else (idx == e).any(1).nonzero().flatten()
+            if tok.numel() == 0:
+                continue
+            xe = x.index_select(0, tok)
+            if layer.spec.weight_on_input and not self.all_experts:  # Llama-4: the expert sees x * weight
+                xe = xe * dense[tok, e][:, None].to(xe.dtype)
+            xf = xe.float()
+            h = layer.expert_hidden(e, xe).float()
+            self._add(self.h_in, e, xf.T @ xf)
+            self._add(self.h_down, e, h.T @ h)
+
+    @staticmethod
+    def _add(store: dict, e: int, m: torch.Tensor) -> None:
+        if e in store:
+            store[e] += m
+        else:
+            store[e] = m.clone()
+
+    def _keep_sample(self, x: torch.Tensor, routing) -> None:
+        # A seeded share of every batch, so the sample covers the calibration text evenly.
+        left = self.sample_tokens - self._seen
+        if left <= 0:
+            return
+        take = min(left, x.shape[0])
+        pick = torch.randperm(x.shape[0], generator=self._gen)[:take].sort().values.to(x.device)
+        self.sample.append((x.index_select(0, pick).cpu(), routing.topk_idx.index_select(0, pick).cpu(),
+                            routing.topk_weight.index_select(0, pick).float().cpu()))
+        self._seen += take
+
+
+@dataclass
+class QuantizedExpert:
+    weights: dict[str, torch.Tensor]  # canonical part -> dequantized float32
+    qparams: dict[str, QParams]
+    how: str  # "gptq", "rtn", or "rtn (fallback: ...)"
+
+
+@torch.no_grad()
+def quantize_expert(layer: MoELayer, e: int, width, traffic: ExpertTraffic | None, *, quantizer: str, group_size: int,
+                    symmetric: bool, store_dtype: torch.dtype, damp: float, min_tokens: int) -> QuantizedExpert:
+    """Expert ``e`` of ``layer`` at ``width`` (int bits or "fp8"); the layer is not edited."""
+    args = weight_args(width, group_size, symmetric)
+    mats = dict(zip(PARTS, (layer.gate_proj[e], layer.up_proj[e], layer.down_proj[e])))
+    how = "rtn"
+    if quantizer == "gptq" and width != "fp8":  # FP8 needs no calibration: round to nearest
+        n = int(traffic.count[e]) if traffic is not None else 0
+        if traffic is None or e not in traffic.h_in:
+            how = "rtn (fallback: no calibration tokens)"
+        elif not traffic.all_experts and n < min_tokens:
+            how = f"rtn (fallback: {n} tokens < {min_tokens})"
+        else:
+            try:
+                out, qps = {}, {}
+                for part, w in mats.items():
+                    h = traffic.h_down[e] if part == "down" else traffic.h_in[e]
+                    out[part], qps[part] = gptq(w, h.to(w.device), args, store_dtype, damp=damp)
+                return QuantizedExpert(out, qps, "gptq")
+            except CholeskyFailed:
+                how = "rtn (fallback: Cholesky failed)"
+    out, qps = {}, {}
+    for part, w in mats.items():
+        out[part], qps[part] = rtn(w, args, store_dtype)
+    return QuantizedExpert(out, qps, how)
+
+
+@contextlib.contextmanager
+def expert_weights(layer: MoELayer, e: int, weights: dict[str, torch.Tensor]):
+    """Expert ``e`` temporarily holds ``weights`` (canonical parts)."""
+    old = [layer.gate_proj[e].clone(), layer.up_proj[e].clone(), layer.down_proj[e].clone()]
+    dt = old[0].dtype
+    layer.set_expert(e, *(weights[p].to(dt) for p in PARTS))
+    try:
+        yield
+    finally:
+        layer.set_expert(e, *old)
+
+
+@torch.no_grad()
+def output_loss(layer: MoELayer, e: int, traffic: ExpertTraffic, quantized: dict[str, torch.Tensor]) -> float:
+    """MC-MoE's eps: ||Z - Z^||_F of the layer output on the sampled tokens when only expert ``e``
+    holds ``quantized`` weights: its routed contributions change, nothing else does."""
+    dev = layer.gate_proj.device
+    total = 0.0
+    for x, idx, w in traffic.sample:
+        tok, pos = (idx == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe, a = x[tok].to(dev), w[tok, pos].to(dev)
+        ref = layer.weighted_expert_output(e, xe, a).float()
+        with expert_weights(layer, e, quantized):
+            new = layer.weighted_expert_output(e, xe, a).float()
+        total += float((ref - new).double().square().sum())
+    return total ** 0.5
+
+
+def dequantize_check(weights: dict[str, torch.Tensor], qps: dict[str, QParams], width, group_size: int,
+                     symmetric: bool) -> bool:
+    """True when every part lies on its grid (quantize -> dequantize is the identity)."""
+    args = weight_args(width, group_size, symmetric)
+    return all(torch.equal(dequantized(weights[p], qps[p], args), weights[p]) for p in PARTS)

@@ -1,0 +1,208 @@
+"""Quantization: grids and GPTQ against references, the integer program against brute force,
+honest bit accounting against the bytes written, compressed-tensors reload against fake."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecompress.errors import MoECompressError
+from moecompress.quantize import allocate, quantize_checkpoint, quantize_model
+from moecompress.quantize.gptq import gptq
+from moecompress.quantize.grid import FP8, dequantized, matrix_bits, rtn, weight_args
+from moecompress.testing import invoke_cli, tiny_checkpoint, tiny_model, tokens
+
+FUSED = {"gpt_oss", "llama4_text", "granitemoe"}  # checkpoints store fused 3-D experts
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 8, True), (3, 16, False), (2, 0, True), (8, 8, False)])
+def test_rtn_error_within_half_a_step(bits, group, sym):
+    w = torch.randn(24, 32, generator=torch.Generator().manual_seed(bits))
+    args = weight_args(bits, group, sym)
+    deq, q = rtn(w, args, torch.float32)
+    step = q.scale.repeat_interleave(group or 32, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(dequantized(deq, q, args), deq)  # on the grid: quantize -> dequantize is the identity
+    ints = torch.round(deq.reshape(24, -1, group or 32) / q.scale[..., None] + q.zero_point[..., None].float())
+    assert ints.min() >= -(2 ** (bits - 1)) and ints.max() <= 2 ** (bits - 1) - 1
+
+
+def test_fp8_relative_error():
+    w = torch.randn(16, 32)
+    deq, _ = rtn(w, weight_args(FP8, 0, True), torch.float32)
+    assert ((deq - w).abs() <= w.abs().amax(1, keepdim=True) * 2 ** -3).all()  # e4m3: 3 mantissa bits
+
+
+def test_gptq_is_rtn_for_uncorrelated_inputs_and_beats_it_otherwise():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    args = weight_args(3, 16, True)
+    same, _ = gptq(w, torch.eye(64) * 5.0, args, torch.float32)
+    assert torch.equal(same, rtn(w, args, torch.float32)[0])  # H diagonal: no error to spread
+    x = torch.randn(400, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    q, qp = gptq(w, x.T @ x, args, torch.float32)
+    err = lambda v: float(((x @ (v - w).T) ** 2).sum())  # noqa: E731
+    assert err(q) < 0.7 * err(rtn(w, args, torch.float32)[0])
+    assert torch.equal(dequantized(q, qp, args), q)
+
+
+def test_integer_program_equals_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        cost = rng.random((5, 3)) * rng.choice([1e-6, 1.0, 1e3])
+        size = np.tile([2.0, 3.0, 4.0], (5, 1)) * rng.integers(1, 4, (5, 1))
+        budget = float(size[:, 1].sum() * rng.uniform(0.75, 1.2))
+        a, b = allocate.solve(cost, size, budget), allocate.brute_force(cost, size, budget)
+        total = lambda ch: sum(cost[i, j] for i, j in enumerate(ch))  # noqa: E731
+        assert total(a) == pytest.approx(total(b), rel=1e-9)
+        assert sum(size[i, j] for i, j in enumerate(a)) <= budget + 1e-9
+    with pytest.raises(MoECompressError):
+        allocate.solve(np.ones((2, 2)), np.array([[2.0, 4.0], [2.0, 4.0]]), 3.0)
+
+
+@pytest.mark.parametrize("granularity", ["expert", "layer"])
+def test_budget_met_as_counted(granularity):
+    model = tiny_model("qwen3_moe")
+    res = quantize_model(model, tokens(4, 24), granularity=granularity, bits=3, candidates=[2, 3, 4], quantizer="rtn",
+                         group_size=8, format="fake", progress=False)
+    uniform = sum(matrix_bits(s, 3, 8, True, 32) for s in res.expert_shapes.values()) * 8 * 2  # 8 experts, 2 layers
+    assert res.budget_bits == pytest.approx(uniform)
+    assert res.total_bits <= res.budget_bits + 1e-6
+    assert res.average_bits == pytest.approx(res.total_bits / res.expert_weights)
+    assert res.average_bits > 3  # scales count: 3 bits + 32/8 per weight at most
+    ws = {w for v in res.widths.values() for w in v}
+    assert ws <= {2, 3, 4}
+    if granularity == "layer":
+        assert all(len(set(v)) == 1 for v in res.widths.values())
+
+
+def test_mc_moe_cost_orders_experts_by_importance():
+    eps = np.array([[4.0, 2.0, 1.0]] * 3)
+    freq, weight = np.array([1.0, 2.0, 7.0]), np.array([1.0, 2.0, 7.0])
+    cost = allocate.allocation_cost("mc-moe", eps, freq, weight, 1.0, 1.5)
+    size = np.tile([2.0, 3.0, 4.0], (3, 1))
+    assert allocate.solve(cost, size, 9.0) == [1, 1, 1] or allocate.solve(cost, size, 9.0)[2] == 2
+
+
+def _logits(folder, t):
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(t).logits
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpt(tmp_path_factory):
+    from moecompress.testing import SAMPLE_TEXT
+
+    root = tmp_path_factory.mktemp("quant")
+    tiny_checkpoint(root / "tiny", "qwen3_moe")
+    (root / "calib.txt").write_text(SAMPLE_TEXT)
+    return root
+
+
+CALIB = dict(n=4, seq_len=48, group_size=8, progress=False, min_tokens=1)
+
+
+@pytest.mark.parametrize("extra", [dict(quantizer="gptq", scheme="w4a16"),
+                                   dict(quantizer="gptq", bits=3, non_expert_bits=8),
+                                   dict(scheme="fp8")])
+def test_compressed_tensors_reloads_equal_to_fake(qwen_ckpt, extra):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    src, calib = qwen_ckpt / "tiny", str(qwen_ckpt / "calib.txt")
+    name = "-".join(f"{k}{v}" for k, v in extra.items())
+    ct = quantize_checkpoint(src, qwen_ckpt / f"ct-{name}", calib=calib, **CALIB, **extra)
+    fake = quantize_checkpoint(src, qwen_ckpt / f"fake-{name}", calib=calib, format="fake", **CALIB, **extra)
+    assert ct.widths == fake.widths and not ct.fallbacks
+    t = tokens(2, 16)
+    a, b, base = _logits(qwen_ckpt / f"ct-{name}", t), _logits(qwen_ckpt / f"fake-{name}", t), _logits(src, t)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    assert (b - base).abs().max() > 1e-3  # something was quantized
+    cfg = json.loads((qwen_ckpt / f"ct-{name}" / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(cfg)
+    assert cfg["quant_method"] == "compressed-tensors" and "lm_head" in cfg["ignore"]
+
+
+def test_on_disk_bytes_are_the_counted_bits(qwen_ckpt):
+    from moecompress.info import model_info
+
+    out = qwen_ckpt / "bytes"
+    res = quantize_checkpoint(qwen_ckpt / "tiny", out, quantizer="rtn", scheme="w4a16", group_size=8, progress=False)
+    info = model_info(out)["quantization"]
+    shape_bytes = 8 * 2 * 3 * 8 * 2  # weight_shape: int64[2] per matrix, 3 matrices x 8 experts x 2 layers
+    assert info["expert_bits_per_weight"] * res.expert_weights / 8 == pytest.approx(res.total_bits / 8 + shape_bytes)
+    assert json.loads((out / "moecompress.json").read_text())["loads_in"]["transformers"] == "yes"
+
+
+def test_mixed_layer_widths_pack_each_layer_by_its_group(qwen_ckpt):
+    """transformers dequantizes all experts with one group (documented); compressed-tensors'
+    own decompression, group by group, gives back exactly the fake weights."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    out = qwen_ckpt / "mixed"
+    res = quantize_checkpoint(qwen_ckpt / "tiny", out, quantizer="rtn", granularity="layer", bits=6, symmetric=False,
+                              candidates=[4, 8], calib=str(qwen_ckpt / "calib.txt"), **CALIB)
+    assert sorted({v[0] for v in res.widths.values()}) == [4, 8]
+    rec = json.loads((out / "moecompress.json").read_text())
+    assert rec["loads_in"]["transformers"].startswith("no")
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    sd = load_file(out / "model.safetensors")
+    import re
+
+    for li, ws in res.widths.items():
+        key = f"model.layers.{li}.mlp.experts.3.down_proj"
+        group = next(g for g in qc.config_groups.values() if any(re.match(t[3:], key) for t in g.targets))
+        assert group.weights.num_bits == ws[0]
+        comp = BaseCompressor.get_value_from_registry(group.format)
+        dense = comp.decompress({k.removeprefix(key + "."): v for k, v in sd.items() if k.startswith(key + ".")}, group)
+        model = tiny_model("qwen3_moe")
+        expect = rtn(model.model.layers[li].mlp.experts.down_proj[3], weight_args(ws[0], 8, False), torch.float32)[0]
+        torch.testing.assert_close(dense["weight"].float(), expect, atol=0, rtol=0)
+
+
+def test_every_family_quantizes_and_reloads(family, tmp_path):
+    src = tmp_path / "src"
+    model = tiny_checkpoint(src, family)
+    t = tokens(2, 10)
+    ref = tiny_model(family)
+    quantize_model(ref, quantizer="rtn", scheme="w4a16", group_size=8, format="fake", progress=False)
+    with torch.no_grad():
+        expect = ref(t).logits
+    opts = dict(quantizer="rtn", scheme="w4a16", group_size=8, progress=False)
+    quantize_checkpoint(src, tmp_path / "fake", format="fake", **opts)
+    torch.testing.assert_close(_logits(tmp_path / "fake", t), expect, atol=1e-3, rtol=0)
+    if family in FUSED:
+        with pytest.raises(MoECompressError, match="fused"):
+            quantize_checkpoint(src, tmp_path / "ct", **opts)
+    else:
+        quantize_checkpoint(src, tmp_path / "ct", **opts)
+        torch.testing.assert_close(_logits(tmp_path / "ct", t), expect, atol=1e-3, rtol=0)
+    del model
+
+
+def test_cli_quantize_and_refusals(qwen_ckpt):
+    out = qwen_ckpt / "cli"
+    res = invoke_cli("quantize", qwen_ckpt / "tiny", "-o", out, "--quantizer", "rtn", "--scheme", "w8a16",
+                     "--group-size", "8", "--json", qwen_ckpt / "cli.json")
+    assert res.exit_code == 0, res.output
+    assert json.loads((qwen_ckpt / "cli.json").read_text())["layer_widths"] == {"1": 8, "2": 8}
+    res = invoke_cli("quantize", qwen_ckpt / "tiny", "-o", qwen_ckpt / "x", "--granularity", "expert", "--bits", "3")
+    assert res.exit_code == 2 and "--format fake" in res.output and "Traceback" not in res.output
+    res = invoke_cli("quantize", qwen_ckpt / "tiny", "-o", qwen_ckpt / "x", "--group-size", "5")
+    assert res.exit_code == 2 and "group-size" in res.output
+    res = invoke_cli("info", out)
+    assert res.exit_code == 0 and "expert bits per weight" in res.output
+
+
+def test_info_says_bitsandbytes_left_the_experts_alone(tmp_path):
+    from moecompress.info import model_info
+
+    model = tiny_model("qwen3_moe")
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    model.save_pretrained(tmp_path / "bnb")
+    q = model_info(tmp_path / "bnb")["quantization"]
+    assert q["experts_quantized"] is False and "1849" in q["note"]
+    assert q["expert_bits_per_weight"] == 32.0  # the experts are stored as they were (fp32 here)
