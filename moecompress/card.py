@@ -80,6 +80,14 @@ def _summary(folder: Path, source: str | None) -> list[str]:
         desc = ", ".join(f"{k}={q[k]}" for k in ("quant_method", "bits", "load_in_4bit", "load_in_8bit",
                                                  "group_size") if k in q)
         lines.append(f"- quantization: {desc or json.dumps(q)}")
+    quant = after.get("quantization")
+    if quant and quant.get("experts_quantized"):
+        bits = quant.get("recorded_average_bits") or quant.get("expert_bits_per_weight")
+        disk = sum(quant.get("expert_bytes_by_dtype", {}).values())
+        lines.append(f"- experts: {bits:.3f} bits per weight (weights, scales and zero points), "
+                     f"{disk / 2**20:.2f} MiB of expert tensors on disk; widths per layer: {quant.get('layer_widths')}")
+    elif quant and quant.get("experts_quantized") is False:
+        lines.append(f"- experts: not quantized ({quant.get('note')})")
     return lines
 
 
