@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import formats
+from . import formats, mtp
 from .arch import MoELayer, MoEModel, family_for_config
 from .checkpoint import load_config
 
@@ -251,29 +251,39 @@ class _Replacements:
 
 
 def _plan(old: MoEModel, new: MoEModel, keep: dict[int, list[int]]) -> dict[str, list[_Target]]:
-    """Input checkpoint key -> where it goes, for the routed-expert and router keys."""
+    """Input checkpoint key -> where it goes, for the routed-expert and router keys. ``keep``
+    may also name stored MTP layers (``mtp.py``): they are planned like the last MoE layer,
+    whose shape they have."""
     plan: dict[str, list[_Target]] = {}
+    last = old.moe_layer_indices[-1]
+    extra = [i for i in keep if i not in old.moe_layer_indices]
     for layer_old, layer_new in zip(old, new):
-        li, kept = layer_old.layer_idx, keep[layer_old.layer_idx]
         old_roles = checkpoint_roles(old.model, layer_old, layer_old.num_experts)
-        new_roles = checkpoint_roles(new.model, layer_new, len(kept))
-        new_by_expert = {(r.expert, r.slot): k for k, r in new_roles.items() if r.expert is not None}
-        index = torch.tensor(kept, dtype=torch.long)
-        for key, role in old_roles.items():
-            if role.expert_dim is not None:  # fused: slice along the expert dimension
-                plan[key] = [_Target(key, li, index=index, dim=role.expert_dim, k0=key)]
-            elif role.expert in kept:  # per-expert: rename to the new position
-                j = kept.index(role.expert)
-                new_key = new_by_expert[(j, role.slot)]
-                assert re.sub(r"\d+", "#", new_key) == re.sub(r"\d+", "#", key), (key, new_key)
-                plan[key] = [_Target(new_key, li, expert=j, k0=new_by_expert[(0, role.slot)])]
-            else:
-                plan[key] = []  # removed expert
+        new_roles = checkpoint_roles(new.model, layer_new, len(keep[layer_old.layer_idx]))
+        for li in [layer_old.layer_idx] + (extra if layer_old.layer_idx == last else []):
+            renamed = {mtp.rename_layer(k, li): r for k, r in new_roles.items()}
+            _plan_layer(plan, li, keep[li], {mtp.rename_layer(k, li): r for k, r in old_roles.items()}, renamed)
     return plan
 
 
+def _plan_layer(plan: dict, li: int, kept: list[int], old_roles: dict[str, KeyRole], new_roles: dict[str, KeyRole]) -> None:
+    new_by_expert = {(r.expert, r.slot): k for k, r in new_roles.items() if r.expert is not None}
+    index = torch.tensor(kept, dtype=torch.long)
+    for key, role in old_roles.items():
+        if role.expert_dim is not None:  # fused: slice along the expert dimension
+            plan[key] = [_Target(key, li, index=index, dim=role.expert_dim, k0=key)]
+        elif role.expert in kept:  # per-expert: rename to the new position
+            j = kept.index(role.expert)
+            new_key = new_by_expert[(j, role.slot)]
+            assert re.sub(r"\d+", "#", new_key) == re.sub(r"\d+", "#", key), (key, new_key)
+            plan[key] = [_Target(new_key, li, expert=j, k0=new_by_expert[(0, role.slot)])]
+        else:
+            plan[key] = []  # removed expert
+
+
 def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], progress=None, *,
-                           replace: Mapping[int, Mapping[int, Mapping[str, torch.Tensor]]] | None = None) -> None:
+                           replace: Mapping[int, Mapping[int, Mapping[str, torch.Tensor]]] | None = None,
+                           drop_mtp: bool = False) -> None:
     """Write into ``out`` the shards and config of ``src`` with only ``keep[layer]`` experts.
 
     The kept count must be the same in every MoE layer (one config field describes it).
@@ -285,13 +295,24 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     family's per-expert router tensors. A dict works, or any object with ``get`` (called per
     layer and shard, so it can load lazily: :class:`ModelReplacements`). Values are cast to
     the dtype the input stores; everything not replaced is copied from the input.
+
+    Multi-token-prediction layers the checkpoint stores (``mtp.py``) need their kept experts in
+    ``keep`` too (their own choice: ``mtp.kept_by_own_router``), or ``drop_mtp``: their tensors
+    are left out and ``num_nextn_predict_layers`` becomes 0.
     """
     config = load_config(src)
     old = meta_view(config)
     new_config = type(config).from_dict(config.to_dict())
     new = meta_view(new_config)
     new.keep_experts({layer.layer_idx: list(keep[layer.layer_idx]) for layer in new})  # meta: shapes and config
-    plan = _plan(old, new, keep)
+    stored_mtp = set(mtp.stored_layers(src, config))
+    if drop_mtp:
+        new.model.config.num_nextn_predict_layers = 0
+    elif stored_mtp - set(keep):
+        raise ValueError(f"the checkpoint stores MTP layer(s) {sorted(stored_mtp - set(keep))}: give their kept experts "
+                         "(mtp.kept_by_own_router) or drop them")
+    plan = _plan(old, new, {li: k for li, k in keep.items() if li in old.moe_layer_indices or
+                            (li in stored_mtp and not drop_mtp)})
     method = formats.quant_method(config)
     if replace is not None and method is not None:
         raise ValueError(f"replacing experts of a {method} checkpoint by surgery would store new weights with old "
@@ -306,11 +327,14 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
         with safe_open(shard, framework="pt") as f:
             metadata = f.metadata()
             for key in f.keys():
+                if drop_mtp and mtp.layer_of(key) in stored_mtp:
+                    continue
                 for target in _targets(plan, key, method):
                     tensors[target.key] = _output_tensor(f, key, target, replacements)
         # Kept order: sorted keys give deterministic bytes whatever the dict order was.
         tensors = dict(sorted(tensors.items()))
-        save_file(tensors, out / shard.name, metadata=metadata or {"format": "pt"})
+        if tensors or len(shards) == 1:  # a shard that held only dropped MTP tensors is not written
+            save_file(tensors, out / shard.name, metadata=metadata or {"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: shard.name for k in tensors})
         if progress is not None:

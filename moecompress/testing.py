@@ -150,3 +150,35 @@ def quantized_checkpoint(folder, model_type: str, fmt: str, seed: int = 0, block
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     char_tokenizer().save_pretrained(folder)
     return model
+
+
+def with_mtp_layer(folder, seed: int = 1) -> None:
+    """Write a multi-token-prediction layer into the tiny DeepSeek-V3 / GLM-4.5 checkpoint in
+    ``folder`` as the published checkpoints store it (``mtp.py``): ``model.layers.{L}.*`` shaped
+    like the last decoder layer (random values) plus enorm/hnorm/eh_proj/shared_head/embed_tokens,
+    and ``num_nextn_predict_layers: 1``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    n, h, v = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    tensors = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    new = dict(tensors)
+    for key, t in tensors.items():
+        if key.startswith(f"model.layers.{n - 1}."):
+            fresh = (torch.randn(t.shape, generator=g) * 0.1 if "norm" not in key else 1 + 0.1 * torch.randn(t.shape, generator=g))
+            new[key.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = fresh.to(t.dtype)
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    own = {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h), "shared_head.norm.weight": (h,),
+           "shared_head.head.weight": (v, h)}
+    for name, shape in own.items():
+        new[f"model.layers.{n}.{name}"] = (1 + 0.1 * torch.randn(shape, generator=g) if "norm" in name
+                                           else 0.1 * torch.randn(shape, generator=g)).to(dtype)
+    new[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(dict(sorted(new.items())), folder / "model.safetensors", metadata={"format": "pt"})
+    cfg["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))

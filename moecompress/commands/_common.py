@@ -25,6 +25,9 @@ MaxGpuMemory = Annotated[Optional[str], typer.Option("--max-gpu-memory", help="S
                                                      "cap (e.g. 4GiB): layers are onloaded one at a time while they run.")]
 MaxCpuMemory = Annotated[Optional[str], typer.Option("--max-cpu-memory", help="CPU memory cap when streaming; the rest "
                                                      "is offloaded to disk (e.g. 32GiB).")]
+MtpMode = Annotated[str, typer.Option("--mtp", help="Multi-token-prediction layers the checkpoint stores "
+                                      "(num_nextn_predict_layers): prune (their experts, chosen by their own router on "
+                                      "--calib) or drop (remove them; num_nextn_predict_layers 0).")]
 
 console = Console()
 err_console = Console(stderr=True)

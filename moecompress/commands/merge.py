@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import CalibField, CalibMode, CalibSeed, CalibSource, MaxCpuMemory, MaxGpuMemory, Samples, SeqLen, console, user_errors, write_json
+from ._common import CalibField, CalibMode, CalibSeed, CalibSource, MaxCpuMemory, MaxGpuMemory, MtpMode, Samples, SeqLen, console, user_errors, write_json
 
 
 def _table(result) -> Table:
@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         max_cpu_memory: MaxCpuMemory = None,
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result (clusters, errors) as JSON here."),
+        mtp: MtpMode = "prune",
     ) -> None:
         """Merge experts (M-SMoE, HC-SMoE or averaging) into a smaller checkpoint that loads in stock transformers."""
         from ..errors import MoECompressError
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
                                       seq_len=seq_len, seed=seed, linkage=linkage, metric=distance, router=router,
                                       refit=refit, ridge=ridge, overwrite=overwrite, dtype=dtype, device=device,
                                       batch_size=batch_size, field_name=field, calib_mode=mode,
-                                      max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory)
+                                      max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, mtp=mtp)
         console.print(f"{result.method}, {result.num_experts} -> {result.keep} experts per MoE layer", highlight=False)
         console.print(_table(result))
         write_json(json_out, result.to_dict(with_time=False))

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import CalibField, MaxCpuMemory, MaxGpuMemory, Samples, SeqLen, console, user_errors, write_json
+from ._common import CalibField, MaxCpuMemory, MaxGpuMemory, MtpMode, Samples, SeqLen, console, user_errors, write_json
 
 _METHOD_PANEL = "Method options"
 _FINE_PANEL = "Fine-grained pruning (inside experts)"
@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         max_gpu_memory: MaxGpuMemory = None,
         max_cpu_memory: MaxCpuMemory = None,
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here ('-' = stdout)."),
+        mtp: MtpMode = "prune",
         naee_tokens: Optional[int] = typer.Option(None, "--naee-tokens", rich_help_panel=_METHOD_PANEL,
                                                   help="naee: calibration tokens used for the reconstruction error."),
         naee_beam: Optional[int] = typer.Option(None, "--naee-beam", rich_help_panel=_METHOD_PANEL,
@@ -101,7 +102,8 @@ def register(app: typer.Typer) -> None:
                                       n=n, seq_len=seq_len, seed=seed, protect_super_experts=protect_super_experts,
                                       overwrite=overwrite, dtype=dtype, device=device, batch_size=batch_size,
                                       field_name=field, progress=json_out is None or str(json_out) != "-",
-                                      max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, **options)
+                                      max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, mtp=mtp,
+                                      **options)
             before, after = model_info(model), model_info(output)
         data = {**result.to_dict(), "output": str(output),
                 "params_before": before["total_params"], "params_after": after["total_params"],
@@ -110,6 +112,8 @@ def register(app: typer.Typer) -> None:
             write_json(json_out, data)
         if json_out is None or str(json_out) != "-":
             console.print(_table(result))
+            if result.info.get("groups", {}).get("note"):
+                console.print(f"note: {result.info['groups']['note']}", highlight=False)
             console.print(f"{result.num_experts} -> {result.keep} experts in {len(result.kept)} MoE layers "
                           f"({result.method}); parameters {_human(before['total_params'])} -> "
                           f"{_human(after['total_params'])}; wrote {output} in {result.seconds:.1f} s", highlight=False)

@@ -364,7 +364,8 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
                      router: str = "dominant", refit: bool = True, ridge: float = DEFAULT_RIDGE,
                      overwrite: bool = False, dtype: str = "auto", device: str | None = None, batch_size: int = 8,
                      field_name: str = "text", calib_mode: str = "chunk", progress: bool = True,
-                     max_gpu_memory: str | None = None, max_cpu_memory: str | None = None) -> MergeResult:
+                     max_gpu_memory: str | None = None, max_cpu_memory: str | None = None,
+                     mtp: str = "prune") -> MergeResult:
     """Merge the checkpoint ``src`` into the folder ``out``; see :func:`merge_experts`.
 
     ``calib`` is a calibration source (``n`` sequences of ``seq_len`` tokens drawn with
@@ -406,6 +407,9 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     local = source_folder(src)
     if streamed and local is not None and not any(local.glob("*.safetensors")):
         raise MoECompressError(_NEEDS_SAFETENSORS.format(src=src))
+    from ..prune.api import _check_mtp
+
+    stored_mtp = _check_mtp(src, config, mtp, calib)
     with output_folder(out, overwrite=overwrite, source=src, check=True) as folder:
         from transformers import AutoTokenizer
 
@@ -426,6 +430,14 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
         if streamed and not surgery:
             raise MoECompressError(_NEEDS_BF16.format(src=src) if quantized else _NEEDS_SAFETENSORS.format(src=src))
         stored = torch.bfloat16 if quantized else stored_dtype(config)
+        mtp_kept, mtp_record = {}, None
+        if surgery and stored_mtp and mtp == "prune":  # MTP experts are pruned (by their own router), not merged
+            from ..mtp import kept_by_own_router
+
+            mtp_kept, counts = kept_by_own_router(model, local, config, tokens, keep, batch_size=batch_size)
+            mtp_record = {"mode": "prune", "rule": "own router top-k frequency", "kept_experts": mtp_kept, "counts": counts}
+        elif surgery and stored_mtp:
+            mtp_record = {"mode": "drop", "layers": stored_mtp}
         result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=linkage,
                                metric=metric, router=router, refit=refit, ridge=ridge, batch_size=batch_size,
                                progress=progress, offload_folder=work / "merged" if work else None)
@@ -437,10 +449,12 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
                                  "batch_size": batch_size, "dtype": dtype, "max_gpu_memory": max_gpu_memory,
                                  "max_cpu_memory": max_cpu_memory},
                   "writer": "shard surgery" if surgery else "save_pretrained",
+                  **({"mtp": mtp_record} if mtp_record else {}),
                   **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "options")}}
         if surgery:
             replace = merged_replacements(model, result)
-            prune_checkpoint_files(local, folder, result.dominant, replace=replace)
+            prune_checkpoint_files(local, folder, {**result.dominant, **mtp_kept}, replace=replace,
+                                   drop_mtp=mtp == "drop")
             del replace, model
             copy_tokenizer(src, folder)
             write_record(folder, record, src)

@@ -151,6 +151,21 @@ def _protected(stats, view, keep: int, groups: int = 1) -> dict[int, set[int]]:
     return out
 
 
+def _check_mtp(src, config, mtp: str, calib) -> list[int]:
+    """The MTP layers a local checkpoint stores; refuses what cannot be done with them."""
+    from ..checkpoint import source_folder
+    from ..mtp import stored_layers
+
+    if mtp not in ("prune", "drop"):
+        raise MoECompressError(f"--mtp must be prune or drop, got '{mtp}'")
+    local = source_folder(src)
+    stored = list(stored_layers(local, config)) if local is not None and any(local.glob("*.safetensors")) else []
+    if stored and mtp == "prune" and calib is None:
+        raise MoECompressError(f"the checkpoint stores multi-token-prediction layer(s) {stored}: pass --calib FILE so "
+                               "their experts are chosen by their own router, or --mtp drop to remove them")
+    return stored
+
+
 # ----- library API -------------------------------------------------------------------------
 def plan_pruning(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torch.Tensor | None = None,
                  stats=None, seed: int = 0, protect_super_experts: bool = False, batch_size: int = 8,
@@ -175,6 +190,10 @@ def plan_pruning(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torc
     plan = METHODS[method].select(sel)
     if groups > 1:
         plan.info["groups"] = {"n_group": groups, "kept_per_group": keep // groups}
+    elif view.num_groups > 1 and keep < view.num_experts:
+        plan.info["groups"] = {"n_group": 1, "note": f"{keep} kept experts cannot be the same number from each of "
+                               f"the {view.num_groups} routing groups; the config becomes n_group 1, topk_group 1 "
+                               "(plain top-k over the kept experts)"}
     for li, k in plan.kept.items():  # every method must honour the contract
         assert len(k) == keep and k == sorted(set(k)) and protected.get(li, set()) <= set(k), (method, li, k)
     return plan, protected
@@ -224,8 +243,13 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
                      protect_super_experts: bool = False, overwrite: bool = False, dtype: str = "auto",
                      device: str | None = None, batch_size: int = 8, field_name: str = "text",
                      calib_mode: str = "chunk", progress: bool = True, max_gpu_memory: str | None = None,
-                     max_cpu_memory: str | None = None, **options) -> PruneResult:
+                     max_cpu_memory: str | None = None, mtp: str = "prune", **options) -> PruneResult:
     """Prune the checkpoint ``src`` into the folder ``out``; see :func:`prune_experts`.
+
+    Multi-token-prediction layers stored in a local checkpoint (``num_nextn_predict_layers``,
+    ``moecompress/mtp.py``) keep as many experts as the other layers, chosen by their own
+    router's frequency on the calibration text (``mtp="prune"``, needs ``calib``), or are
+    removed with ``num_nextn_predict_layers`` set to 0 (``mtp="drop"``).
 
     ``calib`` is a calibration source (``-n`` sequences of ``seq_len`` tokens drawn with
     ``seed``); ``stats`` a file written by ``moecompress stats``. The weights are written in
@@ -262,6 +286,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     parse_dtype(dtype)
     parse_memory(max_gpu_memory)
     parse_memory(max_cpu_memory)
+    stored_mtp = _check_mtp(src, config, mtp, calib)
     with output_folder(out, overwrite=overwrite, source=src, check=True) as folder:
         from ..stats import Stats
 
@@ -296,9 +321,18 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
                                  "max_cpu_memory": max_cpu_memory, **options},
                   "writer": "shard surgery" if surgery else "save_pretrained",
                   **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method",)}}
+        mtp_kept = {}
+        if surgery and stored_mtp and mtp == "prune":
+            from ..mtp import kept_by_own_router
+
+            mtp_kept, counts = kept_by_own_router(model, local, config, tokens, keep, batch_size=batch_size)
+            record["mtp"] = {"mode": "prune", "rule": "own router top-k frequency", "kept_experts": mtp_kept,
+                             "counts": counts}
+        elif stored_mtp and surgery:
+            record["mtp"] = {"mode": "drop", "layers": stored_mtp}
         if surgery:
             del model
-            prune_checkpoint_files(local, folder, result.kept)
+            prune_checkpoint_files(local, folder, {**result.kept, **mtp_kept}, drop_mtp=mtp == "drop")
             copy_tokenizer(src, folder)
             write_record(folder, record, src)
         else:
