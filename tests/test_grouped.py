@@ -59,7 +59,7 @@ def test_grouped_pruning_keeps_groups_and_reloads_identically(family, method, tm
 def test_unbalanced_keep_falls_back_to_one_group_and_says_so(tmp_path):
     model = tiny_model("deepseek_v3", **GROUPED["deepseek_v3"])
     res = prune_experts(model, keep=6, method="random")  # 6 is not a multiple of 4 groups
-    assert "groups" not in res.info
+    assert res.info["groups"]["n_group"] == 1 and "config becomes n_group 1, topk_group 1" in res.info["groups"]["note"]
     assert (model.config.n_group, model.config.topk_group) == (1, 1)
     assert moe_view(model).group_note is None  # the view that pruned said it; a fresh one has no history
     view = moe_view(tiny_model("deepseek_v3", **GROUPED["deepseek_v3"]))
