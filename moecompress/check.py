@@ -165,7 +165,7 @@ def _tensor_problems(config, found: dict[str, tuple[str, tuple[int, ...]]], repo
             report.problems.append(f"{key}: not implied by the config ({_why_unexpected(key, config)})")
             continue
         present.setdefault(logical, set()).add(part)
-        want = formats.stored_shape(part, exp.shape, config)
+        want = formats.stored_shape(part, exp.shape, config, logical)
         if want is not None and shape != want:
             report.problems.append(f"{key}: shape {list(shape)}, the config implies {list(want)}")
             continue
@@ -178,6 +178,8 @@ def _tensor_problems(config, found: dict[str, tuple[str, tuple[int, ...]]], repo
             continue
         if not parts:
             report.problems.append(f"{logical}: missing (the config implies shape {list(exp.shape)})")
+        elif "ct_packed" in parts and not {"ct_scale", "ct_shape"} <= parts:
+            report.problems.append(f"{logical}: weight_packed without its weight_scale / weight_shape")
         elif parts == {"blocks"} or parts == {"scales"}:
             report.problems.append(f"{logical}: MXFP4 needs both _blocks and _scales, found only _{parts.pop()}")
         elif "weight" in parts and method == "fp8" and _ST_DTYPES.get(found[logical][0]) == torch.float8_e4m3fn \
@@ -187,9 +189,12 @@ def _tensor_problems(config, found: dict[str, tuple[str, tuple[int, ...]]], repo
 
 
 def _quantized_dtype(dtype, logical: str, found: dict, method: str | None) -> bool:
-    """An FP8 weight with its block scales beside it is the quantized form of the tensor."""
-    return (method == "fp8" and dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-            and formats.stored_key(logical, "scale") in found)
+    """An FP8 weight with its block scales beside it is the quantized form of the tensor (its
+    ``weight_scale`` in compressed-tensors' FP8)."""
+    fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if method == "compressed-tensors":
+        return fp8 and formats.stored_key(logical, "ct_scale") in found
+    return method == "fp8" and fp8 and formats.stored_key(logical, "scale") in found
 
 
 def _why_unexpected(key: str, config) -> str:

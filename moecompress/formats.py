@@ -26,6 +26,11 @@ import torch
 FP8_SCALE = "weight_scale_inv"  # sibling of X.weight
 FP8_OPTIONAL = ("activation_scale", "input_scale")  # static activation scales some checkpoints add
 MXFP4_PARTS = ("_blocks", "_scales")  # suffixes of a fused tensor P
+# compressed-tensors (``quant_method: compressed-tensors``, what ``moecompress quantize`` writes):
+# a linear's ``X.weight`` becomes these siblings (pack-quantized) or stays ``X.weight`` (FP8) with
+# ``X.weight_scale``; shapes follow from the config group whose ``targets`` name ``X``.
+CT_PARTS = {"weight_packed": "ct_packed", "weight_scale": "ct_scale", "weight_zero_point": "ct_zero_point",
+            "weight_shape": "ct_shape"}
 _MXFP4_GROUP = 32
 
 
@@ -57,6 +62,10 @@ def logical_key(key: str, method: str | None) -> tuple[str, str]:
         for suffix in MXFP4_PARTS:
             if key.endswith(suffix):
                 return key[: -len(suffix)], suffix[1:]
+    if method == "compressed-tensors":
+        stem, _, last = key.rpartition(".")
+        if last in CT_PARTS:
+            return f"{stem}.weight", CT_PARTS[last]
     return key, "weight"
 
 
@@ -68,10 +77,13 @@ def stored_key(logical: str, part: str) -> str:
         return logical[: -len("weight")] + FP8_SCALE
     if part in ("blocks", "scales"):
         return f"{logical}_{part}"
+    for name, p in CT_PARTS.items():
+        if part == p:
+            return logical[: -len("weight")] + name
     raise ValueError(part)
 
 
-def stored_shape(part: str, shape: tuple[int, ...], config) -> tuple[int, ...] | None:
+def stored_shape(part: str, shape: tuple[int, ...], config, logical: str | None = None) -> tuple[int, ...] | None:
     """Shape a part of a tensor of (transformers') ``shape`` has in the checkpoint; None if
     not fixed (optional activation scales)."""
     if part == "weight":
@@ -83,8 +95,32 @@ def stored_shape(part: str, shape: tuple[int, ...], config) -> tuple[int, ...] |
         e, n_in, n_out = shape
         groups = math.ceil(n_in / _MXFP4_GROUP)
         return (e, n_out, groups, 16) if part == "blocks" else (e, n_out, groups)
+    if part.startswith("ct_") and logical is not None:
+        return _ct_shape(part, shape, config, logical)
     return None
 
+
+def _ct_shape(part: str, shape: tuple[int, ...], config, logical: str) -> tuple[int, ...] | None:
+    """Stored shape of a compressed-tensors part of the [out, in] weight ``logical``, from the
+    weight arguments of the config group whose ``re:`` targets name its module."""
+    import re
+
+    if part == "ct_shape":
+        return (2,)
+    q = config.quantization_config
+    groups = (q.get("config_groups") if isinstance(q, dict) else getattr(q, "config_groups", None)) or {}
+    module = logical[: -len(".weight")]
+    args = next((g.get("weights") for g in groups.values()
+                 if any(t.startswith("re:") and re.match(t[3:], module) for t in g.get("targets", []))), None)
+    if not args:
+        return None
+    out, inp = shape[-2:]
+    bits, cols = args["num_bits"], (args.get("group_size") or inp) if args.get("strategy") == "group" else inp
+    if part == "ct_packed":
+        return (out, math.ceil(inp * bits / 32))
+    if part == "ct_scale":
+        return (out, inp // cols)
+    return (math.ceil(out * bits / 32), inp // cols)  # ct_zero_point, packed along the rows
 
 def dequantized_loading(config) -> dict:
     """``from_pretrained`` keyword arguments that load a quantized checkpoint dequantized

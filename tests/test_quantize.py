@@ -206,3 +206,22 @@ def test_info_says_bitsandbytes_left_the_experts_alone(tmp_path):
     q = model_info(tmp_path / "bnb")["quantization"]
     assert q["experts_quantized"] is False and "1849" in q["note"]
     assert q["expert_bits_per_weight"] == 32.0  # the experts are stored as they were (fp32 here)
+
+
+def test_check_reads_compressed_tensors_shapes(qwen_ckpt):
+    from safetensors.torch import load_file, save_file
+
+    from moecompress.check import check_checkpoint
+
+    out = qwen_ckpt / "checked"
+    quantize_checkpoint(qwen_ckpt / "tiny", out, quantizer="rtn", bits=3, symmetric=False, group_size=8, progress=False)
+    assert check_checkpoint(out).ok  # also checked before the output was renamed into place
+    sd = load_file(out / "model.safetensors")
+    key = "model.layers.1.mlp.experts.2.up_proj.weight_packed"
+    sd[key] = sd[key][:, :-1].contiguous()
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    report = check_checkpoint(out)
+    assert not report.ok and report.problems[0].startswith(key)
+    del sd["model.layers.1.mlp.experts.2.up_proj.weight_scale"]
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    assert any("without its weight_scale" in p for p in check_checkpoint(out).problems)

@@ -301,7 +301,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, **option
         from ..calibration import check_source
 
         check_source(opts.calib)
-    with output_folder(out, overwrite=opts.overwrite, source=src) as folder:
+    with output_folder(out, overwrite=opts.overwrite, source=src, check=True) as folder:
         model = load_model(src, dtype=opts.dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
                            max_cpu_memory=opts.max_cpu_memory)
         view = moe_view(model)
