@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from .errors import MoECompressError
+from .options.groups import DEFAULT_N, DEFAULT_SEQ_LEN
 
 Mode = Literal["chunk", "document"]
 MODES = ("chunk", "document")
@@ -149,7 +150,7 @@ def _hub_documents(name: str, field: str) -> list[str]:
         import datasets
     except ImportError:
         raise MoECompressError(f"'{name}' looks like a Hub dataset; install `datasets` or {offline_hint}") from None
-    from .checkpoint import _hub_reachable
+    from .source import _hub_reachable
 
     if not _hub_reachable():
         raise MoECompressError(f"'{name}' looks like a Hub dataset but the Hub is unreachable (offline); {offline_hint}")
@@ -166,8 +167,8 @@ def _hub_documents(name: str, field: str) -> list[str]:
 def load_calibration(
     tokenizer,
     source: str | os.PathLike,
-    n: int = 64,
-    seq_len: int = 512,
+    n: int = DEFAULT_N,
+    seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
     mode: Mode = "chunk",
     field: str = "text",

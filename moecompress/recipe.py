@@ -32,13 +32,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .checkpoint import RECORD_FILE, output_folder
 from .errors import MoECompressError
+from .options import CalibrationOptions
 
 
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    calib: str
-    n: int = 64
-    seq_len: int = 512
 
 
 class Recipe(BaseModel):
@@ -48,7 +44,7 @@ class Recipe(BaseModel):
     seed: int = 0
     dtype: str | None = None
     device: str | None = None
-    calibration: Calibration | None = None
+    calibration: CalibrationOptions | None = None
     stages: list[dict[str, dict[str, Any] | None]]
 
     @field_validator("stages")
@@ -70,27 +66,46 @@ class Stage:
     target: str  # "module:function"
     writes_checkpoint: bool = True
     calibrated: bool = True  # takes calib / n / seq_len / seed
-    # where the target forwards **kwargs to, so that recipe options can still be checked
-    forwards_to: str | None = None
-    renames: tuple[tuple[str, str], ...] = ()  # recipe option -> function argument
 
     def function(self) -> Callable:
         module, _, fn = self.target.partition(":")
         return getattr(importlib.import_module(module), fn)
 
 
-def _prune_function(method: str | None) -> str:
-    from .finegrained.api import METHODS as FINEGRAINED
+# The library function of every implemented stage (the recipe runner runs those in STAGES).
+LIBRARY = {
+    "stats": "moecompress.stats.api:stats_for_checkpoint",
+    "prune": "moecompress.prune.checkpoint:prune_checkpoint",
+    "merge": "moecompress.merge.api:merge_checkpoint",
+    "eval": "moecompress.evaluate:evaluate_checkpoint",
+    "upload": "moecompress.upload:upload",
+}
 
-    return "moecompress.finegrained.api:prune_checkpoint" if method in FINEGRAINED else "moecompress.prune.api:prune_checkpoint"
+
+def library_functions() -> dict[str, Callable]:
+    return {name: Stage(name, target).function() for name, target in LIBRARY.items()}
 
 
 STAGES = {
-    "prune": Stage("prune", "moecompress.prune.api:prune_checkpoint"),
+    "prune": Stage("prune", "moecompress.prune.checkpoint:prune_checkpoint"),
     "merge": Stage("merge", "moecompress.merge.api:merge_checkpoint"),
-    "eval": Stage("eval", "moecompress.evaluate:evaluate_checkpoint", writes_checkpoint=False, calibrated=False,
-                  forwards_to="moecompress.evaluate:evaluate_models", renames=(("ppl", "ppl_files"),)),
+    "eval": Stage("eval", "moecompress.evaluate:evaluate_checkpoint", writes_checkpoint=False, calibrated=False),
 }
+
+
+def recipe_schema() -> dict:
+    """JSON schema of every stage's options as a recipe may set them (from the options models)."""
+    from .options import STAGE_OPTIONS
+    from .options.base import recipe_fields
+
+    out = {}
+    for name, model in STAGE_OPTIONS.items():
+        schema = model.model_json_schema()
+        keep = recipe_fields(model)
+        schema["properties"] = {k: v for k, v in schema["properties"].items() if k in keep}
+        schema["required"] = [k for k in schema.get("required", []) if k in keep]
+        out[name] = schema
+    return out
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -121,32 +136,24 @@ def _stage_call(recipe: Recipe, index: int) -> tuple[Stage, Callable, dict[str, 
     if name not in STAGES:
         raise MoECompressError(f"recipe stage {index + 1}: unknown stage '{name}'; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
-    target = _prune_function(options.get("method")) if name == "prune" else stage.target
-    fn = Stage(name, target).function()
+    fn = stage.function()
     kwargs: dict[str, Any] = {}
     if stage.calibrated:
         if recipe.calibration is not None:
-            kwargs.update(recipe.calibration.model_dump())
+            kwargs.update(recipe.calibration.model_dump(exclude_unset=True))
         kwargs["seed"] = recipe.seed
     if recipe.dtype is not None:
         kwargs["dtype"] = recipe.dtype
     if recipe.device is not None:
         kwargs["device"] = recipe.device
     kwargs.update(options)
-    for old, new in stage.renames:
-        if old in kwargs:
-            kwargs[new] = kwargs.pop(old)
     params = dict(inspect.signature(fn).parameters)
-    if stage.forwards_to:
-        params.update(inspect.signature(Stage(name, stage.forwards_to).function()).parameters)
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if not takes_any or stage.forwards_to:
-        unknown = sorted(set(kwargs) - set(params))
-        if unknown:
-            allowed = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_KEYWORD
-                       and p not in ("src", "out", "model", "model_path", "progress", "tokenizer", "base_model")]
-            raise MoECompressError(f"recipe stage {index + 1} ({name}): unknown option(s) {', '.join(unknown)}; "
-                                   f"options: {', '.join(allowed)}")
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
+                   and p not in ("progress", "options")]
+        raise MoECompressError(f"recipe stage {index + 1} ({name}): unknown option(s) {', '.join(unknown)}; "
+                               f"options: {', '.join(allowed)}")
     return stage, fn, kwargs
 
 

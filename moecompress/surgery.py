@@ -35,8 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import formats, mtp
-from .arch import MoELayer, MoEModel, family_for_config
-from .checkpoint import load_config
+from .arch import MoELayer, MoEModel, meta_view  # noqa: F401 (meta_view: re-exported)
+from .source import load_config
 
 SHARD_INDEX = "model.safetensors.index.json"
 # Replacement parts of one expert: canonical expert weights (one group), router tensors (another).
@@ -92,15 +92,6 @@ def checkpoint_roles(model, layer: MoELayer, num_experts: int) -> dict[str, KeyR
             roles[key] = KeyRole(expert=e, expert_dim=None, slot=slots.get(e, 0))
             slots[e] = slots.get(e, 0) + 1
     return roles
-
-
-def meta_view(config) -> MoEModel:
-    """The MoE view of a weightless (meta device) model built from ``config``: shapes only."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return MoEModel(model, family_for_config(config))
 
 
 def _input_shards(src: Path) -> list[Path]:

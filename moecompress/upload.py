@@ -14,6 +14,7 @@ from pathlib import Path
 from .card import write_card
 from .checkpoint import _first_line
 from .errors import MoECompressError
+from .options import UploadOptions, library_function
 
 # Hidden files and folders (temporary outputs, caches, .git) are never sent.
 IGNORE_PATTERNS = [".*", "*/.*"]
@@ -54,13 +55,14 @@ def _check_repo_id(repo_id: str) -> None:
         raise MoECompressError(f"repository id '{repo_id}' must be 'user-or-org/name'")
 
 
-def upload(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
-           dry_run: bool = False, endpoint: str | None = None, base_model: str | None = None,
-           commit_message: str | None = None) -> dict:
+@library_function(UploadOptions)
+def upload(folder: str | os.PathLike, *, opts: UploadOptions) -> dict:
     """Write the model card, then (unless ``dry_run``) create the repo and upload the folder.
 
     Returns ``{"repo_id", "card", "files": [{"path", "bytes"}], "bytes", "dry_run", "url"}``.
     """
+    repo_id, private, token, dry_run = opts.repo_id, opts.private, opts.token, opts.dry_run
+    endpoint, base_model, commit_message = opts.endpoint, opts.base_model, opts.commit_message
     p = check_folder(folder)
     _check_repo_id(repo_id)
     card = write_card(p, repo_id, base_model=base_model)

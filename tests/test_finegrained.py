@@ -16,7 +16,10 @@ from moecompress.capture import run_calibration
 from moecompress.checkpoint import output_folder, save_model
 from moecompress.errors import MoECompressError
 from moecompress.finegrained import heapr_prune, heapr_scores, unstructured_prune
-from moecompress.finegrained.api import finegrained_prune, prune_checkpoint
+from moecompress.finegrained.api import finegrained_prune
+from moecompress.prune import prune_checkpoint
+from moecompress.prune.registry import effective_method
+from moecompress.testing import invoke_cli
 from moecompress.finegrained.heapr import _all_scores, kept_size, shared_mlp_parts, zero_atoms
 from moecompress.finegrained.stun import stun_prune
 from moecompress.finegrained.unstructured import InputNorms, prune_mask, weight_scores
@@ -511,18 +514,21 @@ def test_stun_refuses_expert_ratio_above_total():
 
 def test_prune_checkpoint_writes_record_and_refuses_bad_input(tmp_path):
     src = tmp_path / "src"
-    tiny_model("qwen3_moe").save_pretrained(src)
+    tiny_model("qwen3_moe").save_pretrained(src)  # no tokenizer: magnitude needs no calibration
     out = tmp_path / "out"
-    report = prune_checkpoint(src, out, "magnitude", calib=None, sparsity=0.5, progress=False)
-    assert report["expert_weight_sparsity"] == pytest.approx(0.5)
+    result = prune_checkpoint(src, out, method="magnitude", sparsity=0.5, progress=False)
+    assert result.kind == "weights" and result.report["expert_weight_sparsity"] == pytest.approx(0.5)
     record = json.loads((out / "moecompress.json").read_text())
-    assert record["method"] == "magnitude" and record["options"]["sparsity"] == 0.5
+    assert record["method"] == "magnitude" and record["kind"] == "weights"
+    assert record["parameters"]["sparsity"] == 0.5 and record["report"]["expert_weight_sparsity"] == pytest.approx(0.5)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert float((moe_view(reloaded)[0].up_proj == 0).float().mean()) == pytest.approx(0.5)
     with pytest.raises(MoECompressError, match="exists"):
-        prune_checkpoint(src, out, "magnitude", calib=None, sparsity=0.5, progress=False)
-    with pytest.raises(MoECompressError, match="calib"):
-        prune_checkpoint(src, tmp_path / "o2", "heapr", calib=None, ratio=0.25, progress=False)
+        prune_checkpoint(src, out, method="magnitude", sparsity=0.5, progress=False)
+    with pytest.raises(MoECompressError, match="heapr needs --ratio"):
+        prune_checkpoint(src, tmp_path / "o2", method="heapr", progress=False)
+    with pytest.raises(MoECompressError, match="tokenizer|sequences"):  # heapr calibrates; this folder has no tokenizer
+        prune_checkpoint(src, tmp_path / "o2", method="heapr", ratio=0.25, progress=False)
     assert not (tmp_path / "o2").exists()
 
 
@@ -549,32 +555,29 @@ def tiny_src(tmp_path):
     return src, calib
 
 
-def test_cli_branch_heapr_and_stun(tiny_src, tmp_path, capsys):
-    from moecompress.finegrained.cli import run, wants_finegrained
-
+def test_cli_heapr_and_stun(tiny_src, tmp_path):
     src, calib = tiny_src
-    common = dict(keep=None, nm=None, heapr_global=False, stun_expert_ratio=None, stun_unstructured="wanda",
-                  calib=str(calib), n=4, seq_len=32, seed=0, overwrite=False, dtype="float32", device=None,
-                  batch_size=2, field="text")
-    run(str(src), tmp_path / "h", "heapr", ratio=0.25, sparsity=None, json_out=tmp_path / "h.json",
-        **common)
+    common = ["--calib", calib, "-n", 4, "--seq-len", 32, "--dtype", "float32", "--batch-size", 2]
+    r = invoke_cli("prune", src, "-o", tmp_path / "h", "--method", "heapr", "--ratio", 0.25,
+                   "--json", tmp_path / "h.json", *common)
+    assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "h.json").read_text())
     assert data["intermediate_size_after"] == 8 and data["params_after"] < data["params_before"]
     assert data["ratio_effective"] == 0.5  # 12 of 16 rounds to a multiple of 8
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config.moe_intermediate_size == 8
-    assert "fine-grained pruning: heapr" in capsys.readouterr().out
+    assert "fine-grained pruning: heapr" in r.output
     # `--method stun` with a second-stage budget runs the whole STUN pipeline
-    assert wants_finegrained("stun", 0.5, None) and not wants_finegrained("stun", None, None)
-    if pytest.importorskip("moecompress.prune").METHODS.get("frequency") is None:
-        pytest.skip("no frequency expert pruning yet")
-    run(str(src), tmp_path / "s", "stun", ratio=None, sparsity=0.5, json_out=None,
-        **{**common, "stun_expert_ratio": 0.25})
+    assert effective_method("stun", 0.5, None) == "stun-unstructured" and effective_method("stun", None, None) == "stun"
+    r = invoke_cli("prune", src, "-o", tmp_path / "s", "--method", "stun", "--sparsity", 0.5,
+                   "--stun-expert-ratio", 0.25, *common)
+    assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "s" / "moecompress.json").read_text())
     assert record["method"] == "stun-unstructured" and record["report"]["experts_after"] == 6
-    with pytest.raises(MoECompressError, match="--keep"):
-        run(str(src), tmp_path / "x", "wanda", ratio=None, sparsity=0.5, json_out=None, **{**common, "keep": 4})
-    with pytest.raises(MoECompressError, match="--sparsity"):
-        run(str(src), tmp_path / "x", "wanda", ratio=0.5, sparsity=None, json_out=None, **common)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.num_experts == 6
+    for args, msg in ((("--method", "wanda", "--sparsity", 0.5, "--keep", 4), "--keep"),
+                      (("--method", "wanda", "--ratio", 0.5), "--sparsity")):
+        r = invoke_cli("prune", src, "-o", tmp_path / "x", *args, *common)
+        assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "x").exists()
 
 
@@ -602,6 +605,7 @@ def test_prune_command_dispatches_fine_grained_methods(tiny_src, tmp_path):
 def test_same_inputs_give_the_same_bytes(tiny_src, tmp_path, method, opts):
     src, calib = tiny_src
     for name in ("a", "b"):
-        prune_checkpoint(src, tmp_path / name, method, calib=str(calib), n=4, seq_len=32, progress=False, **opts)
+        prune_checkpoint(src, tmp_path / name, method=method, calib=str(calib), n=4, seq_len=32, progress=False,
+                         **opts)
     for f in ("model.safetensors", "moecompress.json", "config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

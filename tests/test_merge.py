@@ -351,8 +351,8 @@ def test_merge_checkpoint_hc_smoe_without_refit(calib_ckpt, tmp_path):
 
 @pytest.mark.parametrize("args, msg", [
     (("--keep", 8), "--keep must be between 1 and 7"),
-    (("--keep", 3, "--method", "ties"), "unknown merge method"),
-    (("--keep", 3, "--linkage", "centroid"), "unknown --linkage"),
+    (("--keep", 3, "--method", "ties"), "--method: Input should be 'm-smoe', 'hc-smoe' or 'average'"),
+    (("--keep", 3, "--linkage", "centroid"), "--linkage: Input should be"),
     (("--keep", 3, "--calib", "missing.txt"), "not found"),
     (("--keep", 3, "--stats", "missing.safetensors"), "not found"),
     (("--keep", 3, "--max-gpu-memory", "lots"), "cannot read memory size 'lots'"),

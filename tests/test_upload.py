@@ -51,7 +51,7 @@ def test_card_contains_recipe_and_table(compressed):
 
 def test_dry_run_writes_card_and_lists_files(compressed, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    res = runner.invoke(app, ["upload", str(compressed), "me/tiny", "--dry-run", "--json"])
+    res = runner.invoke(app, ["upload", str(compressed), "me/tiny", "--dry-run", "--json", "-"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     names = {f["path"] for f in out["files"]}

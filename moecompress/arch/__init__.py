@@ -14,7 +14,7 @@ from .spec import FamilySpec
 from .view import MoELayer, Routing
 
 __all__ = ["FamilySpec", "MoELayer", "MoEModel", "Routing", "registry", "family_for_config", "moe_view",
-           "num_groups", "balanced_groups", "stays_grouped"]
+           "num_groups", "balanced_groups", "stays_grouped", "meta_view"]
 
 
 @lru_cache(maxsize=None)
@@ -207,3 +207,13 @@ def stays_grouped(config, spec: FamilySpec, num_experts: int, kept: list[int]) -
 def moe_view(model: nn.Module) -> MoEModel:
     """The MoE view of a loaded transformers model; a clear error for non-MoE / unknown ones."""
     return MoEModel(model, family_for_config(model.config))
+
+
+def meta_view(config) -> MoEModel:
+    """The MoE view of a weightless (meta device) model built from ``config``: shapes only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return MoEModel(model, family_for_config(config))

@@ -1,122 +1,54 @@
-"""`moecompress prune`: remove whole experts from every MoE layer of a checkpoint."""
+"""`moecompress prune`: remove whole experts, neurons or weights from every MoE layer."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from ._common import CalibField, MaxCpuMemory, MaxGpuMemory, MtpMode, Samples, SeqLen, console, user_errors, write_json
-
-_METHOD_PANEL = "Method options"
-_FINE_PANEL = "Fine-grained pruning (inside experts)"
-
-
-def _method_help() -> str:
-    from ..prune import METHODS
-
-    from ..finegrained.api import METHODS as FINEGRAINED  # fine-grained methods (issue 5)
-
-    return (f"Pruning method: {', '.join(METHODS)} (whole experts); {', '.join(FINEGRAINED)} (inside experts; "
-            "for heapr --ratio is the fraction of each expert's neurons removed) (docs/benchmarks.md compares them).")
+from ..options import PruneOptions, cli_command
+from ._common import console, user_errors, write_json
 
 
 def register(app: typer.Typer) -> None:
-    from ..prune import DEFAULT_METHOD
-
     @app.command()
+    @cli_command(PruneOptions)
     def prune(
         model: str = typer.Argument(..., help="Checkpoint folder or Hub id."),
         output: Path = typer.Option(..., "-o", "--output", help="Folder for the pruned checkpoint."),
-        keep: Optional[int] = typer.Option(None, "--keep", help="Experts kept in every MoE layer."),
-        ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of experts removed, in (0, 1)."),
-        method: str = typer.Option(DEFAULT_METHOD, "--method", "-m", help=_method_help()),
-        calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (.txt, .jsonl, .parquet or a "
-                                            "shipped set); domain text prunes for that domain."),
-        stats: Optional[Path] = typer.Option(None, "--stats", help="Routing statistics from `moecompress stats` "
-                                             "(reused instead of recomputing them)."),
-        n: Samples = 64,
-        seq_len: SeqLen = 512,
-        field: CalibField = "text",
-        seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample and of `random`."),
-        protect_super_experts: bool = typer.Option(False, "--protect-super-experts",
-                                                   help="Never remove super-expert candidates (needs --calib or --stats)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-        dtype: str = typer.Option("auto", "--dtype", help="Compute dtype (auto = the checkpoint's); the output keeps "
-                                  "the checkpoint's dtype."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, auto ... (default: cpu)."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Calibration sequences per forward pass."),
-        max_gpu_memory: MaxGpuMemory = None,
-        max_cpu_memory: MaxCpuMemory = None,
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here ('-' = stdout)."),
-        mtp: MtpMode = "prune",
-        naee_tokens: Optional[int] = typer.Option(None, "--naee-tokens", rich_help_panel=_METHOD_PANEL,
-                                                  help="naee: calibration tokens used for the reconstruction error."),
-        naee_beam: Optional[int] = typer.Option(None, "--naee-beam", rich_help_panel=_METHOD_PANEL,
-                                                help="naee: beam width of the search when exhaustive is too large."),
-        stun_coactivation_weight: Optional[float] = typer.Option(
-            None, "--stun-coactivation-weight", rich_help_panel=_METHOD_PANEL,
-            help="stun: weight of co-activation in the behaviour distance (0 = router weights only)."),
-        # --- fine-grained pruning options (issue 5, moecompress/finegrained) -----------------
-        sparsity: Optional[float] = typer.Option(
-            None, "--sparsity", rich_help_panel=_FINE_PANEL,
-            help="moe-pruner/wanda/magnitude: fraction of each expert matrix's weights zeroed; stun: total over "
-                 "expert weights (experts removed + zeros)."),
-        nm: Optional[str] = typer.Option(None, "--nm", rich_help_panel=_FINE_PANEL,
-                                         help="N:M semi-structured pattern instead of --sparsity, e.g. 2:4."),
-        stun_expert_ratio: Optional[float] = typer.Option(
-            None, "--stun-expert-ratio", rich_help_panel=_FINE_PANEL,
-            help="stun with --sparsity/--nm: fraction of experts removed before the unstructured stage."),
-        stun_unstructured: str = typer.Option("wanda", "--stun-unstructured", rich_help_panel=_FINE_PANEL,
-                                              help="stun: second-stage method (wanda, moe-pruner, magnitude)."),
-        heapr_global: bool = typer.Option(False, "--heapr-global", rich_help_panel=_FINE_PANEL,
-                                          help="heapr: rank atoms globally and only ZERO them (no size saving)."),
-        # --------------------------------------------------------------------------------------
+        opts: PruneOptions = None,
     ) -> None:
-        """Prune whole experts: keep --keep (or remove --ratio of) the experts of every MoE layer.
+        """Prune every MoE layer: whole experts (--keep N or --ratio R), neurons (heapr --ratio) or weights
+        (--sparsity / --nm); `moecompress ls methods` lists the methods.
 
-        Writes a standard checkpoint (fewer experts, router rows sliced, config updated, top-k lowered to the kept count if needed) with a moecompress.json record. With both --stats and --calib, the file's statistics are used and the text feeds naee.
+        Writes a standard checkpoint (fewer experts or smaller experts, router rows sliced, config updated, top-k
+        lowered to the kept count if needed) with a moecompress.json record. With both --stats and --calib, the
+        file's statistics are used and the text feeds naee.
         """
-        # --- fine-grained methods (issue 5): heapr, moe-pruner, wanda, magnitude, stun + --sparsity/--nm ---
-        from ..finegrained import cli as finegrained_cli
-
-        with user_errors():
-            if finegrained_cli.wants_finegrained(method, sparsity, nm, stun_expert_ratio, heapr_global):
-                finegrained_cli.run(model, output, method, keep=keep, ratio=ratio, sparsity=sparsity, nm=nm,
-                                    heapr_global=heapr_global, stun_expert_ratio=stun_expert_ratio,
-                                    stun_unstructured=stun_unstructured, calib=calib, n=n, seq_len=seq_len, seed=seed,
-                                    overwrite=overwrite, dtype=dtype, device=device, batch_size=batch_size,
-                                    field=field, json_out=json_out, stats=stats,
-                                    protect_super_experts=protect_super_experts)
-                return
-        # ---------------------------------------------------------------------------------------------------
         from ..info import model_info
         from ..prune import prune_checkpoint
 
-        options = {k: v for k, v in {"naee_tokens": naee_tokens, "naee_beam": naee_beam,
-                                     "stun_coactivation_weight": stun_coactivation_weight}.items() if v is not None}
+        to_stdout = opts.json_out is not None and str(opts.json_out) == "-"
         with user_errors():
-            result = prune_checkpoint(model, output, keep=keep, ratio=ratio, method=method, calib=calib, stats=stats,
-                                      n=n, seq_len=seq_len, seed=seed, protect_super_experts=protect_super_experts,
-                                      overwrite=overwrite, dtype=dtype, device=device, batch_size=batch_size,
-                                      field_name=field, progress=json_out is None or str(json_out) != "-",
-                                      max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, mtp=mtp,
-                                      **options)
+            result = prune_checkpoint(model, output, options=opts, progress=not to_stdout)
             before, after = model_info(model), model_info(output)
-        data = {**result.to_dict(), "output": str(output),
+        data = {**(result.report if result.kind != "experts" else result.to_dict()), "output": str(output),
                 "params_before": before["total_params"], "params_after": after["total_params"],
                 "disk_bytes_after": sum(after["disk_bytes_by_dtype"].values())}
-        if json_out is not None:
-            write_json(json_out, data)
-        if json_out is None or str(json_out) != "-":
-            console.print(_table(result))
-            if result.info.get("groups", {}).get("note"):
-                console.print(f"note: {result.info['groups']['note']}", highlight=False)
-            console.print(f"{result.num_experts} -> {result.keep} experts in {len(result.kept)} MoE layers "
-                          f"({result.method}); parameters {_human(before['total_params'])} -> "
-                          f"{_human(after['total_params'])}; wrote {output} in {result.seconds:.1f} s", highlight=False)
+        write_json(opts.json_out, data)
+        if to_stdout:
+            return
+        if result.kind != "experts":
+            console.print(_fine_table(result.report, before, after))
+            console.print(f"wrote {output}", highlight=False)
+            return
+        console.print(_table(result))
+        if result.info.get("groups", {}).get("note"):
+            console.print(f"note: {result.info['groups']['note']}", highlight=False)
+        console.print(f"{result.num_experts} -> {result.keep} experts in {len(result.kept)} MoE layers "
+                      f"({result.method}); parameters {_human(before['total_params'])} -> "
+                      f"{_human(after['total_params'])}; wrote {output} in {result.seconds:.1f} s", highlight=False)
 
 
 def _human(n: float) -> str:
@@ -166,4 +98,28 @@ def _table(result) -> Table:
         if any(result.protected.values()):
             row.append(_ranges(result.protected.get(li, [])))
         t.add_row(*row)
+    return t
+
+
+def _fine_table(report: dict, before: dict, after: dict) -> Table:
+    t = Table(title=f"fine-grained pruning: {report['method']}", show_header=False)
+    if report["method"] == "heapr":
+        t.add_row("atomic experts removed", f"{report['atoms_removed']} of {report['atoms_total']}")
+        t.add_row("mode", report["mode"])
+        if "intermediate_size_after" in report:
+            t.add_row("expert intermediate size", f"{report['intermediate_size_before']} -> {report['intermediate_size_after']}"
+                      f" ({report['ratio_effective']:.1%} removed, asked {report['ratio']:.1%}; sizes are multiples "
+                      f"of {report['align']} for the grouped-matmul kernels)")
+        for li, v in report.get("shared_experts_shrunk", {}).items():
+            t.add_row(f"shared expert, layer {li}", f"{v['before']} -> {v['after']}")
+    else:
+        if report["method"] == "stun":
+            t.add_row("experts", f"{report['experts_before']} -> {report['experts_after']} ({report['expert_method']})")
+            t.add_row("second stage", f"{report['unstructured_method']}")
+        pattern = report.get("nm") or report.get("unstructured", {}).get("nm")
+        if pattern:
+            t.add_row("pattern", pattern)
+        t.add_row("expert-weight sparsity", f"{report['expert_weight_sparsity']:.1%}")
+        t.add_row("storage", "dense with zeros (same size on disk)")
+    t.add_row("parameters stored", f"{before['total_params']:,} -> {after['total_params']:,}")
     return t

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from ._common import CalibField, CalibMode, CalibSeed, CalibSource, MaxCpuMemory, MaxGpuMemory, Samples, SeqLen, console, user_errors
+from ..options import StatsOptions, cli_command
+from ._common import console, user_errors, write_json
 
 
 class _CollectByDefault(TyperGroup):
@@ -65,24 +66,14 @@ def register(app: typer.Typer) -> None:
                                  "`stats show FILE`.")
 
     @stats_app.command("collect")
+    @cli_command(StatsOptions)
     def collect(
         model: str = typer.Argument(..., help="Checkpoint folder or Hub id."),
-        calib: CalibSource = "python_docs",
-        n: Samples = 64,
-        seq_len: SeqLen = 512,
-        seed: CalibSeed = 0,
-        mode: CalibMode = "chunk",
-        field: CalibField = "text",
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass "
-                                                 "[default: 8 on the CPU or when streaming; on a GPU as many as make ~16k tokens]."),
-        segment_len: int = typer.Option(16, "--segment-len", help="Window (tokens) of the SRP / SCH routing-locality metrics."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto (checkpoint dtype on GPU, float32 on CPU), float32, bfloat16, float16."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cpu)."),
-        max_gpu_memory: MaxGpuMemory = None,
-        max_cpu_memory: MaxCpuMemory = None,
-        output: Path = typer.Option(..., "-o", "--output", help="Statistics file (.safetensors); a .json summary is written beside it."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a per-layer expert-usage heatmap (PNG, needs matplotlib)."),
+        output: Path = typer.Option(..., "-o", "--output", help="Statistics file (.safetensors); a .json summary is "
+                                    "written beside it."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a per-layer expert-usage heatmap (PNG, "
+                                            "needs matplotlib)."),
+        opts: StatsOptions = None,
     ) -> None:
         """Collect per-layer, per-expert routing statistics (counts, REAP, EAN, EASY-EP, TCESS, super experts, SRP/SCH...)."""
         from ..stats.api import plot_usage, require_matplotlib, stats_for_checkpoint
@@ -90,12 +81,12 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             if plot is not None:
                 require_matplotlib()  # fail before the long run, not after
-            stats = stats_for_checkpoint(model, calib, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field,
-                                         batch_size=batch_size, segment_len=segment_len, dtype=dtype, device=device,
-                                         output=output, overwrite=overwrite, max_gpu_memory=max_gpu_memory,
-                                         max_cpu_memory=max_cpu_memory)
+            stats = stats_for_checkpoint(model, output, options=opts)
             if plot is not None:
                 plot_usage(stats, plot)
+        write_json(opts.json_out, stats.summary())
+        if opts.json_out is not None and str(opts.json_out) == "-":
+            return
         console.print(_meta_line(stats.meta), highlight=False)
         console.print(_layer_table(stats))
         console.print(f"wrote {output} and {output.with_suffix('.json')}" + (f" and {plot}" if plot else ""), highlight=False)

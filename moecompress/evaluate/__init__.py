@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 
 from ..errors import MoECompressError
+from ..options.groups import DEFAULT_SEQ_LEN
+from ..options import EvalOptions, library_function
 from .harness import run_tasks
 from .kl import compare_to_base, kl_divergence
 from .perplexity import load_text_tokens, perplexity, windows
@@ -52,7 +54,7 @@ def _names(files: Sequence[str | os.PathLike]) -> list[str]:
 
 def evaluate_models(model, tokenizer, *, base=None, ppl_files: Sequence[str | os.PathLike] = (),
                     tasks: Sequence[str] = (), include_path: Sequence[str | os.PathLike] = (),
-                    limit: int | float | None = None, num_fewshot: int | None = None, seq_len: int = 512,
+                    limit: int | float | None = None, num_fewshot: int | None = None, seq_len: int = DEFAULT_SEQ_LEN,
                     stride: int | None = None, max_tokens: int | None = 20_000, batch_size: int = 1,
                     progress=None) -> dict:
     """Evaluate a loaded ``model`` (and optionally its loaded ``base``) into one result dict.
@@ -97,28 +99,33 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def evaluate_checkpoint(model: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                        tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
-                        device: str | None = None, progress=None, **kwargs) -> dict:
-    """Load ``model`` (and ``base``) and run :func:`evaluate_models`.
+@library_function(EvalOptions)
+def evaluate_checkpoint(model: str | os.PathLike, *, opts: EvalOptions, progress=None) -> dict:
+    """Load ``model`` (and ``base``) and run :func:`evaluate_models` with the options of
+    :class:`~moecompress.options.EvalOptions`.
 
-    ``dtype`` None means float32 on CPU (how the testbed reference figures were computed) and the
-    checkpoint's own dtype on GPU.
+    ``dtype="auto"`` computes in float32 on the CPU (how the testbed reference figures were
+    computed) and in the checkpoint's own dtype on a GPU (``checkpoint.compute_dtype``).
     """
-    from ..checkpoint import load_model
+    from ..checkpoint import compute_dtype, load_model
 
-    device = device or default_device()
-    dtype = dtype or ("float32" if device == "cpu" else "auto")
+    device = opts.device or default_device()
+    dtype = compute_dtype(opts.dtype, device)
     device_map = None if device == "cpu" else device
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
+    base = opts.base
+    if opts.tokenizer is not None:
+        tok = load_tokenizer(opts.tokenizer)
         if tok is None:
-            raise MoECompressError(f"cannot load a tokenizer from '{tokenizer}'; pass a folder with tokenizer files")
+            raise MoECompressError(f"cannot load a tokenizer from '{opts.tokenizer}'; pass a folder with tokenizer files")
     else:
         tok = load_tokenizer(model, base)
     m = load_model(model, dtype=dtype, device=device_map)
     b = load_model(base, dtype=dtype, device=device_map) if base is not None else None
-    result = evaluate_models(m, tok, base=b, progress=progress, **kwargs)
+    limit = int(opts.limit) if opts.limit is not None and opts.limit >= 1 else opts.limit
+    result = evaluate_models(m, tok, base=b, ppl_files=list(opts.ppl), tasks=list(opts.tasks),
+                             include_path=list(opts.include_path), limit=limit, num_fewshot=opts.num_fewshot,
+                             seq_len=opts.seq_len, stride=opts.stride, max_tokens=opts.max_tokens or None,
+                             batch_size=opts.batch_size, progress=progress)
     result["model"] = str(model)
     if b is not None:
         result["base"]["model"] = str(base)

@@ -14,10 +14,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..options.groups import DEFAULT_SEQ_LEN
 from .perplexity import iter_window_logits, windows
 
 
-def compare_to_base(model, base, token_ids: torch.Tensor, seq_len: int = 512, *, stride: int | None = None,
+def compare_to_base(model, base, token_ids: torch.Tensor, seq_len: int = DEFAULT_SEQ_LEN, *, stride: int | None = None,
                     batch_size: int = 1) -> dict:
     """KL(base || model), top-1 agreement, and both perplexities, in one pass over the windows.
 
@@ -42,7 +43,7 @@ def compare_to_base(model, base, token_ids: torch.Tensor, seq_len: int = 512, *,
             "tokens": n, "windows": len(windows(num, seq_len, stride)), "seq_len": seq_len, "stride": stride or seq_len}
 
 
-def kl_divergence(model, base, token_ids: torch.Tensor, seq_len: int = 512, *, stride: int | None = None,
+def kl_divergence(model, base, token_ids: torch.Tensor, seq_len: int = DEFAULT_SEQ_LEN, *, stride: int | None = None,
                   batch_size: int = 1) -> float:
     """Mean per-token KL(base || model) in nats (see :func:`compare_to_base`)."""
     return compare_to_base(model, base, token_ids, seq_len, stride=stride, batch_size=batch_size)["kl"]

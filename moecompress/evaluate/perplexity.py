@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoECompressError
+from ..options.groups import DEFAULT_SEQ_LEN
 
 
 def load_text_tokens(tokenizer, path: str | os.PathLike, max_tokens: int | None = None) -> torch.Tensor:
@@ -119,7 +120,7 @@ def iter_window_logits(models, token_ids: torch.Tensor, seq_len: int, stride: in
         yield logps, y
 
 
-def perplexity(model, token_ids: torch.Tensor, seq_len: int = 512, *, stride: int | None = None,
+def perplexity(model, token_ids: torch.Tensor, seq_len: int = DEFAULT_SEQ_LEN, *, stride: int | None = None,
                batch_size: int = 1) -> dict:
     """Perplexity of ``model`` on ``token_ids`` (see the module docstring for the windows).
 

@@ -1,13 +1,7 @@
-"""One entry point for the fine-grained methods, used by ``moecompress prune``.
-
-``finegrained_prune`` edits a loaded model; ``prune_checkpoint`` loads a checkpoint, draws the
-calibration tokens, prunes and writes the result (nothing is written on failure).
-"""
+"""One entry point for the fine-grained methods on a loaded model (``finegrained_prune``);
+checkpoints go through ``moecompress.prune.prune_checkpoint`` like every pruning method."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 
@@ -41,37 +35,3 @@ def finegrained_prune(model, tokens: torch.Tensor | None, method: str, *, ratio:
         return stun_prune(model, tokens, sparsity, stun_expert_ratio, expert_method=stun_expert_method,
                           unstructured=stun_unstructured, nm=nm, batch_size=batch_size, progress=progress)
     raise MoECompressError(f"unknown fine-grained method '{method}'; use one of: {', '.join(METHODS)}")
-
-
-def prune_checkpoint(model_path: str | os.PathLike, out: str | os.PathLike, method: str, *,
-                     calib: str | os.PathLike | None, n: int = 64, seq_len: int = 512, seed: int = 0,
-                     overwrite: bool = False, dtype: str = "auto", device: str | None = None, field: str = "text",
-                     **options) -> dict:
-    """Load ``model_path``, prune with ``method`` (options as :func:`finegrained_prune`), save to ``out``."""
-    from transformers import AutoTokenizer
-
-    from ..calibration import load_calibration
-    from ..checkpoint import load_config, load_model, output_folder, resolve_source, save_model, stored_dtype
-
-    if method not in METHODS:
-        raise MoECompressError(f"unknown fine-grained method '{method}'; use one of: {', '.join(METHODS)}")
-    with output_folder(out, overwrite=overwrite, source=model_path, check=True) as folder:
-        tokens = None
-        if method != "magnitude":
-            if calib is None:
-                raise MoECompressError(f"{method} needs calibration text: pass --calib FILE")
-            tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_path))
-            tokens = load_calibration(tokenizer, calib, n=n, seq_len=seq_len, seed=seed, field=field)
-        stored = stored_dtype(load_config(model_path))  # read before loading: loading rewrites config.dtype
-        model = load_model(model_path, dtype=dtype, device=device)
-        torch.manual_seed(seed)
-        report = finegrained_prune(model, tokens, method, **options)
-        if stored is not None and model.dtype != stored:  # compute in --dtype, store as the input was
-            model.to(stored)
-        record = {"stage": "prune", "method": method, "options": {k: v for k, v in options.items() if k != "progress"},
-                  "calibration": None if tokens is None else {"source": str(calib), "n": n, "seq_len": seq_len, "seed": seed,
-                                                             "field": field},
-                  "seed": seed, "report": report}
-        save_model(model, Path(folder), source=model_path, record=record)
-    return report
-

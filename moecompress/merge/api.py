@@ -33,6 +33,7 @@ from accelerate.utils import set_module_tensor_to_device
 from ..arch import MoELayer, MoEModel, moe_view
 from ..capture import run_calibration
 from ..errors import MoECompressError
+from ..options import MergeOptions, library_function
 from ..onload import detached_copy, module_execution_device, onloaded
 from ..surgery import ModelReplacements
 from .align import match_neurons, member_permutations
@@ -358,15 +359,10 @@ def merged_replacements(model, result: MergeResult) -> ModelReplacements:
     return ModelReplacements(moe_view(model), groups)
 
 
-def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: int, method: str = DEFAULT_METHOD,
-                     calib: str = "python_docs", stats: str | os.PathLike | None = None, n: int = 64,
-                     seq_len: int = 512, seed: int = 0, linkage: str = "average", metric: str = "euclidean",
-                     router: str = "dominant", refit: bool = True, ridge: float = DEFAULT_RIDGE,
-                     overwrite: bool = False, dtype: str = "auto", device: str | None = None, batch_size: int = 8,
-                     field_name: str = "text", calib_mode: str = "chunk", progress: bool = True,
-                     max_gpu_memory: str | None = None, max_cpu_memory: str | None = None,
-                     mtp: str = "prune") -> MergeResult:
-    """Merge the checkpoint ``src`` into the folder ``out``; see :func:`merge_experts`.
+@library_function(MergeOptions)
+def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opts: MergeOptions,
+                     progress: bool = True) -> MergeResult:
+    """Merge the checkpoint ``model`` into the folder ``output``; see :func:`merge_experts`.
 
     ``calib`` is a calibration source (``n`` sequences of ``seq_len`` tokens drawn with
     ``seed``); ``stats`` a file from ``moecompress stats`` whose ``count`` gives the routing
@@ -382,86 +378,75 @@ def merge_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: in
     time, never materialising the model. Streamed or not, the bytes are the same. Other
     checkpoints are merged in memory and saved with ``save_pretrained``; streaming refuses them.
     """
-    from ..arch import family_for_config
-    from ..calibration import check_source, load_calibration
-    from ..checkpoint import (copy_tokenizer, load_config, load_model, output_folder, parse_dtype, parse_memory,
-                              resolve_source, save_model, source_folder, stored_dtype, write_record)
+    from ..calibration import load_calibration
+    from ..checkpoint import compute_dtype, copy_tokenizer, load_model, output_folder, save_model, write_record
     from ..formats import quant_method
+    from ..source import open_source
     from ..surgery import prune_checkpoint_files
 
     start = time.perf_counter()
-    config = load_config(src)
-    fam = family_for_config(config)
-    num_experts = int(getattr(config, fam.num_experts_field))
-    check_options(method=method, num_experts=num_experts, keep=keep, linkage=linkage, metric=metric, router=router,
-                  ridge=ridge, batch_size=batch_size)
-    if n < 1 or seq_len < 2:
-        raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
-    check_source(calib)
+    source = open_source(model)
+    keep, method, stats, refit = opts.keep, opts.method, opts.stats, opts.refit
+    num_experts = source.num_experts
+    streamed = opts.streamed
+    dtype = compute_dtype(opts.dtype, opts.device, streamed=streamed)
+    batch_size = opts.resolved_batch_size(opts.device, streamed)
+    check_options(method=method, num_experts=num_experts, keep=keep, linkage=opts.linkage, metric=opts.distance,
+                  router=opts.router, ridge=opts.ridge, batch_size=batch_size)
     if stats is not None and not Path(stats).expanduser().is_file():
         raise MoECompressError(f"statistics file '{stats}' not found; create it with `moecompress stats MODEL -o {stats}`")
-    on_cpu = device is None or str(device) == "cpu"
-    compute_dtype = "float32" if dtype == "auto" and on_cpu else dtype
-    parse_dtype(compute_dtype)
-    streamed = parse_memory(max_gpu_memory) is not None or parse_memory(max_cpu_memory) is not None
-    local = source_folder(src)
-    if streamed and local is not None and not any(local.glob("*.safetensors")):
-        raise MoECompressError(_NEEDS_SAFETENSORS.format(src=src))
+    if streamed and source.folder is not None and not source.shards:
+        raise MoECompressError(_NEEDS_SAFETENSORS.format(src=source))
     from ..prune.api import _check_mtp
 
-    stored_mtp = _check_mtp(src, config, mtp, calib)
-    with output_folder(out, overwrite=overwrite, source=src, check=True) as folder:
-        from transformers import AutoTokenizer
-
+    stored_mtp = _check_mtp(source, source.config, opts.mtp, opts.calib)
+    with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
         from ..stats import Stats
 
         stats_obj = Stats.load(stats) if stats is not None else None
-        tok = AutoTokenizer.from_pretrained(resolve_source(src))
-        tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=calib_mode, field=field_name)
+        tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
         work = folder / ".moecompress-work" if streamed else None  # offloaded weights; removed below
-        model = load_model(src, dtype=compute_dtype, device=device, max_gpu_memory=max_gpu_memory,
-                           max_cpu_memory=max_cpu_memory, offload_folder=work / "offload" if work else None,
-                           gpu_working_bytes=streamed_working_bytes(config, keep, refit, compute_dtype) if streamed else 0)
-        local = source_folder(src)  # a Hub id is in the cache now
+        model = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
+                           max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
+                           gpu_working_bytes=streamed_working_bytes(source.config, keep, refit, dtype)
+                           if streamed else 0)
+        source._folder = None  # a Hub id is in the cache now
         # A quantized input (FP8 blocks, MXFP4) is merged dequantized and written in bf16: merged
         # weights have no scales to share with the input's (README, "Quantized inputs").
-        quantized = quant_method(config) is not None
-        surgery = local is not None and any(local.glob("*.safetensors")) and not quantized
+        quantized = quant_method(source.config) is not None
+        surgery = bool(source.shards) and not quantized
         if streamed and not surgery:
-            raise MoECompressError(_NEEDS_BF16.format(src=src) if quantized else _NEEDS_SAFETENSORS.format(src=src))
-        stored = torch.bfloat16 if quantized else stored_dtype(config)
+            raise MoECompressError(_NEEDS_BF16.format(src=source) if quantized else _NEEDS_SAFETENSORS.format(src=source))
+        stored = torch.bfloat16 if quantized else source.stored_dtype
         mtp_kept, mtp_record = {}, None
-        if surgery and stored_mtp and mtp == "prune":  # MTP experts are pruned (by their own router), not merged
+        if surgery and stored_mtp and opts.mtp == "prune":  # MTP experts are pruned (by their own router), not merged
             from ..mtp import kept_by_own_router
 
-            mtp_kept, counts = kept_by_own_router(model, local, config, tokens, keep, batch_size=batch_size)
+            mtp_kept, counts = kept_by_own_router(model, source.folder, source.config, tokens, keep,
+                                                  batch_size=batch_size)
             mtp_record = {"mode": "prune", "rule": "own router top-k frequency", "kept_experts": mtp_kept, "counts": counts}
         elif surgery and stored_mtp:
             mtp_record = {"mode": "drop", "layers": stored_mtp}
-        result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=linkage,
-                               metric=metric, router=router, refit=refit, ridge=ridge, batch_size=batch_size,
-                               progress=progress, offload_folder=work / "merged" if work else None)
-        record = {"stage": "merge", "method": method, "seed": seed,
-                  "parameters": {"keep": keep, "num_experts_before": num_experts, "calib": str(calib), "n": n,
-                                 "seq_len": seq_len, "calib_mode": calib_mode, "field": field_name,
-                                 "stats": str(stats) if stats is not None else None, "linkage": linkage,
-                                 "distance": metric, "router": router, "refit": refit, "ridge": ridge,
-                                 "batch_size": batch_size, "dtype": dtype, "max_gpu_memory": max_gpu_memory,
-                                 "max_cpu_memory": max_cpu_memory},
+        result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=opts.linkage,
+                               metric=opts.distance, router=opts.router, refit=refit, ridge=opts.ridge,
+                               batch_size=batch_size, progress=progress,
+                               offload_folder=work / "merged" if work else None)
+        record = {"stage": "merge", "method": method, "seed": opts.seed,
+                  "parameters": {**opts.recorded(), "num_experts_before": num_experts},
                   "writer": "shard surgery" if surgery else "save_pretrained",
                   **({"mtp": mtp_record} if mtp_record else {}),
                   **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "options")}}
         if surgery:
             replace = merged_replacements(model, result)
-            prune_checkpoint_files(local, folder, {**result.dominant, **mtp_kept}, replace=replace,
-                                   drop_mtp=mtp == "drop")
+            prune_checkpoint_files(source.folder, folder, {**result.dominant, **mtp_kept}, replace=replace,
+                                   drop_mtp=opts.mtp == "drop")
             del replace, model
-            copy_tokenizer(src, folder)
-            write_record(folder, record, src)
+            copy_tokenizer(source, folder)
+            write_record(folder, record, source)
         else:
             if stored is not None and model.dtype != stored:
                 model.to(stored)
-            save_model(model, folder, source=src, record=record)
+            save_model(model, folder, source=source, record=record)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start

@@ -5,7 +5,8 @@
 :data:`METHODS` (:mod:`.methods`).
 """
 
-from .api import DEFAULT_METHOD, PruneResult, plan_pruning, prune_checkpoint, prune_experts, resolve_keep, select_experts
+from .api import DEFAULT_METHOD, PruneResult, plan_pruning, prune_experts, resolve_keep, select_experts
+from .checkpoint import prune_checkpoint
 from .methods import METHODS, Method
 from .selection import Plan, Selection
 

@@ -2,18 +2,14 @@
 
 * :func:`select_experts` — which experts each MoE layer keeps (edits nothing).
 * :func:`prune_experts` — select, then remove the others from a loaded model in place.
-* :func:`prune_checkpoint` — load a checkpoint, prune it, write a standard HF checkpoint
-  (fewer experts, router rows and biases sliced, config updated) with a ``moecompress.json``
-  record. All input checks run before any heavy work.
+* :func:`moecompress.prune.checkpoint.prune_checkpoint` — every method kind on a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -38,6 +34,8 @@ class PruneResult:
     protected: dict[int, list[int]] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     seconds: float = 0.0  # wall time of selection (+ writing for prune_checkpoint)
+    kind: str = "experts"  # what the method removed: experts, neurons or weights (prune.registry)
+    report: dict = field(default_factory=dict)  # the fine-grained methods' own report
 
     @property
     def removed(self) -> dict[int, list[int]]:
@@ -63,7 +61,9 @@ class PruneResult:
              "removed_experts": {str(k): v for k, v in self.removed.items()},
              "protected_experts": {str(k): v for k, v in self.protected.items() if v},
              "scores_summary": {str(k): v for k, v in self.score_summary().items()},
-             "info": _jsonable(self.info)}
+             "info": _jsonable(self.info), "kind": self.kind}
+        if self.report:
+            d["report"] = _jsonable(self.report)
         if with_time:
             d["seconds"] = round(self.seconds, 3)
         return d
@@ -235,108 +235,3 @@ def prune_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
                           **options)
     moe_view(model).keep_experts(result.kept)
     return result
-
-
-def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, keep: int | None = None,
-                     ratio: float | None = None, method: str = DEFAULT_METHOD, calib: str | None = None,
-                     stats: str | os.PathLike | None = None, n: int = 64, seq_len: int = 512, seed: int = 0,
-                     protect_super_experts: bool = False, overwrite: bool = False, dtype: str = "auto",
-                     device: str | None = None, batch_size: int = 8, field_name: str = "text",
-                     calib_mode: str = "chunk", progress: bool = True, max_gpu_memory: str | None = None,
-                     max_cpu_memory: str | None = None, mtp: str = "prune", **options) -> PruneResult:
-    """Prune the checkpoint ``src`` into the folder ``out``; see :func:`prune_experts`.
-
-    Multi-token-prediction layers stored in a local checkpoint (``num_nextn_predict_layers``,
-    ``moecompress/mtp.py``) keep as many experts as the other layers, chosen by their own
-    router's frequency on the calibration text (``mtp="prune"``, needs ``calib``), or are
-    removed with ``num_nextn_predict_layers`` set to 0 (``mtp="drop"``).
-
-    ``calib`` is a calibration source (``-n`` sequences of ``seq_len`` tokens drawn with
-    ``seed``); ``stats`` a file written by ``moecompress stats``. The weights are written in
-    the checkpoint's own dtype whatever ``dtype`` the computation used.
-
-    ``max_gpu_memory`` / ``max_cpu_memory`` stream the model (see ``checkpoint.load_model``).
-    A local safetensors checkpoint is written by shard surgery (``surgery.py``): the input's
-    tensors are copied shard by shard without the removed experts, never materialising the
-    model (the same tensors as ``save_pretrained`` of the pruned model, at about a third less
-    time on a 7B model); other sources are pruned in memory and saved.
-    """
-    from ..arch import family_for_config
-    from ..checkpoint import (copy_tokenizer, load_config, load_model, output_folder, parse_dtype, parse_memory,
-                              save_model, source_folder, stored_dtype, write_record)
-    from ..surgery import prune_checkpoint_files
-
-    start = time.perf_counter()
-    check_method(method, options)
-    config = load_config(src)
-    spec = family_for_config(config)
-    num_experts = int(getattr(config, spec.num_experts_field))
-    keep = resolve_keep(num_experts, keep, ratio)
-    _check_data(method, calib is not None, stats is not None, protect_super_experts, options)
-    if calib is not None:
-        from ..calibration import check_source
-
-        check_source(calib)
-        if n < 1 or seq_len < 2:
-            raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
-    if stats is not None and not Path(stats).expanduser().is_file():
-        raise MoECompressError(f"statistics file '{stats}' not found; create it with `moecompress stats MODEL -o {stats}`")
-    if batch_size < 1:
-        raise MoECompressError("--batch-size must be at least 1")
-    parse_dtype(dtype)
-    parse_memory(max_gpu_memory)
-    parse_memory(max_cpu_memory)
-    stored_mtp = _check_mtp(src, config, mtp, calib)
-    with output_folder(out, overwrite=overwrite, source=src, check=True) as folder:
-        from ..stats import Stats
-
-        stats_obj = Stats.load(stats) if stats is not None else None
-        model = load_model(src, dtype=dtype, device=device, max_gpu_memory=max_gpu_memory,
-                           max_cpu_memory=max_cpu_memory)
-        stored = stored_dtype(config)
-        tokens = None
-        if calib is not None:
-            from transformers import AutoTokenizer
-
-            from ..calibration import load_calibration
-            from ..checkpoint import resolve_source
-
-            tok = AutoTokenizer.from_pretrained(resolve_source(src))
-            tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=calib_mode, field=field_name)
-        local = source_folder(src)
-        surgery = local is not None and any(local.glob("*.safetensors"))
-        prune = plan_experts if surgery else prune_experts
-        result = prune(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, seed=seed,
-                       protect_super_experts=protect_super_experts, batch_size=batch_size,
-                       progress=progress, **options)
-        if not surgery and stored is not None and model.dtype != stored:
-            model.to(stored)
-        record = {"stage": "prune", "method": method, "seed": seed,
-                  "parameters": {"keep": keep, "ratio": ratio, "num_experts_before": num_experts,
-                                 "calib": str(calib) if calib is not None else None, "n": n if calib else None,
-                                 "seq_len": seq_len if calib else None, "calib_mode": calib_mode if calib else None,
-                                 "stats": str(stats) if stats is not None else None,
-                                 "protect_super_experts": protect_super_experts, "batch_size": batch_size,
-                                 "dtype": dtype, "max_gpu_memory": max_gpu_memory,
-                                 "max_cpu_memory": max_cpu_memory, **options},
-                  "writer": "shard surgery" if surgery else "save_pretrained",
-                  **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method",)}}
-        mtp_kept = {}
-        if surgery and stored_mtp and mtp == "prune":
-            from ..mtp import kept_by_own_router
-
-            mtp_kept, counts = kept_by_own_router(model, local, config, tokens, keep, batch_size=batch_size)
-            record["mtp"] = {"mode": "prune", "rule": "own router top-k frequency", "kept_experts": mtp_kept,
-                             "counts": counts}
-        elif stored_mtp and surgery:
-            record["mtp"] = {"mode": "drop", "layers": stored_mtp}
-        if surgery:
-            del model
-            prune_checkpoint_files(local, folder, {**result.kept, **mtp_kept}, drop_mtp=mtp == "drop")
-            copy_tokenizer(src, folder)
-            write_record(folder, record, src)
-        else:
-            save_model(model, folder, source=src, record=record)
-    result.seconds = time.perf_counter() - start
-    return result
-

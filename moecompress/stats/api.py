@@ -6,77 +6,48 @@ import os
 from pathlib import Path
 
 from ..errors import MoECompressError
+from ..options import StatsOptions, library_function
 from . import collect_stats
 from .container import Stats, summary_path
 
 
-def stats_for_checkpoint(
-    model: str | os.PathLike,
-    calib: str | os.PathLike = "python_docs",
-    *,
-    n: int = 64,
-    seq_len: int = 512,
-    seed: int = 0,
-    mode: str = "chunk",
-    field: str = "text",
-    batch_size: int | None = None,
-    segment_len: int = 16,
-    dtype: str = "auto",
-    device: str | None = None,
-    output: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    max_gpu_memory: str | None = None,
-    max_cpu_memory: str | None = None,
-) -> Stats:
+@library_function(StatsOptions)
+def stats_for_checkpoint(model: str | os.PathLike, output: str | os.PathLike | None = None, *, opts: StatsOptions,
+                         progress: bool = True) -> Stats:
     """Load ``model``, draw calibration tokens from ``calib`` and collect routing statistics;
     save them to ``output`` (safetensors + JSON summary) when given.
 
     ``max_gpu_memory`` / ``max_cpu_memory`` stream the model layer by layer under those caps
     (see ``checkpoint.load_model``); the statistics equal the in-memory ones up to float rounding.
     ``batch_size`` None: 8 sequences on the CPU or streamed; on a GPU as many as make ~16k tokens
-    (:func:`default_batch_size`). ``dtype="auto"`` keeps the checkpoint's dtype on a GPU and computes in float32 on the CPU
-    (half-precision matmuls are slow there and the statistics less exact).
+    (:func:`default_batch_size`). ``dtype="auto"`` computes in float32 on the CPU
+    (``checkpoint.compute_dtype``).
     """
-    from transformers import AutoTokenizer
-
-    from ..calibration import check_source, load_calibration
-    from ..checkpoint import load_config, load_model, parse_dtype, parse_memory, resolve_source
+    from ..calibration import load_calibration
+    from ..checkpoint import compute_dtype, load_model
+    from ..source import open_source
 
     if output is not None:
         output = Path(output)
         if output.suffix != ".safetensors":
             raise MoECompressError(f"output '{output}' must end in .safetensors (a JSON summary is written beside it)")
-        if (output.exists() or summary_path(output).exists()) and not overwrite:
+        if (output.exists() or summary_path(output).exists()) and not opts.overwrite:
             raise MoECompressError(f"'{output}' already exists; pass --overwrite to replace it")
         if output.parent.exists() and not output.parent.is_dir():
             raise MoECompressError(f"cannot write into '{output.parent}': not a folder")
-    parse_memory(max_gpu_memory)
-    parse_memory(max_cpu_memory)
-    streamed = max_gpu_memory is not None or max_cpu_memory is not None
-    if streamed and device not in (None, "cuda", "cuda:0"):
+    streamed = opts.streamed
+    if streamed and opts.device not in (None, "cuda", "cuda:0"):
         raise MoECompressError("--max-gpu-memory / --max-cpu-memory stream onto the first GPU (or the CPU without "
                                "one); leave --device out or pass --device cuda")
-    on_cpu = (device is None or str(device) == "cpu") and not (streamed and _has_cuda())
-    if batch_size is None:
-        # streamed: the measured peak under the cap is at 8 sequences (activations are not capped)
-        batch_size = default_batch_size(seq_len, n, on_gpu=not on_cpu and not streamed)
-    for name, v, lo in (("-n", n, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--segment-len", segment_len, 1)):
-        if v < lo:
-            raise MoECompressError(f"{name} must be at least {lo}")
-    if mode not in ("chunk", "document"):
-        raise MoECompressError(f"unknown --mode '{mode}'; use chunk or document")
-    check_source(calib)
-    load_config(model)  # a clear error for missing / non-MoE models before reading any weights
-    dt = "float32" if dtype == "auto" and on_cpu else dtype
-    parse_dtype(dt)
-    tok = AutoTokenizer.from_pretrained(resolve_source(model))
-    tokens = load_calibration(tok, calib, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field)
-    lm = load_model(model, dtype=dt, device=None if streamed else device, max_gpu_memory=max_gpu_memory,
-                    max_cpu_memory=max_cpu_memory)
-    stats = collect_stats(lm, tokens, batch_size=batch_size, segment_len=segment_len, progress=progress,
-                          meta={"model": str(model), "calib": str(calib), "mode": mode, "field": field,
-                                "seed": seed, "dtype": str(next(lm.parameters()).dtype).replace("torch.", "")})
+    batch_size = opts.resolved_batch_size(opts.device, streamed)
+    source = open_source(model)  # a clear error for missing / non-MoE models before reading any weights
+    tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
+    lm = load_model(source, dtype=compute_dtype(opts.dtype, opts.device, streamed=streamed),
+                    device=None if streamed else opts.device, max_gpu_memory=opts.max_gpu_memory,
+                    max_cpu_memory=opts.max_cpu_memory)
+    stats = collect_stats(lm, tokens, batch_size=batch_size, segment_len=opts.segment_len, progress=progress,
+                          meta={"model": str(model), "calib": str(opts.calib), "mode": opts.mode, "field": opts.field,
+                                "seed": opts.seed, "dtype": str(next(lm.parameters()).dtype).replace("torch.", "")})
     if output is not None:
         stats.save(output)
     return stats

@@ -1,0 +1,142 @@
+"""The options of every stage, one model each, built from the shared groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import field_validator, model_validator
+
+from .base import Options, option
+from .groups import DEFAULT_SEQ_LEN, CalibrationOptions, LoadingOptions, MtpOptions, OutputOptions, StreamingOptions
+
+_METHOD = "Method options"
+_FINE = "Fine-grained pruning (inside experts)"
+
+
+class StatsOptions(CalibrationOptions, LoadingOptions, StreamingOptions, OutputOptions):
+    segment_len: int = option(16, "Window (tokens) of the SRP / SCH routing-locality metrics.", ge=1)
+
+
+class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOptions, OutputOptions):
+    keep: Optional[int] = option(None, "Experts kept in every MoE layer (whole-expert methods).", ge=1)
+    ratio: Optional[float] = option(None, "Fraction removed, in (0, 1): of the experts, or for heapr of each "
+                                    "expert's neurons.", gt=0, lt=1)
+    method: str = option("naee", "Pruning method (`moecompress ls methods`; docs/benchmarks.md compares them).",
+                         flags=("--method", "-m"))
+    stats: Optional[Path] = option(None, "Routing statistics from `moecompress stats` (reused instead of "
+                                   "recomputing them).")
+    protect_super_experts: bool = option(False, "Never remove super-expert candidates (needs calibration or --stats).")
+    naee_tokens: Optional[int] = option(None, "naee: calibration tokens used for the reconstruction error.",
+                                        panel=_METHOD, ge=1)
+    naee_beam: Optional[int] = option(None, "naee: beam width of the search when exhaustive is too large.",
+                                      panel=_METHOD, ge=1)
+    naee_max_combinations: Optional[int] = option(None, "naee: exhaustive search up to this many kept sets per "
+                                                  "layer, beam search beyond.", panel=_METHOD, ge=1)
+    stun_coactivation_weight: Optional[float] = option(None, "stun: weight of co-activation in the behaviour "
+                                                       "distance (0 = router weights only).", panel=_METHOD, ge=0)
+    sparsity: Optional[float] = option(None, "moe-pruner/wanda/magnitude: fraction of each expert matrix's weights "
+                                       "zeroed; stun: total over expert weights (experts removed + zeros).",
+                                       panel=_FINE, gt=0, lt=1)
+    nm: Optional[str] = option(None, "N:M semi-structured pattern instead of --sparsity, e.g. 2:4.", panel=_FINE)
+    stun_expert_ratio: Optional[float] = option(None, "stun with --sparsity/--nm: fraction of experts removed "
+                                                "before the unstructured stage.", panel=_FINE, gt=0, lt=1)
+    stun_unstructured: Literal["wanda", "moe-pruner", "magnitude"] = option(
+        "wanda", "stun: second-stage method.", panel=_FINE)
+    heapr_global: bool = option(False, "heapr: rank atoms globally and only ZERO them (no size saving).", panel=_FINE)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from ..prune.registry import method_names
+
+        if v not in method_names():
+            raise ValueError(f"unknown pruning method '{v}'; use one of: {', '.join(method_names())}")
+        return v
+
+    @field_validator("nm")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        from ..finegrained.unstructured import parse_nm
+
+        from .groups import _checked
+        return _checked(parse_nm, v)
+
+
+class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOptions, OutputOptions):
+    keep: int = option(..., "Experts per MoE layer after merging.", ge=1)
+    method: Literal["m-smoe", "hc-smoe", "average"] = option("m-smoe", "Merging method.")
+    stats: Optional[Path] = option(None, "Take the routing frequencies from a `moecompress stats` file instead of "
+                                   "counting them on the calibration text.")
+    linkage: Literal["average", "single", "complete", "ward"] = option("average", "hc-smoe/average clustering linkage.")
+    distance: Literal["euclidean", "cosine"] = option("euclidean", "hc-smoe/average clustering distance.")
+    router: Literal["dominant", "weighted"] = option("dominant", "Router row of a merged expert: dominant (its most "
+                                                     "frequent member's row) or weighted (members' rows averaged).")
+    refit: bool = option(True, "Least-squares re-fit of the merged experts' down projections to the original layer "
+                         "outputs (a second calibration pass).")
+    ridge: float = option(0.01, "Ridge strength of the re-fit (relative to the mean feature energy).", ge=0)
+
+
+class EvalOptions(LoadingOptions):
+    base: Optional[str] = option(None, "Base model: adds KL(base||model), top-1 agreement and the base's numbers side "
+                                 "by side (in a recipe, true = the recipe's model).")
+    ppl: list[Path] = option([], "UTF-8 text file for perplexity (repeat for several).")
+    tasks: list[str] = option([], "lm-eval tasks, comma-separated or repeated, e.g. moecompress_python_mc,hellaswag "
+                              "(needs the 'eval' extra).")
+    include_path: list[Path] = option([], "Folder of extra lm-eval task YAMLs (repeatable); the shipped "
+                                      "moecompress/tasks is always included.")
+    limit: Optional[float] = option(None, "At most this many examples per task (a fraction if < 1).", gt=0)
+    num_fewshot: Optional[int] = option(None, "Few-shot examples per task.", ge=0)
+    seq_len: int = option(DEFAULT_SEQ_LEN, "Perplexity window length in tokens.", ge=2)
+    stride: Optional[int] = option(None, "Window advance (default: --seq-len, non-overlapping windows).", ge=1)
+    max_tokens: int = option(20_000, "Score the first N tokens of each file (0 = the whole file).", ge=0)
+    batch_size: int = option(1, "Windows / lm-eval requests per forward pass.", ge=1)
+    tokenizer: Optional[str] = option(None, "Tokenizer folder or Hub id (default: the model's, else the base's).")
+    json_out: Optional[Path] = option(None, "Write the results as JSON here ('-' = stdout).", flags=("--json",),
+                                      library=False, recipe=False)
+    markdown: Optional[Path] = option(None, "Write the table as markdown here.", library=False, recipe=False)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        return [t.strip() for item in v for t in str(item).split(",") if t.strip()]
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.ppl and not self.tasks:
+            raise ValueError("nothing to evaluate; pass --ppl FILE and/or --tasks T1,T2")
+        return self
+
+
+class UploadOptions(Options):
+    repo_id: str = option(..., "Hub repository, e.g. my-user/Qwen3-30B-A3B-pruned.", argument=True)
+    private: bool = option(False, "Create the repository as private.")
+    dry_run: bool = option(False, "Write README.md and list the files; send nothing.")
+    token: Optional[str] = option(None, "Hub token (default: HF_TOKEN or `hf auth login`).", recipe=False)
+    base_model: Optional[str] = option(None, "Hub id for the card's base_model (default: the recorded source when it "
+                                       "is a Hub id).")
+    endpoint: Optional[str] = option(None, "Hub URL (default: HF_ENDPOINT or https://huggingface.co).")
+    commit_message: Optional[str] = option(None, "Commit message of the upload.")
+    json_out: Optional[Path] = option(None, "Also write the result as JSON here ('-' = stdout).", flags=("--json",),
+                                      library=False, recipe=False)
+
+
+class QuantizeOptions(Options):
+    """Placeholder until the quantize stage lands (issue 13 replaces it)."""
+
+    implemented = False
+
+
+class DistillOptions(Options):
+    """Placeholder until the distill stage lands (issue 14 replaces it)."""
+
+    implemented = False
+
+
+# stage name -> options model; the recipe runner, `moecompress ls` and the tests read this.
+STAGE_OPTIONS: dict[str, type[Options]] = {
+    "stats": StatsOptions, "prune": PruneOptions, "merge": MergeOptions, "quantize": QuantizeOptions,
+    "distill": DistillOptions, "eval": EvalOptions, "upload": UploadOptions,
+}

@@ -1,0 +1,166 @@
+"""``prune_checkpoint``: the one pruning entry point for every method kind (see ``registry``).
+
+Whole experts (``experts``): the method plans on the loaded (possibly streamed) model and a
+local safetensors checkpoint is written by shard surgery without the removed experts; neurons
+and weights (``neurons`` / ``weights``): the model is edited in place and saved. Every kind
+takes the same options (:class:`~moecompress.options.PruneOptions`), including the streaming
+caps, and returns one :class:`PruneResult`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ..errors import MoECompressError
+from ..options import PruneOptions, library_function
+from .api import METHOD_OPTIONS, PruneResult, _check_data, _check_mtp, _needs_stats, plan_experts, prune_experts, resolve_keep
+from .registry import effective_method, registry
+
+_FINE_ONLY = (("sparsity", "--sparsity"), ("nm", "--nm"), ("stun_expert_ratio", "--stun-expert-ratio"),
+              ("heapr_global", "--heapr-global"))
+
+
+def _check_kind(method: str, opts: PruneOptions) -> None:
+    """Options that belong to another kind of method are refused, not ignored."""
+    kind = registry()[method].kind
+    if kind == "experts":
+        given = [flag for name, flag in _FINE_ONLY if getattr(opts, name)]
+        if given:
+            fine = [m for m, i in registry().items() if i.kind != "experts"]
+            raise MoECompressError(f"{given[0]} applies to the fine-grained methods ({', '.join(fine)}; stun with "
+                                   f"--sparsity/--nm), not to '{opts.method}'")
+        return
+    if opts.keep is not None:
+        raise MoECompressError("--keep counts whole experts; fine-grained methods take --ratio (heapr), "
+                               "--sparsity or --nm (and --stun-expert-ratio for stun)")
+    if opts.stats is not None or opts.protect_super_experts:
+        raise MoECompressError("--stats and --protect-super-experts belong to whole-expert pruning; the fine-grained "
+                               "methods measure on the calibration text")
+    if method != "heapr" and opts.heapr_global:
+        raise MoECompressError("--heapr-global only applies to --method heapr")
+    if method == "heapr":
+        if opts.sparsity is not None or opts.nm is not None:
+            raise MoECompressError("heapr removes whole neurons: use --ratio, not --sparsity/--nm")
+        if opts.ratio is None:
+            raise MoECompressError("heapr needs --ratio R (the fraction of each expert's neurons to remove)")
+    elif method != "stun-unstructured" and opts.ratio is not None:
+        raise MoECompressError(f"{method} prunes single weights: use --sparsity S or --nm N:M, not --ratio")
+
+
+@library_function(PruneOptions)
+def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opts: PruneOptions,
+                     progress: bool = True) -> PruneResult:
+    """Prune the checkpoint ``model`` into the folder ``output`` with ``opts.method`` (any kind).
+
+    The weights are written in the checkpoint's own dtype whatever ``dtype`` the computation
+    used. ``max_gpu_memory`` / ``max_cpu_memory`` stream the model (``checkpoint.load_model``)
+    for every kind. Options are those of :class:`~moecompress.options.PruneOptions`.
+    """
+    from ..calibration import load_calibration
+    from ..checkpoint import compute_dtype, load_model, output_folder
+    from ..source import open_source
+
+    start = time.perf_counter()
+    source = open_source(model)
+    method = effective_method(opts.method, opts.sparsity, opts.nm)
+    info = registry()[method]
+    _check_kind(method, opts)
+    dtype = compute_dtype(opts.dtype, opts.device, streamed=opts.streamed)
+    batch_size = opts.resolved_batch_size(opts.device, opts.streamed)
+    if info.kind == "experts":
+        method_options = {k: getattr(opts, k) for k in METHOD_OPTIONS if getattr(opts, k, None) is not None}
+        keep = resolve_keep(source.num_experts, opts.keep, opts.ratio)
+        wants_tokens = info.needs == "tokens" or (opts.stats is None and (_needs_stats(method, method_options)
+                                                                           or opts.protect_super_experts))
+        _check_data(method, wants_tokens, opts.stats is not None, opts.protect_super_experts, method_options)
+        if opts.stats is not None and not opts.stats.expanduser().is_file():
+            raise MoECompressError(f"statistics file '{opts.stats}' not found; create it with "
+                                   f"`moecompress stats MODEL -o {opts.stats}`")
+    else:
+        wants_tokens = info.needs == "tokens"
+    stored_mtp = _check_mtp(source, source.config, opts.mtp, opts.calib) if info.kind == "experts" else []
+    # MTP layers' experts are chosen by their own router on the calibration tokens
+    wants_tokens = wants_tokens or (bool(stored_mtp) and opts.mtp == "prune")
+    with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
+        tokens = None
+        if wants_tokens:
+            tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
+        lm = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
+                        max_cpu_memory=opts.max_cpu_memory)
+        record = {"stage": "prune", "method": method, "kind": info.kind, "seed": opts.seed,
+                  "parameters": {**opts.recorded(), "num_experts_before": source.num_experts}}
+        if info.kind == "experts":
+            result = _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options,
+                                    record, progress, stored_mtp)
+        else:
+            result = _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options, record,
+                   progress, stored_mtp) -> PruneResult:
+    from ..checkpoint import copy_tokenizer, save_model, write_record
+    from ..stats import Stats
+    from ..surgery import prune_checkpoint_files
+
+    stats = Stats.load(opts.stats) if opts.stats is not None else None
+    surgery = bool(source.shards)
+    prune = plan_experts if surgery else prune_experts
+    result = prune(lm, keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
+                   protect_super_experts=opts.protect_super_experts, batch_size=batch_size, progress=progress,
+                   **method_options)
+    result.kind = "experts"
+    record.update({"writer": "shard surgery" if surgery else "save_pretrained",
+                   **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
+    mtp_kept = {}
+    if surgery and stored_mtp and opts.mtp == "prune":
+        from ..mtp import kept_by_own_router
+
+        mtp_kept, counts = kept_by_own_router(lm, source.folder, source.config, tokens, keep, batch_size=batch_size)
+        record["mtp"] = {"mode": "prune", "rule": "own router top-k frequency", "kept_experts": mtp_kept,
+                         "counts": counts}
+    elif stored_mtp and surgery:
+        record["mtp"] = {"mode": "drop", "layers": stored_mtp}
+    if surgery:
+        del lm
+        prune_checkpoint_files(source.folder, folder, {**result.kept, **mtp_kept}, drop_mtp=opts.mtp == "drop")
+        copy_tokenizer(source, folder)
+        write_record(folder, record, source)
+    else:
+        if source.stored_dtype is not None and lm.dtype != source.stored_dtype:
+            lm.to(source.stored_dtype)
+        save_model(lm, folder, source=source, record=record)
+    return result
+
+
+def _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress) -> PruneResult:
+    """Neurons / weights: the model is edited in place (streamed: through its offload) and saved."""
+    from ..arch import moe_view
+    from ..checkpoint import save_model
+    from ..finegrained.api import finegrained_prune
+
+    if opts.streamed:
+        raise MoECompressError(f"--max-gpu-memory / --max-cpu-memory are not supported by '{method}' yet; "
+                               "drop the memory caps")
+    num_experts = source.num_experts
+    torch.manual_seed(opts.seed)
+    report = finegrained_prune(lm, tokens, method, ratio=opts.ratio, sparsity=opts.sparsity, nm=opts.nm,
+                               heapr_global=opts.heapr_global,
+                               stun_expert_ratio=(opts.stun_expert_ratio if opts.stun_expert_ratio is not None
+                                                  else opts.ratio),
+                               stun_unstructured=opts.stun_unstructured, batch_size=batch_size, progress=progress)
+    view = moe_view(lm)
+    kept = report.get("kept_experts") or {li: list(range(num_experts)) for li in view.moe_layer_indices}
+    result = PruneResult(method=method, num_experts=num_experts, keep=view.num_experts,
+                         kept={int(k): list(v) for k, v in kept.items()}, kind=registry()[method].kind,
+                         report=report)
+    if source.stored_dtype is not None and lm.dtype != source.stored_dtype:  # compute in --dtype, store as the input
+        lm.to(source.stored_dtype)
+    record.update({"writer": "save_pretrained",
+                   **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
+    save_model(lm, folder, source=source, record=record)
+    return result
