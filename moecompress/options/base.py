@@ -17,10 +17,10 @@ import functools
 import inspect
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from ..errors import MoECompressError
@@ -33,6 +33,15 @@ class Options(BaseModel):
 
     # False for stages declared here before their implementation landed: `run` refuses them.
     implemented: typing.ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_as_text(cls, values: Any) -> Any:
+        """A path given for a text option (calib, base, tokenizer) is its text, as on the command line."""
+        if isinstance(values, dict):
+            return {k: str(v) if isinstance(v, PurePath) and k in cls.model_fields and
+                    "Path" not in str(cls.model_fields[k].annotation) else v for k, v in values.items()}
+        return values
 
     def recorded(self) -> dict[str, Any]:
         """Every recipe option, resolved, as JSON types: what a stage records in moecompress.json."""
