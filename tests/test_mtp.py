@@ -58,11 +58,13 @@ def test_mtp_layer_dropped_on_request(mtp_ckpt, tmp_path):
     assert check_checkpoint(tmp_path / "out").ok
 
 
-def test_mtp_without_calibration_is_refused_before_work(mtp_ckpt, tmp_path):
+def test_mtp_layer_uses_the_default_calibration_when_the_method_needs_none(mtp_ckpt, tmp_path):
+    """`random` needs no text, but the MTP router does: the default calibration set feeds it."""
     src, _ = mtp_ckpt
-    with pytest.raises(MoECompressError, match=r"multi-token-prediction layer\(s\) \[3\]: pass --calib"):
-        prune_checkpoint(src, tmp_path / "out", keep=4, method="random")
-    assert not (tmp_path / "out").exists()
+    prune_checkpoint(src, tmp_path / "out", keep=4, method="random", n=4, seq_len=32)
+    record = json.loads((tmp_path / "out" / "moecompress.json").read_text())
+    assert record["mtp"]["mode"] == "prune" and record["parameters"]["calib"] == "python_docs"
+    assert len(record["mtp"]["kept_experts"]["3"]) == 4
 
 
 def test_an_mtp_layer_left_with_every_expert_fails_the_check(mtp_ckpt, tmp_path):
