@@ -165,7 +165,7 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> t
     """Block-wise FP8 (e4m3) as DeepSeek-V3 publishes it: scale_inv = amax / 448 per block."""
     rows, cols = weight.shape
     r, c = math.ceil(rows / block[0]), math.ceil(cols / block[1])
-    padded = torch.zeros(r * block[0], c * block[1], dtype=torch.float32)
+    padded = torch.zeros(r * block[0], c * block[1], dtype=torch.float32, device=weight.device)
     padded[:rows, :cols] = weight.float()
     tiles = padded.view(r, block[0], c, block[1])
     amax = tiles.abs().amax(dim=(1, 3))
