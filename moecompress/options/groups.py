@@ -61,7 +61,8 @@ class CalibrationOptions(Options):
 class LoadingOptions(Options):
     dtype: DTYPES = option("auto", "Compute dtype: auto = float32 on the CPU, the checkpoint's dtype on a GPU. "
                            "Outputs keep the checkpoint's dtype.")
-    device: Optional[str] = option(None, "cpu, cuda, cuda:1 ... (default: cpu; eval: cuda if available).")
+    device: Optional[str] = option(None, "cpu, cuda, cuda:1 ... (default: auto: the GPU when there is one, streamed "
+                                   "when the model does not fit it, else the CPU; one line says which).")
 
 
 class StreamingOptions(Options):

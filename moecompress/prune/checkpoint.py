@@ -61,6 +61,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     """
     from ..calibration import load_calibration
     from ..checkpoint import compute_dtype, load_model, output_folder
+    from ..device import place
     from ..source import open_source
 
     start = time.perf_counter()
@@ -68,6 +69,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     method = effective_method(opts.method, opts.sparsity, opts.nm)
     info = registry()[method]
     _check_kind(method, opts)
+    opts = place(opts, source.config, can_stream=info.kind == "experts")  # --device auto
     dtype = compute_dtype(opts.dtype, opts.device, streamed=opts.streamed)
     batch_size = opts.resolved_batch_size(opts.device, opts.streamed)
     if info.kind == "experts":

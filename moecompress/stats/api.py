@@ -25,6 +25,7 @@ def stats_for_checkpoint(model: str | os.PathLike, output: str | os.PathLike | N
     """
     from ..calibration import load_calibration
     from ..checkpoint import compute_dtype, load_model
+    from ..device import place
     from ..source import open_source
 
     if output is not None:
@@ -35,12 +36,13 @@ def stats_for_checkpoint(model: str | os.PathLike, output: str | os.PathLike | N
             raise MoECompressError(f"'{output}' already exists; pass --overwrite to replace it")
         if output.parent.exists() and not output.parent.is_dir():
             raise MoECompressError(f"cannot write into '{output.parent}': not a folder")
-    streamed = opts.streamed
-    if streamed and opts.device not in (None, "cuda", "cuda:0"):
+    if opts.streamed and opts.device not in (None, "auto", "cuda", "cuda:0"):
         raise MoECompressError("--max-gpu-memory / --max-cpu-memory stream onto the first GPU (or the CPU without "
                                "one); leave --device out or pass --device cuda")
-    batch_size = opts.resolved_batch_size(opts.device, streamed)
     source = open_source(model)  # a clear error for missing / non-MoE models before reading any weights
+    opts = place(opts, source.config)  # --device auto
+    streamed = opts.streamed
+    batch_size = opts.resolved_batch_size(opts.device, streamed)
     tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
     lm = load_model(source, dtype=compute_dtype(opts.dtype, opts.device, streamed=streamed),
                     device=None if streamed else opts.device, max_gpu_memory=opts.max_gpu_memory,
