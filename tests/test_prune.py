@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from moecompress.arch import moe_view
 from moecompress.capture import run_calibration
 from moecompress.prune import METHODS, plan_pruning, prune_experts, select_experts
-from moecompress.prune.naee import search
 from moecompress.prune.stun import greedy_clusters, representative, threshold_clusters
 from moecompress.prune.subrouter import SubsetRouting
 from moecompress.testing import invoke_cli, TINY_CONFIGS, tiny_model, tokens
@@ -228,23 +227,6 @@ def test_naee_finds_the_exhaustive_optimum_layer_by_layer():
         assert info["relative_error"] == pytest.approx(rel, rel=1e-4, abs=1e-7)
         layer.keep_experts(best)
     assert plan.kept != {l.layer_idx: list(range(6)) for l in ref_view}  # not trivially the first six
-
-
-def test_search_exhaustive_and_beam():
-    weights = [5.0, 1.0, 7.0, 0.5, 3.0, 9.0, 2.0, 4.0]
-
-    def additive(s):  # error = weight of the removed experts: greedy is optimal here
-        return sum(w for e, w in enumerate(weights) if e not in s)
-
-    kept, err, how = search(additive, 8, 4, {3}, max_combinations=0, beam=1)
-    assert how == "beam" and kept == [0, 2, 3, 5] and err == pytest.approx(1.0 + 3.0 + 2.0 + 4.0)
-
-    def pairwise(s):  # interactions: greedy could be fooled, exhaustive is not
-        return sum(abs(a - b) % 3 for a, b in itertools.combinations(s, 2)) + (0 if 7 in s else 5)
-
-    kept, err, how = search(pairwise, 8, 3, set(), max_combinations=1000, beam=1)
-    brute = min((pairwise(list(c)), list(c)) for c in itertools.combinations(range(8), 3))
-    assert how == "exhaustive" and (err, kept) == brute
 
 
 # ----- STUN -----------------------------------------------------------------------------------

@@ -181,6 +181,22 @@ class MoELayer:
         db = self.expert_biases[2]
         return y + db[e] if db is not None else y
 
+    def experts_forward(self, x: torch.Tensor, e0: int = 0, e1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts e0..e1-1 (n of them, all by default) in one batched computation: down-proj
+        input [n, C, I] and unweighted output [n, C, H], for x [n, C, H] (each expert its own
+        rows, e.g. its routed tokens padded) or x [C, H] (every expert on the same rows)."""
+        e1 = self.num_experts if e1 is None else e1
+        gb, ub, db = self.expert_biases
+        g = torch.matmul(x, self.gate_proj[e0:e1].transpose(1, 2))
+        u = torch.matmul(x, self.up_proj[e0:e1].transpose(1, 2))
+        if gb is not None:
+            g, u = g + gb[e0:e1, None, :], u + ub[e0:e1, None, :]
+        h = self._act(g, u)
+        out = torch.bmm(h, self.down_proj[e0:e1].transpose(1, 2))
+        if db is not None:
+            out = out + db[e0:e1, None, :]
+        return h, out
+
     def weighted_expert_output(self, e: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Contribution of expert e to the layer output for tokens x with routing weights [T]."""
         if self.spec.weight_on_input:  # Llama-4 scales the input, not the output

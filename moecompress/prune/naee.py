@@ -32,7 +32,6 @@ How it is computed here:
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -41,17 +40,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..arch import MoELayer
 from ..capture import LayerCursor, batches_of
 from ..errors import MoECompressError
+from ..onload import onloaded
 from .selection import Plan, Selection
-from .subrouter import SubsetRouting, route_subset, sub_router
+from .subrouter import SubsetRouting, route_subset, sub_router, subset_weights
 
 DEFAULTS = {"naee_tokens": 32768, "naee_max_combinations": 2000, "naee_beam": 1}
 _GRAM_BUDGET = 1 << 29  # bytes of cached Gram matrices per layer (caps the token subsample)
 _CHUNK_ELEMENTS = 1 << 24  # expert outputs computed at once (tokens x E x H floats)
+_SEARCH_ELEMENTS = 1 << 24  # routing weights of candidate sets scored at once (sets x tokens x E floats)
 
 
 class LayerCache:
-    """Subsampled tokens of one layer: inputs x [N, H], full-layer routing weights w [N, E]
-    and Gram matrices of all experts' outputs G [N, E, E] (float32)."""
+    """Subsampled tokens of one layer: inputs x [N, H], full-layer routing weights w [N, E], the
+    full router's logits [N, E] and Gram matrices of all experts' outputs G [N, E, E] (float32)."""
 
     def __init__(self, layer: MoELayer, per_batch: int, seed: int):
         self.layer = layer
@@ -59,6 +60,7 @@ class LayerCache:
         self.gen = torch.Generator().manual_seed(seed)
         self.x: list[torch.Tensor] = []
         self.w: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
         self.gram: list[torch.Tensor] = []
 
     def observe(self, layer: MoELayer, x: torch.Tensor, routing, y: torch.Tensor) -> None:
@@ -68,87 +70,126 @@ class LayerCache:
         xs = x.index_select(0, pick)
         self.x.append(xs)
         self.w.append(routing.dense_weights(layer.num_experts).index_select(0, pick))
+        self.logits.append(routing.logits.index_select(0, pick.to(routing.logits.device)))
         self.gram.append(expert_gram(layer, xs))
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.cat(self.x), torch.cat(self.w), torch.cat(self.gram)
+    def errors(self) -> "SubsetErrors":
+        return SubsetErrors(self.layer, torch.cat(self.x), torch.cat(self.w), torch.cat(self.logits),
+                            torch.cat(self.gram))
 
 
 @torch.no_grad()
 def expert_gram(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """G [T, E, E]: inner products of every pair of experts' outputs on each token of x."""
+    """G [T, E, E]: inner products of every pair of experts' outputs on each token of x, every
+    expert computed once per token in one batched product (``MoELayer.experts_forward``)."""
     E, H = layer.num_experts, x.shape[1]
     step = max(1, _CHUNK_ELEMENTS // (E * H))
     out = []
     for i in range(0, x.shape[0], step):
-        xc = x[i : i + step]
-        f = torch.stack([layer.expert_forward(e, xc).float() for e in range(E)], dim=1)  # [t, E, H]
+        f = layer.experts_forward(x[i : i + step])[1].float().transpose(0, 1)  # [t, E, H]
         out.append(f @ f.transpose(1, 2))
     return torch.cat(out)
 
 
-@torch.no_grad()
-def reconstruction_error(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tensor,
-                         keep: list[int]) -> float:
-    """sum_t || F(x_t) - F_S(x_t) ||^2 for the kept set S = ``keep`` (routed part only)."""
-    idx = torch.as_tensor(keep, dtype=torch.long)
-    routing = route_subset(layer, sub_router(layer, idx), idx, x)
-    d = w - routing.dense_weights(layer.num_experts)
-    return float(((d.unsqueeze(1) @ gram).squeeze(1) * d).sum(dtype=torch.float64))
+class SubsetErrors:
+    """sum_t || F(x_t) - F_S(x_t) ||^2 (routed part) for many kept sets S at once, from one
+    layer's cache: no expert runs again. Per chunk of candidate sets, the pruned layer's routing
+    weights w'_S come from one router call (``subrouter.subset_weights``) and the error is
+    sum_t d_t^T G_t d_t with d = w - w'_S, one batched product [T, c, E] x [T, E, E]."""
+
+    def __init__(self, layer: MoELayer, x: torch.Tensor, w: torch.Tensor, logits: torch.Tensor, gram: torch.Tensor):
+        self.layer, self.x, self.w, self.logits, self.gram = layer, x, w, logits, gram
+        with onloaded(layer.router):  # per-expert router tensors (correction biases), full width
+            self.expert_tensors = {p: t.detach().reshape(-1).to(gram.device)
+                                   for p, t in layer.router_expert_tensors.items()}
+        self.evaluated = 0
+
+    def total(self) -> float:
+        """||F(X)||^2 (routed part): the error of keeping no expert."""
+        w = self.w
+        return float((w.unsqueeze(1) @ self.gram).squeeze(1).mul(w).sum(dtype=torch.float64))
+
+    @torch.no_grad()
+    def __call__(self, sets: torch.Tensor) -> torch.Tensor:
+        """Errors (float64, CPU) of the kept sets ``sets`` [C, m] (ascending rows, one size)."""
+        C, m = sets.shape
+        T, E = self.w.shape
+        self.evaluated += C
+        step = max(1, _SEARCH_ELEMENTS // (T * E))
+        out = []
+        for i in range(0, C, step):
+            chunk = sets[i : i + step]
+            dense = subset_weights(self.layer, self.logits, chunk, self.expert_tensors)
+            if dense is None:  # routing candidate by candidate (the pruned layer's router on x)
+                dense = torch.stack([self._routed_one(s) for s in chunk])
+            d = dense.neg_().add_(self.w).transpose(0, 1)  # [T, c, E]: w - w'_S
+            out.append(torch.bmm(d, self.gram).mul_(d).sum(dim=(0, 2), dtype=torch.float64))
+        return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
+
+    def _routed_one(self, keep: torch.Tensor) -> torch.Tensor:
+        idx = keep.cpu()
+        return route_subset(self.layer, sub_router(self.layer, idx), idx, self.x).dense_weights(self.layer.num_experts)
 
 
-def _choose(layer: MoELayer, x: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, keep: int, protected: set[int],
-            opts: dict, groups: int = 1) -> tuple[list[int], torch.Tensor, dict]:
+def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int],
+            opts: dict) -> tuple[list[int], torch.Tensor, dict]:
     """Layer ``layer``'s kept set, per-expert scores and a record, from its cached tokens."""
-    memo: dict[tuple, float] = {}
-
-    def error(s) -> float:
-        key = tuple(s)
-        if key not in memo:
-            memo[key] = reconstruction_error(layer, x, w, gram, list(s))
-        return memo[key]
-
     E = layer.num_experts
-    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]),
-                            groups)
     # Per-expert score: the error caused by removing that expert alone (higher = keep).
-    scores = torch.tensor([error([f for f in range(E) if f != e]) for e in range(E)], dtype=torch.float64)
-    total = float((w.unsqueeze(1) @ gram).squeeze(1).mul(w).sum(dtype=torch.float64))
-    record = {"relative_error": err / total if total > 0 else 0.0, "search": how, "tokens": int(x.shape[0]),
-              "evaluated_sets": len(memo)}
+    singles = torch.tensor([[f for f in range(E) if f != e] for e in range(E)], dtype=torch.long).reshape(E, E - 1)
+    scores = errors(singles)
+    known = {tuple(s): float(v) for s, v in zip(singles.tolist(), scores)}
+
+    def error(sets: torch.Tensor) -> torch.Tensor:
+        if sets.shape[1] == E - 1:  # sets of E - 1 experts are the score sets, already known
+            return torch.tensor([known[tuple(s)] for s in sets.tolist()], dtype=torch.float64)
+        return errors(sets)
+
+    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]))
+    total = errors.total()
+    record = {"relative_error": err / total if total > 0 else 0.0, "search": how, "tokens": int(errors.w.shape[0]),
+              "evaluated_sets": errors.evaluated}
     return best, scores, record
 
 
-def search(error, num_experts: int, keep: int, protected: set[int], max_combinations: int,
-           beam: int, groups: int = 1) -> tuple[list[int], float, str]:
-    """The kept set minimising ``error(list)``: exhaustive when small enough, else beam search
-    by backward elimination. Returns (kept ascending, its error, "exhaustive"|"beam").
-    With ``groups`` > 1 only sets that keep keep / groups experts of every contiguous group
-    of experts are candidates (grouped routing, see ``Selection.groups``)."""
-    size, quota = num_experts // groups, keep // groups
+def search(errors, num_experts: int, keep: int, protected: set[int], max_combinations: int,
+           beam: int) -> tuple[list[int], float, str]:
+    """The kept set minimising the error: exhaustive when small enough, else beam search by
+    backward elimination. ``errors(sets)`` takes a [C, m] tensor of kept sets (ascending rows,
+    all of one size) and returns their C errors; every round of the search is one call.
+    Returns (kept ascending, its error, "exhaustive"|"beam").
 
-    def removable(s, e) -> bool:  # e may leave s without its group falling under the quota
-        return e not in protected and (groups == 1 or sum(1 for f in s if f // size == e // size) > quota)
-
+    Cost (E experts, K kept, beam B): exhaustive evaluates C(E - |protected|, K - |protected|)
+    sets; the beam evaluates at most B x m sets of m - 1 experts in the round from m experts,
+    sum over m = E..K+1 of B x m, about B (E^2 - K^2) / 2 sets in E - K rounds (1,552 at
+    E = 64, K = 32, B = 1). Ties go to the lexicographically first set, as in sorted order."""
     free = [e for e in range(num_experts) if e not in protected]
     need = keep - len(protected)
+    prot = torch.tensor(sorted(protected), dtype=torch.long)
     if math.comb(len(free), need) <= max_combinations:
-        best = None
-        for combo in itertools.combinations(free, need):
-            s = sorted(set(combo) | protected)
-            if groups > 1 and any(sum(1 for f in s if f // size == g) != quota for g in range(groups)):
-                continue
-            err = error(s)
-            if best is None or err < best[1]:  # strict: the first (lexicographic) set wins ties
-                best = (s, err)
-        return best[0], best[1], "exhaustive"
-    frontier = [tuple(range(num_experts))]
-    while len(frontier[0]) > keep:
-        candidates = sorted({tuple(e2 for e2 in s if e2 != e) for s in frontier for e in s if removable(s, e)})
-        scored = sorted(((error(list(c)), c) for c in candidates), key=lambda t: (t[0], t[1]))
-        frontier = [c for _, c in scored[:beam]]
-        best_err = scored[0][0]
-    return list(frontier[0]), best_err, "beam"
+        combos = torch.combinations(torch.tensor(free, dtype=torch.long), need) if need else torch.zeros(1, 0, dtype=torch.long)
+        combos = combos.reshape(-1, need)  # lexicographic, as itertools.combinations
+        sets = torch.cat([combos, prot.expand(combos.shape[0], -1)], dim=1).sort(dim=1).values
+        errs = errors(sets).tolist()
+        i = min(range(len(errs)), key=lambda j: (errs[j], j))  # the first (lexicographic) set wins ties
+        return sets[i].tolist(), errs[i], "exhaustive"
+    is_free = torch.ones(num_experts, dtype=torch.bool)
+    is_free[prot] = False
+    frontier = torch.arange(num_experts).unsqueeze(0)  # [b, m] kept sets, ascending rows
+    best_err = None
+    while frontier.shape[1] > keep:
+        m = frontier.shape[1]
+        drop = ~torch.eye(m, dtype=torch.bool)  # row j: every position but j
+        cands = frontier[:, None, :].expand(-1, m, -1)[:, drop].reshape(-1, m, m - 1)  # [b, m, m-1]
+        cands = cands[is_free[frontier]]  # drop only unprotected experts
+        cands = torch.unique(cands, dim=0)  # sorted lexicographically, like sorted(set(...))
+        errs = errors(cands)
+        order = torch.sort(errs, stable=True).indices  # ties: lexicographic order kept
+        frontier = cands[order[:beam]]
+        best_err = float(errs[order[0]])
+    if best_err is None:  # nothing to remove
+        best_err = float(errors(frontier)[0])
+    return frontier[0].tolist(), best_err, "beam"
 
 
 def naee_select(sel: Selection) -> Plan:
@@ -174,8 +215,8 @@ def naee_select(sel: Selection) -> Plan:
             progress.update(task, description=f"naee: layer {li}", refresh=True)
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li)
             with cursor.editing(li, [cache]):  # layer li's tokens; on leaving, its outputs with only `best`
-                best, scores[li], info["layers"][li] = _choose(layer, *cache.tensors(), keep, sel.protected.get(li, set()),
-                                                               opts, sel.groups)
+                best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
+                                                               sel.protected.get(li, set()), opts)
                 kept[li] = best
                 pruned_so_far.add(layer, best)
             progress.advance(task, len(chunks))

@@ -11,6 +11,7 @@ router computes, for every family, because it *is* that router.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -63,6 +64,68 @@ def sub_router(layer: MoELayer, keep: list[int] | torch.Tensor) -> nn.Module:
             if k_attr is not None:
                 setattr(r, k_attr, 1)
     return r
+
+
+@contextlib.contextmanager
+def _exact_float32_matmul():
+    """TF32 (or bf16) matmuls of float32 operands off: the identity product below must be exact."""
+    precision, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
+
+
+@torch.no_grad()
+def subset_weights(layer: MoELayer, logits: torch.Tensor, sets: torch.Tensor,
+                   expert_tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Dense routing weights [C, T, E] of T tokens in the layer pruned to each kept set of
+    ``sets`` [C, m] (ascending rows, indices into the E experts), from the tokens' logits under
+    the full router ``logits`` [T, E], with one call of the router's own forward for all C x T
+    rows (the kept sets of a search round all have m experts).
+
+    The pruned layer's router computes logits x W[S]^T = (x W^T)[:, S], then its own top-k,
+    normalisation and groups among the m kept experts. So the :func:`sub_router` for m experts
+    (same attribute fixes) runs with the identity as its weight on input rows
+    ``logits[t, S_c]``: the product with the identity is exact (one term, the others exactly
+    0), and every later step of a router works row by row. Per-expert router tensors
+    (``expert_tensors``: path -> [E], correction biases) become per-row [C*T, m]; the linear's
+    own bias (GPT-OSS ``bias``) is already inside the logits and becomes 0. Returns None where
+    this does not apply (a single kept expert, whose per-row tensors a router's ``squeeze``
+    would fold): the caller then routes candidate by candidate.
+    """
+    C, m = sets.shape
+    T, E = logits.shape
+    if m < 2:
+        return None
+    r = sub_router(layer, sets[0])
+    dtype, dev = r.weight.dtype, r.weight.device
+    r.weight = nn.Parameter(torch.eye(m, dtype=dtype, device=dev), requires_grad=False)
+    for attr in ("hidden_dim", "in_features"):  # the router's input width is now m
+        if hasattr(r, attr):
+            setattr(r, attr, m)
+    sets = sets.to(dev)
+    for path in layer.spec.router_expert_tensors:
+        old = operator.attrgetter(path)(r)
+        if path == "bias":
+            new = torch.zeros_like(old)
+        else:
+            new = expert_tensors[path].to(dev)[sets].to(old.dtype)  # [C, m]
+            new = new[:, None, :].expand(C, T, m).reshape(C * T, m)
+        _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+    rows = logits.to(dev)[:, sets].transpose(0, 1).reshape(C * T, m).to(dtype)  # [C*T, m]: logits[t, S_c]
+    with _exact_float32_matmul():
+        routing = layer.routing_from_router_output(r(rows))
+    idx = routing.topk_idx
+    if idx.shape[0] != C * T:
+        return None
+    cand = torch.arange(C * T, device=dev).div_(T, rounding_mode="floor")
+    glob = sets.reshape(-1)[cand[:, None] * m + idx]  # local expert index -> the layer's numbering
+    dense = torch.zeros(C * T, E, dtype=torch.float32, device=dev).scatter_(1, glob, routing.topk_weight.float())
+    return dense.view(C, T, E)
 
 
 def route_subset(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> Routing:

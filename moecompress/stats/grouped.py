@@ -53,20 +53,6 @@ def _expert_max(rows: torch.Tensor, expert: torch.Tensor, num_experts: int) -> t
     return torch.zeros(num_experts, dtype=rows.dtype, device=rows.device).scatter_reduce_(0, expert, rows, "amax")
 
 
-def _batched_expert(layer: MoELayer, xs: torch.Tensor, e0: int, e1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Down-proj input [n, C, I] and output [n, C, H] of experts e0..e1-1 on padded inputs xs [n, C, H]."""
-    gb, ub, db = layer.expert_biases
-    g = torch.bmm(xs, layer.gate_proj[e0:e1].transpose(1, 2))
-    u = torch.bmm(xs, layer.up_proj[e0:e1].transpose(1, 2))
-    if gb is not None:
-        g, u = g + gb[e0:e1, None, :], u + ub[e0:e1, None, :]
-    h = layer._act(g, u)
-    out = torch.bmm(h, layer.down_proj[e0:e1].transpose(1, 2))
-    if db is not None:
-        out = out + db[e0:e1, None, :]
-    return h, out
-
-
 def _row_absmax(t: torch.Tensor) -> torch.Tensor:
     """max |t| per row in float32: one kernel on a GPU; on the CPU vector_norm(inf) is ~20x
     slower than abs().amax() (measured, torch 2.13)."""
@@ -209,14 +195,14 @@ def _chunked_experts(layer, x, xin, expert, offsets, max_elements, reduce_rows) 
         lo, hi = starts_cpu[e0], starts_cpu[e1]
         if hi > lo:
             if e1 - e0 == 1:  # one expert: its pairs are contiguous, no padding needed
-                h, out = _batched_expert(layer, xin[lo:hi][None], e0, e1)
+                h, out = layer.experts_forward(xin[lo:hi][None], e0, e1)
                 reduce_rows(lo, hi, h[0], out[0])
             else:
                 local_e = expert[lo:hi] - e0
                 local_p = torch.arange(lo, hi, device=x.device) - offsets[expert[lo:hi]]
                 xs = x.new_zeros(e1 - e0, cmax, x.shape[1])
                 xs[local_e, local_p] = xin[lo:hi]
-                h, out = _batched_expert(layer, xs, e0, e1)
+                h, out = layer.experts_forward(xs, e0, e1)
                 reduce_rows(lo, hi, h[local_e, local_p], out[local_e, local_p])
         e0 = e1
 
