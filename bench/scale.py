@@ -101,6 +101,91 @@ def peak_gpu_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def naee_layers(a) -> dict:
+    """NAEE's time per MoE layer on a shape too large to write (DeepSeek-V3): its first
+    ``--naee-layers`` layers, all MoE, built in GPU memory with random weights, pruned to half
+    their experts with ``plan_pruning(method="naee")`` on ``-n`` x ``--seq-len`` random tokens.
+    The full model's floor is computed from its parameter count with the rates of another run
+    (``--rates-from``, e.g. this bench's JSON of a smaller shape on the same machine)."""
+    import moecompress.prune.naee as naee
+    from shaped_checkpoints import PUBLISHED
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moecompress.arch import family_for_config, moe_view
+    from moecompress.prune import plan_pruning
+
+    kw = dict(PUBLISHED[a.name])
+    model_type = kw.pop("model_type")
+    full = AutoConfig.for_model(model_type, **kw)
+    spec = family_for_config(full)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(full)
+    total = sum(p.numel() for p in meta.parameters())
+    routed = sum(p.numel() for n, p in meta.named_parameters() if ".experts." in n and "shared" not in n)
+    E, k = int(getattr(full, spec.num_experts_field)), int(getattr(full, spec.top_k_field))
+    moe_layers = len(moe_view(meta).layers)
+    del meta
+    small = {**kw, "num_hidden_layers": a.naee_layers, "vocab_size": 8192}
+    if "first_k_dense_replace" in small:
+        small["first_k_dense_replace"] = 0
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **small), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    build_s = time.perf_counter() - t0
+    tokens = torch.randint(3, 8192, (a.n, a.seq_len), generator=torch.Generator().manual_seed(0))
+    marks: list[tuple[str, float, float]] = []  # (what, seconds, when it ended)
+    choose, observe = naee._choose, naee.LayerCache.observe
+
+    def clocked(fn, label):
+        def run(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            marks.append((label, time.perf_counter() - t, time.perf_counter()))
+            return out
+        return run
+
+    naee._choose, naee.LayerCache.observe = clocked(choose, "search"), clocked(observe, "observe")
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    try:
+        plan, _ = plan_pruning(model, keep=E // 2, method="naee", tokens=tokens, batch_size=a.batch_size)
+    finally:
+        naee._choose, naee.LayerCache.observe = choose, observe
+    sync()
+    total_s = time.perf_counter() - start
+    ends = [start] + [t for label, _, t in marks if label == "search"]
+    per_layer = [b - c for c, b in zip(ends, ends[1:])]
+    n = len(per_layer)
+    res = {"model": a.name, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "layers_built": a.naee_layers, "experts": E, "top_k": k, "keep": E // 2, "n": a.n, "seq_len": a.seq_len,
+           "build_s": build_s, "naee_total_s": total_s, "naee_layer_s": per_layer,
+           "observe_s_per_layer": sum(d for label, d, _ in marks if label == "observe") / n,
+           "search_s_per_layer": sum(d for label, d, _ in marks if label == "search") / n,
+           "info_layers": plan.info["layers"], "peak_gpu_GiB": peak_gpu_gib(),
+           "full_model": {"total_params": total, "routed_expert_params": routed, "moe_layers": moe_layers}}
+    per = sorted(per_layer[1:] or per_layer)[len(per_layer[1:] or per_layer) // 2]  # median, first layer warms up
+    res["naee_s_per_layer_median"] = per
+    res["naee_full_model_s"] = per * moe_layers
+    if a.rates_from:
+        rates = json.loads(Path(a.rates_from).read_text())
+        active = total - routed * (1 - k / E)
+        parts = {"read": 2 * total / rates["read_Bps"], "write": 2 * (total - routed // 2) / rates["write_Bps"],
+                 "forward": 2 * active * a.n * a.seq_len / rates["matmul_flops"]}
+        floor = sum(parts.values())
+        res.update(rates_from=str(a.rates_from), full_floor_s=floor, full_floor_parts_s=parts,
+                   full_floor_plus_naee_vs_floor=(floor + res["naee_full_model_s"]) / floor)
+    return res
+
+
 def main() -> None:
     from shaped_checkpoints import make
     from transformers import AutoTokenizer
@@ -116,8 +201,8 @@ def main() -> None:
     ap.add_argument("--out-work", type=Path,
                     help="where outputs (and the write-rate probe) go, if not --work: e.g. the input on a RAM disk "
                          "and the outputs on the disk, when both do not fit the disk")
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--tokenizer-from", type=Path, required=True)
+    ap.add_argument("--calib", help="calibration text (required but with --naee-layers)")
+    ap.add_argument("--tokenizer-from", type=Path, help="(required but with --naee-layers)")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -128,8 +213,20 @@ def main() -> None:
                     help="also time streamed stats batch by batch (the schedule before layer-by-layer streaming)")
     ap.add_argument("--skip", default="",
                     help="comma list of parts to skip: stats,stream,prune,surgery (both of: surgery_memory,surgery_streamed)")
+    ap.add_argument("--naee-layers", type=int, default=0,
+                    help="only time NAEE per MoE layer on this many layers built in GPU memory (a shape too large "
+                         "to write); with --rates-from JSON for the full model's floor")
+    ap.add_argument("--rates-from", type=Path)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    if a.naee_layers:
+        res = naee_layers(a)
+        print(json.dumps(res, indent=1), flush=True)
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1) + "\n")
+        return
+    if a.calib is None or a.tokenizer_from is None:
+        ap.error("--calib and --tokenizer-from are required")
     skip = set(filter(None, a.skip.split(",")))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     src = a.work / a.name

@@ -51,6 +51,15 @@ PUBLISHED = {
                           num_experts_per_tok=8, moe_intermediate_size=768, vocab_size=151936,
                           max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                           norm_topk_prob=True, decoder_sparse_step=1, tie_word_embeddings=False),
+    # deepseek-ai/DeepSeek-V3 (671B; too large to write: bench/scale.py --naee-layers builds its first layers in
+    # GPU memory)
+    "deepseek-v3": dict(model_type="deepseek_v3", hidden_size=7168, intermediate_size=18432, num_hidden_layers=61,
+                        num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1,
+                        num_experts_per_tok=8, moe_intermediate_size=2048, first_k_dense_replace=3, n_group=8,
+                        topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=512,
+                        q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                        vocab_size=129280, max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000.0,
+                        tie_word_embeddings=False),
 }
 
 

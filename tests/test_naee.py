@@ -10,7 +10,7 @@ import torch
 from moecompress.arch import moe_view
 from moecompress.capture import run_calibration
 from moecompress.prune.naee import LayerCache, expert_gram, search
-from moecompress.prune.subrouter import route_subset, sub_router, subset_weights
+from moecompress.prune.subrouter import SubsetRouters, route_subset, sub_router
 from moecompress.testing import TINY_CONFIGS, tiny_model, tokens
 
 from naee_cases import CASES, REFERENCE, run_case
@@ -50,8 +50,7 @@ def test_subset_routing_equals_the_pruned_layers_router(family):
     g = torch.Generator().manual_seed(1)
     for m in (2, 3, 4, 6, E - 1):
         sets = torch.stack([torch.randperm(E, generator=g)[:m].sort().values for _ in range(5)])
-        expert_tensors = {p: t.detach().reshape(-1) for p, t in layer.router_expert_tensors.items()}
-        got = subset_weights(layer, logits, sets, expert_tensors)
+        got = SubsetRouters(layer).weights(logits, sets)
         for c, s in enumerate(sets):
             ref = route_subset(layer, sub_router(layer, s), s, x).dense_weights(E)
             assert torch.equal(got[c] != 0, ref != 0), (m, s)  # the same experts chosen for every token

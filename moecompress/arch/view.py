@@ -186,9 +186,11 @@ class MoELayer:
         input [n, C, I] and unweighted output [n, C, H], for x [n, C, H] (each expert its own
         rows, e.g. its routed tokens padded) or x [C, H] (every expert on the same rows)."""
         e1 = self.num_experts if e1 is None else e1
+        if x.dim() == 2:  # (bmm, not matmul's broadcasting, which may copy the strided weight views)
+            x = x.expand(e1 - e0, -1, -1)
         gb, ub, db = self.expert_biases
-        g = torch.matmul(x, self.gate_proj[e0:e1].transpose(1, 2))
-        u = torch.matmul(x, self.up_proj[e0:e1].transpose(1, 2))
+        g = torch.bmm(x, self.gate_proj[e0:e1].transpose(1, 2))
+        u = torch.bmm(x, self.up_proj[e0:e1].transpose(1, 2))
         if gb is not None:
             g, u = g + gb[e0:e1, None, :], u + ub[e0:e1, None, :]
         h = self._act(g, u)

@@ -38,24 +38,39 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..arch import MoELayer
-from ..capture import LayerCursor, batches_of
+from ..capture import LayerCursor, batches_of, execution_device
 from ..errors import MoECompressError
-from ..onload import onloaded
+from ..onload import is_streamed
 from .selection import Plan, Selection
-from .subrouter import SubsetRouting, route_subset, sub_router, subset_weights
+from .subrouter import SubsetRouters, SubsetRouting, route_subset, sub_router
 
 DEFAULTS = {"naee_tokens": 32768, "naee_max_combinations": 2000, "naee_beam": 1}
 _GRAM_BUDGET = 1 << 29  # bytes of cached Gram matrices per layer (caps the token subsample)
-_CHUNK_ELEMENTS = 1 << 24  # expert outputs computed at once (tokens x E x H floats)
-_SEARCH_ELEMENTS = 1 << 24  # routing weights of candidate sets scored at once (sets x tokens x E floats)
+# Elements of the largest working tensors: expert outputs computed at once (tokens x E x H),
+# routing weights of the candidate sets scored at once (sets x tokens x E); about 8 such
+# tensors (float32) are alive at the peak. A streamed model's cap leaves room for this (and
+# the Gram matrices) only. In GPU memory larger blocks run faster: each block of tokens
+# reads every expert's weights once.
+_WORK_ELEMENTS = 1 << 24
+
+
+def _work_elements(model) -> int:
+    """The working-tensor size for ``model``: the streamed / CPU size, or on a GPU holding the
+    model, up to 1/256 of the GPU's memory (a property of the device, not of its free memory
+    at the time, so that the same inputs give the same bytes)."""
+    dev = execution_device(model)
+    if is_streamed(model) or dev.type != "cuda":
+        return _WORK_ELEMENTS
+    return max(_WORK_ELEMENTS, min(1 << 28, torch.cuda.get_device_properties(dev).total_memory // 256))
 
 
 class LayerCache:
     """Subsampled tokens of one layer: inputs x [N, H], full-layer routing weights w [N, E], the
     full router's logits [N, E] and Gram matrices of all experts' outputs G [N, E, E] (float32)."""
 
-    def __init__(self, layer: MoELayer, per_batch: int, seed: int):
+    def __init__(self, layer: MoELayer, per_batch: int, seed: int, work_elements: int = _WORK_ELEMENTS):
         self.layer = layer
+        self.work_elements = work_elements
         self.per_batch = per_batch
         self.gen = torch.Generator().manual_seed(seed)
         self.x: list[torch.Tensor] = []
@@ -71,19 +86,19 @@ class LayerCache:
         self.x.append(xs)
         self.w.append(routing.dense_weights(layer.num_experts).index_select(0, pick))
         self.logits.append(routing.logits.index_select(0, pick.to(routing.logits.device)))
-        self.gram.append(expert_gram(layer, xs))
+        self.gram.append(expert_gram(layer, xs, self.work_elements))
 
     def errors(self) -> "SubsetErrors":
         return SubsetErrors(self.layer, torch.cat(self.x), torch.cat(self.w), torch.cat(self.logits),
-                            torch.cat(self.gram))
+                            torch.cat(self.gram), self.work_elements)
 
 
 @torch.no_grad()
-def expert_gram(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+def expert_gram(layer: MoELayer, x: torch.Tensor, work_elements: int = _WORK_ELEMENTS) -> torch.Tensor:
     """G [T, E, E]: inner products of every pair of experts' outputs on each token of x, every
     expert computed once per token in one batched product (``MoELayer.experts_forward``)."""
     E, H = layer.num_experts, x.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // (E * H))
+    step = max(1, work_elements // (E * H))
     out = []
     for i in range(0, x.shape[0], step):
         f = layer.experts_forward(x[i : i + step])[1].float().transpose(0, 1)  # [t, E, H]
@@ -97,11 +112,11 @@ class SubsetErrors:
     weights w'_S come from one router call (``subrouter.subset_weights``) and the error is
     sum_t d_t^T G_t d_t with d = w - w'_S, one batched product [T, c, E] x [T, E, E]."""
 
-    def __init__(self, layer: MoELayer, x: torch.Tensor, w: torch.Tensor, logits: torch.Tensor, gram: torch.Tensor):
+    def __init__(self, layer: MoELayer, x: torch.Tensor, w: torch.Tensor, logits: torch.Tensor, gram: torch.Tensor,
+                 work_elements: int = _WORK_ELEMENTS):
         self.layer, self.x, self.w, self.logits, self.gram = layer, x, w, logits, gram
-        with onloaded(layer.router):  # per-expert router tensors (correction biases), full width
-            self.expert_tensors = {p: t.detach().reshape(-1).to(gram.device)
-                                   for p, t in layer.router_expert_tensors.items()}
+        self.routers = SubsetRouters(layer)
+        self.work_elements = work_elements
         self.evaluated = 0
 
     def total(self) -> float:
@@ -115,11 +130,11 @@ class SubsetErrors:
         C, m = sets.shape
         T, E = self.w.shape
         self.evaluated += C
-        step = max(1, _SEARCH_ELEMENTS // (T * E))
+        step = max(1, self.work_elements // (T * E))
         out = []
         for i in range(0, C, step):
             chunk = sets[i : i + step]
-            dense = subset_weights(self.layer, self.logits, chunk, self.expert_tensors)
+            dense = self.routers.weights(self.logits, chunk)
             if dense is None:  # routing candidate by candidate (the pruned layer's router on x)
                 dense = torch.stack([self._routed_one(s) for s in chunk])
             d = dense.neg_().add_(self.w).transpose(0, 1)  # [T, c, E]: w - w'_S
@@ -208,12 +223,13 @@ def naee_select(sel: Selection) -> Plan:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         disable=not sel.progress, transient=True, auto_refresh=False)
     cursor = LayerCursor(sel.model, sel.tokens, batch_size=sel.batch_size, view=view)
+    work = _work_elements(sel.model)
     with SubsetRouting() as pruned_so_far, progress:
         task = progress.add_task("naee", total=len(view) * len(chunks))
         for layer in view:
             li = layer.layer_idx
             progress.update(task, description=f"naee: layer {li}", refresh=True)
-            cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li)
+            cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li, work_elements=work)
             with cursor.editing(li, [cache]):  # layer li's tokens; on leaving, its outputs with only `best`
                 best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
                                                                sel.protected.get(li, set()), opts)

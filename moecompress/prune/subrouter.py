@@ -79,53 +79,67 @@ def _exact_float32_matmul():
         torch.set_float32_matmul_precision(precision)
 
 
-@torch.no_grad()
-def subset_weights(layer: MoELayer, logits: torch.Tensor, sets: torch.Tensor,
-                   expert_tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Dense routing weights [C, T, E] of T tokens in the layer pruned to each kept set of
-    ``sets`` [C, m] (ascending rows, indices into the E experts), from the tokens' logits under
-    the full router ``logits`` [T, E], with one call of the router's own forward for all C x T
-    rows (the kept sets of a search round all have m experts).
+class SubsetRouters:
+    """The routing of one layer pruned to each of many kept sets, from the tokens' logits
+    under the full router, with one call of the router's own forward per batch of sets.
 
     The pruned layer's router computes logits x W[S]^T = (x W^T)[:, S], then its own top-k,
     normalisation and groups among the m kept experts. So the :func:`sub_router` for m experts
     (same attribute fixes) runs with the identity as its weight on input rows
-    ``logits[t, S_c]``: the product with the identity is exact (one term, the others exactly
-    0), and every later step of a router works row by row. Per-expert router tensors
-    (``expert_tensors``: path -> [E], correction biases) become per-row [C*T, m]; the linear's
-    own bias (GPT-OSS ``bias``) is already inside the logits and becomes 0. Returns None where
-    this does not apply (a single kept expert, whose per-row tensors a router's ``squeeze``
-    would fold): the caller then routes candidate by candidate.
+    ``logits[t, S_c]``, for every set c and token t at once: the product with the identity is
+    exact (one term, the others exactly 0), and every later step of a router works row by row.
+    Per-expert router tensors (correction biases) become per-row [C*T, m]; the linear's own
+    bias (GPT-OSS ``bias``) is already inside the logits and becomes 0.
     """
-    C, m = sets.shape
-    T, E = logits.shape
-    if m < 2:
-        return None
-    r = sub_router(layer, sets[0])
-    dtype, dev = r.weight.dtype, r.weight.device
-    r.weight = nn.Parameter(torch.eye(m, dtype=dtype, device=dev), requires_grad=False)
-    for attr in ("hidden_dim", "in_features"):  # the router's input width is now m
-        if hasattr(r, attr):
-            setattr(r, attr, m)
-    sets = sets.to(dev)
-    for path in layer.spec.router_expert_tensors:
-        old = operator.attrgetter(path)(r)
-        if path == "bias":
-            new = torch.zeros_like(old)
-        else:
-            new = expert_tensors[path].to(dev)[sets].to(old.dtype)  # [C, m]
-            new = new[:, None, :].expand(C, T, m).reshape(C * T, m)
-        _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
-    rows = logits.to(dev)[:, sets].transpose(0, 1).reshape(C * T, m).to(dtype)  # [C*T, m]: logits[t, S_c]
-    with _exact_float32_matmul():
-        routing = layer.routing_from_router_output(r(rows))
-    idx = routing.topk_idx
-    if idx.shape[0] != C * T:
-        return None
-    cand = torch.arange(C * T, device=dev).div_(T, rounding_mode="floor")
-    glob = sets.reshape(-1)[cand[:, None] * m + idx]  # local expert index -> the layer's numbering
-    dense = torch.zeros(C * T, E, dtype=torch.float32, device=dev).scatter_(1, glob, routing.topk_weight.float())
-    return dense.view(C, T, E)
+
+    def __init__(self, layer: MoELayer):
+        self.layer = layer
+        with onloaded(layer.router):  # a streamed router's per-expert tensors, full width
+            self.expert_tensors = {p: t.detach().reshape(-1).clone() for p, t in layer.router_expert_tensors.items()}
+        self._templates: dict[int, nn.Module] = {}
+
+    def _template(self, m: int) -> nn.Module:
+        if m not in self._templates:
+            self._templates.clear()  # a search goes down in size: keep one
+            r = sub_router(self.layer, list(range(m)))
+            r.weight = nn.Parameter(torch.eye(m, dtype=r.weight.dtype, device=r.weight.device), requires_grad=False)
+            for attr in ("hidden_dim", "in_features"):  # the router's input width is now m
+                if hasattr(r, attr):
+                    setattr(r, attr, m)
+            self._templates[m] = r
+        return self._templates[m]
+
+    @torch.no_grad()
+    def weights(self, logits: torch.Tensor, sets: torch.Tensor) -> torch.Tensor | None:
+        """Dense routing weights [C, T, E] of the T tokens with full-router ``logits`` [T, E] in
+        the layer pruned to each set of ``sets`` [C, m] (ascending rows of expert indices).
+        None for single-expert sets, whose per-row tensors a router's ``squeeze`` would fold:
+        the caller then routes them one at a time with :func:`sub_router`."""
+        C, m = sets.shape
+        T, E = logits.shape
+        if m < 2:
+            return None
+        r = self._template(m)
+        dtype, dev = r.weight.dtype, r.weight.device
+        sets = sets.to(dev)
+        for path in self.layer.spec.router_expert_tensors:
+            old = operator.attrgetter(path)(r)
+            if path == "bias":
+                new = torch.zeros_like(old)
+            else:
+                new = self.expert_tensors[path].to(dev)[sets].to(old.dtype)  # [C, m]
+                new = new[:, None, :].expand(C, T, m).reshape(C * T, m)
+            _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+        rows = logits.to(dev)[:, sets].transpose(0, 1).reshape(C * T, m).to(dtype)  # [C*T, m]: logits[t, S_c]
+        with _exact_float32_matmul():
+            routing = self.layer.routing_from_router_output(r(rows))
+        idx = routing.topk_idx
+        if idx.shape[0] != C * T:
+            return None
+        cand = torch.arange(C * T, device=dev).div_(T, rounding_mode="floor")
+        glob = sets.reshape(-1)[cand[:, None] * m + idx]  # local expert index -> the layer's numbering
+        dense = torch.zeros(C * T, E, dtype=torch.float32, device=dev).scatter_(1, glob, routing.topk_weight.float())
+        return dense.view(C, T, E)
 
 
 def route_subset(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> Routing:
