@@ -145,17 +145,26 @@ class MoELayer:
 
     def routing_from_router_output(self, out) -> Routing:
         """Normalise what this family's router module returns into a :class:`Routing`."""
-        if self.spec.router_output == "scores_logits":  # Llama-4
-            _, logits = out
-            topk_logits, idx = torch.topk(logits, self.top_k, dim=-1)
-            weight = torch.sigmoid(topk_logits.float())
-        else:
-            # (logits, weights, indices) in most families and versions, but GraniteMoE's router
-            # returned (indices, weights, logits) in transformers 5.17: the integer tensor tells.
-            logits, weight, idx = out if out[0].is_floating_point() else out[::-1]
+        logits, idx, weight = self._router_decisions(out)
         logits = logits.float()
         probs = torch.sigmoid(logits) if self.spec.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
         return Routing(logits=logits, probs=probs, topk_idx=idx, topk_weight=weight.float())
+
+    def topk_from_router_output(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_idx, topk_weight as float32) of a router output: the routing decision alone,
+        without :meth:`routing_from_router_output`'s probabilities over all experts."""
+        _, idx, weight = self._router_decisions(out)
+        return idx, weight.float()
+
+    def _router_decisions(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.spec.router_output == "scores_logits":  # Llama-4
+            _, logits = out
+            topk_logits, idx = torch.topk(logits, self.top_k, dim=-1)
+            return logits, idx, torch.sigmoid(topk_logits.float())
+        # (logits, weights, indices) in most families and versions, but GraniteMoE's router
+        # returned (indices, weights, logits) in transformers 5.17: the integer tensor tells.
+        logits, weight, idx = out if out[0].is_floating_point() else out[::-1]
+        return logits, idx, weight
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.spec.activation == "gpt_oss_swiglu":

@@ -109,7 +109,7 @@ def expert_gram(layer: MoELayer, x: torch.Tensor, work_elements: int = _WORK_ELE
 class SubsetErrors:
     """sum_t || F(x_t) - F_S(x_t) ||^2 (routed part) for many kept sets S at once, from one
     layer's cache: no expert runs again. Per chunk of candidate sets, the pruned layer's routing
-    weights w'_S come from one router call (``subrouter.subset_weights``) and the error is
+    weights w'_S come from one router call (``subrouter.SubsetRouters``) and the error is
     sum_t d_t^T G_t d_t with d = w - w'_S, one batched product [T, c, E] x [T, E, E]."""
 
     def __init__(self, layer: MoELayer, x: torch.Tensor, w: torch.Tensor, logits: torch.Tensor, gram: torch.Tensor,
@@ -126,24 +126,33 @@ class SubsetErrors:
 
     @torch.no_grad()
     def __call__(self, sets: torch.Tensor) -> torch.Tensor:
-        """Errors (float64, CPU) of the kept sets ``sets`` [C, m] (ascending rows, one size)."""
-        C, m = sets.shape
+        """Errors (float64, CPU) of the kept sets ``sets`` [C, m] (ascending rows, one size).
+
+        All sets go together through blocks of tokens (a router works row by row, and the
+        error is a sum over tokens): per token, d [C, E] x G_t [E, E] is a product of useful
+        size even for a small block, which a streamed model's working-memory budget needs."""
+        C = sets.shape[0]
         T, E = self.w.shape
         self.evaluated += C
-        step = max(1, self.work_elements // (T * E))
-        out = []
-        for i in range(0, C, step):
-            chunk = sets[i : i + step]
-            dense = self.routers.weights(self.logits, chunk)
-            if dense is None:  # routing candidate by candidate (the pruned layer's router on x)
-                dense = torch.stack([self._routed_one(s) for s in chunk])
-            d = dense.neg_().add_(self.w).transpose(0, 1)  # [T, c, E]: w - w'_S
-            out.append(torch.bmm(d, self.gram).mul_(d).sum(dim=(0, 2), dtype=torch.float64))
-        return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
+        step = max(1, self.work_elements // (C * E))
+        err = torch.zeros(C, dtype=torch.float64, device=self.w.device)
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            routed = self.routers.route(self.logits[t0:t1], sets)
+            # d [t, C, E] = w - w'_S: the full layer's weights minus the pruned layer's (top-k
+            # entries of a row are distinct, so the scatter-add is exact and deterministic)
+            d = self.w[t0:t1, None, :].expand(t1 - t0, C, E).contiguous()
+            if routed is None:  # routing candidate by candidate (the pruned layer's router on x)
+                d -= torch.stack([self._routed_one(s, self.x[t0:t1]) for s in sets], dim=1)
+            else:
+                idx, weight = routed
+                d.scatter_add_(2, idx, weight.neg_())
+            err += torch.bmm(d, self.gram[t0:t1]).mul_(d).sum(dim=(0, 2), dtype=torch.float64)
+        return err.cpu()
 
-    def _routed_one(self, keep: torch.Tensor) -> torch.Tensor:
+    def _routed_one(self, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         idx = keep.cpu()
-        return route_subset(self.layer, sub_router(self.layer, idx), idx, self.x).dense_weights(self.layer.num_experts)
+        return route_subset(self.layer, sub_router(self.layer, idx), idx, x).dense_weights(self.layer.num_experts)
 
 
 def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int],

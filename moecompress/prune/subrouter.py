@@ -110,13 +110,14 @@ class SubsetRouters:
         return self._templates[m]
 
     @torch.no_grad()
-    def weights(self, logits: torch.Tensor, sets: torch.Tensor) -> torch.Tensor | None:
-        """Dense routing weights [C, T, E] of the T tokens with full-router ``logits`` [T, E] in
-        the layer pruned to each set of ``sets`` [C, m] (ascending rows of expert indices).
-        None for single-expert sets, whose per-row tensors a router's ``squeeze`` would fold:
-        the caller then routes them one at a time with :func:`sub_router`."""
+    def route(self, logits: torch.Tensor, sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Top-k experts (the layer's numbering) and their weights (float32), both [T, C, k], of
+        the T tokens with full-router ``logits`` [T, E] in the layer pruned to each set of
+        ``sets`` [C, m] (ascending rows of expert indices). None for single-expert sets, whose
+        per-row tensors a router's ``squeeze`` would fold: the caller then routes them one at a
+        time with :func:`sub_router`."""
         C, m = sets.shape
-        T, E = logits.shape
+        T = logits.shape[0]
         if m < 2:
             return None
         r = self._template(m)
@@ -126,20 +127,18 @@ class SubsetRouters:
             old = operator.attrgetter(path)(r)
             if path == "bias":
                 new = torch.zeros_like(old)
-            else:
-                new = self.expert_tensors[path].to(dev)[sets].to(old.dtype)  # [C, m]
-                new = new[:, None, :].expand(C, T, m).reshape(C * T, m)
+            else:  # row t * C + c holds set c's values
+                new = self.expert_tensors[path].to(dev)[sets].to(old.dtype).expand(T, C, m).reshape(T * C, m)
             _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
-        rows = logits.to(dev)[:, sets].transpose(0, 1).reshape(C * T, m).to(dtype)  # [C*T, m]: logits[t, S_c]
+        rows = logits.to(dev)[:, sets].to(dtype).reshape(T * C, m)  # row t * C + c: logits[t, S_c]
         with _exact_float32_matmul():
-            routing = self.layer.routing_from_router_output(r(rows))
-        idx = routing.topk_idx
-        if idx.shape[0] != C * T:
+            idx, weight = self.layer.topk_from_router_output(r(rows))
+        if idx.shape[0] != T * C:
             return None
-        cand = torch.arange(C * T, device=dev).div_(T, rounding_mode="floor")
-        glob = sets.reshape(-1)[cand[:, None] * m + idx]  # local expert index -> the layer's numbering
-        dense = torch.zeros(C * T, E, dtype=torch.float32, device=dev).scatter_(1, glob, routing.topk_weight.float())
-        return dense.view(C, T, E)
+        k = idx.shape[1]
+        offset = torch.arange(0, C * m, m, device=dev).view(1, C, 1)
+        glob = sets.reshape(-1)[idx.view(T, C, k) + offset]  # local expert index -> the layer's numbering
+        return glob, weight.view(T, C, k)
 
 
 def route_subset(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> Routing:
