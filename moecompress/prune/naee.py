@@ -14,20 +14,37 @@ How it is computed here:
 * Expert outputs are cached per token as a Gram matrix G_t[i, j] = <f_i(x_t), f_j(x_t)> over
   all E experts (E x E floats per token instead of E x H), on a seeded subsample of the
   calibration tokens (``naee_tokens``, default 32768 = all of 64 x 512; capped so that the
-  Gram matrices of one layer stay within 512 MiB). With d_t = w_t - w'_t (routing weights of the full
-  layer and of the layer restricted to S, dense over E), the squared error is
-  sum_t d_t^T G_t d_t: exact for every family whose routing weight scales the expert output.
-  (Llama-4 scales the expert *input*; there the error uses the linearised contribution
-  w * f(x).) Shared experts are identical in both outputs and cancel.
+  Gram matrices of one layer stay within 512 MiB). Every expert runs once per cached token, all
+  experts in one batched product (``MoELayer.experts_forward``), and never again. With
+  d_t = w_t - w'_t (routing weights of the full layer and of the layer restricted to S, dense
+  over E), the squared error is sum_t d_t^T G_t d_t: exact for every family whose routing
+  weight scales the expert output. (Llama-4 scales the expert *input*; there the error uses the
+  linearised contribution w * f(x).) Shared experts are identical in both outputs and cancel.
 * w'_t comes from the layer's own router restricted to S (:mod:`.subrouter`), so the
-  re-routing after pruning (top-k among the kept, renormalisation, groups) is exact.
+  re-routing after pruning (top-k among the kept, renormalisation, groups) is exact. The
+  router runs once for all the sets of a search round (``SubsetRouters``: its own code on the
+  full router's logits restricted to each set), and the errors of the round come from one
+  batched contraction with G (:class:`SubsetErrors`), in blocks of tokens.
 * Search: exhaustive over all C(E - |protected|, r - |protected|) sets when that is at most
   ``naee_max_combinations``, else backward elimination (drop, one at a time, the expert whose
-  removal increases the error least) keeping the ``naee_beam`` best sets at every step.
+  removal increases the error least) keeping the ``naee_beam`` best sets at every step. Ties
+  go to the lexicographically first set.
 * Layer-wise sequential, as in the paper: layer l's tokens are collected while layers < l
   already route among their kept experts (router hooks; weights untouched). The calibration
   activations are carried from layer to layer (``capture.LayerCursor``): each layer runs once
   to be observed and once more, pruned, for the next (not a pass from the embeddings per layer).
+
+Cost per layer (E experts, K kept, beam B, T cached tokens, hidden H, expert width I):
+* Gram cache: T x E expert forwards (6 T E H I flops) and 2 T E^2 H flops; T E^2 floats kept.
+* Beam search: E - K rounds; the round from m kept sets evaluates at most B m sets of m - 1,
+  about B (E^2 - K^2) / 2 sets in all (1,552 at E = 64, K = 32, B = 1; 24,640 at E = 256,
+  K = 128). A round costs one router pass over B m T rows of width m - 1 (memory-bound: about
+  B T m^2 elements per pass, B T (E^3 - K^3) / 3 over the search) and 2 B m T E^2 flops for
+  the errors: O(B T E^4) flops, O(B T E^3) memory traffic, E - K + 1 host synchronisations.
+  No expert runs during the search. (The per-set search it replaced ran the router on the
+  T hidden states per set, T m H flops each, and one small kernel sequence per set.)
+* Exhaustive: C(E', K') sets of K experts, each T K^2 + 2 T E^2 flops, in blocks of tokens.
+Measured: docs/benchmarks.md ("Scale and streaming"), bench/naee_complexity.py on the CPU.
 """
 
 from __future__ import annotations
