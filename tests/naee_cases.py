@@ -1,9 +1,10 @@
 """NAEE cases pinned in tests/data/naee_reference.json (tiny models of every family).
 
 The reference file was written by ``python -m tests.naee_cases`` with the per-candidate NAEE
-(a sub-router forward and one Gram contraction per candidate set, commit 65cc41a), before the
-search was vectorised; tests/test_naee.py checks that today's NAEE gives the same kept sets,
-evaluated-set counts, and the same scores and relative errors to float32 rounding.
+(a sub-router forward and one Gram contraction per candidate set; main at 35a134e, grouped
+routing as main decides it), before the search was vectorised. tests/test_naee.py checks that
+today's NAEE gives the same kept sets and evaluated-set counts, and the same scores and
+relative errors to float32 rounding.
 """
 
 from __future__ import annotations

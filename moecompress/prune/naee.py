@@ -173,7 +173,7 @@ class SubsetErrors:
 
 
 def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int],
-            opts: dict) -> tuple[list[int], torch.Tensor, dict]:
+            opts: dict, groups: int = 1) -> tuple[list[int], torch.Tensor, dict]:
     """Layer ``layer``'s kept set, per-expert scores and a record, from its cached tokens."""
     E = layer.num_experts
     # Per-expert score: the error caused by removing that expert alone (higher = keep).
@@ -186,7 +186,8 @@ def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int
             return torch.tensor([known[tuple(s)] for s in sets.tolist()], dtype=torch.float64)
         return errors(sets)
 
-    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]))
+    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]),
+                            groups)
     total = errors.total()
     record = {"relative_error": err / total if total > 0 else 0.0, "search": how, "tokens": int(errors.w.shape[0]),
               "evaluated_sets": errors.evaluated}
@@ -194,16 +195,19 @@ def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int
 
 
 def search(errors, num_experts: int, keep: int, protected: set[int], max_combinations: int,
-           beam: int) -> tuple[list[int], float, str]:
+           beam: int, groups: int = 1) -> tuple[list[int], float, str]:
     """The kept set minimising the error: exhaustive when small enough, else beam search by
     backward elimination. ``errors(sets)`` takes a [C, m] tensor of kept sets (ascending rows,
     all of one size) and returns their C errors; every round of the search is one call.
-    Returns (kept ascending, its error, "exhaustive"|"beam").
+    Returns (kept ascending, its error, "exhaustive"|"beam"). With ``groups`` > 1 only sets
+    that keep keep / groups experts of every contiguous group of experts are candidates
+    (grouped routing, see ``Selection.groups``).
 
     Cost (E experts, K kept, beam B): exhaustive evaluates C(E - |protected|, K - |protected|)
     sets; the beam evaluates at most B x m sets of m - 1 experts in the round from m experts,
     sum over m = E..K+1 of B x m, about B (E^2 - K^2) / 2 sets in E - K rounds (1,552 at
     E = 64, K = 32, B = 1). Ties go to the lexicographically first set, as in sorted order."""
+    size, quota = num_experts // groups, keep // groups
     free = [e for e in range(num_experts) if e not in protected]
     need = keep - len(protected)
     prot = torch.tensor(sorted(protected), dtype=torch.long)
@@ -211,6 +215,8 @@ def search(errors, num_experts: int, keep: int, protected: set[int], max_combina
         combos = torch.combinations(torch.tensor(free, dtype=torch.long), need) if need else torch.zeros(1, 0, dtype=torch.long)
         combos = combos.reshape(-1, need)  # lexicographic, as itertools.combinations
         sets = torch.cat([combos, prot.expand(combos.shape[0], -1)], dim=1).sort(dim=1).values
+        if groups > 1:  # every group keeps its quota
+            sets = sets[(_group_counts(sets, size, groups) == quota).all(dim=1)]
         errs = errors(sets).tolist()
         i = min(range(len(errs)), key=lambda j: (errs[j], j))  # the first (lexicographic) set wins ties
         return sets[i].tolist(), errs[i], "exhaustive"
@@ -220,10 +226,12 @@ def search(errors, num_experts: int, keep: int, protected: set[int], max_combina
     best_err = None
     while frontier.shape[1] > keep:
         m = frontier.shape[1]
+        removable = is_free[frontier]  # [b, m]: position j may go (unprotected ...
+        if groups > 1:  # ... and its group stays above the quota)
+            removable &= _group_counts(frontier, size, groups).gather(1, frontier // size) > quota
         drop = ~torch.eye(m, dtype=torch.bool)  # row j: every position but j
         cands = frontier[:, None, :].expand(-1, m, -1)[:, drop].reshape(-1, m, m - 1)  # [b, m, m-1]
-        cands = cands[is_free[frontier]]  # drop only unprotected experts
-        cands = torch.unique(cands, dim=0)  # sorted lexicographically, like sorted(set(...))
+        cands = torch.unique(cands[removable], dim=0)  # sorted lexicographically, like sorted(set(...))
         errs = errors(cands)
         order = torch.sort(errs, stable=True).indices  # ties: lexicographic order kept
         frontier = cands[order[:beam]]
@@ -231,6 +239,11 @@ def search(errors, num_experts: int, keep: int, protected: set[int], max_combina
     if best_err is None:  # nothing to remove
         best_err = float(errors(frontier)[0])
     return frontier[0].tolist(), best_err, "beam"
+
+
+def _group_counts(sets: torch.Tensor, size: int, groups: int) -> torch.Tensor:
+    """[C, groups]: how many experts of each contiguous group of ``size`` every set holds."""
+    return torch.zeros(sets.shape[0], groups, dtype=torch.long).scatter_add_(1, sets // size, torch.ones_like(sets))
 
 
 def naee_select(sel: Selection) -> Plan:
@@ -258,7 +271,7 @@ def naee_select(sel: Selection) -> Plan:
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li, work_elements=work)
             with cursor.editing(li, [cache]):  # layer li's tokens; on leaving, its outputs with only `best`
                 best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
-                                                               sel.protected.get(li, set()), opts)
+                                                               sel.protected.get(li, set()), opts, sel.groups)
                 kept[li] = best
                 pruned_so_far.add(layer, best)
             progress.advance(task, len(chunks))

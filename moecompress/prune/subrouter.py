@@ -17,7 +17,7 @@ import operator
 import torch
 from torch import nn
 
-from ..arch import MoELayer, Routing, stays_grouped
+from ..arch import MoELayer, Routing, balanced_groups, stays_grouped
 from ..onload import detached_copy, onloaded
 
 
@@ -96,18 +96,35 @@ class SubsetRouters:
         self.layer = layer
         with onloaded(layer.router):  # a streamed router's per-expert tensors, full width
             self.expert_tensors = {p: t.detach().reshape(-1).clone() for p, t in layer.router_expert_tensors.items()}
-        self._templates: dict[int, nn.Module] = {}
+        self._templates: dict[tuple[int, bool], nn.Module] = {}
 
-    def _template(self, m: int) -> nn.Module:
-        if m not in self._templates:
-            self._templates.clear()  # a search goes down in size: keep one
-            r = sub_router(self.layer, list(range(m)))
+    def _template(self, sets: torch.Tensor) -> nn.Module:
+        """The router for sets like ``sets[0]`` (m experts; grouped or not, :func:`sub_router`'s
+        rule), with the identity as its weight."""
+        m = sets.shape[1]
+        key = (m, self._grouped(sets[:1]).item())
+        if key not in self._templates:
+            if len(self._templates) > 2:  # a search goes down in size: keep the latest
+                self._templates.clear()
+            r = sub_router(self.layer, sets[0].tolist())
             r.weight = nn.Parameter(torch.eye(m, dtype=r.weight.dtype, device=r.weight.device), requires_grad=False)
             for attr in ("hidden_dim", "in_features"):  # the router's input width is now m
                 if hasattr(r, attr):
                     setattr(r, attr, m)
-            self._templates[m] = r
-        return self._templates[m]
+            self._templates[key] = r
+        return self._templates[key]
+
+    def _grouped(self, sets: torch.Tensor) -> torch.Tensor:
+        """[C] bool: whether each (ascending) set keeps grouped routing, as :func:`stays_grouped`
+        decides for one set: the same number of experts from every group."""
+        layer = self.layer
+        E, m = layer.num_experts, sets.shape[1]
+        n_group = balanced_groups(layer.model.config, layer.spec, E, m) if _group_attrs(layer.router)[0] else 1
+        if n_group <= 1:
+            return torch.zeros(sets.shape[0], dtype=torch.bool)
+        counts = torch.zeros(sets.shape[0], n_group, dtype=torch.long, device=sets.device)
+        counts.scatter_add_(1, sets // (E // n_group), torch.ones_like(sets))
+        return (counts == counts[:, :1]).all(dim=1).cpu()
 
     @torch.no_grad()
     def route(self, logits: torch.Tensor, sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -116,11 +133,24 @@ class SubsetRouters:
         ``sets`` [C, m] (ascending rows of expert indices). None for single-expert sets, whose
         per-row tensors a router's ``squeeze`` would fold: the caller then routes them one at a
         time with :func:`sub_router`."""
+        if sets.shape[1] < 2:
+            return None
+        grouped = self._grouped(sets)
+        if grouped.any() and not grouped.all():  # two kinds of router: route each kind, then merge
+            parts = [torch.nonzero(grouped).flatten(), torch.nonzero(~grouped).flatten()]
+            routed = [self._route(logits, sets[p]) for p in parts]
+            idx = torch.empty(logits.shape[0], sets.shape[0], routed[0][0].shape[2], dtype=routed[0][0].dtype,
+                              device=routed[0][0].device)
+            weight = torch.empty(idx.shape, dtype=torch.float32, device=idx.device)
+            for p, (i, w) in zip(parts, routed):
+                idx[:, p.to(idx.device)], weight[:, p.to(idx.device)] = i, w
+            return idx, weight
+        return self._route(logits, sets)
+
+    def _route(self, logits: torch.Tensor, sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         C, m = sets.shape
         T = logits.shape[0]
-        if m < 2:
-            return None
-        r = self._template(m)
+        r = self._template(sets)
         dtype, dev = r.weight.dtype, r.weight.device
         sets = sets.to(dev)
         for path in self.layer.spec.router_expert_tensors:
@@ -133,8 +163,6 @@ class SubsetRouters:
         rows = logits.to(dev)[:, sets].to(dtype).reshape(T * C, m)  # row t * C + c: logits[t, S_c]
         with _exact_float32_matmul():
             idx, weight = self.layer.topk_from_router_output(r(rows))
-        if idx.shape[0] != T * C:
-            return None
         k = idx.shape[1]
         offset = torch.arange(0, C * m, m, device=dev).view(1, C, 1)
         glob = sets.reshape(-1)[idx.view(T, C, k) + offset]  # local expert index -> the layer's numbering
