@@ -65,7 +65,7 @@ def test_statistics_and_naee_run_on_dequantized_weights(tmp_path):
     the same weights stored in bf16."""
     src, plain = tmp_path / "fp8", tmp_path / "bf16"
     quantized_checkpoint(src, "deepseek_v3", "fp8", n_routed_experts=8)
-    load_model(src).save_pretrained(plain)  # the dequantized weights, stored plainly
+    load_model(src, dtype="float32").save_pretrained(plain)  # the exact dequantized weights, stored plainly
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
     from moecompress.testing import char_tokenizer
 
@@ -101,3 +101,20 @@ def test_fp8_and_mxfp4_helpers_match_transformers():
     assert torch.equal(formats.dequantize_fp8(q, s, (16, 8), torch.float32),
                        Fp8Dequantize(None)._dequantize_one(q, s, torch.float32))
     assert (formats.dequantize_fp8(q, s, (16, 8), torch.float32) - w[0, :32]).abs().max() <= s.max() * 32
+
+
+@pytest.mark.parametrize("family, fmt, overrides", [("deepseek_v3", "fp8", {}), ("gpt_oss", "mxfp4", {"intermediate_size": 32})])
+def test_stats_of_a_quantized_checkpoint_are_those_of_its_dequantized_weights(family, fmt, overrides, tmp_path):
+    from moecompress.stats.api import stats_for_checkpoint
+    from moecompress.testing import char_tokenizer
+
+    src, plain = tmp_path / "q", tmp_path / "bf16"
+    quantized_checkpoint(src, family, fmt, **overrides)
+    load_model(src, dtype="float32").save_pretrained(plain)  # the exact dequantized values
+    char_tokenizer().save_pretrained(plain)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    a = stats_for_checkpoint(src, calib=str(tmp_path / "calib.txt"), n=4, seq_len=16)
+    b = stats_for_checkpoint(plain, calib=str(tmp_path / "calib.txt"), n=4, seq_len=16)
+    for li in (1, 2):
+        for name in ("count", "reap", "ean"):
+            assert torch.equal(a.get(li, name), b.get(li, name)), (li, name)
