@@ -75,3 +75,31 @@ def test_grouped_selection_is_per_group_top():
     assert select_top(s, 4, groups=2) == [0, 1, 6, 7]
     assert select_top(s, 4, groups=4) == [0, 2, 4, 6]
     assert select_top(s, 4, protected={3}, groups=2) == [0, 3, 6, 7]
+
+
+@pytest.mark.parametrize("method", ["m-smoe", "hc-smoe"])
+def test_grouped_merging_clusters_within_groups_and_reloads_identically(method, tmp_path):
+    from moecompress.merge import merge_checkpoint, merge_experts
+    from moecompress.testing import SAMPLE_TEXT, char_tokenizer
+
+    overrides = GROUPED["deepseek_v3"]
+    model = tiny_model("deepseek_v3", **overrides)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    res = merge_checkpoint(src, tmp_path / "out", keep=8, method=method, calib=str(tmp_path / "calib.txt"),
+                           n=4, seq_len=16)
+    for li, clusters in res.clusters.items():
+        assert all(len({e // 4 for e in c}) == 1 for c in clusters), (li, clusters)  # no cluster spans groups
+        assert [sum(1 for d in res.dominant[li] if d // 4 == g) for g in range(4)] == [2, 2, 2, 2]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert (reloaded.config.n_group, reloaded.config.topk_group, reloaded.config.n_routed_experts) == (4, 2, 8)
+    merged = tiny_model("deepseek_v3", **overrides)
+    from moecompress.calibration import load_calibration
+
+    tokens = load_calibration(char_tokenizer(), str(tmp_path / "calib.txt"), n=4, seq_len=16)
+    merge_experts(merged, keep=8, method=method, tokens=tokens)
+    x = tokens[:2]
+    with torch.no_grad():
+        assert torch.allclose(merged(x).logits, reloaded(x).logits, rtol=0, atol=1e-5)

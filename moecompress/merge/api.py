@@ -143,13 +143,21 @@ def plan_merge(model, tokens: torch.Tensor, *, keep: int, method: str = DEFAULT_
                     description="merge: expert outputs and routing")
     freq = _frequencies_from_stats(stats, view) if stats is not None else dict(obs.count)
     clusters = {}
+    # Grouped routing (n_group): each routing group is clustered on its own into keep / n_group
+    # clusters, so every merged expert stays in its members' group and n_group stays valid.
+    n_group = view.balanced_groups(keep)
+    size = view.num_experts // n_group
     for layer in view:
         li = layer.layer_idx
-        if spec.clustering == "outputs":
-            groups = hierarchical_clusters(obs.mean_outputs(li), keep, linkage, metric)
-        else:
-            groups = dominant_groups(freq[li], logit_cosine(obs.logit_gram[li]), keep)
-        clusters[li] = groups
+        clusters[li] = []
+        for g in range(n_group):
+            idx = list(range(g * size, (g + 1) * size))
+            if spec.clustering == "outputs":
+                local = hierarchical_clusters(obs.mean_outputs(li)[idx], keep // n_group, linkage, metric)
+            else:
+                sim = logit_cosine(obs.logit_gram[li])[idx][:, idx]
+                local = dominant_groups(freq[li][idx], sim, keep // n_group)
+            clusters[li] += [[idx[i] for i in c] for c in local]
     return order_by_dominant(clusters, freq)
 
 
