@@ -103,7 +103,7 @@ def load_eval(folder: Path) -> dict | None:
 
 
 def build_card(folder: str | os.PathLike, repo_id: str | None = None, *, base_model: str | None = None,
-               eval_result: dict | None = None):
+               eval_result: dict | None = None, name: str | None = None):
     """A ``huggingface_hub.ModelCard`` for the checkpoint in ``folder``.
 
     ``base_model`` defaults to the record's original source when that is a Hub id.
@@ -122,7 +122,7 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, *, base_mo
 
     data = ModelCardData(base_model=base_model, tags=TAGS + sorted({s["stage"] for s in stages if s.get("stage")}),
                          library_name="transformers", pipeline_tag="text-generation")
-    name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
+    name = repo_id.split("/")[-1] if repo_id else (name or folder.resolve().name)
     body = [f"# {name}", ""]
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else (f"`{source}`" if source
                                                                                       else "its base model")
@@ -151,8 +151,13 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, *, base_mo
     body += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              f'model = AutoModelForCausalLM.from_pretrained("{repo_id or name}", dtype="auto")',
              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or name}")', "```", ""]
+    if record and record.get("recipe"):
+        from .recipe.schema import dump_yaml
+
+        body += ["## Recipe", "", "Reproduce it with `moecompress run recipe.yaml -o OUT` (the file is in this "
+                 "repository):", "", "```yaml", dump_yaml(record["recipe"]).rstrip(), "```", ""]
     if record:
-        body += ["## Recipe", "", f"The full record (`{RECORD_FILE}`): every stage, its resolved parameters, "
+        body += ["## Record", "", f"The full record (`{RECORD_FILE}`): every stage, its resolved parameters, "
                  "the kept-expert map, seeds and library versions.", "", "<details><summary>moecompress.json</summary>",
                  "", "```json", json.dumps(record, indent=2, sort_keys=True), "```", "", "</details>", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))

@@ -1,6 +1,11 @@
-"""`moecompress run`: YAML recipes chain stages; malformed recipes fail before any work."""
+"""`moecompress run`: YAML recipes chain stages; malformed recipes fail before any work; the
+resolved recipe is written with the output and reproduces it; `--resume` continues a killed run."""
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,16 +14,22 @@ from typer.testing import CliRunner
 
 from moecompress.cli import app
 from moecompress.errors import MoECompressError
+from moecompress.options import STAGE_OPTIONS, recipe_fields
 from moecompress.recipe import load_recipe, run_recipe
 from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
 
 runner = CliRunner()
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 
 def _write(tmp_path, recipe: dict, name="recipe.yaml"):
     p = tmp_path / name
-    p.write_text(yaml.safe_dump(recipe))
+    p.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return p
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture
@@ -28,34 +39,142 @@ def setup(tmp_path):
     return tmp_path
 
 
-def test_recipe_chains_prune_and_eval(setup):
+def _two_stages(t):
+    return {"model": str(t / "src"), "output": str(t / "out"), "seed": 3, "dtype": "float32",
+            "calibration": {"calib": str(t / "text.txt"), "n": 4, "seq_len": 32},
+            "stages": [{"prune": {"method": "frequency", "keep": 6}},
+                       {"merge": {"keep": 4, "batch_size": 2}},
+                       {"eval": {"ppl": [str(t / "text.txt")], "base": True, "seq_len": 32, "max_tokens": 200,
+                                 "device": "cpu"}}]}
+
+
+def test_recipe_chains_stages_and_records_the_resolved_recipe(setup):
     t = setup
-    recipe = {"model": str(t / "src"), "output": str(t / "out"), "seed": 3, "dtype": "float32",
-              "stages": [{"prune": {"method": "random", "keep": 6}}, {"prune": {"method": "random", "keep": 4}},
-                         {"eval": {"ppl": [str(t / "text.txt")], "base": True, "seq_len": 32, "max_tokens": 200,
-                                   "device": "cpu"}}]}
-    summary = run_recipe(_write(t, recipe))
-    model = AutoModelForCausalLM.from_pretrained(t / "out")
-    assert model.config.num_experts == 4
+    summary = run_recipe(_write(t, _two_stages(t)))
+    assert AutoModelForCausalLM.from_pretrained(t / "out").config.num_experts == 4
     record = json.loads((t / "out" / "moecompress.json").read_text())
-    assert record["recipe"]["stages"] == recipe["stages"] and record["recipe"]["seed"] == 3
+    resolved = yaml.safe_load((t / "out" / "recipe.yaml").read_text())
+    assert record["recipe"] == resolved and resolved["model"] == str(t / "src")
+    merge = resolved["stages"][1]["merge"]
+    assert merge["seed"] == 3 and merge["n"] == 4 and merge["dtype"] == "float32" and merge["keep"] == 4
+    assert set(merge) == set(recipe_fields(STAGE_OPTIONS["merge"]))  # every option, resolved
+    assert resolved["stages"][2]["eval"]["base"] == str(t / "src")
     assert len(record["history"]) == 1 and record["history"][0]["stage"] == "prune"  # chain kept
-    ev = json.loads((t / "out" / "eval.json").read_text())
-    assert "ppl" in json.dumps(ev) and len(summary["stages"]) == 3
-    assert not [p for p in t.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert record["source"] == f"{t / 'src'} after stage 1 (prune)"  # no temporary path in the record
+    assert "ppl" in (t / "out" / "eval.json").read_text() and len(summary["stages"]) == 3
+    assert "## Recipe" in (t / "out" / "README.md").read_text()
+    assert not (t / "out" / ".stages").exists() and not [p for p in t.iterdir() if p.name.startswith(".")]
+    # the written recipe reproduces the output byte for byte, in another folder
+    r = runner.invoke(app, ["run", str(t / "out" / "recipe.yaml"), "-o", str(t / "again")])
+    assert r.exit_code == 0, r.output
+    assert _files(t / "out") == _files(t / "again")
+
+
+def test_one_line_prune_equals_the_one_stage_recipe(setup):
+    t = setup
+    args = ["--keep", "5", "--method", "frequency", "--calib", str(t / "text.txt"), "-n", "4", "--seq-len", "32"]
+    r = runner.invoke(app, ["prune", str(t / "src"), "-o", str(t / "cli"), *args])
+    assert r.exit_code == 0, r.output
+    recipe = _write(t, {"model": str(t / "src"), "output": str(t / "recipe"),
+                        "calibration": {"calib": str(t / "text.txt"), "n": 4, "seq_len": 32},
+                        "stages": [{"prune": {"keep": 5, "method": "frequency"}}]})
+    r = runner.invoke(app, ["run", str(recipe)])
+    assert r.exit_code == 0, r.output
+    assert _files(t / "cli") == _files(t / "recipe")
+    assert {"recipe.yaml", "moecompress.json", "README.md", "model.safetensors"} <= set(_files(t / "cli"))
+
+
+KILL = textwrap.dedent("""
+    import os, signal, sys
+    import moecompress.merge.api as merge_api
+    from moecompress.recipe import run_recipe
+    real = merge_api.merge_experts
+    def merge_then_die(*a, **k):
+        real(*a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)  # a kill in the middle of stage 2, after its heavy work
+    merge_api.merge_experts = merge_then_die
+    run_recipe(sys.argv[1])
+""")
+
+
+def test_killed_during_the_second_stage_resumes_to_the_same_bytes(setup):
+    t = setup
+    recipe = _two_stages(t)
+    reference = _write(t, {**recipe, "output": str(t / "ref")}, "ref.yaml")
+    run_recipe(reference)
+    path = _write(t, recipe)
+    proc = subprocess.run([sys.executable, "-c", KILL, str(path)], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    stages = t / "out" / ".stages"
+    assert (stages / "01-prune.json").is_file() and not (stages / "02-merge.json").exists()
+    r = runner.invoke(app, ["run", str(path)])
+    assert r.exit_code == 2 and "--resume" in r.output  # an interrupted run is not silently replaced
+    said = []
+    run_recipe(path, resume=True, say=said.append)
+    assert said[0] == "stage 1/3: prune done earlier, resumed" and said[1] == "stage 2/3: merge"
+    assert _files(t / "out") == _files(t / "ref")
+
+
+def test_resume_redoes_a_stage_whose_options_changed(setup):
+    t = setup
+    path = _write(t, {**_two_stages(t), "stages": _two_stages(t)["stages"][:2]})
+    run_recipe(path)
+    (t / "out" / ".stages").mkdir()  # pretend the run was interrupted after finishing
+    said = []
+    run_recipe(path, sets=["merge.keep=3"], resume=True, say=said.append)
+    assert AutoModelForCausalLM.from_pretrained(t / "out").config.num_experts == 3
+
+
+def _stage_example(name: str, t: Path) -> dict:
+    """A valid stage of every kind, for the typo test (generated from STAGE_OPTIONS below)."""
+    return {"stats": {}, "prune": {"keep": 4}, "merge": {"keep": 4}, "eval": {"ppl": [str(t / "text.txt")]},
+            "upload": {"repo_id": "me/x", "dry_run": True}}.get(name, {})
+
+
+@pytest.mark.parametrize("stage", list(STAGE_OPTIONS))
+def test_a_typo_in_any_stage_option_exits_2_with_one_line_before_loading(setup, stage, monkeypatch):
+    import moecompress.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    t = setup
+    key = (list(recipe_fields(STAGE_OPTIONS[stage])) or ["anything"])[0] + "x"
+    stages = [{"prune": {"keep": 6}}, {stage: {**_stage_example(stage, t), key: 1}}]
+    path = _write(t, {"model": str(t / "src"), "output": str(t / "o"), "stages": stages})
+    for args in (["run", str(path)], ["run", str(path), "--check"]):
+        r = runner.invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        line = yaml.safe_dump({"model": 0, "output": 0, "stages": stages}, sort_keys=False).splitlines()
+        want = next(i for i, s in enumerate(line, 1) if s.strip().startswith(f"{key}:"))
+        assert f"recipe.yaml:{want}:" in lines[0] and "stage 2" in lines[0] and key in lines[0], lines[0]
+    assert not (t / "o").exists()
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"output": "x", "stages": [{"prune": {}}]}, "model"),
+    ({"output": "x", "stages": [{"prune": {}}]}, "needs model"),
     ({"model": "m", "output": "x", "stages": []}, "at least one stage"),
     ({"model": "m", "output": "x", "stages": [{"squash": {}}]}, "unknown stage 'squash'"),
-    ({"model": "m", "output": "x", "stages": [{"eval": {"ppl": ["a"], "bogus": 1}}]}, "unknown option(s) bogus"),
-    ({"model": "m", "output": "x", "stages": [{"eval": {}}]}, "no stage that writes a checkpoint"),
-    ({"model": "m", "output": "x", "extra": 1, "stages": [{"prune": {}}]}, "extra"),
+    ({"model": "m", "output": "x", "stages": [{"prune": {"keep": 0}}]}, "stage 1 (prune): keep: Input should be"),
+    ({"model": "m", "output": "x", "stages": [{"prune": {"keep": "six"}}]}, "keep: Input should be a valid integer"),
+    ({"model": "m", "output": "x", "stages": [{"eval": {}}]}, "nothing to evaluate"),
+    ({"model": "m", "output": "x", "extra": 1, "stages": [{"prune": {}}]}, "unknown key 'extra'"),
+    ({"model": "m", "calibration": {"calib": "missing.txt"}, "stages": [{"prune": {"keep": 2}}]}, "not found"),
 ])
 def test_malformed_recipes_are_refused(tmp_path, bad, message):
     with pytest.raises(MoECompressError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(_write(tmp_path, bad))
+
+
+def test_set_overrides_and_check(tmp_path):
+    p = _write(tmp_path, {"model": "org/model", "stages": [{"prune": {"keep": 2}}, {"prune": {"keep": 1}}]})
+    r = load_recipe(p, ["model=other/model", "prune.method=random", "stages.2.keep=3", "calibration.n=8"])
+    assert r.model == "other/model" and [s.options.keep for s in r.stages] == [2, 3]
+    assert all(s.options.method == "random" and s.options.n == 8 for s in r.stages)
+    res = runner.invoke(app, ["run", str(p), "--check"])
+    assert res.exit_code == 0 and "recipe ok: 2 stage(s): prune -> prune" in res.output
+    with pytest.raises(MoECompressError, match="no merge stage"):
+        load_recipe(p, ["merge.keep=3"])
 
 
 def test_bad_yaml_cli_exit_2(tmp_path):
@@ -65,17 +184,9 @@ def test_bad_yaml_cli_exit_2(tmp_path):
     assert res.exit_code == 2 and "not valid YAML" in res.output and "Traceback" not in res.output
 
 
-def test_shipped_recipes_validate():
-    from pathlib import Path
-
-    for p in sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")):
-        load_recipe(p)
-
-
-def test_failed_stage_leaves_nothing(setup):
+def test_failed_first_stage_leaves_nothing(setup):
     t = setup
-    recipe = {"model": str(t / "src"), "output": str(t / "out"),
-              "stages": [{"prune": {"method": "random", "keep": 99}}]}
+    recipe = {"model": str(t / "src"), "output": str(t / "out"), "stages": [{"prune": {"method": "random", "keep": 99}}]}
     with pytest.raises(MoECompressError):
         run_recipe(_write(t, recipe))
     assert not (t / "out").exists() and not [p for p in t.iterdir() if p.name.startswith(".")]

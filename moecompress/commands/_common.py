@@ -40,3 +40,12 @@ def write_json(path: Path | None, data: Any) -> None:
         sys.stdout.write(text)
     else:
         Path(path).write_text(text)
+
+
+def one_stage(name: str, model: str, output, opts, *, progress: bool = True):
+    """Run one checkpoint stage as the one-stage recipe it means (so the command and the recipe
+    write the same bytes, recipe.yaml included); returns the stage's result."""
+    from ..recipe import Recipe, Stage, run_stages
+
+    recipe = Recipe(path="(command line)", model=str(model), output=str(output), stages=[Stage(1, name, opts)])
+    return run_stages(recipe, overwrite=opts.overwrite, progress=progress)["results"][0]

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..options import MergeOptions, cli_command
-from ._common import console, user_errors, write_json
+from ._common import console, one_stage, user_errors, write_json
 
 
 def _table(result) -> Table:
@@ -32,10 +32,9 @@ def register(app: typer.Typer) -> None:
         opts: MergeOptions = None,
     ) -> None:
         """Merge experts (M-SMoE, HC-SMoE or averaging) into a smaller checkpoint that loads in stock transformers."""
-        from ..merge import merge_checkpoint
 
         with user_errors():
-            result = merge_checkpoint(model, output, options=opts)
+            result = one_stage("merge", model, output, opts, progress=True)
         console.print(f"{result.method}, {result.num_experts} -> {result.keep} experts per MoE layer", highlight=False)
         console.print(_table(result))
         write_json(opts.json_out, result.to_dict(with_time=False))

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..options import PruneOptions, cli_command
-from ._common import console, user_errors, write_json
+from ._common import console, one_stage, user_errors, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -27,11 +27,10 @@ def register(app: typer.Typer) -> None:
         file's statistics are used and the text feeds naee.
         """
         from ..info import model_info
-        from ..prune import prune_checkpoint
 
         to_stdout = opts.json_out is not None and str(opts.json_out) == "-"
         with user_errors():
-            result = prune_checkpoint(model, output, options=opts, progress=not to_stdout)
+            result = one_stage("prune", model, output, opts, progress=not to_stdout)
             before, after = model_info(model), model_info(output)
         data = {**(result.report if result.kind != "experts" else result.to_dict()), "output": str(output),
                 "params_before": before["total_params"], "params_after": after["total_params"],

@@ -1,29 +1,38 @@
+"""``moecompress run RECIPE.yaml``: every stage of a YAML recipe, validated before any work."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from ._common import console, user_errors, write_json
+from ._common import console, err_console, user_errors, write_json
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        recipe: Path = typer.Argument(..., help="YAML recipe: model, output, calibration, stages (see recipes/)."),
+        recipe: Path = typer.Argument(..., help="YAML recipe: model, stages, calibration (`moecompress ls recipes`)."),
+        sets: List[str] = typer.Option([], "--set", help="Override a key: model=PATH, output=DIR, calibration.n=8, "
+                                       "prune.keep=4 (every prune stage) or stages.2.keep=4 (repeatable)."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (overrides the recipe's)."),
+        check: bool = typer.Option(False, "--check", help="Validate the recipe (names, types, ranges) and stop."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last completed stage."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-        check: bool = typer.Option(False, "--check", help="Validate the recipe and stop."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON here."),
     ) -> None:
-        """Run a recipe: chained stages (prune, merge, eval) from one YAML file."""
-        from ..recipe import load_recipe, run_recipe
+        """Run a recipe: stats, prune, merge, quantize, distill, eval and upload stages chained from one YAML file."""
+        from ..recipe import load_recipe, run_stages
 
         with user_errors():
+            r = load_recipe(recipe, sets, output=str(output) if output else None)
             if check:
-                r = load_recipe(recipe)
-                console.print(f"recipe ok: {len(r.stages)} stage(s) -> {r.output}")
+                console.print(f"recipe ok: {len(r.stages)} stage(s): {' -> '.join(s.name for s in r.stages)}"
+                              + (f"; output {r.output}" if r.output else ""), highlight=False)
                 return
-            summary = run_recipe(recipe, overwrite=overwrite, say=lambda m: console.print(f"[bold]{m}[/]"))
+            summary = run_stages(r, overwrite=overwrite, resume=resume,
+                                 say=lambda m: err_console.print(f"[bold]{m}[/]", highlight=False))
+        summary.pop("results")
         write_json(json_out, summary)
-        console.print(f"[green]done[/]: {summary['recipe']['output']}")
+        console.print(f"[green]done[/]: {summary['output']}", highlight=False)
