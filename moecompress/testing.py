@@ -170,8 +170,12 @@ def with_mtp_layer(folder, seed: int = 1) -> None:
     new = dict(tensors)
     for key, t in tensors.items():
         if key.startswith(f"model.layers.{n - 1}."):
-            fresh = (torch.randn(t.shape, generator=g) * 0.1 if "norm" not in key else 1 + 0.1 * torch.randn(t.shape, generator=g))
-            new[key.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = fresh.to(t.dtype)
+            if t.dtype in (torch.float32, torch.bfloat16, torch.float16) and not key.endswith("_scale_inv"):
+                fresh = (torch.randn(t.shape, generator=g) * 0.1 if "norm" not in key
+                         else 1 + 0.1 * torch.randn(t.shape, generator=g)).to(t.dtype)
+            else:  # a quantized checkpoint's FP8 weights and scales: the last layer's, as stored
+                fresh = t.clone()
+            new[key.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = fresh
     dtype = tensors["model.embed_tokens.weight"].dtype
     own = {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h), "shared_head.norm.weight": (h,),
            "shared_head.head.weight": (v, h)}

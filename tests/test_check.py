@@ -98,3 +98,27 @@ def test_a_stage_whose_output_fails_the_check_writes_nothing(tiny_ckpt, tmp_path
         prune_checkpoint(folder, tmp_path / "out", keep=4, method="random")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("fmt, family, drop, first", [
+    ("fp8", "qwen3_moe", "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv",
+     "model.layers.1.mlp.experts.2.up_proj.weight: dtype F8_E4M3, expected bfloat16"),  # no scales: not FP8-stored
+    ("mxfp4", "gpt_oss", "model.layers.1.mlp.experts.down_proj_scales",
+     "model.layers.1.mlp.experts.down_proj: MXFP4 needs both _blocks and _scales, found only _blocks"),
+])
+def test_quantized_checkpoint_missing_its_scales_fails(tmp_path, fmt, family, drop, first):
+    from moecompress.testing import quantized_checkpoint
+
+    quantized_checkpoint(tmp_path, family, fmt, **({"intermediate_size": 32} if fmt == "mxfp4" else {}))
+    assert check_checkpoint(tmp_path).ok
+    _tamper(tmp_path, lambda t: t.pop(drop))
+    assert check_checkpoint(tmp_path).problems[0] == first
+
+
+def test_fp8_scale_without_its_weight_fails(tmp_path):
+    from moecompress.testing import quantized_checkpoint
+
+    quantized_checkpoint(tmp_path, "qwen3_moe", "fp8")
+    _tamper(tmp_path, lambda t: t.pop("model.layers.2.mlp.experts.5.down_proj.weight"))
+    assert check_checkpoint(tmp_path).problems[0] == ("model.layers.2.mlp.experts.5.down_proj.weight: missing, "
+                                                      "only its weight_scale_inv is stored")

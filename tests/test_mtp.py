@@ -88,3 +88,23 @@ def test_merge_prunes_the_mtp_layer_by_its_own_router(mtp_ckpt, tmp_path):
     record = json.loads((tmp_path / "out" / "moecompress.json").read_text())
     assert record["mtp"]["kept_experts"] == {"3": [2, 3, 6, 7]}
     assert sum(k.startswith(MTP + "mlp.experts.") for k in load_file(tmp_path / "out" / "model.safetensors")) == 12
+
+
+def test_fp8_checkpoint_with_an_mtp_layer(tmp_path):
+    """DeepSeek-V3 as published: FP8 blocks and an MTP layer; kept MTP experts and their block
+    scales are copied byte for byte."""
+    from moecompress.testing import quantized_checkpoint
+
+    src = tmp_path / "src"
+    quantized_checkpoint(src, "deepseek_v3", "fp8")
+    with_mtp_layer(src)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    prune_checkpoint(src, tmp_path / "out", keep=4, method="frequency", calib=str(tmp_path / "calib.txt"), n=8,
+                     seq_len=32)
+    kept = json.loads((tmp_path / "out" / "moecompress.json").read_text())["mtp"]["kept_experts"]["3"]
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for j, e in enumerate(kept):
+        for part in ("gate_proj.weight", "gate_proj.weight_scale_inv", "down_proj.weight", "down_proj.weight_scale_inv"):
+            a, b = after[f"{MTP}mlp.experts.{j}.{part}"], before[f"{MTP}mlp.experts.{e}.{part}"]
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert after[MTP + "mlp.experts.0.up_proj.weight"].dtype == torch.float8_e4m3fn
