@@ -118,3 +118,15 @@ def test_stats_of_a_quantized_checkpoint_are_those_of_its_dequantized_weights(fa
     for li in (1, 2):
         for name in ("count", "reap", "ean"):
             assert torch.equal(a.get(li, name), b.get(li, name)), (li, name)
+
+
+def test_finegrained_pruning_of_a_quantized_checkpoint_writes_bf16(tmp_path):
+    src = tmp_path / "src"
+    quantized_checkpoint(src, "qwen3_moe", "fp8")
+    prune_checkpoint(src, tmp_path / "out", method="magnitude", sparsity=0.5)  # passes `check` (automatic)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert "quantization_config" not in cfg
+    assert {t.dtype for t in after.values()} <= {torch.bfloat16, torch.float32}
+    w = after["model.layers.1.mlp.experts.0.gate_proj.weight"]
+    assert (w == 0).float().mean() == 0.5
