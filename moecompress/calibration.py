@@ -176,6 +176,30 @@ def load_calibration(
     """Token ids [n, seq_len] (int64) drawn from ``source``."""
     if n < 1 or seq_len < 2:
         raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
+    seqs, have = _sequences(tokenizer, source, seq_len, mode, field)
+    if seqs.shape[0] < n:
+        raise MoECompressError(
+            f"calibration source '{source}' gives only {seqs.shape[0]} sequences of {seq_len} tokens "
+            f"({mode} mode, {have}), {n} asked; lower -n or --seq-len, or give more text"
+        )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(seqs.shape[0], generator=g)[:n].sort().values
+    return seqs[pick].clone()
+
+
+def load_sequences(tokenizer, source: str | os.PathLike, seq_len: int = 512, mode: Mode = "chunk",
+                   field: str = "text") -> torch.Tensor:
+    """Every sequence [N, seq_len] of ``source``, in file order (training data: ``distill --data``)."""
+    if seq_len < 2:
+        raise MoECompressError("--seq-len must be at least 2 tokens")
+    seqs, have = _sequences(tokenizer, source, seq_len, mode, field)
+    if seqs.shape[0] < 1:
+        raise MoECompressError(f"'{source}' gives no sequence of {seq_len} tokens ({mode} mode, {have}); "
+                               "lower --seq-len or give more text")
+    return seqs
+
+
+def _sequences(tokenizer, source, seq_len: int, mode: str, field: str) -> tuple[torch.Tensor, str]:
     if mode not in MODES:
         raise MoECompressError(f"unknown calibration mode '{mode}'; use chunk or document")
     docs = read_documents(source, field, mode)
@@ -194,11 +218,4 @@ def load_calibration(
         rows = [r for r in rows if len(r) == seq_len]
         seqs = torch.tensor(rows, dtype=torch.long).reshape(len(rows), seq_len)
         have = f"{len(docs)} documents, {len(rows)} of them with >= {seq_len} tokens"
-    if seqs.shape[0] < n:
-        raise MoECompressError(
-            f"calibration source '{source}' gives only {seqs.shape[0]} sequences of {seq_len} tokens "
-            f"({mode} mode, {have}), {n} asked; lower -n or --seq-len, or give more text"
-        )
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(seqs.shape[0], generator=g)[:n].sort().values
-    return seqs[pick].clone()
+    return seqs, have
