@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoECompressError
-from .options import DistillOptions, validate
+from ..options import DistillOptions, library_function
 from .stages import Stage, apply_stage, parse_stages
 from .trainer import CONFIG_DIR, Evaluator, TrainState, checkpoints, make_accelerator, record_eval, train_stage
 
@@ -72,16 +72,16 @@ def _check_inputs(student, teacher, data, out, opts: DistillOptions) -> tuple[st
     return str(teacher), stages
 
 
-def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, teacher: str | os.PathLike | None = None,
-                       data: str | os.PathLike, progress: bool = True, options: DistillOptions | None = None,
-                       **values) -> DistillResult:
+@library_function(DistillOptions)
+def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, opts: DistillOptions,
+                       progress: bool = True) -> DistillResult:
     """Distil ``student`` from ``teacher`` on ``data`` and write a standard checkpoint of the
     student's shape to ``out`` (with ``moecompress.json`` and ``loss_curve.json``/``.png``).
 
-    ``values`` are the options of :class:`DistillOptions` (or pass a ready ``options``). The
-    same call works under ``accelerate launch`` with several processes (DDP): every process
-    holds a teacher and a student, each takes its slice of every global batch, and only the
-    main process writes.
+    Options: :class:`moecompress.options.DistillOptions` as keyword arguments (or a ready
+    ``options=``). The same call works under ``accelerate launch`` with several processes
+    (DDP): every process holds a teacher and a student, each takes its slice of every global
+    batch, and only the main process writes.
     """
     from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -93,8 +93,8 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, te
     from .data import BatchOrder, calibration_sample, data_hash
     from .expertwise import expert_wise_distill
 
-    opts = options if options is not None else validate(values)
-    teacher, stages = _check_inputs(student, teacher, data, out, opts)
+    data = opts.data
+    teacher, stages = _check_inputs(student, opts.teacher, data, out, opts)
     accelerator = make_accelerator(opts)
     on_cpu = accelerator.device.type == "cpu"
     if opts.optim == "adamw8bit" and on_cpu:

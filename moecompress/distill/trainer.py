@@ -18,7 +18,7 @@ import torch
 from ..errors import MoECompressError
 from .data import BatchOrder, shard
 from .losses import ce_loss, hidden_loss, kl_loss
-from .options import DistillOptions
+from ..options import DistillOptions
 
 STATE_FILE = "trainer.json"
 CONFIG_DIR = "student-config"

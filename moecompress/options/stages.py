@@ -8,6 +8,7 @@ from typing import Literal, Optional
 from pydantic import field_validator, model_validator
 
 from .base import Options, option
+from .distill import DistillOptions
 from .groups import DEFAULT_SEQ_LEN, CalibrationOptions, LoadingOptions, MtpOptions, OutputOptions, StreamingOptions
 
 _METHOD = "Method options"
@@ -125,12 +126,6 @@ class UploadOptions(Options):
 
 class QuantizeOptions(Options):
     """Placeholder until the quantize stage lands (issue 13 replaces it)."""
-
-    implemented = False
-
-
-class DistillOptions(Options):
-    """Placeholder until the distill stage lands (issue 14 replaces it)."""
 
     implemented = False
 

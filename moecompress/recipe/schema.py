@@ -211,6 +211,11 @@ def load_recipe(path: str | Path, sets: list[str] = (), *, output: str | None = 
         values = {**{k: v for k, v in {**defaults, **calibration}.items() if k in allowed}, **given}
         if name == "eval" and values.get("base") is True:
             values["base"] = data["model"]
+        if name == "distill":  # distil from the recipe's model, on its calibration text, unless told
+            if values.get("teacher") in (None, True):
+                values["teacher"] = data["model"]
+            if "data" not in values and "calib" in calibration:
+                values["data"] = calibration["calib"]
         try:
             options = model.model_validate(values)
         except ValidationError as e:
