@@ -14,7 +14,7 @@ from moecompress.distill import distill_checkpoint, parse_stages
 from moecompress.distill.data import BatchOrder, shard
 from moecompress.distill.expertwise import expert_wise_distill
 from moecompress.distill.losses import hidden_loss, kl_loss
-from moecompress.distill.options import validate
+from moecompress.options import DistillOptions, validate
 from moecompress.errors import MoECompressError
 from moecompress.testing import SAMPLE_TEXT, invoke_cli, tiny_checkpoint, tiny_model, tokens
 
@@ -46,17 +46,21 @@ def test_kl_matches_naive_reference_and_is_zero_for_identical_logits():
     assert kl_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_top_k_kl_uses_the_teachers_k_largest_logits_renormalised():
+def test_top_k_kl_is_the_kl_of_k_tokens_plus_the_rest():
     s, t = torch.randn(5, 9), torch.randn(5, 9)
     k = 3
     total = 0.0
     for r in range(5):
-        idx = t[r].topk(k).indices
-        p = torch.softmax(t[r, idx], -1)
-        log_q = torch.log_softmax(s[r], -1)[idx]  # the student's full softmax, read at those ids
-        total += float((p * (p.log() - log_q)).sum())
-    assert kl_loss(s, t, top_k=k).item() == pytest.approx(total / 5, rel=1e-5)
+        p, q = torch.softmax(t[r], -1).double(), torch.softmax(s[r], -1).double()
+        idx = p.topk(k).indices
+        pk = torch.cat([p[idx], 1 - p[idx].sum(0, keepdim=True)])  # K tokens + "any other"
+        qk = torch.cat([q[idx], 1 - q[idx].sum(0, keepdim=True)])
+        total += float((pk * (pk / qk).log()).sum())
+    top = kl_loss(s, t, top_k=k).item()
+    assert top == pytest.approx(total / 5, rel=1e-4)
+    assert top <= kl_loss(s, t).item()  # a lower bound of the full KL
     assert kl_loss(s, t, top_k=9).item() == pytest.approx(kl_loss(s, t).item(), rel=1e-6)
+    assert kl_loss(t, t, top_k=2).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_hidden_loss_is_relative_error_averaged_over_layers_without_embeddings():
@@ -87,14 +91,17 @@ def test_stage_schedule_parses_and_refuses_with_one_line():
             parse_stages(bad)
 
 
-def test_options_give_one_line_errors():
-    with pytest.raises(MoECompressError, match="--lr"):
-        validate({"lr": -1})
+def test_options_give_one_line_errors(pair):
+    data = str(pair / "data.txt")
+    with pytest.raises(MoECompressError, match="lr"):
+        validate(DistillOptions, {"data": data, "lr": -1})
     with pytest.raises(MoECompressError, match="not both"):
-        validate({"steps": 3, "tokens": 100})
-    with pytest.raises(MoECompressError, match="unknown distill option 'nope'"):
-        validate({"nope": 1})
-    assert validate({"tokens": 1000, "batch_size": 2, "seq_len": 64}).total_steps() == 8
+        validate(DistillOptions, {"data": data, "steps": 3, "tokens": 100})
+    with pytest.raises(MoECompressError, match="unknown option"):
+        validate(DistillOptions, {"data": data, "nope": 1})
+    with pytest.raises(MoECompressError, match="steps"):
+        validate(DistillOptions, {"data": data, "stages": "keep:3"})
+    assert validate(DistillOptions, {"data": data, "tokens": 1000, "batch_size": 2, "seq_len": 64}).total_steps() == 8
 
 
 # ----- end to end ------------------------------------------------------------------------------
@@ -180,5 +187,5 @@ stages:
     assert rec["history"][-1]["stage"] == "prune"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == 4
     recipe.write_text(recipe.read_text().replace("lr: 0.003", "lr: -1"))
-    with pytest.raises(MoECompressError, match="stage 2 \\(distill\\): --lr"):
+    with pytest.raises(MoECompressError, match="lr"):
         run_recipe(recipe)

@@ -1,10 +1,13 @@
 """Distillation losses: KL of the next-token distributions and hidden-state MSE.
 
 * :func:`kl_loss` — Hinton et al. 2015's soft-target loss, ``T^2 * KL(p_T || q_T)`` per token
-  (teacher ``p``, student ``q``, temperature ``T``), averaged over tokens. With ``top_k`` the
-  teacher keeps only its K largest logits (renormalised over them), as SlimMoE distils from the
-  teacher's top-8 logits to save memory; the student's log-probabilities are still the full
-  softmax, gathered at those K ids, so mass it puts elsewhere is still paid for.
+  (teacher ``p``, student ``q``, temperature ``T``), averaged over tokens. With ``top_k`` only
+  the teacher's K most likely tokens are kept (SlimMoE distils from the teacher's top-8 logits
+  to save memory): both distributions are collapsed onto K + 1 outcomes, those K tokens and
+  "any other token" (mass ``1 - sum_k p_k``), and the KL of the collapsed distributions is
+  used. It is exact for K = V and a lower bound of the full KL otherwise (data processing).
+  Renormalising the teacher over its K tokens instead was measured to make the student
+  over-confident (docs perplexity 19.9 instead of 13.2 on the H200 testbed run).
 * :func:`hidden_loss` — mean over decoder layers of ``||h_s - h_t||^2 / ||h_t||^2`` (relative, so
   that layers of very different scale weigh the same; MiniLLM/Minitron-style hidden distillation).
 """
@@ -21,14 +24,20 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     s = student_logits.float().flatten(0, -2) / temperature
     t = teacher_logits.float().flatten(0, -2) / temperature
     log_q = F.log_softmax(s, dim=-1)
+    log_p = F.log_softmax(t, dim=-1)
     if top_k is not None and top_k < t.shape[-1]:
-        t_top, idx = t.topk(top_k, dim=-1)
-        log_p = F.log_softmax(t_top, dim=-1)
+        log_p, idx = log_p.topk(top_k, dim=-1)
         log_q = log_q.gather(-1, idx)
-    else:
-        log_p = F.log_softmax(t, dim=-1)
+        log_p = torch.cat([log_p, _log_rest(log_p)], dim=-1)
+        log_q = torch.cat([log_q, _log_rest(log_q)], dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return kl.mean() * temperature**2
+
+
+def _log_rest(log_top: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_k exp(log_top_k)), computed stably (the mass outside the K tokens)."""
+    total = torch.logsumexp(log_top, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.log(-torch.expm1(total))
 
 
 def hidden_loss(student_hidden, teacher_hidden) -> torch.Tensor:

@@ -143,7 +143,11 @@ def train_stage(accelerator, student, teacher, tokens: torch.Tensor, order: Batc
     on_cpu = accelerator.device.type == "cpu"
     set_trainable(student, opts.train)
     if opts.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed it activation_checkpointing_enable; older ones lack that
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     optimizer, scheduler = make_optimizer(student, opts, steps, on_cpu)
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
@@ -214,7 +218,7 @@ def train_stage(accelerator, student, teacher, tokens: torch.Tensor, order: Batc
     accelerator.wait_for_everyone()
     student = accelerator.unwrap_model(model)
     if opts.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
     accelerator.free_memory()  # drop the optimizer and wrappers: the next stage changes shapes
     student.requires_grad_(False)
     return True

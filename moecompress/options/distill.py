@@ -52,8 +52,8 @@ class DistillOptions(OutputOptions):
     loss: Literal["kl", "kl+hidden"] = option("kl", "kl: KL(teacher || student) of the next-token distribution; "
                                               "kl+hidden adds the hidden-state MSE of every decoder layer.",
                                               panel=_LOSS)
-    top_k_logits: Optional[int] = option(None, "KL over the teacher's top-K logits only (SlimMoE uses 8); default: "
-                                         "the full vocabulary.", ge=1, panel=_LOSS)
+    top_k_logits: Optional[int] = option(None, "KL over the teacher's top-K tokens plus one 'any other token' "
+                                         "outcome (SlimMoE uses 8); default: the full vocabulary.", ge=1, panel=_LOSS)
     temperature: float = option(1.0, "Softmax temperature of the KL (the loss is scaled by T^2).", gt=0, panel=_LOSS)
     hidden_weight: float = option(1.0, "Weight of the hidden-state term (relative MSE) with --loss kl+hidden.", ge=0,
                                   panel=_LOSS)
