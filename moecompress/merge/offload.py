@@ -5,11 +5,13 @@ each leaf module while it runs (accelerate hooks). Merging builds, per MoE layer
 with fewer experts; for a streamed model that block is written to a safetensors file and
 hooked the same way (:func:`offload_block`), so the merged model runs, and its observers see
 onloaded weights (``onload.onloaded``), without ever holding more than one layer. Edits made
-to an onloaded offloaded block (the re-fit) are saved with :func:`write_back`.
+to an onloaded offloaded block (the re-fit) are saved with :func:`write_back`, in place: only
+the tensors that changed are written again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +48,29 @@ class SafetensorsWeights(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def update(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Write the tensors whose bytes changed over their own bytes in the file; returns their
+        names. The rest of the file is not written again (after the re-fit, only the re-fitted
+        down projections: the merged block's file is written once). A name, shape or dtype the
+        file does not hold rewrites the whole file (:meth:`write`)."""
+        header, start = _read_header(self.path)
+        new = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        if set(new) != set(self._keys) or any(list(t.shape) != header[k]["shape"] or
+                                              _DTYPES.get(t.dtype) != header[k]["dtype"] for k, t in new.items()):
+            self.write(tensors)
+            return sorted(tensors)
+        changed = []
+        with open(self.path, "r+b") as fh:
+            for name in sorted(new):
+                begin, end = header[name]["data_offsets"]
+                data = new[name].reshape(-1).view(torch.uint8).numpy().tobytes()
+                fh.seek(start + begin)
+                if fh.read(end - begin) != data:  # reading from the page cache is cheaper than writing
+                    fh.seek(start + begin)
+                    fh.write(data)
+                    changed.append(name)
+        return changed
+
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the file's tensors (written aside, then renamed: readers never see half a file)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -70,9 +95,22 @@ def is_offloaded(block: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def write_back(block: nn.Module) -> None:
-    """Save the parameters of an onloaded block from :func:`offload_block` (a no-op for a block
-    held in memory, whose edits are already in place)."""
+def write_back(block: nn.Module) -> list[str]:
+    """Save the edited parameters of an onloaded block from :func:`offload_block`, in place in
+    its file (a no-op for a block held in memory, whose edits are already in place). Returns
+    the names written."""
     weights = block.__dict__.get("_moecompress_weights")
-    if weights is not None:
-        weights.write(dict(block.named_parameters()))
+    return weights.update(dict(block.named_parameters())) if weights is not None else []
+
+
+# safetensors' dtype names (its format spec), for the tensors a block holds
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(n)), 8 + n

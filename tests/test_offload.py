@@ -1,0 +1,30 @@
+"""Merged blocks on disk: a re-fit's edit is written in place, the rest of the file is not."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from moecompress.arch import moe_view
+from moecompress.merge.offload import offload_block, write_back
+from moecompress.onload import onloaded
+from moecompress.testing import tiny_model
+
+
+@torch.no_grad()
+def test_write_back_writes_only_the_edited_tensor_in_place(tmp_path):
+    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    layer = moe_view(model).layers[0]
+    block, path = layer.block, tmp_path / "merged.safetensors"
+    offload_block(block, path, torch.device("cpu"))
+    inode = path.stat().st_ino
+    with onloaded(block):
+        assert write_back(block) == []  # nothing edited: nothing written
+        layer.down_proj[1].add_(1.0)  # what the re-fit does to a down projection
+        expected = {k: p.detach().clone() for k, p in block.named_parameters()}
+        assert write_back(block) == ["experts.down_proj"]
+    assert path.stat().st_ino == inode  # updated in place, not rewritten aside
+    save_file({k: v.contiguous() for k, v in sorted(expected.items())}, tmp_path / "fresh.safetensors")
+    assert path.read_bytes() == (tmp_path / "fresh.safetensors").read_bytes()  # = a full rewrite
+    with onloaded(block):
+        torch.testing.assert_close(layer.down_proj[1], expected["experts.down_proj"][1], rtol=0, atol=0)
