@@ -38,7 +38,7 @@ from moecompress.evaluate.perplexity import load_text_tokens, perplexity  # noqa
 from moecompress.merge import DEFAULT_METHOD, DEFAULT_RIDGE, METHODS, merge_checkpoint  # noqa: E402
 from moecompress.merge.cluster import top_frequent  # noqa: E402
 from moecompress.merge.observe import MergeObserver  # noqa: E402
-from moecompress.merge.refit import refit_to_original, swap_in_copies  # noqa: E402
+from moecompress.refit import refit_to_original, swap_in_copies  # noqa: E402
 
 TESTBED = Path(__file__).resolve().parents[2] / "shared" / "testbed"
 MODEL = "qwen3moe-32x64-top4"

@@ -19,7 +19,7 @@ from moecompress.merge.api import METHODS, merged_expert
 from moecompress.merge.cluster import dominant_groups, hierarchical_clusters, logit_cosine
 from moecompress.merge.combine import ExpertWeights
 from moecompress.merge.observe import MergeObserver
-from moecompress.merge.refit import block_output
+from moecompress.refit import block_output
 from moecompress.testing import invoke_cli, tiny_model, tokens
 
 LOAD_CANNOT_STREAM = {"llama4_text": "load_model cannot stream Llama-4 yet: its decoder moves input_ids to the "
@@ -479,7 +479,7 @@ def test_refit_in_layer_groups_bounds_the_accumulators():
     """With a budget below one layer's accumulators every layer is re-fitted in its own pass:
     the first layer's re-fit is the same as in one pass (same inputs), later layers are fitted
     on the already re-fitted earlier layers, and the groups follow the model's shape."""
-    from moecompress.merge import refit as refit_mod
+    from moecompress import refit as refit_mod
 
     toks = tokens(6, 24)
     clusters = {1: [[0, 1, 2], [3], [4, 5], [6, 7]], 2: [[0, 7], [1, 2], [3, 4], [5, 6]]}
@@ -504,7 +504,7 @@ def test_refit_carrying_activations_equals_a_pass_from_the_embeddings_per_group(
     run twice: observed, then re-fitted). That equals, bit for bit, the plain definition: one
     calibration pass from the embeddings per group, after the earlier groups were re-fitted."""
     from moecompress.capture import run_calibration
-    from moecompress.merge.refit import RefitObserver, refit_to_original, swap_in_copies
+    from moecompress.refit import RefitObserver, refit_to_original, swap_in_copies
     from moecompress.arch import MoELayer
 
     toks = tokens(5, 16)
@@ -544,7 +544,7 @@ def test_streamed_working_bytes_counts_the_merged_block_and_the_accumulators():
     ``load_model`` keeps for one onloaded layer: one merged block (keep/E of an original one)
     and the re-fit accumulators held at once."""
     from moecompress.merge.api import streamed_working_bytes
-    from moecompress.merge.refit import accumulator_bytes
+    from moecompress.refit import accumulator_bytes
 
     model = tiny_model("qwen3_moe")
     view = moe_view(model)

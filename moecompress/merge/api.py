@@ -13,7 +13,7 @@ with the expert-merge weights (``router="weighted"``). The papers keep the full 
 all members share the merged weights; a stock checkpoint needs one row per expert, so top-k
 runs over the merged rows and selects a merged expert at most once per token. The model's own
 router then renormalises the top-k weights as before (``norm_topk_prob``...), and the re-fit
-(:mod:`.refit`) absorbs what changed for tokens that had chosen other members.
+(:mod:`moecompress.refit`) absorbs what changed for tokens that had chosen other members.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .cluster import check_clustering, dominant_groups, dominant_member, hierarc
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
 from .offload import offload_block
-from .refit import refit_to_original
+from ..refit import refit_to_original
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,7 @@ def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") 
     ``load_model`` now refuses."""
     from ..checkpoint import parse_dtype, stored_dtype
     from ..surgery import meta_view
-    from .refit import peak_accumulator_bytes
+    from ..refit import peak_accumulator_bytes
 
     view = meta_view(config)
     dt = parse_dtype(dtype) if dtype != "auto" else None

@@ -37,10 +37,9 @@ import operator
 import torch
 from torch import nn
 
-from ..arch import MoELayer, MoEModel, Routing, moe_view
-from ..capture import LayerCursor
-from ..onload import onloaded
-from .offload import write_back
+from .arch import MoELayer, MoEModel, Routing, moe_view
+from .capture import LayerCursor
+from .onload import onloaded
 
 
 def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +170,8 @@ def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tens
     relative routed-output error before the re-fit. Works for any edit that leaves one router
     row per expert (merging, or pruning). Layers go in groups of at most ``budget`` bytes of
     accumulators (default ``ACCUMULATOR_BUDGET``; see the module docstring)."""
+    from .merge.offload import write_back  # merge imports this module: imported here, not at the top
+
     view = moe_view(model)
     budget = ACCUMULATOR_BUDGET if budget is None else budget
     errors = {}
