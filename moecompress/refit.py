@@ -78,6 +78,24 @@ def peak_accumulator_bytes(view: MoEModel, keep: int) -> int:
     return max(min(ACCUMULATOR_BUDGET, sum(sizes)), max(sizes, default=0))
 
 
+def expert_features(layer: MoELayer, x: torch.Tensor, routing: Routing):
+    """Per routed expert ``c``: its tokens, the features ``F = a * h_c(x)`` [n, I] of the re-fit
+    (``h_c(a * x)`` for Llama-4) and each token's residual share ``a / sum(a)`` [n]."""
+    w = routing.topk_weight.float()
+    total = w.sum(1, keepdim=True)
+    safe = torch.where(total != 0, total, torch.ones_like(total))
+    share = torch.where(total != 0, w / safe, 1.0 / w.shape[1])
+    for c in routing.topk_idx.unique().tolist():
+        tok, pos = (routing.topk_idx == c).nonzero(as_tuple=True)
+        a = w[tok, pos]
+        xc = x[tok]
+        if layer.spec.weight_on_input:
+            feat = layer.expert_hidden(c, xc * a[:, None].to(xc.dtype)).float()
+        else:
+            feat = layer.expert_hidden(c, xc).float() * a[:, None]
+        yield c, tok, feat, share[tok, pos]
+
+
 class RefitObserver:
     """Accumulates the normal equations of the re-fit, per merged layer and expert."""
 
@@ -99,27 +117,22 @@ class RefitObserver:
             self.rhs[li] = torch.zeros(num, inter, layer.hidden_size, dtype=torch.float32, device=x.device)
             self.tokens[li] = torch.zeros(num, dtype=torch.long)
             self.err[li], self.ref[li] = 0.0, 0.0
+        resid = self._residual(layer, x, y)
+        for c, tok, feat, share in expert_features(layer, x, routing):
+            self.gram[li][c] += feat.T @ feat
+            self.rhs[li][c] += feat.T @ (resid[tok] * share[:, None])
+            self.tokens[li][c] += tok.numel()
+
+    def _residual(self, layer: MoELayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """e = y_orig - y [T, H] (float32); adds to the layer's error and reference sums."""
+        li = layer.layer_idx
         y_orig = block_output(self.originals[li], x).float()
         resid = y_orig - y.float()
         shared = layer.shared_forward(x)
         routed_orig = y_orig - shared.float() if shared is not None else y_orig
         self.err[li] += float(resid.double().square().sum())
         self.ref[li] += float(routed_orig.double().square().sum())
-        w = routing.topk_weight.float()
-        total = w.sum(1, keepdim=True)
-        safe = torch.where(total != 0, total, torch.ones_like(total))
-        share = torch.where(total != 0, w / safe, 1.0 / w.shape[1])
-        for c in routing.topk_idx.unique().tolist():
-            tok, pos = (routing.topk_idx == c).nonzero(as_tuple=True)
-            a = w[tok, pos]
-            xc = x[tok]
-            if layer.spec.weight_on_input:
-                feat = layer.expert_hidden(c, xc * a[:, None].to(xc.dtype)).float()
-            else:
-                feat = layer.expert_hidden(c, xc).float() * a[:, None]
-            self.gram[li][c] += feat.T @ feat
-            self.rhs[li][c] += feat.T @ (resid[tok] * share[tok, pos][:, None])
-            self.tokens[li][c] += tok.numel()
+        return resid
 
     def onload_with(self, layer: MoELayer) -> list[nn.Module]:
         """The original block runs on the merged layer's inputs: onload it with the layer."""
@@ -146,6 +159,53 @@ class RefitObserver:
         if layer_idx not in self.err or self.ref[layer_idx] == 0:
             return None
         return self.err[layer_idx] / self.ref[layer_idx]
+
+
+
+JOINT_MAX_FEATURES = 4096  # E' * I: the joint Gram is float32 [4096, 4096] = 64 MiB at most
+
+
+class JointRefitObserver(RefitObserver):
+    """The same least-squares problem solved jointly over all experts of a layer (exact, not
+    one Jacobi step): unknowns ``dD_c`` for every expert at once, features ``F_t`` the
+    concatenation over experts of ``a_{t,c} h_c(x_t)`` (zero for unselected experts) and the
+    whole residual ``e_t`` as target, ``min sum_t ||e_t - sum_c dD_c F_{t,c}||^2 + ridge``; the
+    ridge of each expert's block is ``ridge * mean(diag of its block)``, as in the Jacobi step.
+    Used where ``E' * I <= JOINT_MAX_FEATURES`` (the Gram is that squared)."""
+
+    @torch.no_grad()
+    def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
+        li, num, inter = layer.layer_idx, layer.num_experts, layer.intermediate_size
+        if li not in self.originals:
+            return
+        if li not in self.gram:
+            self.gram[li] = torch.zeros(num * inter, num * inter, dtype=torch.float32, device=x.device)
+            self.rhs[li] = torch.zeros(num * inter, layer.hidden_size, dtype=torch.float32, device=x.device)
+            self.tokens[li] = torch.zeros(num, dtype=torch.long)
+            self.err[li], self.ref[li] = 0.0, 0.0
+        resid = self._residual(layer, x, y)
+        feats = torch.zeros(x.shape[0], num * inter, dtype=torch.float32, device=x.device)
+        for c, tok, feat, _ in expert_features(layer, x, routing):
+            feats[tok, c * inter:(c + 1) * inter] = feat
+            self.tokens[li][c] += tok.numel()
+        self.gram[li] += feats.T @ feats
+        self.rhs[li] += feats.T @ resid
+
+    @torch.no_grad()
+    def apply(self, layer: MoELayer, ridge: float) -> None:
+        li = layer.layer_idx
+        if li not in self.gram:
+            return
+        num, inter = layer.num_experts, layer.intermediate_size
+        g = self.gram[li].double()
+        block_mean = g.diagonal().reshape(num, inter).mean(1)  # per expert
+        lam = (ridge * block_mean + 1e-12).repeat_interleave(inter)
+        delta = torch.linalg.solve(g + torch.diag(lam), self.rhs[li].double())  # [E' I, H]
+        for c in range(num):
+            if int(self.tokens[li][c]) == 0:
+                continue
+            down = layer.down_proj[c]
+            down.copy_((down.double() + delta[c * inter:(c + 1) * inter].T.to(down.device)).to(down.dtype))
 
 
 def swap_in_copies(model, view: MoEModel | None = None) -> dict[int, nn.Module]:

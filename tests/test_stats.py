@@ -50,7 +50,9 @@ def _record(model, toks):
 def _naive_layer(layer, calls, k, residual_scale):
     """Per-token loops over (token, selected expert), using only the MoE view's per-expert API."""
     E = layer.num_experts
-    r = {n: np.zeros(E) for n in ("count", "soft", "gate", "ean", "contrib", "easy", "tcess", "in_max", "out_max")}
+    r = {n: np.zeros(E) for n in ("count", "soft", "gate", "ean", "contrib", "easy", "tcess", "in_max", "out_max",
+                                  "contrib_sq", "top")}
+    out_sum = np.zeros((E, layer.hidden_size))  # REAP's routed characteristic activation, summed
     coact = np.zeros((E, E), dtype=np.int64)
     ent, T = 0.0, 0
     for x, routing, _y, h in calls:
@@ -92,6 +94,9 @@ def _naive_layer(layer, calls, k, residual_scale):
                 r["contrib"][e] += contrib
                 r["in_max"][e] = max(r["in_max"][e], float(hid.abs().max()))
                 r["out_max"][e] = max(r["out_max"][e], float(o.abs().max()))
+                r["contrib_sq"][e] += contrib**2
+                r["top"][e] = max(r["top"][e], float(o.max()))  # REAP's max_activations start at 0
+                out_sum[e] += o[0].double().numpy()
                 per.append((e, contrib))
             ht = h[t].float()
             cos = torch.nn.functional.cosine_similarity(ht, ht + residual_scale * routed[0].float(), dim=0)
@@ -105,6 +110,9 @@ def _naive_layer(layer, calls, k, residual_scale):
         "reap": r["contrib"] / used, "easy_ep": r["easy"], "tcess": r["tcess"] / T, "coactivation": coact,
         "entropy": ent / T, "load_cv": cnt.std() / cnt.mean(),
         "super_in_max": r["in_max"], "super_out_max": r["out_max"],
+        # REAP's code criteria (CerebrasResearch/reap, pruning_metrics.py and prune.py)
+        "weighted_ean_sum": r["contrib"], "ean_mean": r["ean"] / used, "reap_l2": np.sqrt(r["contrib_sq"] / used),
+        "ean_ca": np.linalg.norm(out_sum / used[:, None], axis=1), "max_activations": r["top"],
     }
 
 

@@ -3,7 +3,8 @@
 ``collect_stats(model, tokens)`` runs the tokens once through the model (batched, through
 :func:`moecompress.capture.run_calibration`) and returns a :class:`Stats` holding, for every
 MoE layer, the per-expert statistics documented in :mod:`moecompress.stats.observer`:
-``count``, ``soft_count``, ``gate_mean``, ``ean``, ``reap``, ``easy_ep``, ``tcess``,
+``count``, ``soft_count``, ``gate_mean``, ``ean``, ``reap``, ``easy_ep``, ``tcess``, REAP's
+``weighted_ean_sum``, ``ean_mean``, ``reap_l2``, ``ean_ca``, ``max_activations``,
 ``coactivation``, ``entropy``, ``load_cv``, ``super_in_max``, ``super_out_max``,
 ``super_experts``, ``srp`` and ``sch``.
 """
@@ -22,7 +23,8 @@ from .observer import StatsObserver
 
 __all__ = ["Stats", "collect_stats", "summary_path", "STAT_NAMES"]
 
-STAT_NAMES = ("count", "soft_count", "gate_mean", "ean", "reap", "easy_ep", "tcess", "coactivation",
+STAT_NAMES = ("count", "soft_count", "gate_mean", "ean", "reap", "easy_ep", "tcess", "weighted_ean_sum", "ean_mean",
+              "reap_l2", "ean_ca", "max_activations", "coactivation",
               "entropy", "load_cv", "super_in_max", "super_out_max", "super_experts", "srp", "sch")
 
 

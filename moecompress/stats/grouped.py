@@ -29,6 +29,8 @@ class RoutedActivations:
     out_norm: torch.Tensor  # [P] ||expert output|| (float32), the output as computed in the forward
     row_in_max: torch.Tensor  # [P] max |down_proj input| of the pair (float32)
     row_out_max: torch.Tensor  # [P] max |down_proj output| of the pair (float32)
+    row_out_top: torch.Tensor  # [P] max (signed) of the expert output of the pair (float32; REAP's max_activations)
+    out_sum: torch.Tensor  # [E, H] per expert: sum of its outputs over its routed tokens (float64; REAP's ean_ca)
     weight_on_input: bool  # Llama-4: the routing weight scaled the input, not the output
     routed_output: torch.Tensor | None = None  # [T, H] sum of the routed experts' contributions
 
@@ -125,6 +127,8 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
     row_in_max = torch.empty(P, dtype=torch.float32, device=dev)  # max |down_proj input| of each row
     row_out_max = torch.empty_like(row_in_max)
     out_norm = torch.empty_like(row_in_max)
+    row_out_top = torch.empty_like(row_in_max)
+    out_sum = torch.zeros(E, x.shape[1], dtype=torch.float64, device=dev)
     contrib = None  # [P, H] weighted expert outputs, expert-sorted (GPU)
     # On the CPU, index_add_ adds in a fixed order (deterministic) and saves a [P, H] buffer and
     # its gather; on a GPU its float atomics would not be, so the rows are un-sorted and summed.
@@ -138,6 +142,8 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
         row_in_max[lo:hi] = _row_absmax(h)
         row_out_max[lo:hi] = _row_absmax(o)
         out_norm[lo:hi] = torch.linalg.vector_norm(o, dim=1, dtype=torch.float32)
+        row_out_top[lo:hi] = o.amax(dim=1).float() if o.shape[1] else 0.0
+        out_sum.add_(_segment_rows(o, offsets, lo, hi))
         if not want_routed_output:
             return
         if routed_cpu is not None:
@@ -173,8 +179,16 @@ def routed_activations(layer: MoELayer, x: torch.Tensor, routing: Routing,
         # sum over the k slots in fp32, then cast: what transformers' experts forward does
         routed = contrib[inverse].view(T, k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
     return RoutedActivations(expert=expert, token=token, weight=weight, offsets=offsets, out_norm=out_norm,
-                             row_in_max=row_in_max, row_out_max=row_out_max,
-                             weight_on_input=bool(layer.spec.weight_on_input), routed_output=routed)
+                             row_in_max=row_in_max, row_out_max=row_out_max, row_out_top=row_out_top,
+                             out_sum=out_sum, weight_on_input=bool(layer.spec.weight_on_input), routed_output=routed)
+
+
+def _segment_rows(o: torch.Tensor, offsets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """[E, H] float64 per-expert sums of expert-sorted rows ``o`` = rows lo:hi of all pairs: a
+    prefix sum read at the expert boundaries (deterministic, no float atomics on a GPU)."""
+    c = torch.nn.functional.pad(o.double().cumsum(0), (0, 0, 1, 0))
+    bounds = offsets.clamp(lo, hi) - lo
+    return c[bounds[1:]] - c[bounds[:-1]]
 
 
 def _chunked_experts(layer, x, xin, expert, offsets, max_elements, reduce_rows) -> None:

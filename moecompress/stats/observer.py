@@ -23,6 +23,19 @@ expert, o = that expert's output for the token):
                       routed tokens of router weight * ||expert output||, the router weight being
                       renormalised over the top-k when the model does so) and the Eq. 9 quoted by
                       openvinotoolkit/nncf (``saliency_reap``). The paper text itself is not stored.
+* ``weighted_ean_sum[e]`` REAP's code criterion of that name (CerebrasResearch/reap,
+                      src/reap/pruning_metrics.py ``update_pruning_state``, read at commit 1970473):
+                      sum over routed tokens of g_e(x) * ||f_e(x)|| (the sum where ``reap`` is the
+                      mean; g renormalised over the top-k when the model does so, as REAP's default).
+* ``ean_mean[e]``     REAP's ``ean_mean``: mean over routed tokens of ||f_e(x)|| (``ean`` / ``count``).
+* ``reap_l2[e]``      REAP's code lists ``reap_l2`` as a pruning criterion but never computes it
+                      (no observer fills it at commit 1970473): here the L2 (root-mean-square) mean
+                      of the same per-token contributions, sqrt(1/|X_e| * sum (g_e(x) ||f_e(x)||)^2).
+* ``ean_ca[e]``       REAP's ``ean_ca`` (src/reap/prune.py): the norm of the expert's routed
+                      characteristic activation, || 1/|X_e| * sum_{x in X_e} f_e(x) ||.
+* ``max_activations[e]`` REAP's ``max_activations``: the largest (signed) value of the expert's
+                      output over its routed tokens and hidden units, floored at 0 (REAP's state
+                      starts at 0); ``super_out_max`` is the largest |value| at the same place.
 * ``easy_ep[e]``      EASY-EP output-aware importance (Dong et al., 2025, "Domain-Specific
                       Pruning of Large MoE Models with Few-shot Demonstrations", Sec. 3):
                       c_{e,t} = g_{e,t} * ||o_{e,t}||, s_t = max(0, 1 - cos(h_t, h_t + r_t)),
@@ -70,7 +83,7 @@ from .locality import SCHBuffer, srp_histograms
 
 # Per routed (token, expert) pair values summed per expert: the routing weight (gate_mean), the
 # expert output norm (EAN), the weighted contribution norm (REAP) and its EASY-EP weighting.
-PAIR_SUMS = ("gate", "ean", "contrib", "easy")
+PAIR_SUMS = ("gate", "ean", "contrib", "easy", "contrib_sq")
 
 
 @dataclass
@@ -92,7 +105,8 @@ class _Traffic:
     @property
     def nbytes(self) -> int:
         t = [self.probs, self.logits, self.topk_idx, self.gram, self.acts.expert, self.acts.token, self.acts.weight,
-             self.acts.out_norm, self.acts.row_in_max, self.acts.row_out_max]
+             self.acts.out_norm, self.acts.row_in_max, self.acts.row_out_max, self.acts.row_out_top,
+             self.acts.out_sum]
         return sum(x.numel() * x.element_size() for x in t)
 
 
@@ -118,6 +132,7 @@ class _Sums:
             "entropy": torch.zeros(n, dtype=f64, device=dev),
             "in_max": torch.zeros(n, E, dtype=torch.float32, device=dev),
             "out_max": torch.zeros(n, E, dtype=torch.float32, device=dev),
+            "out_top": torch.zeros(n, E, dtype=torch.float32, device=dev),  # REAP starts its max at 0
             "srp_hist": torch.zeros(n, self.m + 1, dtype=torch.int64, device=dev),
         }
 
@@ -194,6 +209,7 @@ class StatsObserver:
         self.reused = 0
         self.kept: list[_Traffic] = []
         self.kept_bytes = 0
+        self.out_sum: dict[int, torch.Tensor] = {}  # layer -> [E, H] float64 sum of routed expert outputs
 
     @torch.no_grad()
     def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
@@ -269,7 +285,7 @@ class StatsObserver:
         offsets = torch.stack([t.acts.offsets for t in items])  # [L, E + 1]
         a["count"][rows] += offsets.diff(dim=1)
         expert = torch.stack([t.acts.expert for t in items])  # [L, P]
-        for name, field in (("in_max", "row_in_max"), ("out_max", "row_out_max")):
+        for name, field in (("in_max", "row_in_max"), ("out_max", "row_out_max"), ("out_top", "row_out_top")):
             rowmax = torch.stack([getattr(t.acts, field) for t in items])
             batch_max = torch.zeros(L, E, dtype=torch.float32, device=dev).scatter_reduce_(1, expert, rowmax, "amax")
             a[name][rows] = torch.maximum(a[name][rows], batch_max)
@@ -285,8 +301,11 @@ class StatsObserver:
         contrib = out_norm if items[0].acts.weight_on_input else out_norm * weight.abs()
         token = torch.stack([t.acts.token for t in items])
         pairs = torch.stack([weight.double(), out_norm.double(), contrib.double(),
-                             contrib.double() * s.gather(1, token)], dim=1)  # [L, 4, P]
+                             contrib.double() * s.gather(1, token), contrib.double().square()], dim=1)  # [L, 5, P]
         a["pair_sums"][rows] += segment_sums(pairs, offsets)
+        for t in items:  # [E, H] each: kept per layer (the hidden size is not known to _Sums)
+            prev = self.out_sum.get(t.layer_idx)
+            self.out_sum[t.layer_idx] = t.acts.out_sum if prev is None else prev + t.acts.out_sum
 
     def fuse_experts(self, view) -> list:
         """Let the statistics' grouped expert computation *be* the experts' forward pass, so the
@@ -360,6 +379,11 @@ class StatsObserver:
                 "gate_mean": (pair["gate"] / used).float(),
                 "ean": pair["ean"].float(),
                 "reap": (pair["contrib"] / used).float(),
+                "weighted_ean_sum": pair["contrib"].float(),
+                "ean_mean": (pair["ean"] / used).float(),
+                "reap_l2": (pair["contrib_sq"] / used).sqrt().float(),
+                "ean_ca": torch.linalg.vector_norm(self.out_sum[li].cpu() / used[:, None], dim=1).float(),
+                "max_activations": a["out_top"],
                 "easy_ep": pair["easy"].float(),
                 "tcess": (a["tcess"] / tokens).float(),
                 "coactivation": a["coact"].round().long(),

@@ -1,0 +1,228 @@
+"""Repair after removal: re-fit what is left of each MoE layer to the original layer's output.
+
+Any stage that removes experts (pruning, merging) changes a layer's output twice: the removed
+experts' contributions are gone, and the router now picks its top-k among the kept experts only.
+``repair(model, original, tokens)`` moves through the compressed model a layer at a time with the
+calibration activations (``capture.LayerCursor``; every layer sees the inputs produced by the
+already repaired layers before it) and fits, in closed form, on the calibration tokens ``x_t``:
+
+* ``refit`` — the kept experts' down projections (:mod:`moecompress.refit`, the merge's re-fit:
+  ridge least squares, residual shared among a token's selected experts by routing weight);
+* ``refit+router`` — first the kept experts' router rows, then the down projections as above.
+
+Router re-fit (our derivation; no paper does this). The pruned layer's routed output is
+``y'(x) = sum_{j in K(x)} w_j(z) f_j(x)`` with logits ``z = W_S x`` over the kept experts ``S``,
+``K(x)`` the selected top-k and ``f_j`` the (unweighted) expert outputs. The target is the
+*original* layer's output ``y(x)`` (shared experts, identical in both, cancel in ``r = y - y'``).
+Holding the selection ``K(x)`` fixed, one Gauss-Newton step on
+
+    min_dW  sum_t || r_t - sum_m g_tm (dW_m . x_t) ||^2 + lam ||dW||^2,
+    g_tm = d y'_t / d z_m = sum_{j in K} (d w_j / d z_m) f_j(x_t)
+
+is linear least squares in all kept rows at once (``|S| * H`` unknowns), solved exactly from
+its normal equations ``(A + lam I) vec(dW) = b`` with
+``A[(m, a), (n, b)] = sum_t (g_tm . g_tn) x_ta x_tb`` and ``b[(m, a)] = sum_t (g_tm . r_t) x_ta``.
+The routing-weight derivatives are closed form: with scores ``s = softmax(z)`` (or
+``sigmoid(z)``) and a constant ``c`` (routed scaling factor), unnormalised top-k weights
+``w_j = c s_j`` give ``dw_j/dz_m = c ds_j/dz_m``; normalised ones ``w_j = c s_j / N``,
+``N = sum_{i in K} s_i``, give ``dw_j/dz_m = c (ds_j/dz_m / N - s_j sum_{i in K} ds_i/dz_m / N^2)``
+(for softmax this is ``w_j (delta_jm - w_m / c)`` on ``K``). Which of the two a router computes is
+read off its own routing (``w / s`` constant: unnormalised; ``sum_K w`` constant: normalised).
+A softmax's shift invariance makes ``A`` singular (adding one vector to every row changes
+nothing): the ridge ``lam = router_ridge * mean(diag A)`` picks the smallest step.
+
+Token weighting: every calibration token counts once in both fits (squared error of the layer's
+hidden-state output, no per-token weights); a token's residual is shared among its selected
+experts in the down-projection fit as documented in :mod:`moecompress.refit`.
+
+Not re-fitted: shared experts and their gates, per-expert router biases, gate/up projections.
+The router fit is skipped (and the record says why) for families whose routing weight scales
+the expert input (Llama-4), for routers whose weights are neither form above, and for layers
+whose joint system exceeds ``ROUTER_MAX_UNKNOWNS`` (|S| * H; the accumulator is that squared).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import MoELayer, Routing, moe_view
+from .capture import LayerCursor
+from .errors import MoECompressError
+from .onload import onloaded
+from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output
+
+REPAIR_MODES = ("none", "refit", "refit+router")
+DEFAULT_RIDGE = 1e-2  # the down-projection fit's (the merge's default, measured there)
+DEFAULT_ROUTER_RIDGE = 1e-1
+ROUTER_MAX_UNKNOWNS = 8192  # |S| * H: the joint normal equations are float32 [8192, 8192] = 256 MiB at most
+
+
+def check_mode(mode: str) -> None:
+    if mode not in REPAIR_MODES:
+        raise MoECompressError(f"unknown --repair '{mode}'; use one of: {', '.join(REPAIR_MODES)}")
+
+
+def routing_jacobian(routing: Routing, scoring: str, form: tuple[str, float]) -> torch.Tensor:
+    """[T, k, S] derivatives of the selected routing weights w_j (j in top-k) with respect to
+    the logits z_m of every kept expert, selection held fixed (module docstring)."""
+    s = routing.probs.float()  # [T, S]
+    idx = routing.topk_idx
+    s_k = s.gather(1, idx)  # [T, k]
+    onehot = torch.zeros(*idx.shape, s.shape[1], dtype=s.dtype, device=s.device).scatter_(2, idx[..., None], 1.0)
+    if scoring == "sigmoid":
+        ds = onehot * (s_k * (1 - s_k))[..., None]  # ds_j/dz_m = delta_jm s_j (1 - s_j)
+    else:
+        ds = s_k[..., None] * (onehot - s[:, None, :])  # s_j (delta_jm - s_m)
+    kind, c = form
+    if kind == "plain":
+        return c * ds
+    n = s_k.sum(1)[:, None, None]
+    jac = c * (ds / n - s_k[..., None] * ds.sum(1, keepdim=True) / n**2)
+    # exactly 0 for unselected m (the normalisation cancels them): zeroed, not left at rounding noise
+    return jac * onehot.amax(1, keepdim=True)
+
+
+def weight_form(routing: Routing, tol: float = 1e-3) -> tuple[str, float] | None:
+    """("plain", c) when w = c * s, ("normalised", c) when w = c * s / sum_K s, else None."""
+    s_k = routing.probs.float().gather(1, routing.topk_idx)
+    w = routing.topk_weight.float()
+    if routing.topk_idx.shape[1] > 1 or w.numel() == 0:  # k = 1 normalised weights are constant: checked second
+        ratio = w / s_k.clamp_min(1e-30)
+        if float(ratio.std(unbiased=False)) <= tol * float(ratio.abs().mean()):
+            return "plain", float(ratio.mean())
+    total = w.sum(1)
+    if float(total.std(unbiased=False)) <= tol * float(total.abs().mean()):
+        return "normalised", float(total.mean())
+    return None
+
+
+class RouterObserver:
+    """Accumulates the Gauss-Newton normal equations of one layer's kept router rows."""
+
+    def __init__(self, layer_idx: int, original: nn.Module):
+        self.layer_idx, self.original = layer_idx, original
+        self.A: torch.Tensor | None = None  # [S, H, S, H]
+        self.b: torch.Tensor | None = None  # [S, H]
+        self.skip: str | None = None
+        self.form: tuple[str, float] | None = None
+        self.err = self.ref = 0.0
+
+    def onload_with(self, layer: MoELayer) -> list[nn.Module]:
+        return [self.original] if layer.layer_idx == self.layer_idx else []
+
+    @torch.no_grad()
+    def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
+        if layer.layer_idx != self.layer_idx or self.skip:
+            return
+        S, H = layer.num_experts, layer.hidden_size
+        if self.A is None:
+            if layer.spec.weight_on_input:
+                self.skip = "the routing weight scales the expert input (not modelled)"
+            elif S * H > ROUTER_MAX_UNKNOWNS:
+                self.skip = f"{S} x {H} router unknowns exceed the joint solve's {ROUTER_MAX_UNKNOWNS}"
+            else:
+                self.form = weight_form(routing)
+                if self.form is None:
+                    self.skip = "routing weights are neither c*s nor c*s/sum(s) over the top-k"
+            if self.skip:
+                return
+            self.A = torch.zeros(S, H, S, H, dtype=torch.float32, device=x.device)
+            self.b = torch.zeros(S, H, dtype=torch.float32, device=x.device)
+        resid = (block_output(self.original, x) - y).float()
+        shared = layer.shared_forward(x)
+        routed = y.float() - (shared.float() if shared is not None else 0.0)
+        self.err += float(resid.double().square().sum())
+        self.ref += float((routed + resid).double().square().sum())
+        T, k = routing.topk_idx.shape
+        feats = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # f_j(x_t), unweighted
+        for e in routing.topk_idx.unique().tolist():
+            tok, pos = (routing.topk_idx == e).nonzero(as_tuple=True)
+            feats[tok, pos] = layer.expert_forward(e, x[tok]).float()
+        jac = routing_jacobian(routing, layer.spec.scoring, self.form)  # [T, k, S]
+        g = torch.einsum("tjm,tjh->tmh", jac, feats)  # [T, S, H] d y' / d z_m
+        xf = x.float()
+        self.b += torch.einsum("tm,ta->ma", torch.einsum("tmh,th->tm", g, resid), xf)
+        p = torch.bmm(g, g.transpose(1, 2))  # [T, S, S]
+        for m in range(S):
+            for n in range(m, S):
+                w = p[:, m, n]
+                nz = w.nonzero().flatten()
+                if nz.numel():
+                    xs = xf[nz]
+                    self.A[m, :, n, :] += (xs * w[nz, None]).T @ xs
+
+    @torch.no_grad()
+    def apply(self, layer: MoELayer, ridge: float) -> dict:
+        if self.skip or self.A is None:
+            return {"router": "skipped: " + (self.skip or "no calibration tokens")}
+        S, H = self.b.shape
+        a = self.A.double()
+        upper = torch.triu(torch.ones(S, S, dtype=torch.bool, device=a.device), 1)
+        a = a + (a * upper[:, None, :, None]).permute(2, 3, 0, 1)  # fill the lower blocks (symmetric)
+        a = a.reshape(S * H, S * H)
+        lam = ridge * float(a.diagonal().mean()) + 1e-12
+        delta = torch.linalg.solve(a + lam * torch.eye(S * H, dtype=a.dtype, device=a.device),
+                                   self.b.double().reshape(-1)).reshape(S, H)
+        w = layer.router_weight
+        w.data.copy_((w.data.double() + delta.to(w.device)).to(w.dtype))
+        self.A = self.b = None
+        return {"router": "gauss-newton", "router_form": self.form[0]}
+
+    def relative_error(self) -> float | None:
+        return self.err / self.ref if self.ref else None
+
+
+def _original_blocks(model, original) -> dict[int, nn.Module]:
+    if isinstance(original, dict):
+        return original
+    return {layer.layer_idx: layer.block for layer in moe_view(original)}
+
+
+@torch.no_grad()
+def repair(model, original, tokens: torch.Tensor, *, mode: str = "refit+router", ridge: float = DEFAULT_RIDGE,
+           router_ridge: float = DEFAULT_ROUTER_RIDGE, batch_size: int = 8, progress: bool = True,
+           joint: bool = True) -> dict:
+    """Re-fit ``model``'s (compressed) MoE layers, in place, so each reproduces the original
+    layer on the calibration ``tokens`` [n, seq_len]; ``original`` is the uncompressed model or
+    its MoE blocks ``{layer_idx: block}`` (only the MoE blocks are read). Returns the record
+    for ``moecompress.json``: what was re-fitted per layer, and each layer's relative routed
+    output error before the repair. ``mode="none"`` does nothing."""
+    from .merge.offload import write_back  # merge imports this package's refit: imported here
+
+    check_mode(mode)
+    record = {"mode": mode, "ridge": ridge if mode != "none" else None,
+              "router_ridge": router_ridge if mode == "refit+router" else None,
+              "token_weighting": "uniform", "layers": {}}
+    if mode == "none":
+        return record
+    originals = _original_blocks(model, original)
+    view = moe_view(model)
+    layers = [layer for layer in view if layer.layer_idx in originals]
+    if not layers:
+        return record
+    # Per layer: observe for the router fit, re-fit the router; observe again (new routing) for
+    # the down projections, re-fit them; run the layer once more for the next layer's inputs.
+    cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=layers[-1].layer_idx)
+    for layer in layers:
+        li = layer.layer_idx
+        entry = {}
+        if mode == "refit+router":
+            start = cursor.state()
+            router_obs = RouterObserver(li, originals[li])
+            cursor.advance(li, [router_obs], progress=progress, description=f"repair: router of layer {li}")
+            with onloaded(layer.block):
+                entry = router_obs.apply(layer, router_ridge)
+                write_back(layer.block)
+            entry["relative_error"] = router_obs.relative_error()
+            cursor.restore(start)
+        fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
+        down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]})
+        with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
+            with onloaded(layer.block):
+                down.apply(layer, ridge)
+                write_back(layer.block)
+            entry["relative_error_after_router" if "router" in entry else "relative_error"] = down.relative_error(li)
+            entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
+        record["layers"][li] = entry
+    return record
