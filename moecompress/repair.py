@@ -53,8 +53,12 @@ from .onload import onloaded
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output
 
 REPAIR_MODES = ("none", "refit", "refit+router")
-DEFAULT_RIDGE = 1e-2  # the down-projection fit's (the merge's default, measured there)
-DEFAULT_ROUTER_RIDGE = 1e-1
+# With calibration text. The router step is measured to add little for its cost (docs/benchmarks.md,
+# "Repair after removal"): it is asked for with --repair refit+router.
+DEFAULT_MODE = "refit"
+JOINT_RIDGE = 1e-1  # joint down-projection fit (testbed, 16/32: 0.001, 0.01, 0.1, 0.3 measured; 0.1 best)
+EXPERT_RIDGE = 1e-2  # per-expert (Jacobi) fit: the merge's default, measured there
+DEFAULT_ROUTER_RIDGE = 1.0  # testbed, 16/32 with the joint fit: 0.01, 0.1, 1.0 measured; 1.0 best
 ROUTER_MAX_UNKNOWNS = 8192  # |S| * H: the joint normal equations are float32 [8192, 8192] = 256 MiB at most
 
 
@@ -180,18 +184,20 @@ def _original_blocks(model, original) -> dict[int, nn.Module]:
 
 
 @torch.no_grad()
-def repair(model, original, tokens: torch.Tensor, *, mode: str = "refit+router", ridge: float = DEFAULT_RIDGE,
-           router_ridge: float = DEFAULT_ROUTER_RIDGE, batch_size: int = 8, progress: bool = True,
+def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, ridge: float | None = None,
+           router_ridge: float | None = None, batch_size: int = 8, progress: bool = True,
            joint: bool = True) -> dict:
     """Re-fit ``model``'s (compressed) MoE layers, in place, so each reproduces the original
     layer on the calibration ``tokens`` [n, seq_len]; ``original`` is the uncompressed model or
     its MoE blocks ``{layer_idx: block}`` (only the MoE blocks are read). Returns the record
     for ``moecompress.json``: what was re-fitted per layer, and each layer's relative routed
-    output error before the repair. ``mode="none"`` does nothing."""
+    output error before the repair. ``mode="none"`` does nothing. ``ridge`` defaults to
+    ``JOINT_RIDGE`` where the down projections are fitted jointly, ``EXPERT_RIDGE`` per expert."""
     from .merge.offload import write_back  # merge imports this package's refit: imported here
 
     check_mode(mode)
-    record = {"mode": mode, "ridge": ridge if mode != "none" else None,
+    router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
+    record = {"mode": mode, "ridge": ridge,
               "router_ridge": router_ridge if mode == "refit+router" else None,
               "token_weighting": "uniform", "layers": {}}
     if mode == "none":
@@ -214,15 +220,49 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = "refit+router",
             with onloaded(layer.block):
                 entry = router_obs.apply(layer, router_ridge)
                 write_back(layer.block)
-            entry["relative_error"] = router_obs.relative_error()
+            if router_obs.relative_error() is not None:
+                entry["relative_error"] = router_obs.relative_error()
             cursor.restore(start)
         fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
         down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]})
         with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
             with onloaded(layer.block):
-                down.apply(layer, ridge)
+                lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
+                down.apply(layer, lam)
                 write_back(layer.block)
-            entry["relative_error_after_router" if "router" in entry else "relative_error"] = down.relative_error(li)
+            entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
+                down.relative_error(li)
             entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
+            entry["ridge"] = lam
         record["layers"][li] = entry
     return record
+
+
+def working_bytes(view, keep: int, mode: str) -> int:
+    """Accumulator bytes the repair holds on the execution device at once (one layer)."""
+    if mode == "none":
+        return 0
+    layer = view.layers[0]
+    inter, hidden = layer.intermediate_size, layer.hidden_size
+    joint = keep * inter <= JOINT_MAX_FEATURES
+    down = 4 * ((keep * inter) ** 2 + keep * inter * hidden if joint else keep * inter * (inter + hidden))
+    router = 4 * (keep * hidden) ** 2 if mode == "refit+router" and keep * hidden <= ROUTER_MAX_UNKNOWNS else 0
+    return max(down, router) * 3  # float64 copies while solving
+
+
+@torch.no_grad()
+def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,
+                     ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
+                     progress: bool = True, offload_folder=None) -> dict:
+    """Keep ``kept[layer_idx]`` experts of every MoE layer of ``model`` (in place) and repair
+    the pruned layers against the original blocks. The pruned blocks are built one layer at a
+    time by the merge's block builder (a cluster of one expert is that expert), so a streamed
+    model stays streamed: the new blocks wait on disk in ``offload_folder``. Returns the record."""
+    from .merge.api import METHODS, MergePlan, replace_blocks
+
+    view = moe_view(model)
+    plan = MergePlan(clusters={li: [[e] for e in k] for li, k in kept.items()}, dominant=dict(kept),
+                     frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
+    originals = replace_blocks(model, plan, METHODS["average"], "dominant", offload_folder)
+    return repair(model, originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge, batch_size=batch_size,
+                  progress=progress)

@@ -245,23 +245,7 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         plan = plan_merge(model, tokens, keep=keep, method=method, stats=stats, linkage=linkage, metric=metric,
                           batch_size=batch_size, progress=progress)
 
-    # Each MoE block is replaced by a new block holding the merged experts, built one layer at
-    # a time from the (onloaded) original; with the re-fit the originals stay as its reference.
-    # A streamed model keeps the new blocks on disk (offload_folder), like its own layers.
-    folder = _offload_folder(model, offload_folder)
-    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
-    originals = {}
-    for source in view:
-        li = source.layer_idx
-        block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], spec, router)
-        if folder is not None:
-            offload_block(block, folder / f"merged-layer-{li}.safetensors", module_execution_device(source.block))
-        if refit:
-            originals[li] = source.block
-        setattr(decoder_layers[li], view.spec.moe_block, block)
-    grouped = view.stays_grouped(plan.dominant)  # read before the view sees the merged blocks
-    view = moe_view(model)
-    view._set_config_num_experts(keep, grouped=grouped)  # config (and grouped-routing fields) for the new count
+    originals = replace_blocks(model, plan, spec, router, offload_folder, keep_originals=refit)
 
     errors: dict[int, float | None] = {}
     if refit:
@@ -275,6 +259,32 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
     return MergeResult(method=method, num_experts=num_experts, keep=keep, clusters=plan.clusters,
                        dominant=plan.dominant, merge_error=errors, options=options,
                        seconds=time.perf_counter() - start)
+
+
+def replace_blocks(model, plan: MergePlan, method: Method, router: str = "dominant",
+                   offload_folder: str | os.PathLike | None = None, *,
+                   keep_originals: bool = True) -> dict[int, torch.nn.Module]:
+    """Replace every MoE block of ``model`` by a new block whose expert ``j`` merges
+    ``plan.clusters[li][j]`` (a cluster of one expert is that expert: pruning), and return the
+    original blocks (if ``keep_originals``), the re-fit's reference. Blocks are built one layer at a time from the
+    (onloaded) original; a streamed model keeps the new blocks on disk (``offload_folder``, a
+    temporary folder if not given), like its own layers. The config follows the new count."""
+    view = moe_view(model)
+    folder = _offload_folder(model, offload_folder)
+    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+    originals = {}
+    for source in view:
+        li = source.layer_idx
+        block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], method, router)
+        if folder is not None:
+            offload_block(block, folder / f"merged-layer-{li}.safetensors", module_execution_device(source.block))
+        if keep_originals:
+            originals[li] = source.block
+        setattr(decoder_layers[li], view.spec.moe_block, block)
+    grouped = view.stays_grouped(plan.dominant)  # read before the view sees the merged blocks
+    keep = len(next(iter(plan.dominant.values())))
+    moe_view(model)._set_config_num_experts(keep, grouped=grouped)  # config (and grouped-routing fields)
+    return originals
 
 
 @torch.no_grad()

@@ -45,6 +45,12 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     stun_unstructured: Literal["wanda", "moe-pruner", "magnitude"] = option(
         "wanda", "stun: second-stage method.", panel=_FINE)
     heapr_global: bool = option(False, "heapr: rank atoms globally and only ZERO them (no size saving).", panel=_FINE)
+    repair: Literal["none", "refit", "refit+router"] = option(
+        "refit", "Whole-expert methods: after removal, re-fit the kept experts to the original layers on the "
+        "calibration text: refit (down projections), refit+router (router rows first), none.")
+    repair_ridge: Optional[float] = option(None, "Ridge of the down-projection re-fit (default 0.1 joint, 0.01 per "
+                                           "expert; relative to the mean feature energy).", ge=0)
+    router_ridge: Optional[float] = option(None, "Ridge of the router re-fit (default 1.0, relative).", ge=0)
 
     @field_validator("method")
     @classmethod
@@ -76,6 +82,9 @@ class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     refit: bool = option(True, "Least-squares re-fit of the merged experts' down projections to the original layer "
                          "outputs (a second calibration pass).")
     ridge: float = option(0.01, "Ridge strength of the re-fit (relative to the mean feature energy).", ge=0)
+    repair: Optional[Literal["none", "refit", "refit+router"]] = option(
+        None, "Instead of --refit: the repair of `prune --repair` (layer by layer, joint down-projection fit; "
+        "refit+router re-fits the router rows too).")
 
 
 class EvalOptions(LoadingOptions):

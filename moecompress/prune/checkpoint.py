@@ -10,6 +10,7 @@ caps, and returns one :class:`PruneResult`.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import torch
@@ -86,36 +87,59 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     stored_mtp = _check_mtp(source, source.config, opts.mtp, opts.calib) if info.kind == "experts" else []
     # MTP layers' experts are chosen by their own router on the calibration tokens
     wants_tokens = wants_tokens or (bool(stored_mtp) and opts.mtp == "prune")
+    repair = opts.repair if info.kind == "experts" else "none"
+    wants_tokens = wants_tokens or repair != "none"  # the repair re-fits on the calibration text
     with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
         tokens = None
         if wants_tokens:
             tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
+        work = folder / ".moecompress-work" if opts.streamed and repair != "none" else None  # removed below
         lm = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
-                        max_cpu_memory=opts.max_cpu_memory)
+                        max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
+                        gpu_working_bytes=_repair_bytes(source, keep, repair) if work else 0)
         record = {"stage": "prune", "method": method, "kind": info.kind, "seed": opts.seed,
                   "parameters": {**opts.recorded(), "num_experts_before": source.num_experts}}
         if info.kind == "experts":
             result = _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options,
-                                    record, progress, stored_mtp)
+                                    record, progress, stored_mtp, repair, work)
         else:
             result = _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
 
 
+def _repair_bytes(source, keep: int, repair: str) -> int:
+    from ..repair import working_bytes
+    from ..surgery import meta_view
+
+    return working_bytes(meta_view(source.config), keep, repair)
+
+
 def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options, record,
-                   progress, stored_mtp) -> PruneResult:
+                   progress, stored_mtp, repair="none", work=None) -> PruneResult:
+    from ..arch import moe_view
     from ..checkpoint import copy_tokenizer, save_model, write_record
     from ..stats import Stats
-    from ..surgery import prune_checkpoint_files
+    from ..surgery import ModelReplacements, prune_checkpoint_files
 
     stats = Stats.load(opts.stats) if opts.stats is not None else None
     surgery = bool(source.shards)
-    prune = plan_experts if surgery else prune_experts
+    prune = plan_experts if surgery or repair != "none" else prune_experts
     result = prune(lm, keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
                    protect_super_experts=opts.protect_super_experts, batch_size=batch_size, progress=progress,
                    **method_options)
     result.kind = "experts"
+    replace = None
+    if repair != "none":  # moecompress/repair.py: re-fit the kept experts to the original layers
+        from ..repair import prune_and_repair
+
+        result.info["repair"] = prune_and_repair(lm, result.kept, tokens, mode=repair, ridge=opts.repair_ridge,
+                                                 router_ridge=opts.router_ridge, batch_size=batch_size,
+                                                 progress=progress, offload_folder=work / "pruned" if work else None)
+        parts = {"experts", "router"} if repair == "refit+router" else {"experts"}
+        replace = ModelReplacements(moe_view(lm), {li: {j: parts for j in range(keep)} for li in result.kept})
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
     mtp_kept = {}
@@ -128,8 +152,9 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     elif stored_mtp and surgery:
         record["mtp"] = {"mode": "drop", "layers": stored_mtp}
     if surgery:
-        del lm
-        prune_checkpoint_files(source.folder, folder, {**result.kept, **mtp_kept}, drop_mtp=opts.mtp == "drop")
+        prune_checkpoint_files(source.folder, folder, {**result.kept, **mtp_kept}, drop_mtp=opts.mtp == "drop",
+                               replace=replace)
+        del lm, replace
         copy_tokenizer(source, folder)
         write_record(folder, record, source)
     else:

@@ -1,0 +1,179 @@
+"""Repair after removal (moecompress/repair.py): identity, closed forms against brute-force
+least squares, determinism, streaming, the CLI option and the record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moecompress.arch import moe_view
+from moecompress.capture import run_calibration
+from moecompress.errors import MoECompressError
+from moecompress.prune import prune_checkpoint
+from moecompress.refit import JointRefitObserver, block_output, swap_in_copies
+from moecompress.repair import RouterObserver, repair
+from moecompress.testing import invoke_cli, tiny_model, tokens
+
+KEPT = [0, 2, 3, 5]
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = {}
+
+    def observe(self, layer, x, routing, y):
+        self.calls.setdefault(layer.layer_idx, []).append((x.clone(), routing, y.clone()))
+
+
+def _pruned(family, kept=KEPT):
+    model = tiny_model(family)
+    originals = swap_in_copies(model)
+    view = moe_view(model)
+    view.keep_experts({layer.layer_idx: list(kept) for layer in view})
+    return model, originals
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "llama4_text"])
+@pytest.mark.parametrize("mode", ["refit", "refit+router"])
+def test_repair_of_an_unpruned_model_is_the_identity(family, mode):
+    model = tiny_model(family)
+    originals = swap_in_copies(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    record = repair(model, originals, tokens(4, 16), mode=mode, batch_size=2, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), (family, k)
+    assert all(v["relative_error"] == 0 for v in record["layers"].values())
+
+
+def _first_layer_traffic(model, toks):
+    rec = _Recorder()
+    run_calibration(model, toks, [rec], progress=False)
+    li = min(rec.calls)
+    return moe_view(model).layer(li), rec.calls[li]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "deepseek_v3"])
+def test_router_refit_equals_brute_force_gauss_newton(family):
+    """The router step equals ridge least squares on the autograd Jacobian of the pruned layer's
+    output with respect to its router rows (selection held fixed, as topk's gradient does):
+    normalised softmax (qwen3), plain softmax (olmoe), normalised scaled sigmoid (deepseek_v3)."""
+    ridge = 0.05
+    model, originals = _pruned(family)
+    layer, calls = _first_layer_traffic(model, tokens(3, 12))
+    obs = RouterObserver(layer.layer_idx, originals[layer.layer_idx])
+    for x, routing, y in calls:
+        obs.observe(layer, x, routing, y)
+    w0 = layer.router_weight.detach().clone()
+    rows, target = [], []
+    for x, _, y in calls:
+        jac = torch.func.jacrev(lambda w: _routed(layer, x, w))(w0.clone())  # [T, H, S, H]
+        rows.append(jac.reshape(-1, w0.numel()).double())
+        target.append((block_output(originals[layer.layer_idx], x) - y).reshape(-1).double())
+    J, r = torch.cat(rows), torch.cat(target)
+    a = J.T @ J
+    a, r, J = a.detach(), r.detach(), J.detach()
+    lam = ridge * float(a.diagonal().mean()) + 1e-12
+    want = w0.double() + torch.linalg.solve(a + lam * torch.eye(a.shape[0], dtype=a.dtype), J.T @ r).reshape(w0.shape)
+    layer.router.weight = torch.nn.Parameter(w0.clone(), requires_grad=False)
+    info = obs.apply(layer, ridge)
+    assert info["router"] == "gauss-newton"
+    torch.testing.assert_close(layer.router_weight.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def _routed(layer, x, w):
+    """The block's output as a function of the router rows ``w`` (router module called functionally)."""
+    saved = layer.router.weight
+    del layer.router.weight
+    layer.router.weight = w
+    try:
+        return block_output(layer.block, x)
+    finally:
+        layer.router.weight = saved
+
+
+def test_joint_down_refit_equals_brute_force_least_squares():
+    """The joint down-projection fit equals ridge least squares on the stacked per-token
+    features [a_1 h_1(x), ..., a_S h_S(x)] (zero for unselected experts), built token by token."""
+    ridge = 0.05
+    model, originals = _pruned("qwen3_moe")
+    layer, calls = _first_layer_traffic(model, tokens(3, 12))
+    obs = JointRefitObserver({layer.layer_idx: originals[layer.layer_idx]})
+    S, inter = layer.num_experts, layer.intermediate_size
+    feats, target = [], []
+    with torch.no_grad():
+        for x, routing, y in calls:
+            obs.observe(layer, x, routing, y)
+            resid = block_output(originals[layer.layer_idx], x) - y
+            for t in range(x.shape[0]):
+                f = torch.zeros(S * inter, dtype=torch.float64)
+                for c, a in zip(routing.topk_idx[t].tolist(), routing.topk_weight[t].tolist()):
+                    f[c * inter:(c + 1) * inter] = a * layer.expert_hidden(c, x[t:t + 1])[0].double()
+                feats.append(f)
+                target.append(resid[t].double())
+    F, R = torch.stack(feats), torch.stack(target)
+    g = F.T @ F
+    lam = (ridge * g.diagonal().reshape(S, inter).mean(1) + 1e-12).repeat_interleave(inter)
+    delta = torch.linalg.solve(g + torch.diag(lam), F.T @ R)
+    want = torch.stack([layer.down_proj[c].double() + delta[c * inter:(c + 1) * inter].T for c in range(S)])
+    with torch.no_grad():
+        obs.apply(layer, ridge)
+    torch.testing.assert_close(layer.down_proj.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["refit", "refit+router"])
+def test_repair_lowers_every_layers_error(mode):
+    model, originals = _pruned("qwen3_moe")
+    toks = tokens(6, 24)
+    repair(model, originals, toks, mode=mode, batch_size=3, progress=False)
+    again = repair(model, originals, toks, mode="refit", batch_size=3, progress=False)  # errors after the first repair
+    fresh, fresh_originals = _pruned("qwen3_moe")
+    before = repair(fresh, fresh_originals, toks, mode="none", progress=False)
+    assert before["layers"] == {}
+    first = repair(*_pruned("qwen3_moe"), toks, mode=mode, batch_size=3, progress=False)
+    for li, entry in again["layers"].items():
+        assert entry["relative_error"] < first["layers"][li]["relative_error"], li
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_prune_checkpoint_repairs_deterministically_and_streamed_equals_in_memory(calib_ckpt, tmp_path):
+    src, calib = calib_ckpt / "tiny", str(calib_ckpt / "calib.txt")
+    kw = dict(keep=4, method="frequency", calib=calib, n=4, seq_len=32, progress=False)
+    a = prune_checkpoint(src, tmp_path / "a", repair="refit+router", **kw)
+    prune_checkpoint(src, tmp_path / "b", repair="refit+router", **kw)
+    prune_checkpoint(src, tmp_path / "s", max_cpu_memory="40KB", repair="refit+router", **kw)
+    plain = prune_checkpoint(src, tmp_path / "n", repair="none", **kw)
+    ta, tb, ts, tn = (_tensors(tmp_path / d) for d in "absn")
+    assert ta.keys() == tb.keys() == ts.keys() == tn.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k  # same inputs, same bytes
+        torch.testing.assert_close(ts[k], ta[k], rtol=1e-2, atol=1e-3)  # stored in bf16: rounding of equal sums
+    assert a.kept == plain.kept
+    changed = [k for k in ta if not torch.equal(ta[k], tn[k])]
+    assert any("down_proj" in k for k in changed) and any("gate.weight" in k for k in changed)
+    assert all("down_proj" in k or "gate.weight" in k for k in changed), changed  # nothing else re-fitted
+    record = json.loads((tmp_path / "a" / "moecompress.json").read_text())
+    rep = record
+    assert rep["parameters"]["repair"] == "refit+router"
+    assert set(rep["info"]["repair"]["layers"]) and rep["info"]["repair"]["token_weighting"] == "uniform"
+    streamed = json.loads((tmp_path / "s" / "moecompress.json").read_text())
+    assert streamed["parameters"]["max_cpu_memory"] == "40KB" and not (tmp_path / "s" / ".moecompress-work").exists()
+
+
+def test_cli_repair_option(calib_ckpt, tmp_path):
+    src, calib = calib_ckpt / "tiny", str(calib_ckpt / "calib.txt")
+    r = invoke_cli("prune", str(src), "-o", str(tmp_path / "o"), "--keep", "4", "--method", "frequency",
+                   "--calib", calib, "-n", "4", "--seq-len", "32", "--repair", "refit")
+    assert r.exit_code == 0, r.output
+    r = invoke_cli("prune", str(src), "-o", str(tmp_path / "p"), "--keep", "4", "--method", "stun",
+                   "--repair", "refit")
+    assert r.exit_code == 2 and "--calib" in r.output
