@@ -32,7 +32,7 @@ from moecompress.arch import moe_view  # noqa: E402
 from moecompress.calibration import load_calibration  # noqa: E402
 from moecompress.checkpoint import load_model, save_model  # noqa: E402
 from moecompress.evaluate.perplexity import load_text_tokens, perplexity  # noqa: E402
-from moecompress.prune import plan_experts  # noqa: E402
+from moecompress.prune.api import plan_experts  # noqa: E402
 from moecompress.repair import prune_and_repair  # noqa: E402
 from moecompress.stats import collect_stats  # noqa: E402
 

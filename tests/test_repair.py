@@ -177,3 +177,17 @@ def test_cli_repair_option(calib_ckpt, tmp_path):
     r = invoke_cli("prune", str(src), "-o", str(tmp_path / "p"), "--keep", "4", "--method", "stun",
                    "--repair", "refit")
     assert r.exit_code == 2 and "--calib" in r.output
+
+
+def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, tmp_path):
+    from moecompress.merge import merge_checkpoint
+
+    src, calib = calib_ckpt / "tiny", str(calib_ckpt / "calib.txt")
+    kw = dict(keep=4, calib=calib, n=4, seq_len=32, progress=False)
+    merge_checkpoint(src, tmp_path / "r", repair="refit+router", **kw)
+    merge_checkpoint(src, tmp_path / "n", repair="none", **kw)
+    tr, tn = _tensors(tmp_path / "r"), _tensors(tmp_path / "n")
+    changed = {k for k in tr if not torch.equal(tr[k], tn[k])}
+    assert any("down_proj" in k for k in changed) and any("gate.weight" in k for k in changed)
+    record = json.loads((tmp_path / "r" / "moecompress.json").read_text())
+    assert record["parameters"]["repair"] == "refit+router"

@@ -208,7 +208,7 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
                   stats=None, clusters: dict[int, list[list[int]]] | None = None, linkage: str = "average",
                   metric: str = "euclidean", router: str = "dominant", refit: bool = True,
                   ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True,
-                  offload_folder: str | os.PathLike | None = None) -> MergeResult:
+                  offload_folder: str | os.PathLike | None = None, repair: str | None = None) -> MergeResult:
     """Merge every MoE layer's experts into ``keep`` experts, in place.
 
     ``tokens`` [n, seq_len] are the calibration tokens (needed to cluster, to count
@@ -227,6 +227,11 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
     check_options(method=method, num_experts=num_experts, keep=keep, linkage=linkage, metric=metric, router=router,
                   ridge=ridge, batch_size=batch_size)
     spec = METHODS[method]
+    if repair is not None:
+        from ..repair import check_mode
+
+        check_mode(repair)
+        refit = repair != "none"
     if tokens is None and (clusters is None or stats is None or refit):
         raise MoECompressError("merging needs calibration text; pass --calib FILE")
     if clusters is not None:
@@ -248,12 +253,19 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
     originals = replace_blocks(model, plan, spec, router, offload_folder, keep_originals=refit)
 
     errors: dict[int, float | None] = {}
-    if refit:
+    if refit and repair is not None:
+        from ..repair import repair as run_repair
+
+        record = run_repair(model, originals, tokens, mode=repair, batch_size=batch_size, progress=progress)
+        errors = {li: v.get("relative_error") for li, v in record["layers"].items()}
+        del originals
+    elif refit:
         errors = refit_to_original(model, originals, tokens, ridge=ridge, batch_size=batch_size, progress=progress)
         del originals
     options = {"linkage": linkage if spec.clustering == "outputs" and clusters is None else None,
                "distance": metric if spec.clustering == "outputs" and clusters is None else None,
-               "router": router, "refit": refit, "ridge": ridge if refit else None,
+               "router": router, "refit": refit, "ridge": ridge if refit and repair is None else None,
+               "repair": repair,
                "frequencies": "stats" if stats is not None else "calibration",
                "clusters_given": clusters is not None}
     return MergeResult(method=method, num_experts=num_experts, keep=keep, clusters=plan.clusters,
@@ -369,10 +381,11 @@ def merged_replacements(model, result: MergeResult) -> ModelReplacements:
     all down projections) and, with the weighted router rule, their router rows. Everything
     else equals the input's."""
     refit, router = result.options["refit"], result.options["router"]
+    refit_router = result.options.get("repair") == "refit+router"
     groups = {}
     for li, clusters in result.clusters.items():
         groups[li] = {j: ({"experts"} if refit or len(m) > 1 else set()) |
-                      ({"router"} if router == "weighted" and len(m) > 1 else set())
+                      ({"router"} if refit_router or (router == "weighted" and len(m) > 1) else set())
                       for j, m in enumerate(clusters)}
     return ModelReplacements(moe_view(model), groups)
 
@@ -450,7 +463,7 @@ def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
         result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=opts.linkage,
                                metric=opts.distance, router=opts.router, refit=refit, ridge=opts.ridge,
                                batch_size=batch_size, progress=progress,
-                               offload_folder=work / "merged" if work else None)
+                               offload_folder=work / "merged" if work else None, repair=opts.repair)
         record = {"stage": "merge", "method": method, "seed": opts.seed,
                   "parameters": {**opts.recorded(), "num_experts_before": num_experts},
                   "writer": "shard surgery" if surgery else "save_pretrained",
