@@ -174,9 +174,10 @@ def test_cli_repair_option(calib_ckpt, tmp_path):
     r = invoke_cli("prune", str(src), "-o", str(tmp_path / "o"), "--keep", "4", "--method", "frequency",
                    "--calib", calib, "-n", "4", "--seq-len", "32", "--repair", "refit")
     assert r.exit_code == 0, r.output
-    r = invoke_cli("prune", str(src), "-o", str(tmp_path / "p"), "--keep", "4", "--method", "stun",
-                   "--repair", "refit")
-    assert r.exit_code == 2 and "--calib" in r.output
+    record = json.loads((tmp_path / "o" / "moecompress.json").read_text())
+    assert record["parameters"]["repair"] == "refit" and record["info"]["repair"]["mode"] == "refit"
+    r = invoke_cli("prune", str(src), "-o", str(tmp_path / "p"), "--keep", "4", "--repair", "bogus")
+    assert r.exit_code == 2 and not (tmp_path / "p").exists()
 
 
 def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, tmp_path):
@@ -191,3 +192,17 @@ def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, t
     assert any("down_proj" in k for k in changed) and any("gate.weight" in k for k in changed)
     record = json.loads((tmp_path / "r" / "moecompress.json").read_text())
     assert record["parameters"]["repair"] == "refit+router"
+
+
+def test_auto_is_naee_above_top_k_and_frequency_at_or_below():
+    from moecompress.prune import select_experts
+    from moecompress.prune.auto import auto_rule
+    from moecompress.stats import collect_stats
+
+    assert [auto_rule(k, 2) for k in (1, 2, 3, 6)] == ["frequency", "frequency", "naee", "naee"]
+    model, toks = tiny_model("mixtral"), tokens(4, 16)  # top-2 of 8
+    stats = collect_stats(model, toks, progress=False)
+    for keep, other in ((2, "frequency"), (4, "naee")):
+        got = select_experts(model, toks, keep=keep, method="auto")
+        want = select_experts(model, toks, keep=keep, method=other, stats=stats if other == "frequency" else None)
+        assert got == want, keep

@@ -23,7 +23,8 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     keep: Optional[int] = option(None, "Experts kept in every MoE layer (whole-expert methods).", ge=1)
     ratio: Optional[float] = option(None, "Fraction removed, in (0, 1): of the experts, or for heapr of each "
                                     "expert's neurons.", gt=0, lt=1)
-    method: str = option("naee", "Pruning method (`moecompress ls methods`; docs/benchmarks.md compares them).",
+    method: str = option("auto", "Pruning method (`moecompress ls methods`; docs/benchmarks.md compares them; auto = "
+                         "naee when the kept count exceeds the routed top-k, else frequency).",
                          flags=("--method", "-m"))
     stats: Optional[Path] = option(None, "Routing statistics from `moecompress stats` (reused instead of "
                                    "recomputing them).")

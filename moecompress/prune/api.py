@@ -19,7 +19,7 @@ from . import naee, stun
 from .methods import METHODS
 from .selection import Plan, Selection
 
-DEFAULT_METHOD = "naee"
+DEFAULT_METHOD = "auto"  # naee above the routed top-k, frequency at or below it (prune/auto.py)
 # Method-specific options (keyword arguments of prune_experts / prune_checkpoint) and defaults.
 METHOD_OPTIONS = {**naee.DEFAULTS, **stun.DEFAULTS}
 

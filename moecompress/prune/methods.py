@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from . import naee, scores, stun
+from . import auto, naee, scores, stun
 from .selection import Plan, Selection
 
 # What a method needs besides the model: nothing, routing statistics (from --stats or
@@ -61,6 +61,8 @@ def _registry() -> dict[str, Method]:
                "PreMoe task-conditioned expected selection score (Pei et al. 2025)"),
         Method("naee", naee.naee_select, "tokens",
                "NAEE: kept set minimising the layer-output reconstruction error, layer by layer (Lu et al. 2024)"),
+        Method("auto", auto.auto_select, "tokens",
+               "robust default: naee when the kept count exceeds the routed top-k, else frequency (docs/benchmarks.md)"),
         Method("stun", stun.stun_select, "nothing",
                "STUN: router-behaviour clustering of experts, one kept per cluster (Lee et al. 2024)",
                stats_options=("stun_coactivation_weight",)),
