@@ -72,7 +72,7 @@ def test_statistics_and_naee_run_on_dequantized_weights(tmp_path):
     char_tokenizer().save_pretrained(plain)
     a = prune_checkpoint(src, tmp_path / "a", keep=4, calib=tmp_path / "calib.txt", n=4, seq_len=16)
     b = prune_checkpoint(plain, tmp_path / "b", keep=4, calib=tmp_path / "calib.txt", n=4, seq_len=16)
-    assert a.method == "naee" and a.kept == b.kept
+    assert a.method == "auto" and a.info["auto"]["method"] == "naee" and a.kept == b.kept
     assert json.loads((tmp_path / "a" / "config.json").read_text())["n_group"] == 2
 
 

@@ -46,9 +46,10 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     stun_unstructured: Literal["wanda", "moe-pruner", "magnitude"] = option(
         "wanda", "stun: second-stage method.", panel=_FINE)
     heapr_global: bool = option(False, "heapr: rank atoms globally and only ZERO them (no size saving).", panel=_FINE)
-    repair: Literal["none", "refit", "refit+router"] = option(
-        "refit", "Whole-expert methods: after removal, re-fit the kept experts to the original layers on the "
-        "calibration text: refit (down projections), refit+router (router rows first), none.")
+    repair: Optional[Literal["none", "refit", "refit+router"]] = option(
+        None, "Whole-expert methods: after removal, re-fit the kept experts to the original layers on the "
+        "calibration text: refit (down projections), refit+router (router rows first), none. Default: refit when "
+        "the calibration text is read (auto, naee, or --calib given), else none.")
     repair_ridge: Optional[float] = option(None, "Ridge of the down-projection re-fit (default 0.1 joint, 0.01 per "
                                            "expert; relative to the mean feature energy).", ge=0)
     router_ridge: Optional[float] = option(None, "Ridge of the router re-fit (default 1.0, relative).", ge=0)

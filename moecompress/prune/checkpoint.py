@@ -87,7 +87,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     stored_mtp = _check_mtp(source, source.config, opts.mtp, opts.calib) if info.kind == "experts" else []
     # MTP layers' experts are chosen by their own router on the calibration tokens
     wants_tokens = wants_tokens or (bool(stored_mtp) and opts.mtp == "prune")
-    repair = opts.repair if info.kind == "experts" else "none"
+    repair = _repair_mode(opts, info.kind, wants_tokens, source, stored_mtp)
     wants_tokens = wants_tokens or repair != "none"  # the repair re-fits on the calibration text
     with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
         tokens = None
@@ -98,7 +98,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
                         max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
                         gpu_working_bytes=_repair_bytes(source, keep, repair) if work else 0)
         record = {"stage": "prune", "method": method, "kind": info.kind, "seed": opts.seed,
-                  "parameters": {**opts.recorded(), "num_experts_before": source.num_experts}}
+                  "parameters": {**opts.recorded(), "num_experts_before": source.num_experts, "repair": repair}}
         if info.kind == "experts":
             result = _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options,
                                     record, progress, stored_mtp, repair, work)
@@ -108,6 +108,23 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
             shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _repair_mode(opts: PruneOptions, kind: str, wants_tokens: bool, source, stored_mtp) -> str:
+    """--repair, or by default: refit when the calibration text is read anyway (a method or the
+    MTP router needs it) or was given, else none. Whole-expert methods only; not for a quantized
+    input (pruned in its stored format, which the re-fitted weights would not keep) nor for a
+    checkpoint with MTP layers (not supported yet)."""
+    from ..formats import quant_method
+
+    if kind != "experts" or quant_method(source.config) is not None or stored_mtp:
+        if opts.repair not in (None, "none"):
+            raise MoECompressError(f"--repair {opts.repair} is not supported for this input (a fine-grained method, "
+                                   "a quantized checkpoint or MTP layers); use --repair none")
+        return "none"
+    if opts.repair is not None:
+        return opts.repair
+    return "refit" if wants_tokens or "calib" in opts.model_fields_set else "none"
 
 
 def _repair_bytes(source, keep: int, repair: str) -> int:
