@@ -290,7 +290,8 @@ def test_library_errors():
 def test_every_method_is_registered_with_a_paper_or_baseline():
     assert set(METHODS) == {"random", "frequency", "soft-frequency", "ean", "reap", "easy-ep", "tcess", "naee", "stun",
                             # REAP's own code's criteria (CerebrasResearch/reap), issue 19
-                            "weighted-ean-sum", "ean-mean", "reap-l2", "ean-ca", "max-activations"}
+                            "weighted-ean-sum", "ean-mean", "reap-l2", "ean-ca", "max-activations",
+                            "auto"}  # the robust default (naee above top-k, frequency at or below), issue 19
     assert all(m.summary and m.select.__doc__ for m in METHODS.values())
 
 
@@ -314,7 +315,8 @@ def test_cli_prunes_deterministically_and_output_loads(calib_ckpt, tmp_path):
 
     record = json.loads((tmp_path / "a" / "moecompress.json").read_text())
     result = json.loads((tmp_path / "a.json").read_text())
-    assert record["stage"] == "prune" and record["method"] == "naee" and record["seed"] == 0
+    assert record["stage"] == "prune" and record["method"] == "auto" and record["seed"] == 0
+    assert record["info"]["auto"]["method"] == "naee"  # 6 kept > top-2
     assert record["kept_experts"] == result["kept_experts"] and len(record["kept_experts"]) == 2
     assert all(len(v) == 6 for v in record["kept_experts"].values())
 
