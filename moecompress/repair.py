@@ -6,8 +6,10 @@ experts' contributions are gone, and the router now picks its top-k among the ke
 calibration activations (``capture.LayerCursor``; every layer sees the inputs produced by the
 already repaired layers before it) and fits, in closed form, on the calibration tokens ``x_t``:
 
-* ``refit`` — the kept experts' down projections (:mod:`moecompress.refit`, the merge's re-fit:
-  ridge least squares, residual shared among a token's selected experts by routing weight);
+* ``refit`` — the kept experts' down projections (:mod:`moecompress.refit`): ridge least
+  squares solved jointly over all kept experts of the layer where ``kept * I <= 4096``
+  (``JointRefitObserver``, exact), else the merge's per-expert step (residual shared among a
+  token's selected experts by routing weight);
 * ``refit+router`` — first the kept experts' router rows, then the down projections as above.
 
 Router re-fit (our derivation; no paper does this). The pruned layer's routed output is
@@ -33,7 +35,8 @@ nothing): the ridge ``lam = router_ridge * mean(diag A)`` picks the smallest ste
 
 Token weighting: every calibration token counts once in both fits (squared error of the layer's
 hidden-state output, no per-token weights); a token's residual is shared among its selected
-experts in the down-projection fit as documented in :mod:`moecompress.refit`.
+experts in the per-expert down-projection step as documented in :mod:`moecompress.refit`
+(the joint fit needs no sharing: the whole residual is its target).
 
 Not re-fitted: shared experts and their gates, per-expert router biases, gate/up projections.
 The router fit is skipped (and the record says why) for families whose routing weight scales
