@@ -97,7 +97,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     from .arch import family_for_config
-    from .formats import dequantized_loading
+    from .formats import dequantized_loading, partial_fp8_blocks
 
     config = load_config(src)
     family_for_config(config)  # refuse non-MoE / unknown families before loading weights
@@ -132,7 +132,8 @@ def load_model(
             offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
         kwargs = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload_folder)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, **quantized)
+        with partial_fp8_blocks(config):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, **quantized)
     except (OSError, ValueError) as e:
         if kwargs.get("offload_folder") and own_folder:
             shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)

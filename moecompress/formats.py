@@ -19,7 +19,9 @@ stages load the model dequantized (:func:`dequantized_loading`); stages that rew
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 
@@ -137,6 +139,44 @@ def dequantized_loading(config) -> dict:
 
         return {"quantization_config": Mxfp4Config(dequantize=True)}
     return {}
+
+
+@contextlib.contextmanager
+def partial_fp8_blocks(config) -> Iterator[None]:
+    """Let transformers' FP8 dequantizer read weights whose shape is not a multiple of the block.
+
+    Why a patch: DeepSeek-V3/R1 store ``kv_a_proj_with_mqa`` as [576, 7168] FP8 with a [5, 56]
+    ``weight_scale_inv`` grid (128x128 blocks, the last row block partial). transformers 5.17-5.24
+    derive the block from ``shape // grid`` and raise "not divisible by scale grid" for it, so the
+    published checkpoint does not load dequantized at all; and where the shape happens to divide
+    by a grid of partial blocks (48 rows in 2 blocks of 24) it infers the wrong block (24 -> 16)
+    and dequantizes silently wrong. So every FP8 weight whose grid is the configured block's
+    (partial edge blocks allowed) goes through :func:`dequantize_fp8`, as DeepSeek's own
+    ``weight_dequant`` computes it (equal to transformers' result where both apply; tested);
+    anything else (e.g. MXFP4 blocks in the same checkpoint) keeps transformers' code. The
+    original method is restored on exit."""
+    if quant_method(config) != "fp8":
+        yield
+        return
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    block = fp8_block(config)
+    original = Fp8Dequantize._dequantize_one
+
+    def dequantize_one(self, quantized, scales, output_dtype=None):
+        rows, cols = quantized.shape[-2:]
+        grid = tuple(scales.shape[-2:]) if scales.dim() >= 2 else None
+        if quantized.dtype != torch.float8_e4m3fn or grid != (math.ceil(rows / block[0]), math.ceil(cols / block[1])):
+            return original(self, quantized, scales, output_dtype)
+        if output_dtype is None:  # transformers' own default: the scales' dtype if it is a wide float
+            output_dtype = scales.dtype if scales.dtype.is_floating_point and scales.element_size() >= 2 else torch.bfloat16
+        return dequantize_fp8(quantized, scales, block, dtype=output_dtype)
+
+    Fp8Dequantize._dequantize_one = dequantize_one
+    try:
+        yield
+    finally:
+        Fp8Dequantize._dequantize_one = original
 
 
 # ----- dequantization (statistics, tests) --------------------------------------------------
