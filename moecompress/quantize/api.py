@@ -27,7 +27,7 @@ from ..capture import LayerCursor
 from ..errors import MoECompressError
 from ..onload import onloaded
 from . import allocate
-from .experts import PARTS, ExpertTraffic, output_loss, quantize_expert
+from .experts import PARTS, ExpertTraffic, output_loss, quantize_experts
 from .grid import QParams, dequantized, dtype_bits, matrix_bits, rtn, weight_args
 from .options import QuantizeOptions
 
@@ -179,9 +179,10 @@ def _allocate(model, view: MoEModel, tokens, opts: QuantizeOptions, result: Quan
         eps = np.zeros((layer.num_experts, len(cands)))
         if opts.allocation != "random":
             with onloaded(layer.block):
-                for e in range(layer.num_experts):
-                    for j, b in enumerate(cands):
-                        q = quantize_expert(layer, e, b, traffic, **_quantize_kw(opts, layer, store))
+                for j, b in enumerate(cands):
+                    qs = quantize_experts(layer, dict.fromkeys(range(layer.num_experts), b), traffic,
+                                          **_quantize_kw(opts, layer, store))
+                    for e, q in qs.items():
                         eps[e, j] = output_loss(layer, e, traffic, q.weights)
         per_layer[li] = (eps, traffic.freq.numpy(), traffic.weight.numpy())
         result.losses[li] = eps.tolist()
@@ -227,8 +228,9 @@ def _quantize_experts(model, view: MoEModel, tokens, opts: QuantizeOptions, resu
         with ctx:
             with onloaded(layer.block):
                 result.qparams[li], result.how[li] = {}, []
-                for e in range(layer.num_experts):
-                    q = quantize_expert(layer, e, result.widths[li][e], traffic, **_quantize_kw(opts, layer, store))
+                qs = quantize_experts(layer, dict(enumerate(result.widths[li])), traffic,
+                                      **_quantize_kw(opts, layer, store))
+                for e, q in qs.items():
                     dt = layer.gate_proj.dtype
                     layer.set_expert(e, *(q.weights[p].to(dt) for p in PARTS))
                     result.qparams[li][e] = q.qparams

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import MoELayer
-from .gptq import CholeskyFailed, gptq
-from .grid import QParams, dequantized, rtn, weight_args
+from .gptq import gptq_batch
+from .grid import QParams, rtn, weight_args
 
 PARTS = ("gate", "up", "down")
 
@@ -96,32 +96,61 @@ class QuantizedExpert:
     how: str  # "gptq", "rtn", or "rtn (fallback: ...)"
 
 
+_HESSIAN_BYTES = 1 << 31  # Hessian-sized float32 buffers (about 4 per matrix) of one GPTQ batch
+
+
 @torch.no_grad()
-def quantize_expert(layer: MoELayer, e: int, width, traffic: ExpertTraffic | None, *, quantizer: str, group_size: int,
-                    symmetric: bool, store_dtype: torch.dtype, damp: float, min_tokens: int) -> QuantizedExpert:
-    """Expert ``e`` of ``layer`` at ``width`` (int bits or "fp8"); the layer is not edited."""
-    args = weight_args(width, group_size, symmetric)
-    mats = dict(zip(PARTS, (layer.gate_proj[e], layer.up_proj[e], layer.down_proj[e])))
-    how = "rtn"
-    if quantizer == "gptq" and width != "fp8":  # FP8 needs no calibration: round to nearest
-        n = int(traffic.count[e]) if traffic is not None else 0
-        if traffic is None or e not in traffic.h_in:
-            how = "rtn (fallback: no calibration tokens)"
-        elif not traffic.all_experts and n < min_tokens:
-            how = f"rtn (fallback: {n} tokens < {min_tokens})"
-        else:
-            try:
-                out, qps = {}, {}
-                for part, w in mats.items():
-                    h = traffic.h_down[e] if part == "down" else traffic.h_in[e]
-                    out[part], qps[part] = gptq(w, h.to(w.device), args, store_dtype, damp=damp)
-                return QuantizedExpert(out, qps, "gptq")
-            except CholeskyFailed:
-                how = "rtn (fallback: Cholesky failed)"
-    out, qps = {}, {}
-    for part, w in mats.items():
-        out[part], qps[part] = rtn(w, args, store_dtype)
-    return QuantizedExpert(out, qps, how)
+def quantize_experts(layer: MoELayer, widths: dict[int, object], traffic: ExpertTraffic | None, *, quantizer: str,
+                     group_size: int, symmetric: bool, store_dtype: torch.dtype, damp: float,
+                     min_tokens: int) -> dict[int, QuantizedExpert]:
+    """Experts ``widths`` (expert -> int bits or "fp8") of ``layer``; the layer is not edited.
+    GPTQ runs the experts of one width together (``gptq_batch``); an expert without enough routed
+    tokens, or whose Cholesky factorisation fails, is rounded to nearest and says why."""
+    mats = {e: dict(zip(PARTS, (layer.gate_proj[e], layer.up_proj[e], layer.down_proj[e]))) for e in widths}
+    how = {e: "rtn" for e in widths}
+    out: dict[int, QuantizedExpert] = {}
+    if quantizer == "gptq":
+        for e, width in widths.items():
+            n = int(traffic.count[e]) if traffic is not None else 0
+            if width == "fp8":
+                continue  # FP8 needs no calibration: round to nearest
+            if traffic is None or e not in traffic.h_in:
+                how[e] = "rtn (fallback: no calibration tokens)"
+            elif not traffic.all_experts and n < min_tokens:
+                how[e] = f"rtn (fallback: {n} tokens < {min_tokens})"
+            else:
+                how[e] = "gptq"
+        for width in sorted({w for e, w in widths.items() if how[e] == "gptq"}, key=str):
+            members = [e for e, w in widths.items() if w == width and how[e] == "gptq"]
+            args = weight_args(width, group_size, symmetric)
+            res = {e: ({}, {}) for e in members}
+            failed: set[int] = set()
+            for part in PARTS:
+                cols = mats[members[0]][part].shape[1]
+                step = max(1, _HESSIAN_BYTES // (16 * cols * cols))
+                for i in range(0, len(members), step):
+                    chunk = members[i:i + step]
+                    hs = torch.stack([(traffic.h_down if part == "down" else traffic.h_in)[e] for e in chunk])
+                    ws = torch.stack([mats[e][part] for e in chunk])
+                    deq, qps, ok = gptq_batch(ws, hs.to(ws.device), args, store_dtype, damp=damp)
+                    for j, e in enumerate(chunk):
+                        res[e][0][part], res[e][1][part] = deq[j], qps[j]
+                        if not ok[j]:
+                            failed.add(e)
+            for e in members:
+                if e in failed:
+                    how[e] = "rtn (fallback: Cholesky failed)"
+                else:
+                    out[e] = QuantizedExpert(res[e][0], res[e][1], "gptq")
+    for e, width in widths.items():
+        if e in out:
+            continue
+        args = weight_args(width, group_size, symmetric)
+        deq, qps = {}, {}
+        for part, w in mats[e].items():
+            deq[part], qps[part] = rtn(w, args, store_dtype)
+        out[e] = QuantizedExpert(deq, qps, how[e])
+    return dict(sorted(out.items()))
 
 
 @contextlib.contextmanager
@@ -153,9 +182,3 @@ def output_loss(layer: MoELayer, e: int, traffic: ExpertTraffic, quantized: dict
         total += float((ref - new).double().square().sum())
     return total ** 0.5
 
-
-def dequantize_check(weights: dict[str, torch.Tensor], qps: dict[str, QParams], width, group_size: int,
-                     symmetric: bool) -> bool:
-    """True when every part lies on its grid (quantize -> dequantize is the identity)."""
-    args = weight_args(width, group_size, symmetric)
-    return all(torch.equal(dequantized(weights[p], qps[p], args), weights[p]) for p in PARTS)

@@ -36,55 +36,73 @@ def _round(col: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, lo: float, 
 @torch.no_grad()
 def gptq(w: torch.Tensor, hessian: torch.Tensor, args: QuantizationArgs, store_dtype: torch.dtype, *,
          damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, QParams]:
-    """(dequantized W float32, qparams). Raises :class:`CholeskyFailed`."""
-    W = w.detach().float().clone()
-    H = hessian.detach().float().clone()
-    rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
-    try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
-        raise CholeskyFailed(str(e)) from None
-    if not torch.isfinite(Hinv).all():
-        raise CholeskyFailed("non-finite inverse Hessian")
+    """One matrix: (dequantized W float32, qparams). Raises :class:`CholeskyFailed`."""
+    out, qps, ok = gptq_batch(w[None], hessian[None], args, store_dtype, damp=damp, block=block)
+    if not ok[0]:
+        raise CholeskyFailed("the dampened Hessian is not positive definite")
+    return out[0], qps[0]
+
+
+@torch.no_grad()
+def gptq_batch(ws: torch.Tensor, hessians: torch.Tensor, args: QuantizationArgs, store_dtype: torch.dtype, *,
+               damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, list[QParams], list[bool]]:
+    """GPTQ of B matrices at once (the experts of a layer): ``ws`` [B, out, in], ``hessians``
+    [B, in, in]. Every step is the single-matrix algorithm with a leading batch dimension, so the
+    column loop runs once per layer instead of once per expert. Returns the dequantized weights,
+    each matrix's qparams and whether its Cholesky factorisation succeeded (if not, its result is
+    to be discarded: the caller rounds that matrix to nearest)."""
+    W = ws.detach().float().clone()
+    H = hessians.detach().float().clone()
+    B, rows, cols = W.shape
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0  # [B, cols]
+    diag[dead] = 1.0
+    diag += damp * diag.mean(-1, keepdim=True)
+    L, info = torch.linalg.cholesky_ex(H)
+    ok = info == 0
+    eye = torch.eye(cols, dtype=H.dtype, device=H.device)
+    L = torch.where(ok[:, None, None], L, eye)  # failed ones proceed on the identity, then are discarded
+    Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    ok &= (info == 0) & torch.isfinite(Hinv).flatten(1).all(1)
+    Hinv = torch.where(ok[:, None, None], Hinv, eye)
     lo, hi = (float(v) for v in calculate_range(args, W.device))
     grouped = args.strategy == "group"
     group = args.group_size if grouped else cols
+    row_args = _channel(args)
     if grouped:  # blocks hold whole groups, so a group's grid is taken from fully updated weights
         block = group * max(1, block // group)
-        scale = torch.empty(rows, cols // group, device=W.device)
-        zp = torch.empty(rows, cols // group, dtype=torch.int8, device=W.device)
+        scale = torch.empty(B, rows, cols // group, device=W.device)
+        zp = torch.empty(B, rows, cols // group, dtype=torch.int8, device=W.device)
     else:  # one grid per output channel, from the weights before any update (as the reference)
-        q0 = qparams(W, args, store_dtype)
-        scale, zp = q0.scale.clone(), q0.zero_point.clone()
-    row_args = _channel(args)
+        q0 = qparams(W.reshape(B * rows, cols), row_args, store_dtype)
+        scale, zp = q0.scale.reshape(B, rows, 1), q0.zero_point.reshape(B, rows, 1)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, :, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
             g = c // group
             if grouped and c % group == 0:
-                q = qparams(W1[:, i:i + group], row_args, store_dtype)
-                scale[:, g], zp[:, g] = q.scale[:, 0], q.zero_point[:, 0]
-            qcol = _round(W1[:, i], scale[:, g], zp[:, g].float(), lo, hi)
-            Q[:, c] = qcol
-            err = (W1[:, i] - qcol) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    qp = QParams(scale, zp)
-    out = dequantized(Q, qp, args)  # the same values, through compressed-tensors (idempotent on the grid)
-    if dead.any():  # columns no token reached: round-to-nearest (see the module docstring)
-        out[:, dead] = dequantized(w.float(), qp, args)[:, dead]
-    return out, qp
-
+                q = qparams(W1[:, :, i:i + group].reshape(B * rows, group), row_args, store_dtype)
+                scale[:, :, g], zp[:, :, g] = q.scale.reshape(B, rows), q.zero_point.reshape(B, rows)
+            qcol = _round(W1[:, :, i], scale[:, :, g], zp[:, :, g].float(), lo, hi)
+            Q[:, :, c] = qcol
+            err = (W1[:, :, i] - qcol) / Hinv1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+    outs, qps = [], []
+    for b in range(B):
+        qp = QParams(scale[b], zp[b])
+        out = dequantized(Q[b], qp, args)  # the same values through compressed-tensors (idempotent on the grid)
+        if dead[b].any():  # columns no token reached: round-to-nearest (see the module docstring)
+            out[:, dead[b]] = dequantized(ws[b].float(), qp, args)[:, dead[b]]
+        outs.append(out)
+        qps.append(qp)
+    return torch.stack(outs), qps, ok.tolist()
 
 def _channel(args: QuantizationArgs) -> QuantizationArgs:
     """The same grid with one group per row (used on one group's columns)."""
