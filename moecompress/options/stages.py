@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import field_validator, model_validator
 
@@ -135,10 +135,98 @@ class UploadOptions(Options):
                                       library=False, recipe=False)
 
 
-class QuantizeOptions(Options):
-    """Placeholder until the quantize stage lands (issue 13 replaces it)."""
+_QUANT = "Quantization"
+_ALLOC = "Mixed precision (MC-MoE)"
+_GPTQ = "GPTQ"
+SCHEMES = {"w4a16": 4, "w8a16": 8, "fp8": "fp8"}
 
-    implemented = False
+
+class QuantizeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, OutputOptions):
+    bits: Optional[float] = option(None, "Target average expert weight width (layer / expert granularity): the budget is "
+                                   "the honest size of every expert at this width, scales and zero points included. "
+                                   "Uniform: the width itself (default: the scheme's, else 4).", ge=1, le=8, panel=_QUANT)
+    granularity: Literal["uniform", "layer", "expert"] = option(
+        "uniform", "uniform: one width; layer: one width per MoE layer (what compressed-tensors engines serve); "
+        "expert: one width per expert (MC-MoE as published; --format fake only).", panel=_QUANT)
+    quantizer: Literal["gptq", "rtn"] = option("gptq", "gptq (calibrated, layer by layer) or rtn (round to nearest, "
+                                               "no calibration).", panel=_QUANT)
+    group_size: int = option(128, "Input columns per scale (0 = one scale per output channel).", ge=0, panel=_QUANT)
+    symmetric: bool = option(True, "Symmetric grid (no zero point) or asymmetric.", flags=("--symmetric/--asymmetric",),
+                             panel=_QUANT)
+    format: Literal["compressed-tensors", "fake"] = option(
+        "compressed-tensors", "compressed-tensors: packed int / FP8 checkpoint that transformers and vLLM load; fake: "
+        "dequantized weights in the checkpoint dtype plus the bit map (research allocations).", panel=_QUANT)
+    scheme: Optional[Literal["w4a16", "w8a16", "fp8"]] = option(
+        None, "compressed-tensors scheme of a uniform run: w4a16, w8a16, fp8 (per channel, no calibration).",
+        panel=_QUANT)
+    non_expert_bits: int = option(16, "Attention, shared-expert and dense MLP weights: 16 (untouched), 8 or 4 "
+                                  "(round to nearest).", panel=_QUANT)
+    candidates: Union[list[int], str] = option([2, 3, 4, 8], "Widths the allocation chooses from, comma-separated.",
+                                               panel=_ALLOC)
+    allocation: Literal["mc-moe", "frequency", "random"] = option(
+        "mc-moe", "mc-moe: MC-MoE's integer program (frequency^alpha x weight^beta x output loss); frequency: the "
+        "paper's frequency-only ablation; random: seeded baseline with the same budget.", panel=_ALLOC)
+    alpha: float = option(1.0, "MC-MoE exponent of the activation frequency.", ge=0, panel=_ALLOC)
+    beta: float = option(1.5, "MC-MoE exponent of the activation weight.", ge=0, panel=_ALLOC)
+    loss_tokens: int = option(8192, "Calibration tokens per layer on which MC-MoE's output loss is measured.", ge=1,
+                              panel=_ALLOC)
+    damp: float = option(0.01, "GPTQ dampening (fraction of the mean Hessian diagonal).", gt=0, panel=_GPTQ)
+    calibrate_all_experts: bool = option(False, "GPTQ: every calibration token into every expert's Hessian (only "
+                                         "routed outputs propagate).", panel=_GPTQ)
+    min_tokens: int = option(0, "GPTQ: experts routed fewer tokens are rounded to nearest (0 = the widest input size, "
+                             "so that the Hessian can have full rank).", ge=0, panel=_GPTQ)
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _candidates(cls, v):
+        import re
+
+        items = [int(x) for x in re.findall(r"-?\d+", v)] if isinstance(v, str) else [int(x) for x in v]
+        if not items or any(not 1 <= b <= 8 for b in items):
+            raise ValueError("candidate widths must be integers from 1 to 8, e.g. 2,3,4,8")
+        return sorted(set(items))
+
+    @field_validator("non_expert_bits")
+    @classmethod
+    def _non_expert(cls, v: int) -> int:
+        if v not in (16, 8, 4):
+            raise ValueError("must be 16 (untouched), 8 or 4")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.granularity == "expert" and self.format != "fake":
+            raise ValueError("--granularity expert needs --format fake: no serving engine runs different widths "
+                             "inside one MoE layer (vLLM reads expert 0's scheme, transformers one group for all)")
+        if self.scheme is not None and self.granularity != "uniform":
+            raise ValueError("--scheme sets one width for all experts; drop it for --granularity layer/expert")
+        if self.granularity != "uniform":
+            if self.bits is None:
+                raise ValueError(f"--granularity {self.granularity} needs --bits (the target average width)")
+            if not self.candidates[0] <= self.bits <= self.candidates[-1]:
+                raise ValueError(f"--bits {self.bits:g} is outside the candidate widths {self.candidates}")
+        elif self.bits is not None:
+            if self.bits != int(self.bits):
+                raise ValueError("uniform quantization needs a whole --bits width (fractional averages need "
+                                 "--granularity layer or expert)")
+            if self.scheme is not None and SCHEMES[self.scheme] != int(self.bits):
+                raise ValueError(f"--bits {self.bits:g} contradicts --scheme {self.scheme}")
+        return self
+
+    def uniform_width(self):
+        """The single width of a uniform run: the scheme's, else ``bits``, else 4."""
+        if self.scheme is not None:
+            return SCHEMES[self.scheme]
+        return int(self.bits) if self.bits is not None else 4
+
+    @property
+    def effective_quantizer(self) -> str:
+        """FP8 per channel needs no calibration: round to nearest whatever ``quantizer`` says."""
+        return "rtn" if self.scheme == "fp8" else self.quantizer
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.effective_quantizer == "gptq" or self.granularity != "uniform"
 
 
 # stage name -> options model; the recipe runner, `moecompress ls` and the tests read this.

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pydantic import ValidationError
-
 from ..arch import MoEModel, moe_view
 from ..capture import LayerCursor
 from ..errors import MoECompressError
@@ -29,20 +27,12 @@ from ..onload import onloaded
 from . import allocate
 from .experts import PARTS, ExpertTraffic, output_loss, quantize_experts
 from .grid import QParams, dequantized, dtype_bits, matrix_bits, rtn, weight_args
-from .options import QuantizeOptions
+from ..options import QuantizeOptions, library_function, validate
 
 
-def parse_options(**options) -> QuantizeOptions:
-    """:class:`QuantizeOptions` from keyword arguments, or a one-line :class:`MoECompressError`."""
-    try:
-        return QuantizeOptions(**options)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "options"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            raise MoECompressError(f"unknown quantize option '{key}'; options: {', '.join(QuantizeOptions.model_fields)}") from None
-        raise MoECompressError(f"quantize {key}: {msg}" if key != "options" else msg) from None
+def _recorded(opts: QuantizeOptions) -> dict:
+    """The resolved options as recorded (the quantizer that really ran: FP8 rounds to nearest)."""
+    return {**opts.recorded(), "quantizer": opts.effective_quantizer}
 
 
 @dataclass
@@ -113,33 +103,48 @@ def _store_dtype(model) -> torch.dtype:
 
 
 @torch.no_grad()
-def quantize_model(model, tokens: torch.Tensor | None = None, **options) -> QuantizeResult:
+def quantize_model(model, tokens: torch.Tensor | None = None, *, options: QuantizeOptions | None = None,
+                   progress: bool = False, **kwargs) -> QuantizeResult:
     """Quantize ``model``'s routed experts in place (dequantized values in the model's dtype) and,
     with ``non_expert_bits`` < 16, its other linear layers (round to nearest). ``tokens`` [N, S]
-    are the calibration sequences (needed by gptq and by allocations). Options as
-    :class:`QuantizeOptions` (the checkpoint-only ones are ignored)."""
+    are the calibration sequences (needed by gptq and by allocations). Options: the fields of
+    :class:`~moecompress.options.QuantizeOptions` as keywords, or ``options=``; the calibration
+    source and loading options are the checkpoint entry point's and are not used here."""
     start = time.perf_counter()
-    opts = parse_options(**options)
+    opts = options if options is not None else validate(QuantizeOptions, kwargs)
     view = moe_view(model)
     if opts.needs_calibration and tokens is None:
-        raise MoECompressError(f"quantizer '{opts.quantizer}' with granularity '{opts.granularity}' needs calibration "
-                               "text; pass --calib FILE")
+        raise MoECompressError(f"quantizer '{opts.effective_quantizer}' with granularity '{opts.granularity}' needs "
+                               "calibration tokens; pass --calib FILE")
     store = _store_dtype(model)
     first = view.layers[0]
     shapes = {"gate": tuple(first.gate_proj.shape[1:]), "up": tuple(first.up_proj.shape[1:]),
               "down": tuple(first.down_proj.shape[1:])}
     _check_group_size(shapes, opts.group_size)
-    result = QuantizeResult(options=opts.model_dump(), widths={}, how={}, expert_shapes=shapes,
+    batch_size = opts.resolved_batch_size(None, False) if opts.batch_size is None else opts.batch_size
+    opts_run = _Run(opts, batch_size, progress)
+    result = QuantizeResult(options=_recorded(opts), widths={}, how={}, expert_shapes=shapes,
                             scale_bits=dtype_bits(store), store_dtype=store)
     if opts.granularity == "uniform":
         result.widths = {layer.layer_idx: [opts.uniform_width()] * layer.num_experts for layer in view}
     else:
-        _allocate(model, view, tokens, opts, result, store)
-    _quantize_experts(model, view, tokens, opts, result, store)
+        _allocate(model, view, tokens, opts_run, result, store)
+    _quantize_experts(model, view, tokens, opts_run, result, store)
     if opts.non_expert_bits < 16:
         _quantize_non_experts(model, view, opts, result, store)
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _Run:
+    """The options of one run plus what the run resolved (batch size, progress, quantizer)."""
+
+    def __init__(self, opts: QuantizeOptions, batch_size: int, progress: bool):
+        self.opts, self.batch_size, self.progress = opts, batch_size, progress
+        self.quantizer = opts.effective_quantizer
+
+    def __getattr__(self, name):
+        return getattr(self.opts, name)
 
 
 def _check_group_size(shapes: dict, group_size: int) -> None:
@@ -273,91 +278,71 @@ def _quantize_non_experts(model, view: MoEModel, opts: QuantizeOptions, result: 
         result.non_expert[name] = {"qparams": q, "width": opts.non_expert_bits, "group_size": gs}
 
 
-def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, **options) -> QuantizeResult:
-    """Quantize the checkpoint ``src`` into the folder ``out`` (options: :class:`QuantizeOptions`).
+@library_function(QuantizeOptions)
+def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opts: QuantizeOptions,
+                        progress: bool = True) -> QuantizeResult:
+    """Quantize the checkpoint ``model`` into the folder ``output`` (options:
+    :class:`~moecompress.options.QuantizeOptions`).
 
     ``compressed-tensors`` output is written by rewriting the input's shards one at a time
     (``formats.write_compressed_tensors``); ``fake`` output by the pruning surgery with every
     expert replaced (or ``save_pretrained`` when non-expert layers were quantized too). The
-    record says what was done and what loads it."""
-    from pathlib import Path
-
-    from ..arch import family_for_config
-    from ..checkpoint import (copy_tokenizer, load_config, load_model, output_folder, parse_dtype, parse_memory,
-                              save_model, source_folder, stored_dtype, write_record)
+    record says what was done and what loads it. The output is checked before it is renamed
+    into place."""
+    from ..calibration import load_calibration
+    from ..checkpoint import compute_dtype, copy_tokenizer, load_model, output_folder, save_model, write_record
+    from ..source import open_source
 
     start = time.perf_counter()
-    opts = parse_options(**options)
-    config = load_config(src)
-    family_for_config(config)
-    parse_dtype(opts.dtype)
-    parse_memory(opts.max_gpu_memory)
-    parse_memory(opts.max_cpu_memory)
-    local = source_folder(src)
-    if opts.format == "compressed-tensors" and (local is None or not any(local.glob("*.safetensors"))):
-        raise MoECompressError(f"compressed-tensors output rewrites the input's safetensors shards; '{src}' has none "
+    source = open_source(model)
+    if opts.format == "compressed-tensors" and not source.shards:
+        raise MoECompressError(f"compressed-tensors output rewrites the input's safetensors shards; '{model}' has none "
                                "locally (download it first)")
-    if getattr(config, "quantization_config", None):
-        raise MoECompressError(f"'{src}' is already quantized ({_quant_method(config)}); quantize the original checkpoint")
-    if opts.needs_calibration:
-        from ..calibration import check_source
-
-        check_source(opts.calib)
-    with output_folder(out, overwrite=opts.overwrite, source=src, check=True) as folder:
-        model = load_model(src, dtype=opts.dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
-                           max_cpu_memory=opts.max_cpu_memory)
-        view = moe_view(model)
+    if getattr(source.config, "quantization_config", None):
+        raise MoECompressError(f"'{model}' is already quantized ({_quant_method(source.config)}); quantize the "
+                               "original checkpoint")
+    dtype = compute_dtype(opts.dtype, opts.device, streamed=opts.streamed)
+    batch_size = opts.resolved_batch_size(opts.device, opts.streamed)
+    with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
+        lm = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
+                        max_cpu_memory=opts.max_cpu_memory)
+        view = moe_view(lm)
         if opts.format == "compressed-tensors":
             from .formats import expert_keys
 
-            expert_keys(model, view)  # refuse fused-checkpoint families before any work
+            expert_keys(lm, view)  # refuse fused-checkpoint families before any work
         tokens = None
         if opts.needs_calibration:
-            from transformers import AutoTokenizer
-
-            from ..calibration import load_calibration
-            from ..checkpoint import resolve_source
-
-            tok = AutoTokenizer.from_pretrained(resolve_source(src))
-            tokens = load_calibration(tok, opts.calib, n=opts.n, seq_len=opts.seq_len, seed=opts.seed, mode=opts.mode,
-                                      field=opts.field)
-        lib_opts = {k: v for k, v in opts.model_dump().items() if k not in _CHECKPOINT_ONLY}
-        result = quantize_model(model, tokens, **lib_opts)
-        result.options = opts.model_dump()
-        record = {"stage": "quantize", "method": f"{opts.quantizer}", "seed": opts.seed,
-                  "parameters": {k: v for k, v in opts.model_dump().items() if k not in ("progress", "overwrite")},
-                  **result.to_dict(with_time=False)}
-        stored = stored_dtype(config)
+            tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
+        result = quantize_model(lm, tokens, options=opts.model_copy(update={"batch_size": batch_size}),
+                                progress=progress)
+        record = {"stage": "quantize", "method": opts.effective_quantizer, "seed": opts.seed,
+                  "parameters": _recorded(opts), **result.to_dict(with_time=False)}
         if opts.format == "compressed-tensors":
             from .formats import write_compressed_tensors
 
-            qc = write_compressed_tensors(local, folder, model, view, result)
-            record["writer"] = "compressed-tensors shard rewrite"
-            record["loads_in"] = _loads_in(result)
-            record["config_groups"] = len(qc["config_groups"])
-            copy_tokenizer(src, folder)
-            write_record(folder, record, src)
-        elif not result.non_expert and local is not None and any(local.glob("*.safetensors")):
+            qc = write_compressed_tensors(source.folder, folder, lm, view, result)
+            record.update(writer="compressed-tensors shard rewrite", loads_in=_loads_in(result),
+                          config_groups=len(qc["config_groups"]))
+            copy_tokenizer(source, folder)
+            write_record(folder, record, source)
+        elif not result.non_expert and source.shards:
             from ..surgery import ModelReplacements, prune_checkpoint_files
 
             keep = {layer.layer_idx: list(range(layer.num_experts)) for layer in view}
             groups = {li: {j: {"experts"} for j in k} for li, k in keep.items()}
-            prune_checkpoint_files(local, folder, keep, replace=ModelReplacements(view, groups))
+            prune_checkpoint_files(source.folder, folder, keep, replace=ModelReplacements(view, groups))
             record["writer"] = "shard surgery (dequantized experts)"
-            copy_tokenizer(src, folder)
-            write_record(folder, record, src)
+            copy_tokenizer(source, folder)
+            write_record(folder, record, source)
         else:
-            if stored is not None and model.dtype != stored:
-                model.to(stored)
+            if source.stored_dtype is not None and lm.dtype != source.stored_dtype:
+                lm.to(source.stored_dtype)
             record["writer"] = "save_pretrained"
-            save_model(model, folder, source=src, record=record)
+            save_model(lm, folder, source=source, record=record)
         _add_card(folder)
     result.seconds = time.perf_counter() - start
     return result
-
-
-_CHECKPOINT_ONLY = {"calib", "n", "seq_len", "field", "mode", "dtype", "device", "max_gpu_memory", "max_cpu_memory",
-                    "overwrite"}
 
 
 def _quant_method(config) -> str:
