@@ -168,9 +168,12 @@ def _quantize_kw(opts: QuantizeOptions, layer, store) -> dict:
 
 def _allocate(model, view: MoEModel, tokens, opts: QuantizeOptions, result: QuantizeResult, store) -> None:
     """MC-MoE's losses for every expert and candidate width on the original model, then the
-    integer program (or the frequency / random baselines)."""
+    integer program (or the frequency / random baselines). The loss of a width is measured with
+    round-to-nearest weights, as the authors' ``order_quant`` does, whatever quantizer then
+    writes the model (GPTQ would triple the allocation's cost for a ranking RTN already gives)."""
     cands = opts.candidates
     cursor = LayerCursor(model, tokens, batch_size=opts.batch_size, view=view)
+    per_batch = -(-opts.loss_tokens // len(cursor.hidden))  # the loss sample spans every batch
     size_of = lambda b: sum(matrix_bits(result.expert_shapes[p], b, opts.group_size, opts.symmetric,  # noqa: E731
                                         result.scale_bits) for p in PARTS)
     sizes = np.array([size_of(b) for b in cands])
@@ -178,15 +181,15 @@ def _allocate(model, view: MoEModel, tokens, opts: QuantizeOptions, result: Quan
     per_layer: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for layer in view:
         li = layer.layer_idx
-        traffic = ExpertTraffic(layer, hessians=opts.quantizer == "gptq", all_experts=opts.calibrate_all_experts,
-                                sample_tokens=opts.loss_tokens, seed=opts.seed * 1_000_003 + li)
+        traffic = ExpertTraffic(layer, hessians=False, sample_tokens=opts.loss_tokens, sample_per_batch=per_batch,
+                                seed=opts.seed * 1_000_003 + li)
         cursor.advance(li, [traffic], progress=opts.progress, description=f"quantize: allocation, layer {li}")
         eps = np.zeros((layer.num_experts, len(cands)))
         if opts.allocation != "random":
             with onloaded(layer.block):
                 for j, b in enumerate(cands):
                     qs = quantize_experts(layer, dict.fromkeys(range(layer.num_experts), b), traffic,
-                                          **_quantize_kw(opts, layer, store))
+                                          **{**_quantize_kw(opts, layer, store), "quantizer": "rtn"})
                     for e, q in qs.items():
                         eps[e, j] = output_loss(layer, e, traffic, q.weights)
         per_layer[li] = (eps, traffic.freq.numpy(), traffic.weight.numpy())

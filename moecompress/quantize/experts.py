@@ -27,10 +27,11 @@ PARTS = ("gate", "up", "down")
 
 class ExpertTraffic:
     def __init__(self, layer: MoELayer, *, hessians: bool, all_experts: bool = False, sample_tokens: int = 0,
-                 seed: int = 0):
+                 sample_per_batch: int = 0, seed: int = 0):
         E = layer.num_experts
         self.layer_idx = layer.layer_idx
         self.hessians, self.all_experts, self.sample_tokens = hessians, all_experts, sample_tokens
+        self.sample_per_batch = sample_per_batch or sample_tokens
         self.count = torch.zeros(E, dtype=torch.long)
         self.freq = torch.zeros(E, dtype=torch.float64)
         self.weight = torch.zeros(E, dtype=torch.float64)
@@ -52,7 +53,10 @@ class ExpertTraffic:
         hits = torch.bincount(idx.flatten().cpu(), minlength=E)
         self.count += hits
         self.freq += hits.double()
-        self.weight += routing.probs.double().sum(0).cpu()
+        # MC-MoE's activation weight: the routing probability of the tokens that selected the expert,
+        # before the top-k renormalisation (the authors' ``weights_tensor``)
+        picked = routing.probs.double().gather(1, idx)
+        self.weight += torch.zeros(E, dtype=torch.float64).scatter_add_(0, idx.flatten().cpu(), picked.flatten().cpu())
         if self.sample_tokens:
             self._keep_sample(x, routing)
         if not self.hessians:
@@ -82,7 +86,7 @@ class ExpertTraffic:
         left = self.sample_tokens - self._seen
         if left <= 0:
             return
-        take = min(left, x.shape[0])
+        take = min(left, self.sample_per_batch, x.shape[0])
         pick = torch.randperm(x.shape[0], generator=self._gen)[:take].sort().values.to(x.device)
         self.sample.append((x.index_select(0, pick).cpu(), routing.topk_idx.index_select(0, pick).cpu(),
                             routing.topk_weight.index_select(0, pick).float().cpu()))
