@@ -113,6 +113,13 @@ def quantize_model(model, tokens: torch.Tensor | None = None, *, options: Quanti
     start = time.perf_counter()
     opts = options if options is not None else validate(QuantizeOptions, kwargs)
     view = moe_view(model)
+    from ..onload import is_streamed
+
+    if is_streamed(model):
+        # The experts are edited in place; accelerate's offload would drop edits of an offloaded
+        # layer, so the written checkpoint could mix quantized scales with unquantized weights.
+        raise MoECompressError("quantize does not stream yet: drop --max-gpu-memory / --max-cpu-memory (the model "
+                               "must fit in memory; only the writing goes shard by shard)")
     if opts.needs_calibration and tokens is None:
         raise MoECompressError(f"quantizer '{opts.effective_quantizer}' with granularity '{opts.granularity}' needs "
                                "calibration tokens; pass --calib FILE")
@@ -221,8 +228,6 @@ def _allocate(model, view: MoEModel, tokens, opts: QuantizeOptions, result: Quan
 
 
 def _quantize_experts(model, view: MoEModel, tokens, opts: QuantizeOptions, result: QuantizeResult, store) -> None:
-    from ..merge.offload import write_back
-
     gptq = opts.quantizer == "gptq" and any(w != "fp8" for ws in result.widths.values() for w in ws)
     cursor = LayerCursor(model, tokens, batch_size=opts.batch_size, view=view) if gptq else None
     for layer in view:
@@ -243,7 +248,6 @@ def _quantize_experts(model, view: MoEModel, tokens, opts: QuantizeOptions, resu
                     layer.set_expert(e, *(q.weights[p].to(dt) for p in PARTS))
                     result.qparams[li][e] = q.qparams
                     result.how[li].append(q.how)
-                write_back(layer.block)
 
 
 class _null:
