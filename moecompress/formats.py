@@ -166,7 +166,9 @@ def partial_fp8_blocks(config) -> Iterator[None]:
     def dequantize_one(self, quantized, scales, output_dtype=None):
         rows, cols = quantized.shape[-2:]
         grid = tuple(scales.shape[-2:]) if scales.dim() >= 2 else None
-        if quantized.dtype != torch.float8_e4m3fn or grid != (math.ceil(rows / block[0]), math.ceil(cols / block[1])):
+        # transformers 5.17 hands non-expert weights over already cast to the model's dtype (exact:
+        # every e4m3 value is a bf16 value); packed FP4 (int8) keeps transformers' own code.
+        if not quantized.is_floating_point() or grid != (math.ceil(rows / block[0]), math.ceil(cols / block[1])):
             return original(self, quantized, scales, output_dtype)
         if output_dtype is None:  # transformers' own default: the scales' dtype if it is a wide float
             output_dtype = scales.dtype if scales.dtype.is_floating_point and scales.element_size() >= 2 else torch.bfloat16
