@@ -44,8 +44,10 @@ DEFAULT_RUN = {"steps": 60, "seq_len": 256, "batch_size": 4, "lr": 3e-4}
 def ppl(model_dir, texts: Path, device: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir, dtype="float32", device=device)
-    out = {name: round(perplexity(model, load_text_tokens(tok, texts / f"{name}.txt", 20_000), 512, batch_size=8)["ppl"], 3)
-           for name in EVALS}
+    out = {}
+    for name in EVALS:
+        ids = load_text_tokens(tok, texts / f"{name}.txt", 20_000)
+        out[name] = round(perplexity(model, ids, 512, batch_size=8)["ppl"], 3)
     del model
     return out
 

@@ -141,8 +141,9 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
                 report = apply_stage(student_model, stage, calib.to(device), original_experts=original_experts,
                                      original_intermediate=original_inter, seed=opts.seed, progress=False)
                 if opts.expert_wise_steps:
-                    report["expert_wise"] = expert_wise_distill(student_model, teacher_model, calib, lr=opts.expert_wise_lr,
-                                                                steps=opts.expert_wise_steps, train=opts.train)
+                    report["expert_wise"] = expert_wise_distill(
+                        student_model, teacher_model, calib, lr=opts.expert_wise_lr, steps=opts.expert_wise_steps,
+                        train=opts.train)
                 state.stages.append({"stage": stage.describe(), **report})
                 state.stage_done_cut = True
                 if evaluator is not None and opts.stages:
@@ -167,8 +168,9 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
                   "data": {"source": str(data), "sha256": result.data_sha256, "sequences": int(tokens.shape[0]),
                            "seq_len": opts.seq_len, "field": opts.field, "mode": opts.mode},
                   "steps": state.global_step, "tokens": state.tokens, "schedule": result.schedule,
-                  "stages": state.stages, "options": opts.model_dump(mode="json", exclude={"overwrite", "resume",
-                                                                                          "stop_after", "checkpoint_dir"}),
+                  "stages": state.stages,
+                  "options": opts.model_dump(mode="json", exclude={"overwrite", "resume", "stop_after",
+                                                                   "checkpoint_dir", "json_out"}),
                   "loss": {"first": result.first_loss, "last": result.last_loss},
                   "eval": {"before": result.eval_before, "after": result.eval_after},
                   "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}

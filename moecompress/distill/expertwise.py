@@ -58,7 +58,8 @@ def expert_wise_distill(student, teacher, tokens: torch.Tensor, *, steps: int, l
 
         def error() -> float:
             with torch.no_grad():
-                num = sum(float((_out(block(x.to(device, dtype))).float() - y.to(device)).square().sum()) for x, y in data)
+                num = sum(float((_out(block(x.to(device, dtype))).float() - y.to(device)).square().sum())
+                          for x, y in data)
                 den = sum(float(y.square().sum()) for _, y in data)
             return num / max(den, 1e-12)
 

@@ -43,8 +43,10 @@ class Stage:
     options: dict = field(default_factory=dict)  # method:NAME
 
     def describe(self) -> str:
-        cut = "" if self.op is None else f"{self.op}:{self.value:g}" + "".join(f",{k}:{v}" for k, v in self.options.items()) + ","
-        return f"{cut}steps:{self.steps}"
+        if self.op is None:
+            return f"steps:{self.steps}"
+        extra = "".join(f",{k}:{v}" for k, v in self.options.items())
+        return f"{self.op}:{self.value:g}{extra},steps:{self.steps}"
 
 
 def parse_stages(text: str) -> list[Stage]:
