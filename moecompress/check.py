@@ -79,7 +79,12 @@ def expected_tensors(config) -> dict[str, _Expect]:
         model = AutoModelForCausalLM.from_config(plain, dtype=stored)
     reverted = revert_weight_conversion(model, model.state_dict())
     tied = set((getattr(model, "_tied_weights_keys", None) or {})) if getattr(config, "tie_word_embeddings", False) else set()
-    out = {k: _Expect(tuple(t.shape), frozenset({t.dtype, stored}), optional=k in tied) for k, t in reverted.items()}
+    # Tensors the model class keeps in float32 (DeepSeek-V3's e_score_correction_bias: the
+    # published checkpoint stores it F32 beside bf16 weights) may be stored in float32 too;
+    # from_config does not apply that rule, from_pretrained does.
+    fp32 = [*(getattr(model, "_keep_in_fp32_modules", None) or ()), *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
+    out = {k: _Expect(tuple(t.shape), frozenset({t.dtype, stored} | ({torch.float32} if any(m in k for m in fp32) else set())),
+                      optional=k in tied) for k, t in reverted.items()}
     out.update(mtp.expected_tensors(config, out))
     return out
 

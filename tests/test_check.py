@@ -122,3 +122,17 @@ def test_fp8_scale_without_its_weight_fails(tmp_path):
     _tamper(tmp_path, lambda t: t.pop("model.layers.2.mlp.experts.5.down_proj.weight"))
     assert check_checkpoint(tmp_path).problems[0] == ("model.layers.2.mlp.experts.5.down_proj.weight: missing, "
                                                       "only its weight_scale_inv is stored")
+
+
+def test_float32_correction_bias_of_a_bf16_deepseek_v3_passes(tmp_path):
+    """DeepSeek-V3's published checkpoint stores e_score_correction_bias in F32 beside bf16
+    weights (transformers keeps it in float32); the check accepts that, and only that."""
+    from moecompress.testing import tiny_model
+
+    tiny_model("deepseek_v3", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    _tamper(tmp_path, lambda t: t.__setitem__(bias, t[bias].float()))
+    assert check_checkpoint(tmp_path).ok, check_checkpoint(tmp_path).problems
+    weight = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    _tamper(tmp_path, lambda t: t.__setitem__(weight, t[weight].float()))
+    assert check_checkpoint(tmp_path).problems[0].startswith(f"{weight}: dtype F32")
