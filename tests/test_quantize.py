@@ -225,3 +225,15 @@ def test_check_reads_compressed_tensors_shapes(qwen_ckpt):
     del sd["model.layers.1.mlp.experts.2.up_proj.weight_scale"]
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
     assert any("without its weight_scale" in p for p in check_checkpoint(out).problems)
+
+
+def test_scales_are_stored_in_the_checkpoint_dtype(tmp_path):
+    """Computed in float32, a bf16 checkpoint's scales stay bf16 (and are counted as 16 bits)."""
+    from safetensors import safe_open
+
+    tiny_checkpoint(tmp_path / "bf16", "qwen3_moe", dtype=torch.bfloat16)
+    res = quantize_checkpoint(tmp_path / "bf16", tmp_path / "q", quantizer="rtn", scheme="w4a16", group_size=8,
+                              progress=False)
+    assert res.scale_bits == 16 and res.average_bits == pytest.approx(4 + 16 / 8)
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.1.mlp.experts.0.up_proj.weight_scale").get_dtype() == "BF16"

@@ -104,12 +104,14 @@ def _store_dtype(model) -> torch.dtype:
 
 @torch.no_grad()
 def quantize_model(model, tokens: torch.Tensor | None = None, *, options: QuantizeOptions | None = None,
-                   progress: bool = False, **kwargs) -> QuantizeResult:
+                   progress: bool = False, store_dtype: torch.dtype | None = None, **kwargs) -> QuantizeResult:
     """Quantize ``model``'s routed experts in place (dequantized values in the model's dtype) and,
     with ``non_expert_bits`` < 16, its other linear layers (round to nearest). ``tokens`` [N, S]
     are the calibration sequences (needed by gptq and by allocations). Options: the fields of
     :class:`~moecompress.options.QuantizeOptions` as keywords, or ``options=``; the calibration
-    source and loading options are the checkpoint entry point's and are not used here."""
+    source and loading options are the checkpoint entry point's and are not used here.
+    ``store_dtype``: the dtype the scales will be stored in (default: the dtype the model's config
+    records; a model loaded in another dtype than its checkpoint's must be told the checkpoint's)."""
     start = time.perf_counter()
     opts = options if options is not None else validate(QuantizeOptions, kwargs)
     view = moe_view(model)
@@ -123,7 +125,7 @@ def quantize_model(model, tokens: torch.Tensor | None = None, *, options: Quanti
     if opts.needs_calibration and tokens is None:
         raise MoECompressError(f"quantizer '{opts.effective_quantizer}' with granularity '{opts.granularity}' needs "
                                "calibration tokens; pass --calib FILE")
-    store = _store_dtype(model)
+    store = store_dtype or _store_dtype(model)
     first = view.layers[0]
     shapes = {"gate": tuple(first.gate_proj.shape[1:]), "up": tuple(first.up_proj.shape[1:]),
               "down": tuple(first.down_proj.shape[1:])}
@@ -322,7 +324,7 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, 
         if opts.needs_calibration:
             tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
         result = quantize_model(lm, tokens, options=opts.model_copy(update={"batch_size": batch_size}),
-                                progress=progress)
+                                progress=progress, store_dtype=source.stored_dtype)
         record = {"stage": "quantize", "method": opts.effective_quantizer, "seed": opts.seed,
                   "parameters": _recorded(opts), **result.to_dict(with_time=False)}
         if opts.format == "compressed-tensors":
