@@ -91,60 +91,50 @@ def _logits(folder, t):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(t).logits
 
 
-@pytest.fixture(scope="module")
-def qwen_ckpt(tmp_path_factory):
-    from moecompress.testing import SAMPLE_TEXT
-
-    root = tmp_path_factory.mktemp("quant")
-    tiny_checkpoint(root / "tiny", "qwen3_moe")
-    (root / "calib.txt").write_text(SAMPLE_TEXT)
-    return root
-
-
 CALIB = dict(n=4, seq_len=48, group_size=8, progress=False, min_tokens=1)
 
 
 @pytest.mark.parametrize("extra", [dict(quantizer="gptq", scheme="w4a16"),
                                    dict(quantizer="gptq", bits=3, non_expert_bits=8),
                                    dict(scheme="fp8")])
-def test_compressed_tensors_reloads_equal_to_fake(qwen_ckpt, extra):
+def test_compressed_tensors_reloads_equal_to_fake(calib_ckpt, extra):
     from compressed_tensors.quantization import QuantizationConfig
 
-    src, calib = qwen_ckpt / "tiny", str(qwen_ckpt / "calib.txt")
+    src, calib = calib_ckpt / "tiny", str(calib_ckpt / "calib.txt")
     name = "-".join(f"{k}{v}" for k, v in extra.items())
-    ct = quantize_checkpoint(src, qwen_ckpt / f"ct-{name}", calib=calib, **CALIB, **extra)
-    fake = quantize_checkpoint(src, qwen_ckpt / f"fake-{name}", calib=calib, format="fake", **CALIB, **extra)
+    ct = quantize_checkpoint(src, calib_ckpt / f"ct-{name}", calib=calib, **CALIB, **extra)
+    fake = quantize_checkpoint(src, calib_ckpt / f"fake-{name}", calib=calib, format="fake", **CALIB, **extra)
     assert ct.widths == fake.widths and not ct.fallbacks
     t = tokens(2, 16)
-    a, b, base = _logits(qwen_ckpt / f"ct-{name}", t), _logits(qwen_ckpt / f"fake-{name}", t), _logits(src, t)
+    a, b, base = _logits(calib_ckpt / f"ct-{name}", t), _logits(calib_ckpt / f"fake-{name}", t), _logits(src, t)
     torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
     assert (b - base).abs().max() > 1e-3  # something was quantized
-    cfg = json.loads((qwen_ckpt / f"ct-{name}" / "config.json").read_text())["quantization_config"]
+    cfg = json.loads((calib_ckpt / f"ct-{name}" / "config.json").read_text())["quantization_config"]
     QuantizationConfig.model_validate(cfg)
     assert cfg["quant_method"] == "compressed-tensors" and "lm_head" in cfg["ignore"]
 
 
-def test_on_disk_bytes_are_the_counted_bits(qwen_ckpt):
+def test_on_disk_bytes_are_the_counted_bits(calib_ckpt):
     from moecompress.info import model_info
 
-    out = qwen_ckpt / "bytes"
-    res = quantize_checkpoint(qwen_ckpt / "tiny", out, quantizer="rtn", scheme="w4a16", group_size=8, progress=False)
+    out = calib_ckpt / "bytes"
+    res = quantize_checkpoint(calib_ckpt / "tiny", out, quantizer="rtn", scheme="w4a16", group_size=8, progress=False)
     info = model_info(out)["quantization"]
     shape_bytes = 8 * 2 * 3 * 8 * 2  # weight_shape: int64[2] per matrix, 3 matrices x 8 experts x 2 layers
     assert info["expert_bits_per_weight"] * res.expert_weights / 8 == pytest.approx(res.total_bits / 8 + shape_bytes)
     assert json.loads((out / "moecompress.json").read_text())["loads_in"]["transformers"] == "yes"
 
 
-def test_mixed_layer_widths_pack_each_layer_by_its_group(qwen_ckpt):
+def test_mixed_layer_widths_pack_each_layer_by_its_group(calib_ckpt):
     """transformers dequantizes all experts with one group (documented); compressed-tensors'
     own decompression, group by group, gives back exactly the fake weights."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    out = qwen_ckpt / "mixed"
-    res = quantize_checkpoint(qwen_ckpt / "tiny", out, quantizer="rtn", granularity="layer", bits=6, symmetric=False,
-                              candidates=[4, 8], calib=str(qwen_ckpt / "calib.txt"), **CALIB)
+    out = calib_ckpt / "mixed"
+    res = quantize_checkpoint(calib_ckpt / "tiny", out, quantizer="rtn", granularity="layer", bits=6, symmetric=False,
+                              candidates=[4, 8], calib=str(calib_ckpt / "calib.txt"), **CALIB)
     assert sorted({v[0] for v in res.widths.values()}) == [4, 8]
     rec = json.loads((out / "moecompress.json").read_text())
     assert rec["loads_in"]["transformers"].startswith("no")
@@ -183,15 +173,15 @@ def test_every_family_quantizes_and_reloads(family, tmp_path):
     del model
 
 
-def test_cli_quantize_and_refusals(qwen_ckpt):
-    out = qwen_ckpt / "cli"
-    res = invoke_cli("quantize", qwen_ckpt / "tiny", "-o", out, "--quantizer", "rtn", "--scheme", "w8a16",
-                     "--group-size", "8", "--json", qwen_ckpt / "cli.json")
+def test_cli_quantize_and_refusals(calib_ckpt):
+    out = calib_ckpt / "cli"
+    res = invoke_cli("quantize", calib_ckpt / "tiny", "-o", out, "--quantizer", "rtn", "--scheme", "w8a16",
+                     "--group-size", "8", "--json", calib_ckpt / "cli.json")
     assert res.exit_code == 0, res.output
-    assert json.loads((qwen_ckpt / "cli.json").read_text())["layer_widths"] == {"1": 8, "2": 8}
-    res = invoke_cli("quantize", qwen_ckpt / "tiny", "-o", qwen_ckpt / "x", "--granularity", "expert", "--bits", "3")
+    assert json.loads((calib_ckpt / "cli.json").read_text())["layer_widths"] == {"1": 8, "2": 8}
+    res = invoke_cli("quantize", calib_ckpt / "tiny", "-o", calib_ckpt / "x", "--granularity", "expert", "--bits", "3")
     assert res.exit_code == 2 and "--format fake" in res.output and "Traceback" not in res.output
-    res = invoke_cli("quantize", qwen_ckpt / "tiny", "-o", qwen_ckpt / "x", "--group-size", "5")
+    res = invoke_cli("quantize", calib_ckpt / "tiny", "-o", calib_ckpt / "x", "--group-size", "5")
     assert res.exit_code == 2 and "group-size" in res.output
     res = invoke_cli("info", out)
     assert res.exit_code == 0 and "expert bits per weight" in res.output
@@ -208,13 +198,13 @@ def test_info_says_bitsandbytes_left_the_experts_alone(tmp_path):
     assert q["expert_bits_per_weight"] == 32.0  # the experts are stored as they were (fp32 here)
 
 
-def test_check_reads_compressed_tensors_shapes(qwen_ckpt):
+def test_check_reads_compressed_tensors_shapes(calib_ckpt):
     from safetensors.torch import load_file, save_file
 
     from moecompress.check import check_checkpoint
 
-    out = qwen_ckpt / "checked"
-    quantize_checkpoint(qwen_ckpt / "tiny", out, quantizer="rtn", bits=3, symmetric=False, group_size=8, progress=False)
+    out = calib_ckpt / "checked"
+    quantize_checkpoint(calib_ckpt / "tiny", out, quantizer="rtn", bits=3, symmetric=False, group_size=8, progress=False)
     assert check_checkpoint(out).ok  # also checked before the output was renamed into place
     sd = load_file(out / "model.safetensors")
     key = "model.layers.1.mlp.experts.2.up_proj.weight_packed"
