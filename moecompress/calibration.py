@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from .errors import MoECompressError
+from .integrity import check_text
 from .options.groups import DEFAULT_N, DEFAULT_SEQ_LEN
 
 Mode = Literal["chunk", "document"]
@@ -73,6 +74,9 @@ def check_source(source: str | os.PathLike) -> None:
     if p.exists():
         if p.is_dir():
             raise MoECompressError(f"calibration source '{s}' is a folder; pass a .txt, .jsonl or .parquet file")
+        if p.suffix.lower() != ".parquet":  # text: check its start now, before a model is loaded
+            with open(p, "rb") as f:
+                check_text(f.read(1 << 22), s, partial=True)
         return
     if _shipped(s) is not None or _looks_like_hub(s):
         return
@@ -83,20 +87,19 @@ def check_source(source: str | os.PathLike) -> None:
 
 def _read_jsonl(p: Path, field: str) -> list[str]:
     docs = []
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise MoECompressError(f"{p}:{i + 1} is not valid JSON; a .jsonl file holds one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise MoECompressError(f"{p}:{i + 1} is not a JSON object; each line must be like {{\"{field}\": \"...\"}}")
-            if field not in row:
-                raise MoECompressError(f"{p}:{i + 1} has no field '{field}' (fields: {', '.join(map(str, row))}); "
-                                       "choose the text field with --field")
-            docs.append(str(row[field]))
+    for i, line in enumerate(check_text(p.read_bytes(), str(p)).split("\n")):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise MoECompressError(f"{p}:{i + 1} is not valid JSON; a .jsonl file holds one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise MoECompressError(f"{p}:{i + 1} is not a JSON object; each line must be like {{\"{field}\": \"...\"}}")
+        if field not in row:
+            raise MoECompressError(f"{p}:{i + 1} has no field '{field}' (fields: {', '.join(map(str, row))}); "
+                                   "choose the text field with --field")
+        docs.append(str(row[field]))
     return docs
 
 
@@ -129,7 +132,7 @@ def read_documents(source: str | os.PathLike, field: str = "text", mode: Mode = 
         elif suffix == ".parquet":
             docs = _read_parquet(p, field)
         else:
-            text = p.read_text(encoding="utf-8", errors="replace")
+            text = check_text(p.read_bytes(), s)
             docs = re.split(r"\n[ \t]*\n", text) if mode == "document" else [text]
     elif _looks_like_hub(s):
         docs = _hub_documents(s, field)

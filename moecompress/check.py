@@ -39,7 +39,6 @@ SHARD_INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8, "I8": torch.int8,
               "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
-_CHUNK_BYTES = 1 << 28  # values are scanned in slices of at most this many bytes
 
 
 @dataclass
@@ -216,30 +215,11 @@ def _why_unexpected(key: str, config) -> str:
 
 
 def _value_problems(folder: Path, headers: dict, report: CheckReport, device: str | None) -> None:
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for name in sorted(headers):
-        with safe_open(folder / name, framework="pt") as f:
-            for key in sorted(headers[name]):
-                st_dtype, shape = headers[name][key]
-                if st_dtype not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2") or not shape or 0 in shape:
-                    if st_dtype in ("F64", "F32", "F16", "BF16") and not shape:  # scalars
-                        if not torch.isfinite(f.get_tensor(key).float()).all():
-                            report.problems.append(f"{key}: NaN or Inf")
-                            return
-                    continue
-                sl = f.get_slice(key)
-                rows = shape[0]
-                row_bytes = max(1, _nbytes(st_dtype, shape) // rows)
-                step = max(1, _CHUNK_BYTES // row_bytes)
-                for r0 in range(0, rows, step):
-                    t = sl[r0:min(rows, r0 + step)].to(dev)
-                    if st_dtype == "F8_E4M3":
-                        bad = ((t.view(torch.uint8) & 0x7F) == 0x7F).any()  # e4m3fn has NaN codes only
-                    else:
-                        bad = ~torch.isfinite(t.to(torch.float32 if st_dtype == "F8_E5M2" else t.dtype)).all()
-                    if bool(bad):
-                        report.problems.append(f"{key}: NaN or Inf")
-                        return
+    from .integrity import first_nonfinite
+
+    bad = first_nonfinite(folder, headers, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if bad is not None:
+        report.problems.append(f"{bad}: NaN or Inf")
 
 
 def check_checkpoint(folder: str | os.PathLike, *, values: bool = True, device: str | None = None) -> CheckReport:
@@ -261,10 +241,11 @@ def check_checkpoint(folder: str | os.PathLike, *, values: bool = True, device: 
     return report
 
 
-def require_valid(folder: str | os.PathLike, *, device: str | None = None, written: bool = False) -> CheckReport:
+def require_valid(folder: str | os.PathLike, *, device: str | None = None, written: bool = False,
+                  values: bool = True) -> CheckReport:
     """:func:`check_checkpoint`, raising ``MoECompressError`` with the first problem (``written``:
     the stage that wrote ``folder`` is at fault, and its output is removed by the caller)."""
-    report = check_checkpoint(folder, device=device)
+    report = check_checkpoint(folder, device=device, values=values)
     if not report.ok:
         more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
         tail = ("; the output was removed (a moecompress bug: please report it)" if written

@@ -26,6 +26,7 @@ import torch
 
 from . import __version__
 from .errors import MoECompressError
+from .guards import check_device, load_error, load_policy, loading_policy, trust_remote_code
 from .source import (RECORD_FILE, Source, first_line as _first_line, load_config, load_record,  # noqa: F401
                      open_source, resolve_source, source_folder, stored_dtype)
 
@@ -83,8 +84,15 @@ def load_model(
     max_cpu_memory: str | None = None,
     offload_folder: str | os.PathLike | None = None,
     gpu_working_bytes: int = 0,
+    trust_remote_code: bool | None = None,
+    allow_nonfinite: bool | None = None,
 ):
     """Load a causal LM for compression (eval mode, no grad needed).
+
+    The input is checked first (``integrity.require_sound_input``: every shard complete, no
+    NaN/Inf unless ``allow_nonfinite``); ``trust_remote_code`` / ``allow_nonfinite`` left None
+    follow the current ``guards.loading_policy`` (the CLI's ``--trust-remote-code`` /
+    ``--allow-nonfinite``).
 
     With ``max_gpu_memory`` (and/or ``max_cpu_memory``) the model is streamed: accelerate
     places what fits on the GPU under the cap, the rest on the CPU and then on disk
@@ -94,14 +102,26 @@ def load_model(
     on the GPU besides activations (e.g. merging: an onloaded original and merged layer and the
     re-fit's accumulators); it is taken from the weights' share of the cap.
     """
+    changes = {k: v for k, v in (("trust_remote_code", trust_remote_code), ("allow_nonfinite", allow_nonfinite))
+               if v is not None}
+    with loading_policy(**changes):
+        return _load_model(src, dtype, device, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
+                           offload_folder=offload_folder, gpu_working_bytes=gpu_working_bytes)
+
+
+def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_folder, gpu_working_bytes):
     from transformers import AutoModelForCausalLM
 
     from .arch import family_for_config
     from .formats import dequantized_loading, partial_fp8_blocks
+    from .integrity import require_sound_input
 
+    if isinstance(device, str):
+        check_device(device)
     config = load_config(src)
     family_for_config(config)  # refuse non-MoE / unknown families before loading weights
     source = resolve_source(src)
+    require_sound_input(source_folder(src), allow_nonfinite=load_policy().allow_nonfinite)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     # Quantized checkpoints (FP8 blocks, MXFP4) compute dequantized: see formats.py.
     quantized = dequantized_loading(config)
@@ -133,11 +153,12 @@ def load_model(
         kwargs = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload_folder)}
     try:
         with partial_fp8_blocks(config):
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, **quantized)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, trust_remote_code=trust_remote_code(),
+                                                         **kwargs, **quantized)
     except (OSError, ValueError) as e:
         if kwargs.get("offload_folder") and own_folder:
             shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
-        raise MoECompressError(f"cannot load '{src}': {_first_line(e)}") from None
+        raise MoECompressError(load_error("cannot load", src, e)) from None
     if kwargs.get("offload_folder") and own_folder:
         # the offloaded weights live as long as the model: delete them with it
         weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], True)
@@ -216,42 +237,41 @@ def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: st
                   check: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` when the block succeeds.
 
-    Refuses an existing ``out`` without ``overwrite``, an ``out`` equal to or inside the
-    source checkpoint, and an unwritable parent: all before any work is done.
+    Refuses (before any work) an ``out`` that is the source checkpoint, inside it or contains
+    it; an existing ``out`` without ``overwrite``, and with it anything but an empty folder or
+    a previous moecompress output; an unwritable parent; an unsound input (``integrity``).
+    Temporary folders that killed runs left beside ``out`` are removed (``outputs``).
 
     With ``check`` the written checkpoint must pass ``check.require_valid`` first (every tensor
     the config implies, nothing else, no NaN/Inf); if it fails nothing becomes ``out`` and the
     error names the first bad tensor.
     """
+    from .integrity import require_sound_input
+    from .outputs import LockedTemp, check_output_folder, clean_stale
+
     out = Path(out).expanduser().absolute()
-    if source is not None:
-        src = Path(source).expanduser()
-        if src.exists():
-            src = src.resolve()
-            if out.resolve() == src or src in out.resolve().parents:
-                raise MoECompressError(f"output '{out}' is inside the input checkpoint; choose another folder")
-    if out.exists() and not overwrite:
-        raise MoECompressError(f"output '{out}' exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise MoECompressError(f"output '{out}' is a file; choose a folder path")
+    location = resolve_source(source) if source is not None else None
+    check_output_folder(out, overwrite=overwrite, source=location)
+    if location is not None:
+        require_sound_input(source_folder(location), allow_nonfinite=load_policy().allow_nonfinite)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        clean_stale(out)
+        tmp = LockedTemp(out)
     except OSError as e:
         raise MoECompressError(f"cannot write to '{parent}': {e.strerror or e}; choose a writable output folder") from None
     try:
-        yield tmp
+        yield tmp.path
         if check:
             from .check import require_valid
 
-            require_valid(tmp, written=True)
-        _normal_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            # an input let through with --allow-nonfinite gives an output with NaN/Inf too
+            require_valid(tmp.path, written=True, values=not load_policy().allow_nonfinite)
+        _normal_permissions(tmp.path)
+        tmp.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.discard()
         raise
 
 
@@ -292,7 +312,7 @@ def copy_tokenizer(source: str | os.PathLike, folder: Path) -> None:
     with contextlib.suppress(Exception):  # Hub id without a local snapshot: best effort
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(source)).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code()).save_pretrained(folder)
 
 
 def write_record(folder: Path, record: dict[str, Any], source: str | os.PathLike | None = None) -> dict:

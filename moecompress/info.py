@@ -53,6 +53,10 @@ def model_info(src: str | os.PathLike) -> dict:
                        "intermediate": layer.intermediate_size, "params_per_expert": per_expert,
                        "shared_expert_params": shared})
     folder = source_folder(src)
+    if folder is not None:
+        from .integrity import check_shards
+
+        check_shards(folder)  # a truncated or missing shard is not "the size on disk"
     disk = safetensors_sizes(folder) if folder is not None else {}
     from .quantize.inspect import quantization_info
 

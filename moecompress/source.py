@@ -82,12 +82,15 @@ def load_config(src: str | os.PathLike):
         return src.config
     from transformers import AutoConfig
 
+    from .guards import check_remote_code, load_error, trust_remote_code
+
     source = resolve_source(src)
     _check_hub_source(source)
+    check_remote_code(source if isinstance(source, Path) else source_folder(source), str(src))
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code())
     except (OSError, ValueError) as e:
-        raise MoECompressError(f"cannot read the config of '{src}': {first_line(e)}") from None
+        raise MoECompressError(load_error("cannot read the config of", src, e)) from None
 
 
 def stored_dtype(config) -> torch.dtype | None:
@@ -172,8 +175,10 @@ class Source:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
+        from .guards import trust_remote_code
+
         try:
-            return AutoTokenizer.from_pretrained(self.location)
+            return AutoTokenizer.from_pretrained(self.location, trust_remote_code=trust_remote_code())
         except (OSError, ValueError) as e:
             raise MoECompressError(f"cannot load the tokenizer of '{self.name}': {first_line(e)}; "
                                    "calibration needs the checkpoint's tokenizer files") from None

@@ -1,14 +1,19 @@
 """Publish a compressed checkpoint to the Hugging Face Hub: model card, repository, files.
 
-``upload`` writes ``DIR/README.md`` (see :mod:`moecompress.card`), then uses huggingface_hub's
-``HfApi.create_repo`` and ``HfApi.upload_folder``. The token comes from ``token=``, else
-huggingface_hub's standard places (``HF_TOKEN``, the file written by ``hf auth login``).
+``upload`` never writes into ``DIR`` (it may be the user's only copy, with a README of its
+own): it builds a staging folder of symlinks to ``DIR``'s files plus the model card
+``README.md`` (see :mod:`moecompress.card`) and uploads that with huggingface_hub's
+``HfApi.create_repo`` and ``HfApi.upload_folder``. A dry run keeps the staging folder so the
+card can be read; ``card_in_place`` (``--card-in-place``) writes ``DIR/README.md`` instead.
+The token comes from ``token=``, else huggingface_hub's standard places (``HF_TOKEN``, the file written by ``hf auth login``).
 ``endpoint`` (or ``HF_ENDPOINT``) points at another Hub, e.g. a local test server.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .card import write_card
@@ -65,15 +70,38 @@ def upload(folder: str | os.PathLike, *, opts: UploadOptions) -> dict:
     endpoint, base_model, commit_message = opts.endpoint, opts.base_model, opts.commit_message
     p = check_folder(folder)
     _check_repo_id(repo_id)
-    card = write_card(p, repo_id, base_model=base_model)
-    files = files_to_send(p)
-    out = {"repo_id": repo_id, "card": str(card), "files": [{"path": f, "bytes": n} for f, n in files],
-           "bytes": sum(n for _, n in files), "dry_run": dry_run, "url": None}
-    if dry_run:
+    if not dry_run:
+        token = _require_token(token)
+    staging = p if opts.card_in_place else stage(p)
+    try:
+        card = write_card(staging, repo_id, base_model=base_model)
+        files = files_to_send(staging)
+        out = {"repo_id": repo_id, "card": str(card), "files": [{"path": f, "bytes": n} for f, n in files],
+               "bytes": sum(n for _, n in files), "dry_run": dry_run, "url": None}
+        if dry_run:
+            return out  # the staging folder stays, so that the card can be read
+        out.update(_send(staging, repo_id, private=private, token=token, endpoint=endpoint,
+                         commit_message=commit_message))
         return out
+    finally:
+        if staging != p and not dry_run:
+            shutil.rmtree(staging, ignore_errors=True)
 
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+def stage(folder: Path) -> Path:
+    """A temporary folder mirroring ``folder`` with symlinks (no data copied; hidden files left
+    out as ``upload_folder`` leaves them out; a README.md of the folder is replaced by the card)."""
+    staging = Path(tempfile.mkdtemp(prefix="moecompress-upload-"))
+    for rel, _ in files_to_send(folder):
+        if rel != "README.md":
+            dst = staging / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((folder / rel).resolve(), dst)
+    return staging
+
+
+def _require_token(token: str | None) -> str:
+    from huggingface_hub import constants, get_token
 
     token = token or get_token()
     if not token:
@@ -81,6 +109,15 @@ def upload(folder: str | os.PathLike, *, opts: UploadOptions) -> dict:
                                "(use --dry-run to only write the card)")
     if constants.HF_HUB_OFFLINE:
         raise MoECompressError("HF_HUB_OFFLINE is set; unset it to upload (or use --dry-run)")
+    return token
+
+
+def _send(p: Path, repo_id: str, *, private: bool, token: str, endpoint: str | None,
+          commit_message: str | None) -> dict:
+    """Create the repository and upload ``p``; ``{"url", "commit"}``."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
     api = HfApi(endpoint=endpoint, token=token)
     where = api.endpoint
     try:
@@ -101,9 +138,7 @@ def upload(folder: str | os.PathLike, *, opts: UploadOptions) -> dict:
     except (OSError, *_transport_errors()) as e:
         raise MoECompressError(f"cannot reach the Hugging Face Hub at {where} ({_first_line(e)}); check the "
                                "network or HF_ENDPOINT, or use --dry-run") from None
-    out["url"] = str(url)
-    out["commit"] = getattr(commit, "oid", None)
-    return out
+    return {"url": str(url), "commit": getattr(commit, "oid", None)}
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

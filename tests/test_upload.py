@@ -6,6 +6,7 @@ import re
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -56,7 +57,8 @@ def test_dry_run_writes_card_and_lists_files(compressed, monkeypatch):
     out = json.loads(res.output)
     names = {f["path"] for f in out["files"]}
     assert {"README.md", "config.json", "moecompress.json", "eval.json", "model.safetensors"} <= names
-    assert out["url"] is None and (compressed / "README.md").read_text().startswith("---")
+    assert out["url"] is None and Path(out["card"]).read_text().startswith("---")
+    assert not (compressed / "README.md").exists()  # the folder itself is never written to
 
 
 @pytest.mark.parametrize("case", ["missing", "no_weights", "bad_repo"])

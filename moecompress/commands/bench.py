@@ -34,7 +34,12 @@ def register(app: typer.Typer) -> None:
         from ..checkpoint import load_model
         from ..evaluate import default_device
 
+        from ..errors import MoECompressError
+
         with user_errors():
+            for flag, v in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--batch", batch), ("--repeats", repeats)):
+                if v < 1:  # before the model is loaded
+                    raise MoECompressError(f"{flag} must be at least 1 (got {v})")
             dev = device or default_device()
             m = load_model(model, dtype=dtype, device=None if dev == "cpu" else dev)
             data = {"model": model, **benchmark(m, prompt_len=prompt_len, gen_len=gen_len, batch=batch,

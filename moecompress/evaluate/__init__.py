@@ -35,12 +35,13 @@ def load_tokenizer(*sources: str | os.PathLike | None):
     from transformers import AutoTokenizer
 
     from ..checkpoint import resolve_source
+    from ..guards import trust_remote_code
 
     for src in sources:
         if src is None:
             continue
         try:
-            return AutoTokenizer.from_pretrained(resolve_source(src))
+            return AutoTokenizer.from_pretrained(resolve_source(src), trust_remote_code=trust_remote_code())
         except (OSError, ValueError, TypeError, MoECompressError):
             continue
     return None
@@ -95,6 +96,24 @@ def evaluate_models(model, tokenizer, *, base=None, ppl_files: Sequence[str | os
     return result
 
 
+def _check_before_loading(*, ppl_files=(), seq_len: int = 512, stride: int | None = None,
+                          max_tokens: int | None = 20_000) -> None:
+    """What needs no model is checked before a model is loaded: the window settings, and that
+    every --ppl file exists and is UTF-8 text."""
+    from ..integrity import check_text
+    from .perplexity import windows
+
+    windows(max(seq_len, 1) * 2, seq_len, stride)  # raises the --seq-len / --stride message
+    if max_tokens is not None and max_tokens < 1:
+        raise MoECompressError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    for path in ppl_files:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise MoECompressError(f"text file '{path}' not found; pass a UTF-8 text file to --ppl")
+        with open(p, "rb") as f:
+            check_text(f.read(1 << 22), str(path), partial=True)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -109,6 +128,8 @@ def evaluate_checkpoint(model: str | os.PathLike, *, opts: EvalOptions, progress
     """
     from ..checkpoint import compute_dtype, load_model
 
+    _check_before_loading(ppl_files=opts.ppl, seq_len=opts.seq_len, stride=opts.stride,
+                          max_tokens=opts.max_tokens or None)
     device = opts.device or default_device()
     dtype = compute_dtype(opts.dtype, device)
     device_map = None if device == "cpu" else device

@@ -125,7 +125,9 @@ class EvalOptions(LoadingOptions):
 class UploadOptions(Options):
     repo_id: str = option(..., "Hub repository, e.g. my-user/Qwen3-30B-A3B-pruned.", argument=True)
     private: bool = option(False, "Create the repository as private.")
-    dry_run: bool = option(False, "Write README.md and list the files; send nothing.")
+    dry_run: bool = option(False, "Write the model card into a staging folder and list the files; send nothing.")
+    card_in_place: bool = option(False, "Write the model card as DIR/README.md (default: DIR is never written to; "
+                                 "the card goes into a staging folder of links to DIR's files).")
     token: Optional[str] = option(None, "Hub token (default: HF_TOKEN or `hf auth login`).", recipe=False)
     base_model: Optional[str] = option(None, "Hub id for the card's base_model (default: the recorded source when it "
                                        "is a Hub id).")

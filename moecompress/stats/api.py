@@ -36,6 +36,9 @@ def stats_for_checkpoint(model: str | os.PathLike, output: str | os.PathLike | N
             raise MoECompressError(f"'{output}' already exists; pass --overwrite to replace it")
         if output.parent.exists() and not output.parent.is_dir():
             raise MoECompressError(f"cannot write into '{output.parent}': not a folder")
+        from ..outputs import check_output_file
+
+        check_output_file(output, source=model)  # never into the input checkpoint
     if opts.streamed and opts.device not in (None, "auto", "cuda", "cuda:0"):
         raise MoECompressError("--max-gpu-memory / --max-cpu-memory stream onto the first GPU (or the CPU without "
                                "one); leave --device out or pass --device cuda")

@@ -68,10 +68,16 @@ class Stats:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
         meta = {_META_KEY: json.dumps({"format": FORMAT, **self.meta}, sort_keys=True)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        summary_path(path).write_text(json.dumps(self.summary(), indent=2, sort_keys=True) + "\n")
+        from ..outputs import atomic_write, clean_stale
+
+        clean_stale(path)  # what killed runs left
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-stats")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        atomic_write(summary_path(path), json.dumps(self.summary(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

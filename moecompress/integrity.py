@@ -1,0 +1,189 @@
+"""Is an INPUT sound before any work is done on it?
+
+* :func:`check_shards`: every weight file the checkpoint names exists, and every safetensors
+  file's header parses and its size is exactly what the header describes (a truncated
+  download or a half-copied shard fails here, naming the file, instead of deep inside
+  transformers with ``SafetensorError: incomplete metadata``);
+* :func:`first_nonfinite`: the first tensor holding NaN or Inf (read in slices, so memory
+  stays bounded); ``moecompress check`` (output side, ``check.py``) uses the same scan;
+* :func:`require_sound_input`: both, once per checkpoint and process, raising one
+  ``MoECompressError`` line (``allow_nonfinite`` skips the value scan);
+* :func:`check_text`: calibration text must be UTF-8 and mostly printable.
+
+The header format is the safetensors spec: 8 bytes little-endian header length N, N bytes
+of JSON (``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``), then
+the data buffer, whose length must equal the largest ``end`` (the safetensors library refuses
+anything else, with a message that names neither the file nor what to do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import MoECompressError
+
+SHARD_INDEX = "model.safetensors.index.json"
+_FLOAT = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I16": 2,
+             "I32": 4, "I64": 8, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E8M0": 1, "F4": 1}
+_CHUNK_BYTES = 1 << 28  # values are scanned in slices of at most this many bytes
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_checked: set[tuple] = set()
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape) of a safetensors file; ``MoECompressError`` naming the file if the
+    header is unreadable or the file is not exactly as long as its header says."""
+    hint = "re-download or re-copy it"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MoECompressError(f"weight file '{path}' is truncated ({size} bytes, no header); {hint}")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise MoECompressError(f"weight file '{path}' is truncated or not a safetensors file "
+                                       f"(header of {n} bytes in a {size}-byte file); {hint}")
+            raw = f.read(n)
+    except OSError as e:
+        raise MoECompressError(f"cannot read weight file '{path}': {e.strerror or e}") from None
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError
+        tensors = {k: (v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in meta.items()
+                   if k != "__metadata__"}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise MoECompressError(f"weight file '{path}' has a corrupt header (not safetensors JSON); {hint}") from None
+    end = max((o[1] for _, _, o in tensors.values()), default=0)
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "longer than its header says"
+        raise MoECompressError(f"weight file '{path}' is {what} ({size} bytes, its header describes "
+                               f"{8 + n + end}); {hint}")
+    for k, (dt, shape, (b, e)) in tensors.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dt in _ITEMSIZE and dt != "F4" and (e - b) != numel * _ITEMSIZE[dt]:
+            raise MoECompressError(f"weight file '{path}' is corrupt: tensor '{k}' has {e - b} bytes for shape "
+                                   f"{list(shape)} {dt}; {hint}")
+    return {k: (dt, shape) for k, (dt, shape, _) in tensors.items()}
+
+
+def check_shards(folder: str | os.PathLike) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
+    """Headers of every safetensors file of ``folder`` (file name -> key -> (dtype, shape)).
+
+    Refuses (one line naming the file) a shard the index lists that is missing, a truncated or
+    corrupt shard, and a folder with no weights at all.
+    """
+    folder = Path(folder)
+    index = folder / SHARD_INDEX
+    names = set()
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise MoECompressError(f"'{index}' is not a valid safetensors index (JSON with a weight_map); "
+                                   "re-download the checkpoint") from None
+        names = set(weight_map.values())
+        for name in sorted(names):
+            if not (folder / name).is_file():
+                raise MoECompressError(f"shard '{folder / name}' is missing (listed in {SHARD_INDEX}); "
+                                       "re-download the checkpoint")
+    names |= {p.name for p in folder.glob("*.safetensors")}
+    if not names and not any(folder.glob("*.bin")):
+        raise MoECompressError(f"'{folder}' has no weight files (*.safetensors); pass a complete checkpoint folder")
+    return {name: read_header(folder / name) for name in sorted(names)}
+
+
+def first_nonfinite(folder: str | os.PathLike, headers: dict | None = None, device: str | None = None) -> str | None:
+    """The first tensor (file order, then key order) holding NaN or Inf, or None."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    headers = check_shards(folder) if headers is None else headers
+    dev = torch.device(device or "cpu")
+    for name in sorted(headers):
+        with safe_open(folder / name, framework="pt") as f:
+            for key in sorted(headers[name]):
+                st_dtype, shape = headers[name][key]
+                if st_dtype not in _FLOAT or 0 in shape:
+                    continue
+                if not shape:  # scalar
+                    if not bool(torch.isfinite(f.get_tensor(key).float()).all()):
+                        return key
+                    continue
+                sl = f.get_slice(key)
+                rows = shape[0]
+                row_bytes = max(1, _ITEMSIZE[st_dtype] * (_numel(shape) // rows))
+                step = max(1, _CHUNK_BYTES // row_bytes)
+                for r0 in range(0, rows, step):
+                    t = sl[r0:min(rows, r0 + step)].to(dev)
+                    if st_dtype == "F8_E4M3":
+                        bad = ((t.view(torch.uint8) & 0x7F) == 0x7F).any()  # e4m3fn has NaN codes only
+                    else:
+                        bad = ~torch.isfinite(t.to(torch.float32) if st_dtype == "F8_E5M2" else t).all()
+                    if bool(bad):
+                        return key
+    return None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bool = False) -> None:
+    """:func:`check_shards` and (unless ``allow_nonfinite``) :func:`first_nonfinite` on an input
+    checkpoint, once per process for the same files (a command loads its input more than once)."""
+    if folder is None:
+        return
+    folder = Path(folder)
+    try:
+        stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                             if p.name.endswith((".safetensors", ".json"))))
+    except OSError:
+        stamp = ()
+    key = (str(folder.resolve()), stamp, allow_nonfinite)
+    if key in _checked:
+        return
+    headers = check_shards(folder)
+    if not allow_nonfinite:
+        bad = first_nonfinite(folder, headers)
+        if bad is not None:
+            raise MoECompressError(f"input weight '{bad}' holds NaN or Inf (in '{folder}'); the checkpoint is "
+                                   "damaged: re-download it, or pass --allow-nonfinite to proceed anyway")
+    _checked.add(key)
+
+
+def check_text(text_or_bytes: str | bytes, where: str, *, min_printable: float = 0.9, partial: bool = False) -> str:
+    """Calibration text: valid UTF-8 and at least ``min_printable`` printable characters
+    (letters, digits, punctuation, whitespace), else one line naming ``where``. ``partial``:
+    the bytes are the start of a longer file (a character cut at the end is not an error)."""
+    if isinstance(text_or_bytes, bytes):
+        try:
+            text = text_or_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if partial and e.reason == "unexpected end of data" and e.start >= len(text_or_bytes) - 3:
+                return check_text(text_or_bytes[:e.start], where, min_printable=min_printable)
+            raise MoECompressError(f"calibration source '{where}' is not UTF-8 text (invalid byte at offset "
+                                   f"{e.start}); pass a text file") from None
+    else:
+        text = text_or_bytes
+    sample = text[:1_000_000]
+    if sample:
+        printable = sum(c.isprintable() or c in "\n\r\t" for c in sample)
+        if printable / len(sample) < min_printable:
+            raise MoECompressError(f"calibration source '{where}' is mostly non-printable characters "
+                                   f"({1 - printable / len(sample):.0%}); pass a text file")
+    return text
