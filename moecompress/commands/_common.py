@@ -17,18 +17,29 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def print_error(message: str) -> None:
+    """One red ``error:`` line on stderr; the message is printed as it is (a path with
+    ``[`` ``]`` in it is not rich markup)."""
+    from rich.text import Text
+
+    try:
+        err_console.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
+    except Exception:  # a broken terminal must not turn an error into a traceback
+        sys.stderr.write(f"error: {message}\n")
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn MoECompressError into one red line on stderr and exit code 2."""
     try:
         yield
     except MoECompressError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         raise typer.Exit(2) from None
 
 
 def not_implemented(stage: str) -> None:
-    err_console.print(f"[bold red]error:[/] `moecompress {stage}` is not implemented yet in this version")
+    print_error(f"`moecompress {stage}` is not implemented yet in this version")
     raise typer.Exit(2)
 
 
@@ -39,7 +50,9 @@ def write_json(path: Path | None, data: Any) -> None:
     if str(path) == "-":
         sys.stdout.write(text)
     else:
-        Path(path).write_text(text)
+        from ..outputs import atomic_write
+
+        atomic_write(path, text)
 
 
 def one_stage(name: str, model: str, output, opts, *, progress: bool = True):
