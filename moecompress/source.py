@@ -186,12 +186,19 @@ class Source:
 
 def open_source(src: str | os.PathLike | Source) -> Source:
     """Resolve ``src`` once: a clear one-line error for a missing folder, an unreachable Hub id,
-    or a model that is not a supported MoE family, before any weight is read."""
+    a model that is not a supported MoE family, or an unsound input (``integrity``: a truncated
+    or missing shard, NaN/Inf weights), before any weight is used."""
     if isinstance(src, Source):
         return src
     from .arch import family_for_config
 
+    from .guards import load_policy
+    from .integrity import require_sound_input
+
     location = resolve_source(src)
     config = load_config(location)
-    return Source(name=str(src), location=location, config=config, family=family_for_config(config),
-                  stored_dtype=stored_dtype(config))
+    source = Source(name=str(src), location=location, config=config, family=family_for_config(config),
+                    stored_dtype=stored_dtype(config))
+    # every shard complete, no NaN/Inf (unless allowed): before any stage reads a weight
+    require_sound_input(source.folder, allow_nonfinite=load_policy().allow_nonfinite)
+    return source

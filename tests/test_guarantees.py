@@ -243,7 +243,7 @@ def test_allow_nonfinite_proceeds(world, tmp_path):
 def test_upload_dry_run_never_writes_into_the_folder(world, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     before = tree(world / "par" / "tiny")
-    r = invoke_cli("upload", world / "par" / "tiny", "me/x", "--dry-run", "--json")
+    r = invoke_cli("upload", world / "par" / "tiny", "me/x", "--dry-run", "--json", "-")
     assert r.exit_code == 0, r.output
     card = Path(json.loads(r.output)["card"])
     assert card.read_text().startswith("---") and world not in card.parents
