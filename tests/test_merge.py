@@ -469,6 +469,9 @@ def test_streamed_merge_needs_safetensors(calib_ckpt, tmp_path):
     for f in calib_ckpt.joinpath("tiny").iterdir():
         if f.suffix != ".safetensors":
             shutil.copyfile(f, src / f.name)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(calib_ckpt / "tiny" / "model.safetensors"), src / "pytorch_model.bin")  # weights, not safetensors
     r = invoke_cli("merge", src, "-o", tmp_path / "out", "--keep", 3, "--calib", calib_ckpt / "calib.txt",
                    "--max-gpu-memory", "4GiB")
     assert r.exit_code == 2 and "needs a safetensors checkpoint" in " ".join(r.output.split()), r.output
