@@ -44,6 +44,8 @@ def world(tmp_path_factory):
     (root / "empty.txt").write_text("")
     (root / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     (root / "recipe-bad.yaml").write_text("model: [unclosed\n")
+    (root / "recipe-type.yaml").write_text(f"model: {root / 'par' / 'tiny'}\noutput: {root / 'o'}\n"
+                                           "stages:\n  - prune: {keep: ten, method: random}\n")
     (root / "notstats.safetensors").write_bytes(b"\x00" * 64)
     (root / "notours").mkdir()
     (root / "notours" / "precious.txt").write_text("keep me")
@@ -148,6 +150,7 @@ def _cases():
         # --- recipes -----------------------------------------------------------------------
         ("run-missing-recipe", ["run", "{root}/nope.yaml"], 2, "nope.yaml"),
         ("run-recipe-not-yaml", ["run", "{root}/recipe-bad.yaml"], 2, "recipe-bad.yaml"),
+        ("run-recipe-wrong-type", ["run", "{root}/recipe-type.yaml"], 2, "keep"),
         # --- stats files -------------------------------------------------------------------
         ("stats-show-missing", ["stats", "show", "{root}/nope.safetensors"], 2, "not found"),
         ("stats-show-garbage", ["stats", "show", "{root}/notstats.safetensors"], 2, "notstats"),

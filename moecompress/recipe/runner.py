@@ -69,6 +69,11 @@ def _prepare(out: Path, *, overwrite: bool, resume: bool) -> bool:
                                    "--overwrite to start again")
         if not overwrite:
             raise MoECompressError(f"output '{out}' exists; pass --overwrite to replace it")
+        from ..outputs import RECORD_FILE
+
+        if not (stages.is_dir() or (out / RECORD_FILE).is_file() or not any(out.iterdir())):
+            raise MoECompressError(f"--overwrite refuses to replace '{out}': it is not empty and not a moecompress "
+                                   f"output (no {RECORD_FILE}); delete it yourself or choose another folder")
         shutil.rmtree(out)
     created = not out.exists()
     try:
@@ -90,13 +95,13 @@ def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     ``results`` hold each stage's result object."""
     if not recipe.output:
         raise MoECompressError("the recipe names no output; pass -o OUT (or --set output=OUT)")
+    from ..outputs import check_not_input
+
     out = Path(recipe.output).expanduser().absolute()
-    src = Path(recipe.model).expanduser()
-    if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
-        raise MoECompressError(f"output '{out}' is inside the input checkpoint; choose another folder")
+    check_not_input(out, recipe.model)  # the output is not the input, inside it, or containing it
+    current = _source(recipe.model, recipe.model)  # a bad input is refused before anything is written
     created = _prepare(out, overwrite=overwrite, resume=resume)
     stages_dir = out / STAGES_DIR
-    current = _source(recipe.model, recipe.model)
     last: dict[str, Path] = {}
     results: list[Any] = []
     completed = 0
