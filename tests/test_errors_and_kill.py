@@ -20,7 +20,7 @@ from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
 ARGV = {
     "info": ["info", "x"], "collect": ["stats", "x", "-o", "s.safetensors"], "show": ["stats", "show", "x"],
     "prune": ["prune", "x", "-o", "o", "--keep", "2"], "merge": ["merge", "x", "-o", "o", "--keep", "2"],
-    "quantize": ["quantize", "x", "-o", "o"], "distill": ["distill"], "eval": ["eval", "x", "--ppl", "f"],
+    "quantize": ["quantize", "x", "-o", "o"], "distill": ["distill", "x", "-o", "o", "--data", "d.txt"], "eval": ["eval", "x", "--ppl", "f"],
     "bench": ["bench", "x"], "run": ["run", "r.yaml"], "upload": ["upload", "x", "me/x"], "check": ["check", "x"],
 }
 
