@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-STAGES = ("info", "stats", "prune", "merge", "quantize", "distill", "eval", "bench", "run", "upload", "check")
+STAGES = ("info", "stats", "prune", "merge", "quantize", "distill", "eval", "bench", "run", "upload", "check", "ls")
 
 
 def register_all(app: typer.Typer) -> None:

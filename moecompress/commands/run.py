@@ -26,10 +26,13 @@ def register(app: typer.Typer) -> None:
         from ..recipe import load_recipe, run_stages
 
         with user_errors():
-            r = load_recipe(recipe, sets, output=str(output) if output else None)
+            r = load_recipe(recipe, sets, output=str(output) if output else None, check=check)
             if check:
+                missing = sorted({s.name for s in r.stages if not s.options.implemented})
                 console.print(f"recipe ok: {len(r.stages)} stage(s): {' -> '.join(s.name for s in r.stages)}"
-                              + (f"; output {r.output}" if r.output else ""), highlight=False)
+                              + (f"; output {r.output}" if r.output else "")
+                              + (f"; not in this version (run refuses them): {', '.join(missing)}" if missing else ""),
+                              highlight=False)
                 return
             summary = run_stages(r, overwrite=overwrite, resume=resume,
                                  say=lambda m: err_console.print(f"[bold]{m}[/]", highlight=False))
