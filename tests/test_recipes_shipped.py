@@ -21,7 +21,7 @@ def _family(path: Path) -> str | None:
 
 
 def test_there_are_recipes_and_each_says_what_it_needs():
-    assert len(RECIPES) >= 8
+    assert len(RECIPES) >= 9
     for p in RECIPES:
         head = [line for line in p.read_text().splitlines() if line.startswith("#")]
         assert head and "Needs:" in " ".join(head), p.name
@@ -42,7 +42,12 @@ def test_shipped_recipe_runs_on_a_tiny_model(path, tmp_path):
     sets = [f"model={tmp_path / 'tiny'}", f"calibration.calib={tmp_path / 'text.txt'}", "calibration.n=4",
             "calibration.seq_len=32"]
     if "- eval:" in text:
-        sets += ["eval.limit=4", "eval.device=cpu", "eval.seq_len=32"]
+        sets += ["eval.limit=4", "eval.device=cpu", "eval.seq_len=32", f"eval.ppl=[{tmp_path / 'text.txt'}]",
+                 "eval.max_tokens=200"]
+    if "- distill:" in text:
+        sets += ["distill.steps=2", "distill.seq_len=32", "distill.batch_size=2"]
+    ci_line = next(line for line in text.splitlines() if "tiny random" in line)
+    sets += [x for x in re.findall(r"--set (\S+=\S+)", ci_line) if not x.startswith("model=")]  # what the recipe's header says its tiny run needs
     if "- quantize:" in text:
         sets += ["quantize.group_size=8"]  # the tiny experts have 16-32 input columns
     args = ["run", str(path), "-o", str(tmp_path / "out"), *[x for s in sets for x in ("--set", s)]]

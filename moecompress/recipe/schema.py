@@ -139,7 +139,10 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
         key, eq, text = item.partition("=")
         if not eq or not key:
             raise MoECompressError(f"--set '{item}': write it as key=value, e.g. --set model=path/to/model")
-        value = yaml.safe_load(text) if text else None
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            raise MoECompressError(f"--set {key}: '{text}' is not a YAML value; quote it") from None
         parts = key.split(".")
         if parts[0] == "stages" and len(parts) == 3 and parts[1].isdigit():
             i = int(parts[1]) - 1
