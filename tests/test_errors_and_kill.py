@@ -22,6 +22,7 @@ ARGV = {
     "prune": ["prune", "x", "-o", "o", "--keep", "2"], "merge": ["merge", "x", "-o", "o", "--keep", "2"],
     "quantize": ["quantize", "x", "-o", "o"], "distill": ["distill", "x", "-o", "o", "--data", "d.txt"], "eval": ["eval", "x", "--ppl", "f"],
     "bench": ["bench", "x"], "run": ["run", "r.yaml"], "upload": ["upload", "x", "me/x"], "check": ["check", "x"],
+    "ls": ["ls", "methods"],
 }
 
 
