@@ -34,7 +34,7 @@ def main() -> None:
     from shaped_checkpoints import make
 
     from moecompress.info import model_info
-    from moecompress.prune.api import prune_checkpoint
+    from moecompress.prune import prune_checkpoint
     from moecompress.quantize import quantize_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

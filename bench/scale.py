@@ -298,7 +298,7 @@ def main() -> None:
         print(json.dumps(res, indent=1), flush=True)
 
     if "prune" not in skip:
-        from moecompress.prune.api import prune_checkpoint
+        from moecompress.prune import prune_checkpoint
 
         out = outs / f"{a.name}-pruned"
         shutil.rmtree(out, ignore_errors=True)
@@ -314,7 +314,7 @@ def main() -> None:
                                   "forward": fwd_flops / res["matmul_flops"]}, prune_method=a.method)
         print(json.dumps(res, indent=1), flush=True)
     if "surgery" not in skip:
-        from moecompress.prune.api import prune_checkpoint
+        from moecompress.prune import prune_checkpoint
 
         # The same pruning written by shard surgery: in GPU memory, then streamed under the cap.
 

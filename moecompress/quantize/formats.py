@@ -54,7 +54,9 @@ def compress_weight(w: torch.Tensor, qp, width, group_size: int, symmetric: bool
 
     scheme = _scheme(width, group_size, symmetric, ["Linear"])
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    sd = {"weight": w.float(), "weight_scale": qp.scale.to(store), "weight_zero_point": qp.zero_point}
+    # GPTQ leaves the scales where it ran (the GPU); the weight is written from the CPU.
+    zero = qp.zero_point.to(w.device) if qp.zero_point is not None else None
+    sd = {"weight": w.float(), "weight_scale": qp.scale.to(w.device, store), "weight_zero_point": zero}
     return {k: v.contiguous() for k, v in compressor.compress(sd, scheme).items()}
 
 
