@@ -1,5 +1,6 @@
-"""The distillation loop, on accelerate: one code path for the CPU, one GPU and several (DDP/FSDP
-through ``accelerate launch``), with mixed precision, gradient accumulation, gradient
+"""The distillation loop, on accelerate: one code path for the CPU, one GPU and several (DDP
+through ``accelerate launch``; FSDP is refused until the student is saved from a gathered state
+dict and that is measured on GPUs), with mixed precision, gradient accumulation, gradient
 checkpointing and exact save/resume (``Accelerator.save_state`` keeps the model, optimizer,
 scheduler and every RNG; :class:`TrainState` keeps the step and the data position).
 """
@@ -57,8 +58,12 @@ def make_accelerator(opts: DistillOptions):
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state()  # a second call in one process may change precision
     # split_batches: --batch-size is the global batch, whatever the number of processes.
-    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=opts.grad_accum,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    acc = Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=opts.grad_accum,
+                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if acc.distributed_type.name == "FSDP":  # unwrap_model would save this process's shard only
+        raise MoECompressError("distill does not support FSDP yet: launch with DDP (accelerate launch --multi_gpu) "
+                               "on GPUs that each hold the student and the teacher")
+    return acc
 
 
 def set_trainable(model, train: str) -> None:
