@@ -81,9 +81,57 @@ def test_budget_met_as_counted(granularity):
 def test_mc_moe_cost_orders_experts_by_importance():
     eps = np.array([[4.0, 2.0, 1.0]] * 3)
     freq, weight = np.array([1.0, 2.0, 7.0]), np.array([1.0, 2.0, 7.0])
-    cost = allocate.allocation_cost("mc-moe", eps, freq, weight, 1.0, 1.5)
+    cost = allocate.allocation_cost("mc-moe-paper", eps, freq, weight, 1.0, 1.5)
+    imp = (freq / 10) * (weight / 10) ** 1.5  # MC-MoE Eq. 5: both normalised within the layer
+    np.testing.assert_allclose(cost, imp[:, None] * eps)
     size = np.tile([2.0, 3.0, 4.0], (3, 1))
-    assert allocate.solve(cost, size, 9.0) == [1, 1, 1] or allocate.solve(cost, size, 9.0)[2] == 2
+    assert allocate.solve(cost, size, 9.0) == [0, 1, 2]  # the most used expert gets the widest
+    # the default: the squared routed output error, no importance factor on top (it is in eps)
+    np.testing.assert_allclose(allocate.allocation_cost("mc-moe", eps, freq, weight, 1.0, 1.5), eps ** 2)
+    assert allocate.solve(allocate.allocation_cost("mc-moe", eps, freq, weight, 1.0, 1.5), size, 9.0) == [1, 1, 1]
+
+
+def test_output_loss_is_the_layer_output_error_of_one_quantized_expert():
+    """eps_{i,b} = ||Z - Z^||_F of the MoE block's routed output on the sampled tokens when only
+    expert i is quantized, routing weights included (MC-MoE's loss term)."""
+    from types import SimpleNamespace
+
+    from moecompress.arch import moe_view
+    from moecompress.quantize.experts import PARTS, output_loss
+
+    torch.manual_seed(0)
+    layer = moe_view(tiny_model("mixtral")).layers[0]
+    x = torch.randn(64, layer.hidden_size)
+    r = layer.route(x)
+    traffic = SimpleNamespace(sample=[(x[:40], r.topk_idx[:40], r.topk_weight[:40]),
+                                      (x[40:], r.topk_idx[40:], r.topk_weight[40:])])
+    e = int(r.topk_idx[0, 0])
+    mats = dict(zip(PARTS, (layer.gate_proj[e], layer.up_proj[e], layer.down_proj[e])))
+    q = {p: rtn(w, weight_args(2, 8, True), torch.float32)[0] for p, w in mats.items()}
+    with torch.no_grad():
+        ref = layer.routed_forward(x, r)
+        eps = output_loss(layer, e, traffic, q)
+        old = [m.clone() for m in mats.values()]
+        layer.set_expert(e, *(q[p] for p in PARTS))
+        new = layer.routed_forward(x, r)
+        layer.set_expert(e, *old)
+    assert eps > 0
+    assert eps == pytest.approx(float((ref - new).double().norm()), rel=1e-4)
+
+
+def test_narrow_experts_take_the_largest_group_that_divides_them():
+    from moecompress.quantize.api import resolve_group_size
+
+    qwen = {"gate": (64, 256), "up": (64, 256), "down": (256, 64)}  # the testbed's 32 x 64 experts
+    assert resolve_group_size(qwen, 128) == (64, "--group-size 128 does not divide the experts' input size 64; using 64")
+    assert resolve_group_size(qwen, 64) == (64, None) and resolve_group_size(qwen, 0) == (0, None)
+    assert resolve_group_size({"down": (256, 96)}, 128)[0] == 32
+    assert resolve_group_size({"down": (256, 48)}, 128)[0] == 0  # no group >= 32 divides 48: per channel
+    model = tiny_model("qwen3_moe")  # hidden 32, expert intermediate 16
+    res = quantize_model(model, None, scheme="w4a16", quantizer="rtn", group_size=32, progress=False)
+    assert res.options["group_size"] == 0 and res.notes == [
+        "--group-size 32 does not divide the experts' input size 16; using one scale per output channel (0)"]
+    assert res.total_bits == sum(matrix_bits(s, 4, 0, True, 32) for s in res.expert_shapes.values()) * 8 * 2
 
 
 def _logits(folder, t):
@@ -181,8 +229,10 @@ def test_cli_quantize_and_refusals(calib_ckpt):
     assert json.loads((calib_ckpt / "cli.json").read_text())["layer_widths"] == {"1": 8, "2": 8}
     res = invoke_cli("quantize", calib_ckpt / "tiny", "-o", calib_ckpt / "x", "--granularity", "expert", "--bits", "3")
     assert res.exit_code == 2 and "--format fake" in res.output and "Traceback" not in res.output
-    res = invoke_cli("quantize", calib_ckpt / "tiny", "-o", calib_ckpt / "x", "--group-size", "5")
-    assert res.exit_code == 2 and "group-size" in res.output
+    res = invoke_cli("quantize", calib_ckpt / "tiny", "-o", calib_ckpt / "g5", "--quantizer", "rtn", "--group-size", "5")
+    assert res.exit_code == 0 and "note: --group-size 5 does not divide" in res.output, res.output
+    record = json.loads((calib_ckpt / "g5" / "moecompress.json").read_text())
+    assert record["parameters"]["group_size"] == 0 and record["notes"]
     res = invoke_cli("info", out)
     assert res.exit_code == 0 and "expert bits per weight" in res.output
 

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         write_json(opts.json_out, data)
         if to_stdout:
             return
+        for note in result.notes:
+            console.print(f"note: {note}", highlight=False)
         console.print(_table(result))
         sym = "" if result.options["symmetric"] else " + zero points"
         console.print(f"{data['average_bits']:.3f} bits per expert weight (weights {result.average_width:.3f} + scales"

@@ -165,11 +165,13 @@ class QuantizeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, Outp
                                   "(round to nearest).", panel=_QUANT)
     candidates: Union[list[int], str] = option([2, 3, 4, 8], "Widths the allocation chooses from, comma-separated.",
                                                panel=_ALLOC)
-    allocation: Literal["mc-moe", "frequency", "random"] = option(
-        "mc-moe", "mc-moe: MC-MoE's integer program (frequency^alpha x weight^beta x output loss); frequency: the "
-        "paper's frequency-only ablation; random: seeded baseline with the same budget.", panel=_ALLOC)
-    alpha: float = option(1.0, "MC-MoE exponent of the activation frequency.", ge=0, panel=_ALLOC)
-    beta: float = option(1.5, "MC-MoE exponent of the activation weight.", ge=0, panel=_ALLOC)
+    allocation: Literal["mc-moe", "mc-moe-paper", "frequency", "random"] = option(
+        "mc-moe", "mc-moe: MC-MoE's integer program over each expert's squared output error on its routed, "
+        "routing-weighted tokens; mc-moe-paper: the published objective (frequency^alpha x weight^beta x output "
+        "loss); frequency: the paper's frequency-only ablation; random: seeded baseline with the same budget.",
+        panel=_ALLOC)
+    alpha: float = option(1.0, "mc-moe-paper's exponent of the activation frequency.", ge=0, panel=_ALLOC)
+    beta: float = option(1.5, "mc-moe-paper's exponent of the activation weight.", ge=0, panel=_ALLOC)
     loss_tokens: int = option(8192, "Calibration tokens per layer on which MC-MoE's output loss is measured.", ge=1,
                               panel=_ALLOC)
     damp: float = option(0.01, "GPTQ dampening (fraction of the mean Hessian diagonal).", gt=0, panel=_GPTQ)

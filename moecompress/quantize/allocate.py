@@ -73,13 +73,25 @@ def importance(freq: np.ndarray, weight: np.ndarray, alpha: float, beta: float) 
 
 def allocation_cost(method: str, eps: np.ndarray, freq: np.ndarray, weight: np.ndarray, alpha: float,
                     beta: float) -> np.ndarray:
-    """[experts, candidates] objective of one layer for ``method``:
+    """[experts, candidates] objective of one layer for ``method`` (``eps``: the measured
+    ``||Z - Z^_{i,b}||_F``, see ``experts.output_loss``):
 
-    * ``mc-moe``: phi^alpha w^beta eps_{i,b} (the paper);
+    * ``mc-moe`` (the default): ``eps_{i,b}^2``, the expert's squared contribution to the layer's
+      output error on the calibration tokens routed to it, each token's error scaled by its routing
+      weight. Summed over experts it is the first-order estimate of ``||Z - Z^||_F^2`` with every
+      expert quantized at once, the quantity GPTQ minimises per matrix. Frequency and routing weight
+      are in it already (one term per routed token, each scaled by its weight), so no importance
+      factor multiplies it. Not the paper's weighting: the published objective below counts them
+      twice more and, measured on the testbed, sends the rare experts to the smallest width too
+      eagerly (docs/benchmarks.md, "Quantization");
+    * ``mc-moe-paper``: ``phi^alpha w^beta eps_{i,b}`` (MC-MoE Eq. 5-6 and the authors'
+      ``precision_solver.py``), the published objective, faithfully;
     * ``frequency`` (the paper's frequency-only ablation): phi_i times the layer's mean loss at b,
       so only how often an expert is used, not how much its quantization hurts, decides.
     """
     if method == "mc-moe":
+        return eps ** 2
+    if method == "mc-moe-paper":
         return importance(freq, weight, alpha, beta)[:, None] * eps
     if method == "frequency":
         return importance(freq, weight, 1.0, 0.0)[:, None] * eps.mean(axis=0, keepdims=True)

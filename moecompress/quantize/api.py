@@ -47,6 +47,7 @@ class QuantizeResult:
     non_expert: dict[str, dict] = field(default_factory=dict, repr=False)  # module name -> {"qparams", "width"}
     losses: dict[int, list[list[float]]] = field(default_factory=dict)  # layer -> [expert][candidate] eps
     budget_bits: float | None = None
+    notes: list[str] = field(default_factory=list)  # what was changed from the request, one line each
     seconds: float = 0.0
 
     def expert_bits(self, layer: int, e: int) -> float:
@@ -88,7 +89,7 @@ class QuantizeResult:
              "expert_bytes": int(round(self.total_bits / 8)), "budget_bits": self.budget_bits,
              "scale_bits": self.scale_bits,
              "layer_widths": {str(k): v for k, v in self.layer_widths().items()},
-             "fallbacks": self.fallbacks, "non_expert_modules": len(self.non_expert)}
+             "fallbacks": self.fallbacks, "non_expert_modules": len(self.non_expert), "notes": self.notes}
         if self.options["granularity"] == "expert":
             d["expert_widths"] = {str(k): v for k, v in self.widths.items()}
         if with_time:
@@ -129,11 +130,13 @@ def quantize_model(model, tokens: torch.Tensor | None = None, *, options: Quanti
     first = view.layers[0]
     shapes = {"gate": tuple(first.gate_proj.shape[1:]), "up": tuple(first.up_proj.shape[1:]),
               "down": tuple(first.down_proj.shape[1:])}
-    _check_group_size(shapes, opts.group_size)
+    group_size, note = resolve_group_size(shapes, opts.group_size)
+    if note:
+        opts = opts.model_copy(update={"group_size": group_size})
     batch_size = opts.resolved_batch_size(None, False) if opts.batch_size is None else opts.batch_size
     opts_run = _Run(opts, batch_size, progress)
     result = QuantizeResult(options=_recorded(opts), widths={}, how={}, expert_shapes=shapes,
-                            scale_bits=dtype_bits(store), store_dtype=store)
+                            scale_bits=dtype_bits(store), store_dtype=store, notes=[note] if note else [])
     if opts.granularity == "uniform":
         result.widths = {layer.layer_idx: [opts.uniform_width()] * layer.num_experts for layer in view}
     else:
@@ -156,11 +159,25 @@ class _Run:
         return getattr(self.opts, name)
 
 
-def _check_group_size(shapes: dict, group_size: int) -> None:
-    for part, (_, inp) in shapes.items():
-        if group_size and inp % group_size:
-            raise MoECompressError(f"--group-size {group_size} does not divide the experts' {part} input size {inp}; "
-                                   f"choose a divisor of it (or 0 for one scale per output channel)")
+def resolve_group_size(shapes: dict, group_size: int) -> tuple[int, str | None]:
+    """The group size that the experts take, and a one-line note when it is not ``group_size``.
+
+    A group must divide every expert matrix's input size; narrow experts (an intermediate size
+    under the default 128, e.g. Qwen3-MoE-style fine-grained experts) would refuse the default.
+    The largest power of two <= ``group_size`` that divides all of them is used instead, but not
+    below 32 (the smallest group the serving MoE kernels take; below a request under 32), else
+    one scale per output channel (0)."""
+    widths = sorted({inp for _, inp in shapes.values()})
+    if not group_size or all(w % group_size == 0 for w in widths):
+        return group_size, None
+    floor = min(32, group_size)
+    g = 1 << (group_size.bit_length() - 1)  # largest power of two <= group_size
+    while g >= floor and any(w % g for w in widths):
+        g //= 2
+    g = g if g >= floor else 0
+    narrow = min(w for w in widths if w % group_size)
+    return g, (f"--group-size {group_size} does not divide the experts' input size {narrow}; using "
+               f"{g if g else 'one scale per output channel (0)'}")
 
 
 def _min_tokens(opts: QuantizeOptions, layer) -> int:
@@ -326,7 +343,7 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, 
         result = quantize_model(lm, tokens, options=opts.model_copy(update={"batch_size": batch_size}),
                                 progress=progress, store_dtype=source.stored_dtype)
         record = {"stage": "quantize", "method": opts.effective_quantizer, "seed": opts.seed,
-                  "parameters": _recorded(opts), **result.to_dict(with_time=False)}
+                  "parameters": result.options, **result.to_dict(with_time=False)}
         if opts.format == "compressed-tensors":
             from .formats import write_compressed_tensors
 
