@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Mapping
 from typing import Iterable, Iterator
 
 import torch
@@ -93,3 +94,36 @@ def module_execution_device(module: nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
+
+
+class _CastWeights(Mapping):
+    """An accelerate hook's ``weights_map`` whose floating-point tensors come back in ``dtype``."""
+
+    def __init__(self, inner, dtype: torch.dtype):
+        self.inner, self.dtype = inner, dtype
+
+    def __getitem__(self, key):
+        t = self.inner[key]
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, also for a streamed model (which accelerate refuses to move): its
+    resident tensors are cast, and its offloaded ones as they are read (onloaded, or by
+    ``save_pretrained``), through their hooks' weight maps."""
+    if not is_streamed(model):
+        model.to(dtype)
+        return
+    model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(h, "weights_map", None)
+            if weights is not None and not isinstance(weights, _CastWeights):
+                h.weights_map = _CastWeights(weights, dtype)

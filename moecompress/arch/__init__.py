@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import operator
 import pkgutil
@@ -112,9 +113,11 @@ class MoEModel:
         """See :func:`balanced_groups`."""
         return balanced_groups(self.config, self.spec, self.num_experts, keep)
 
-    def keep_experts(self, keep: dict[int, list[int]]) -> None:
+    def keep_experts(self, keep: dict[int, list[int]], edit=None) -> None:
         """Keep ``keep[layer_idx]`` experts in each MoE layer (same count in every layer, so
         that one config field describes the model, as stock transformers and vLLM need).
+        ``edit(layer)``, a context manager, wraps each layer's edit (a streamed model's
+        ``merge.offload.edited``).
 
         Grouped routing stays grouped only if every layer kept the same number of experts
         from every group (group g of the kept experts is then group g of the input);
@@ -126,7 +129,8 @@ class MoEModel:
         n = counts.pop()
         grouped = self.stays_grouped(keep)
         for layer in self.layers:
-            layer.keep_experts(keep[layer.layer_idx])
+            with edit(layer) if edit is not None else contextlib.nullcontext():
+                layer.keep_experts(keep[layer.layer_idx])
         self._set_config_num_experts(n, grouped=grouped)
 
     def stays_grouped(self, keep: dict[int, list[int]]) -> bool:

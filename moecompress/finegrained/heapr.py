@@ -54,17 +54,20 @@ saves no memory at all.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..arch import MoEModel, moe_view
-from ..capture import batches_of
+from ..capture import batches_of, execution_device
 from ..errors import MoECompressError
+from ..merge.offload import layer_editor
+from ..onload import is_streamed
+from ._layerwise import layerwise_block_grads, lm_loss
 from ._routing import routed_tokens
 
 
@@ -119,19 +122,22 @@ def _accumulate(layer, x, routing, grad, sums: _Sums) -> None:
 
 
 def heapr_scores(model, tokens: torch.Tensor, *, batch_size: int = 8, view: MoEModel | None = None,
-                 progress: bool = True) -> dict[int, torch.Tensor]:
+                 progress: bool = True, layer_by_layer: bool | None = None) -> dict[int, torch.Tensor]:
     """HEAPr importance ``S[e, k]`` of every atomic expert, per MoE layer index -> [E, I] float32.
 
     One forward and one backward pass of the language-modelling loss (summed over tokens) on
     ``tokens`` [N, S]; the model's weights are not changed and need no gradient.
+    ``layer_by_layer`` (default: for a streamed model) computes the same gradients one decoder
+    layer at a time (``_layerwise.py``), so that the GPU holds one layer.
     """
     return {i: routed for i, (routed, _) in _all_scores(model, tokens, batch_size, view or moe_view(model),
-                                                         progress, shared=False).items()}
+                                                         progress, shared=False, layer_by_layer=layer_by_layer).items()}
 
 
-def _all_scores(model, tokens, batch_size, view: MoEModel, progress: bool, shared: bool):
+def _all_scores(model, tokens, batch_size, view: MoEModel, progress: bool, shared: bool,
+                layer_by_layer: bool | None = None):
     """{layer_idx: (routed scores [E, I], shared-expert scores [I_s] or None)}."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     sums = {}
     for layer in view:
         E, inter = layer.num_experts, layer.intermediate_size
@@ -142,6 +148,12 @@ def _all_scores(model, tokens, batch_size, view: MoEModel, progress: bool, share
             n = parts[2].weight.shape[1]
             sums[layer.layer_idx].shared_q = torch.zeros(n, device=device)
             sums[layer.layer_idx].shared_energy = torch.zeros(n, device=device)
+    if layer_by_layer if layer_by_layer is not None else is_streamed(model):
+        def visit(layer, x, routing, grad):
+            _accumulate(layer, x, routing, grad, sums[layer.layer_idx])
+
+        layerwise_block_grads(model, tokens, visit, batch_size=batch_size, view=view, progress=progress)
+        return {i: s.scores() for i, s in sums.items()}
     chunks = batches_of(tokens, batch_size)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress, transient=True) as bar:
@@ -177,9 +189,7 @@ def _one_batch(model, view: MoEModel, ids: torch.Tensor, sums: dict[int, _Sums])
         hooks.append(layer.block.register_forward_hook(on_block))
     try:
         with torch.enable_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                   reduction="sum")
+            loss = lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
             grads = torch.autograd.grad(loss, [y for *_, y in seen])
     finally:
         for h in hooks:
@@ -195,7 +205,8 @@ def _check_ratio(ratio: float) -> None:
 
 @torch.no_grad()
 def heapr_prune(model, tokens: torch.Tensor, ratio: float, *, global_ranking: bool = False, align: int = 8,
-                batch_size: int = 8, scores: dict[int, torch.Tensor] | None = None, progress: bool = True) -> dict:
+                batch_size: int = 8, scores: dict[int, torch.Tensor] | None = None, progress: bool = True,
+                offload_folder=None) -> dict:
     """Remove the fraction ``ratio`` of atomic experts (intermediate neurons) with the lowest
     HEAPr score, editing ``model`` in place; returns a JSON-able report.
 
@@ -209,9 +220,14 @@ def heapr_prune(model, tokens: torch.Tensor, ratio: float, *, global_ranking: bo
 
     ``global_ranking=True`` (the paper's global ranking, non-uniform across experts and layers):
     pruned atoms are only zeroed in dense storage, so the checkpoint keeps its size.
+
+    A streamed model (``load_model(max_gpu_memory=...)``): the scores come layer by layer
+    (``_layerwise.py``) and each layer is edited onloaded, its new weights kept in
+    ``offload_folder`` (``merge.offload.edited``); the result equals the in-memory run's.
     """
     _check_ratio(ratio)
     view = moe_view(model)
+    edit = layer_editor(model, offload_folder)
     sizes = {layer.intermediate_size for layer in view}
     if len(sizes) != 1:
         raise MoECompressError("heapr needs every MoE layer to have the same expert intermediate size")
@@ -225,16 +241,17 @@ def heapr_prune(model, tokens: torch.Tensor, ratio: float, *, global_ranking: bo
     report = {"method": "heapr", "ratio": ratio, "intermediate_size_before": inter,
               "paper": "HEAPr (Li et al. 2025, arXiv:2509.22299)"}
     if global_ranking:
-        report.update(_prune_global(view, scores, ratio, atoms_total))
+        report.update(_prune_global(view, scores, ratio, atoms_total, edit))
         return report
     n_keep = kept_size(inter, ratio, align)
     n_remove = inter - n_keep
     if n_remove:
         for layer in view:
             order = torch.sort(scores[layer.layer_idx], dim=1, descending=True, stable=True).indices
-            layer.keep_neurons(order[:, :n_keep].sort(dim=1).values)
+            with edit(layer):
+                layer.keep_neurons(order[:, :n_keep].sort(dim=1).values)
         view.set_intermediate_size(n_keep)
-        report["shared_experts_shrunk"] = conform_shared_experts(model, view, shared_scores)
+        report["shared_experts_shrunk"] = conform_shared_experts(model, view, shared_scores, edit)
     report.update({"mode": "uniform (same atoms per expert; tensors shrink)", "storage": "shrunk",
                    "intermediate_size_after": n_keep, "ratio_effective": n_remove / inter, "align": align,
                    "atoms_removed": n_remove * atoms_total // inter,
@@ -242,14 +259,15 @@ def heapr_prune(model, tokens: torch.Tensor, ratio: float, *, global_ranking: bo
     return report
 
 
-def conform_shared_experts(model, view: MoEModel, shared_scores: dict[int, torch.Tensor]) -> dict:
+def conform_shared_experts(model, view: MoEModel, shared_scores: dict[int, torch.Tensor], edit=None) -> dict:
     """Make every tensor the shape stock transformers builds from the edited config.
 
     Some families size their shared expert from the routed experts' field (DeepSeek-V2/V3,
     GLM-4.5, ERNIE: ``n_shared * moe_intermediate_size``; Llama-4: ``intermediate_size``), so a
     smaller routed size shrinks the shared expert too: it keeps its highest-scoring atoms (the
     same HEAPr criterion, every token, weight 1 or its sigmoid gate). Any other mismatch is
-    refused before anything is written.
+    refused before anything is written. ``edit(layer)`` wraps each layer's edit (streamed
+    models, see :func:`heapr_prune`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -267,11 +285,12 @@ def conform_shared_experts(model, view: MoEModel, shared_scores: dict[int, torch
             raise MoECompressError("the shared expert must shrink with the routed experts in this family; "
                                    "let heapr_prune compute the scores itself (no scores= argument)")
         keep = torch.sort(shared_scores[layer.layer_idx], descending=True, stable=True).indices[:want].sort().values
-        _keep_linear_rows(parts[0], keep)
-        _keep_linear_rows(parts[1], keep)
-        dn = parts[2]
-        dn.weight = nn.Parameter(dn.weight.data.index_select(1, keep.to(dn.weight.device)).contiguous())
-        dn.in_features = want
+        with edit(layer) if edit is not None else contextlib.nullcontext():
+            _keep_linear_rows(parts[0], keep)
+            _keep_linear_rows(parts[1], keep)
+            dn = parts[2]
+            dn.weight = nn.Parameter(dn.weight.data.index_select(1, keep.to(dn.weight.device)).contiguous())
+            dn.in_features = want
         shrunk[layer.layer_idx] = {"before": have, "after": want}
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -303,7 +322,7 @@ def kept_size(inter: int, ratio: float, align: int = 8) -> int:
     return n_keep
 
 
-def _prune_global(view: MoEModel, scores: dict[int, torch.Tensor], ratio: float, atoms_total: int) -> dict:
+def _prune_global(view: MoEModel, scores: dict[int, torch.Tensor], ratio: float, atoms_total: int, edit) -> dict:
     flat = torch.cat([scores[layer.layer_idx].reshape(-1) for layer in view])
     n_remove = int(round(ratio * atoms_total))
     removed = torch.zeros_like(flat, dtype=torch.bool)
@@ -313,7 +332,8 @@ def _prune_global(view: MoEModel, scores: dict[int, torch.Tensor], ratio: float,
         E, inter = scores[layer.layer_idx].shape
         mask = removed[offset:offset + E * inter].reshape(E, inter)
         offset += E * inter
-        zero_atoms(layer, mask)
+        with edit(layer):
+            zero_atoms(layer, mask)
         per_layer[layer.layer_idx] = {"atoms_removed": int(mask.sum()), "min_kept_per_expert": int((~mask).sum(1).min())}
     return {"mode": "global ranking, MASKED ZEROS (dense storage, no size saving)", "storage": "dense-with-zeros",
             "atoms_removed": n_remove, "atoms_total": atoms_total, "per_layer": per_layer}

@@ -21,6 +21,7 @@ import torch
 
 from ..arch import moe_view
 from ..errors import MoECompressError
+from ..merge.offload import layer_editor
 from .unstructured import METHODS as UNSTRUCTURED_METHODS
 from .unstructured import parse_nm, unstructured_prune
 
@@ -30,10 +31,13 @@ ExpertSelector = Callable[[object, torch.Tensor, int], dict[int, list[int]]]
 
 def stun_prune(model, tokens: torch.Tensor, sparsity: float | None, expert_ratio: float, *,
                expert_method: str = "stun", unstructured: str = "wanda", nm: tuple[int, int] | str | None = None,
-               expert_selector: ExpertSelector | None = None, batch_size: int = 8, progress: bool = True) -> dict:
+               expert_selector: ExpertSelector | None = None, batch_size: int = 8, progress: bool = True,
+               offload_folder=None) -> dict:
     """Run both STUN stages on ``model`` in place; returns a report.
 
-    ``expert_selector`` overrides the registry lookup of ``expert_method`` (tests use it).
+    ``expert_selector`` overrides the registry lookup of ``expert_method`` (tests use it). A
+    streamed model is edited one layer at a time, the edits kept in ``offload_folder`` (see
+    ``unstructured_prune``).
     """
     nm = parse_nm(nm) if isinstance(nm, str) else nm
     if unstructured not in UNSTRUCTURED_METHODS:
@@ -62,9 +66,11 @@ def stun_prune(model, tokens: torch.Tensor, sparsity: float | None, expert_ratio
     if keep < n_experts:
         selector = expert_selector or registry_selector(expert_method)
         kept = selector(model, tokens, keep)
-        view.keep_experts({i: sorted(int(e) for e in kept[i]) for i in view.moe_layer_indices})
+        view.keep_experts({i: sorted(int(e) for e in kept[i]) for i in view.moe_layer_indices},
+                          edit=layer_editor(model, offload_folder))
         report["kept_experts"] = {int(i): sorted(int(e) for e in v) for i, v in kept.items()}
-    stage = unstructured_prune(model, tokens, stage2, unstructured, nm, batch_size=batch_size, progress=progress)
+    stage = unstructured_prune(model, tokens, stage2, unstructured, nm, batch_size=batch_size, progress=progress,
+                               offload_folder=offload_folder)
     report["unstructured"] = stage
     report["expert_weight_sparsity"] = 1 - (keep / n_experts) * (1 - stage["expert_weight_sparsity"])
     return report

@@ -55,6 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..arch import MoELayer, moe_view
 from ..capture import LayerCursor, run_calibration
 from ..errors import MoECompressError
+from ..merge.offload import layer_editor
 from ._routing import routed_tokens
 
 METHODS = ("moe-pruner", "wanda", "magnitude")
@@ -92,20 +93,21 @@ class InputNorms:
 
 def weight_scores(layer: MoELayer, method: str, norms: InputNorms | None) -> dict[str, torch.Tensor]:
     """Pruning score of every routed-expert weight: ``{matrix name: [E, out, in]}`` (float32)."""
-    out = {}
-    for name in MATRICES:
-        w = getattr(layer, name).detach().float().abs()
-        if method != "magnitude":
-            sq = (norms.sq_hidden if name == "down_proj" else norms.sq_in)[layer.layer_idx]
-            score = w * sq.sqrt().to(w.device)[:, None, :]
-            # An expert no calibration token reached has no activation statistics at all: rank
-            # its weights by magnitude rather than by index.
-            unseen = norms.tokens[layer.layer_idx] == 0
-            if bool(unseen.any()):
-                score[unseen.to(score.device)] = w[unseen.to(w.device)]
-            w = score
-        out[name] = w
-    return out
+    return {name: torch.stack([expert_scores(layer, name, e, method, norms) for e in range(layer.num_experts)])
+            for name in MATRICES}
+
+
+def expert_scores(layer: MoELayer, name: str, e: int, method: str, norms: InputNorms | None) -> torch.Tensor:
+    """Pruning score of the weights of matrix ``name`` of expert ``e``: [out, in] (float32)."""
+    w = getattr(layer, name)[e].detach().float().abs()
+    if method == "magnitude":
+        return w
+    # An expert no calibration token reached has no activation statistics at all: rank its
+    # weights by magnitude rather than by index.
+    if int(norms.tokens[layer.layer_idx][e]) == 0:
+        return w
+    sq = (norms.sq_hidden if name == "down_proj" else norms.sq_in)[layer.layer_idx][e]
+    return w * sq.sqrt().to(w.device)[None, :]
 
 
 def prune_mask(score: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None) -> torch.Tensor:
@@ -151,28 +153,34 @@ def _check(method: str, sparsity: float | None, nm) -> None:
 
 
 @torch.no_grad()
-def apply_mask(layer: MoELayer, masks: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Zero the masked weights in place; returns each matrix's resulting sparsity (zeros / size)."""
+def _prune_layer(layer: MoELayer, method: str, norms: InputNorms | None, sparsity: float | None, nm,
+                 counts: list[int]) -> dict[str, float]:
+    """Prune one layer's expert matrices; returns each matrix's sparsity and adds its zeros and
+    size to ``counts``. One expert matrix at a time: its scores, their sort and the mask are
+    what the layer needs besides its weights (a streamed layer's GPU working set); the rows
+    are compared within themselves, so the masks equal those of the whole layer at once."""
     out = {}
-    for name, mask in masks.items():
+    for name in MATRICES:
         w = getattr(layer, name)
-        w.masked_fill_(mask.to(w.device), 0)
-        out[name] = float((w == 0).sum()) / w.numel()
+        for e in range(layer.num_experts):
+            w[e].masked_fill_(prune_mask(expert_scores(layer, name, e, method, norms), sparsity, nm).to(w.device), 0)
+        zeros = int((w == 0).sum())
+        out[name] = zeros / w.numel()
+        counts[0] += zeros
+        counts[1] += w.numel()
     return out
-
-
-def _prune_layer(layer: MoELayer, method: str, norms: InputNorms | None, sparsity: float | None, nm) -> dict[str, float]:
-    scores = weight_scores(layer, method, norms)
-    return apply_mask(layer, {name: prune_mask(s, sparsity, nm) for name, s in scores.items()})
 
 
 def unstructured_prune(model, tokens: torch.Tensor | None, sparsity: float | None = None, method: str = "moe-pruner",
                        nm: tuple[int, int] | str | None = None, *, batch_size: int = 8, sequential: bool = True,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, offload_folder=None) -> dict:
     """Prune the routed experts' weights of ``model`` in place with ``method``; returns a report.
 
     ``sparsity`` (fraction of each row, hence of each matrix) or ``nm`` (N:M pattern); ``tokens``
-    [N, S] are the calibration tokens (unused for ``magnitude``).
+    [N, S] are the calibration tokens (unused for ``magnitude``). A streamed model
+    (``load_model(max_gpu_memory=...)``) is pruned one layer at a time, each onloaded once, its
+    edited weights kept on disk in ``offload_folder`` (``merge.offload.edited``); the result
+    equals the in-memory run's.
     """
     nm = parse_nm(nm) if isinstance(nm, str) else nm
     _check(method, sparsity, nm)
@@ -181,6 +189,8 @@ def unstructured_prune(model, tokens: torch.Tensor | None, sparsity: float | Non
     if needs_data and tokens is None:
         raise MoECompressError(f"{method} needs calibration tokens (--calib)")
     per_layer = {}
+    counts = [0, 0]  # zeros, weights of the routed experts' matrices
+    edit = layer_editor(model, offload_folder)
     norms = None
     if needs_data and not sequential:
         norms = InputNorms(view.moe_layer_indices, router_weighted=method == "moe-pruner")
@@ -195,13 +205,12 @@ def unstructured_prune(model, tokens: torch.Tensor | None, sparsity: float | Non
         for layer in view:
             if cursor is not None:
                 norms = InputNorms([layer.layer_idx], router_weighted=method == "moe-pruner")
-                with cursor.editing(layer.layer_idx, [norms]):
-                    per_layer[layer.layer_idx] = _prune_layer(layer, method, norms, sparsity, nm)
+                with cursor.editing(layer.layer_idx, [norms]), edit(layer):
+                    per_layer[layer.layer_idx] = _prune_layer(layer, method, norms, sparsity, nm, counts)
             else:
-                per_layer[layer.layer_idx] = _prune_layer(layer, method, norms, sparsity, nm)
+                with edit(layer):
+                    per_layer[layer.layer_idx] = _prune_layer(layer, method, norms, sparsity, nm, counts)
             bar.advance(task)
-    total = sum(getattr(layer, n).numel() for layer in view for n in MATRICES)
-    zeros = sum(int((getattr(layer, n) == 0).sum()) for layer in view for n in MATRICES)
     return {"method": method, "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None,
             "storage": "dense-with-zeros", "sequential": sequential,
-            "expert_weight_sparsity": zeros / total, "per_layer": per_layer}
+            "expert_weight_sparsity": counts[0] / counts[1], "per_layer": per_layer}

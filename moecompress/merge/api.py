@@ -21,9 +21,7 @@ from __future__ import annotations
 import operator
 import os
 import shutil
-import tempfile
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from .align import match_neurons, member_permutations
 from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .combine import ExpertWeights, member_weights, merge_weights
 from .observe import MergeObserver
-from .offload import offload_block
+from .offload import offload_block, offload_folder_for
 from ..refit import refit_to_original
 
 
@@ -282,7 +280,7 @@ def replace_blocks(model, plan: MergePlan, method: Method, router: str = "domina
     (onloaded) original; a streamed model keeps the new blocks on disk (``offload_folder``, a
     temporary folder if not given), like its own layers. The config follows the new count."""
     view = moe_view(model)
-    folder = _offload_folder(model, offload_folder)
+    folder = offload_folder_for(model, offload_folder)
     decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
     originals = {}
     for source in view:
@@ -334,21 +332,6 @@ def _merged_block(source, clusters: list[list[int]], dominant: list[int], freq: 
                 for path, t in row_tensors.items():
                     target.router_expert_tensors[path].data[..., j] = t.data[..., dom]
     return block
-
-
-def _offload_folder(model, folder: str | os.PathLike | None) -> Path | None:
-    """Where merged blocks go: ``folder`` if given; for a streamed (offloaded) model a new
-    temporary folder, deleted with the model; None (in memory) otherwise."""
-    if folder is None:
-        from accelerate.utils import has_offloaded_params
-
-        if not any(has_offloaded_params(m) for m in model.modules()):
-            return None
-        folder = tempfile.mkdtemp(prefix="moecompress-merge-")
-        weakref.finalize(model, shutil.rmtree, folder, True)  # lives as long as the model
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") -> int:

@@ -6,14 +6,20 @@ with fewer experts; for a streamed model that block is written to a safetensors 
 hooked the same way (:func:`offload_block`), so the merged model runs, and its observers see
 onloaded weights (``onload.onloaded``), without ever holding more than one layer. Edits made
 to an onloaded offloaded block (the re-fit) are saved with :func:`write_back`, in place: only
-the tensors that changed are written again.
+the tensors that changed are written again. Stages that edit a streamed model's own layers in
+place (fine-grained pruning: masks, fewer neurons, fewer experts) use :func:`edited`, which
+moves an edited accelerate-offloaded block onto such a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import aligned
+from ..onload import HOOK_ATTRIBUTES, module_execution_device, onloaded
 
 
 class SafetensorsWeights(Mapping):
@@ -83,11 +90,70 @@ def offload_block(block: nn.Module, path: str | os.PathLike, device: torch.devic
     """Write ``block``'s parameters to ``path`` and hook it like a streamed layer: parameters
     live on the meta device and are onloaded to ``device`` only while a leaf runs (or inside
     ``onload.onloaded``); buffers stay on ``device``."""
+    _hook(block, SafetensorsWeights(path, dict(block.named_parameters())), device)
+
+
+def _hook(block: nn.Module, weights: SafetensorsWeights, device: torch.device) -> None:
     from accelerate.hooks import attach_align_device_hook
 
-    weights = SafetensorsWeights(path, dict(block.named_parameters()))
+    # Hooks already there (accelerate's, on a streamed model's own block) go first: attaching
+    # would chain the new ones after them, and their removal (detach_hook) would onload the old
+    # weights into the edited shapes.
+    for m in block.modules():
+        if "_hf_hook" in m.__dict__:
+            attrs = {a: m.__dict__.pop(a) for a in HOOK_ATTRIBUTES if a in m.__dict__}
+            old = attrs.get("_old_forward")
+            if old is not None and getattr(old, "__func__", None) is not type(m).forward:
+                m.forward = old  # a forward replaced before the hook (keep it), not the class's
     attach_align_device_hook(block, execution_device=device, offload=True, weights_map=weights)
     block.__dict__["_moecompress_weights"] = weights
+
+
+@contextlib.contextmanager
+def edited(block: nn.Module, path: str | os.PathLike | None) -> Iterator[None]:
+    """Edit ``block`` in place, whether held in memory or streamed: the block runs with every
+    weight onloaded. On leaving, the edits of a block with offloaded weights are kept: written
+    in place in its file when it is one of ours (:func:`write_back`), else saved to a new file
+    ``path`` that the block is hooked to from then on (:func:`offload_block`'s hooks replace
+    accelerate's). Edits may change shapes (fewer neurons or experts). Every later onload, and
+    ``save_pretrained``, reads the edited weights; the GPU holds this one block meanwhile.
+    In memory the edits are already in place."""
+    from accelerate.utils import has_offloaded_params
+
+    if not any(has_offloaded_params(m) for m in block.modules()):
+        yield
+        return
+    ours, device = is_offloaded(block), module_execution_device(block)
+    with onloaded(block):
+        yield
+        # read before leaving: the onloaded weights go back to the meta device then
+        weights = None if ours else SafetensorsWeights(path, dict(block.named_parameters()))
+        if ours:
+            write_back(block)
+    if weights is not None:
+        _hook(block, weights, device)
+
+
+def offload_folder_for(model, folder: str | os.PathLike | None) -> Path | None:
+    """Where a stage's new or edited blocks go: ``folder`` if given; for a streamed (offloaded)
+    model a new temporary folder, deleted with the model; None (in memory) otherwise."""
+    if folder is None:
+        from accelerate.utils import has_offloaded_params
+
+        if not any(has_offloaded_params(m) for m in model.modules()):
+            return None
+        folder = tempfile.mkdtemp(prefix="moecompress-offload-")
+        weakref.finalize(model, shutil.rmtree, folder, True)  # lives as long as the model
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def layer_editor(model, folder: str | os.PathLike | None = None):
+    """``edit(layer)``: :func:`edited` for an MoE layer's block, whose file (if it needs one)
+    goes in :func:`offload_folder_for` ``(model, folder)``."""
+    where = offload_folder_for(model, folder)
+    return lambda layer: edited(layer.block, where / f"edited-layer-{layer.layer_idx}.safetensors" if where else None)
 
 
 def is_offloaded(block: nn.Module) -> bool:

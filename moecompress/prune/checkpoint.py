@@ -70,7 +70,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     method = effective_method(opts.method, opts.sparsity, opts.nm)
     info = registry()[method]
     _check_kind(method, opts)
-    opts = place(opts, source.config, can_stream=info.kind == "experts")  # --device auto
+    opts = place(opts, source.config)  # --device auto
     dtype = compute_dtype(opts.dtype, opts.device, streamed=opts.streamed)
     batch_size = opts.resolved_batch_size(opts.device, opts.streamed)
     if info.kind == "experts":
@@ -93,17 +93,22 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
         tokens = None
         if wants_tokens:
             tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
-        work = folder / ".moecompress-work" if opts.streamed and repair != "none" else None  # removed below
+        # offloaded and edited weights of a streamed model; removed below
+        work = folder / ".moecompress-work" if opts.streamed and (repair != "none" or info.kind != "experts") else None
+        working = 0
+        if work is not None:
+            working = _repair_bytes(source, keep, repair) if info.kind == "experts" else _edit_bytes(source, dtype)
         lm = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
                         max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
-                        gpu_working_bytes=_repair_bytes(source, keep, repair) if work else 0)
+                        gpu_working_bytes=working)
         record = {"stage": "prune", "method": method, "kind": info.kind, "seed": opts.seed,
                   "parameters": {**opts.recorded(), "num_experts_before": source.num_experts, "repair": repair}}
         if info.kind == "experts":
             result = _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options,
                                     record, progress, stored_mtp, repair, work)
         else:
-            result = _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress)
+            result = _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress,
+                                   work / "edited" if work else None)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - start
@@ -132,6 +137,18 @@ def _repair_bytes(source, keep: int, repair: str) -> int:
     from ..surgery import meta_view
 
     return working_bytes(meta_view(source.config), keep, repair)
+
+
+def _edit_bytes(source, dtype) -> int:
+    """GPU bytes fine-grained pruning holds besides the streamed weights and accelerate's room
+    for one onloaded layer: the edited copy of an MoE block (HEAPr's smaller tensors, STUN's
+    kept experts, are built while the original is onloaded), at most one block."""
+    from ..checkpoint import parse_dtype
+    from ..surgery import meta_view
+
+    dt = parse_dtype(dtype) if isinstance(dtype, str) and dtype != "auto" else None
+    size = (dt or source.stored_dtype or torch.float32).itemsize
+    return max(sum(p.numel() for p in layer.block.parameters()) for layer in meta_view(source.config)) * size
 
 
 def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options, record,
@@ -181,29 +198,29 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     return result
 
 
-def _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress) -> PruneResult:
-    """Neurons / weights: the model is edited in place (streamed: through its offload) and saved."""
+def _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress, edited=None) -> PruneResult:
+    """Neurons / weights: the model is edited in place and saved. Streamed: one layer at a
+    time, each edited layer kept on disk in ``edited`` until ``save_pretrained`` reads it."""
     from ..arch import moe_view
     from ..checkpoint import save_model
     from ..finegrained.api import finegrained_prune
+    from ..onload import cast_model
 
-    if opts.streamed:
-        raise MoECompressError(f"--max-gpu-memory / --max-cpu-memory are not supported by '{method}' yet; "
-                               "drop the memory caps")
     num_experts = source.num_experts
     torch.manual_seed(opts.seed)
     report = finegrained_prune(lm, tokens, method, ratio=opts.ratio, sparsity=opts.sparsity, nm=opts.nm,
                                heapr_global=opts.heapr_global,
                                stun_expert_ratio=(opts.stun_expert_ratio if opts.stun_expert_ratio is not None
                                                   else opts.ratio),
-                               stun_unstructured=opts.stun_unstructured, batch_size=batch_size, progress=progress)
+                               stun_unstructured=opts.stun_unstructured, batch_size=batch_size, progress=progress,
+                               offload_folder=edited)
     view = moe_view(lm)
     kept = report.get("kept_experts") or {li: list(range(num_experts)) for li in view.moe_layer_indices}
     result = PruneResult(method=method, num_experts=num_experts, keep=view.num_experts,
                          kept={int(k): list(v) for k, v in kept.items()}, kind=registry()[method].kind,
                          report=report)
     if source.stored_dtype is not None and lm.dtype != source.stored_dtype:  # compute in --dtype, store as the input
-        lm.to(source.stored_dtype)
+        cast_model(lm, source.stored_dtype)
     record.update({"writer": "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
     save_model(lm, folder, source=source, record=record)

@@ -28,6 +28,7 @@ import torch
 
 from ..arch import MoELayer
 from ..errors import MoECompressError
+from ..onload import onloaded
 from .selection import Plan, Selection
 
 DEFAULTS = {"stun_coactivation_weight": 0.0}
@@ -120,13 +121,15 @@ def stun_select(sel: Selection) -> Plan:
         li = layer.layer_idx
         coact = sel.stats.get(li, "coactivation") if weight else None
         protected = sel.protected.get(li, set())
-        dist = behaviour_distance(layer, coact, weight)
-        clusters = []  # grouped routing: each group is clustered into keep / groups clusters on its own
-        for group in sel.group_of(layer.num_experts):
-            idx = list(group)
-            local = threshold_clusters(dist[idx][:, idx], sel.keep // sel.groups, {idx.index(e) for e in protected if e in group})
-            clusters += [[idx[i] for i in c] for c in local]
-        clusters.sort()
-        kept[li] = sorted(representative(layer, c, protected) for c in clusters)
+        with onloaded(layer.block):  # a streamed layer's router and expert weights
+            dist = behaviour_distance(layer, coact, weight)
+            clusters = []  # grouped routing: each group is clustered into keep / groups clusters on its own
+            for group in sel.group_of(layer.num_experts):
+                idx = list(group)
+                local = threshold_clusters(dist[idx][:, idx], sel.keep // sel.groups,
+                                           {idx.index(e) for e in protected if e in group})
+                clusters += [[idx[i] for i in c] for c in local]
+            clusters.sort()
+            kept[li] = sorted(representative(layer, c, protected) for c in clusters)
         info["layers"][li] = {"clusters": [c for c in clusters if len(c) > 1]}
     return Plan(kept=kept, info=info)
