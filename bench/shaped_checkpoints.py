@@ -63,8 +63,11 @@ PUBLISHED = {
 }
 
 
-def make(name: str, out: Path, tokenizer_from: Path | None, device: str, seed: int = 0) -> dict:
+def make(name: str, out: Path, tokenizer_from: Path | None, device: str, seed: int = 0, layers: int | None = None) -> dict:
+    """Save a random-weight checkpoint of shape ``name`` (its first ``layers`` decoder layers if given)."""
     kw = dict(PUBLISHED[name])
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
     config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     torch.manual_seed(seed)
     t0 = time.time()

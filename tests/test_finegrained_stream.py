@@ -129,3 +129,40 @@ def test_layerwise_heapr_gradients_equal_the_whole_model_backward(family):
     assert whole.keys() == layered.keys()
     for i in whole:
         assert torch.equal(whole[i], layered[i]), i
+
+
+def test_head_gradient_a_few_sequences_at_a_time_equals_the_whole_batch(monkeypatch):
+    """Under a small GPU cap the LM head's gradient is taken a sequence at a time (the loss is
+    a sum over tokens): the same scores, up to float32 rounding of the batched matmuls."""
+    from moecompress.finegrained import _layerwise
+
+    model = tiny_model("qwen3_moe")
+    x = tokens(batch=4, seq=16)
+    whole = heapr_scores(model, x, batch_size=4, progress=False, layer_by_layer=True)
+    monkeypatch.setattr(_layerwise, "HEAD_BUDGET", 1)  # one sequence per head pass
+    split = heapr_scores(model, x, batch_size=4, progress=False, layer_by_layer=True)
+    for i in whole:
+        torch.testing.assert_close(split[i], whole[i], rtol=1e-5, atol=1e-12)
+
+
+def test_bench_script_runs_at_a_tiny_size(tmp_path):
+    """bench/finegrained_stream.py (the GPU measurement) at a tiny shape on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    from moecompress.testing import char_tokenizer
+
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    path = Path(__file__).resolve().parents[1] / "bench" / "finegrained_stream.py"
+    spec = importlib.util.spec_from_file_location("finegrained_stream", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--shape", "tiny-olmoe", "--layers", "2", "--device", "cpu", "--tokenizer-from", str(tmp_path / "tok"),
+                      "--calib", str(tmp_path / "calib.txt"), "-n", "4", "--seq-len", "32", "--methods", "heapr,moe-pruner",
+                      "--work", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == res
+    for name in ("heapr", "moe-pruner"):
+        assert res["methods"][name]["same_output"] == {"identical_bytes": True}
+    assert res["methods"]["heapr"]["streamed"]["intermediate_size_after"] == 96
+    assert res["methods"]["moe-pruner"]["streamed"]["expert_weight_sparsity"] == pytest.approx(0.5)

@@ -9,7 +9,8 @@ with activation checkpointing at decoder-layer boundaries (as gradient checkpoin
    per batch, in CPU memory;
 2. the loss's gradient w.r.t. the last layer's output, through the model's own head (norm, LM
    head, whatever the family does there): the model runs with its decoder layers replaced by
-   stand-ins that return that output;
+   stand-ins that return that output (a few sequences at a time where the vocabulary logits of
+   a whole batch would not fit a small GPU cap);
 3. from the last layer down: the layer is onloaded once, and for each batch it runs again on its
    recorded input, with autograd, and is differentiated with the gradient of its output; that
    gives ``dL/dy`` for its MoE block (handed to ``visit``) and ``dL/d(input)``, the gradient of
@@ -57,8 +58,24 @@ class _Output(nn.Module):
         return self.value.pop() if self.value else hidden_states
 
 
+# GPU bytes of vocabulary logits (and their float32 copy and gradient) the head may hold at once:
+# a batch of 8 x 512 tokens of a 50k vocabulary is ~2.5 GB, more than a 4 GiB cap leaves.
+HEAD_BUDGET = 512 << 20
+
+
 def _head_grad(model, layers, last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """dL/d(last decoder layer output) for one batch."""
+    """dL/d(last decoder layer output) for one batch, a few sequences at a time (the loss is a
+    sum over tokens, so each sequence's gradient depends on its own logits only): at most
+    :data:`HEAD_BUDGET` bytes of logits. Tiny vocabularies take the batch at once."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, HEAD_BUDGET // max(1, 12 * vocab * ids.shape[1]))  # bf16/fp32 logits, fp32 copy, grads
+    if rows >= ids.shape[0]:
+        return _head_grad_rows(model, layers, last, ids)
+    return torch.cat([_head_grad_rows(model, layers, last[i:i + rows], ids[i:i + rows])
+                      for i in range(0, ids.shape[0], rows)])
+
+
+def _head_grad_rows(model, layers, last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     h = last.detach().requires_grad_(True)
     originals = list(layers)
     for i in range(len(layers)):
