@@ -98,8 +98,17 @@ def _child(kind, src, out, calib):
 
 
 @pytest.mark.parametrize("kind", ["prune", "merge"])
-def test_sigkill_at_random_moments_leaves_nothing_partial(kind, tmp_path):
+def test_sigkill_at_random_moments_leaves_nothing_partial(kind, tmp_path, monkeypatch):
+    import threading
+
+    from tqdm.std import tqdm
+
     from moecompress.check import check_checkpoint
+
+    # tqdm's default write lock holds a multiprocessing semaphore that a forked child shares with
+    # this process: a child killed while holding it (transformers' loading bar) would leave every
+    # later progress bar here waiting forever. A process-local lock is copied, not shared, by fork.
+    monkeypatch.setattr(tqdm, "_lock", threading.RLock(), raising=False)
 
     src, calib = tmp_path / "src", tmp_path / "calib.txt"
     tiny_checkpoint(src, "qwen3_moe")
