@@ -19,6 +19,7 @@ anything else, with a message that names neither the file nor what to do).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -128,12 +129,22 @@ def first_nonfinite(folder: str | os.PathLike, headers: dict | None = None, devi
                 for r0 in range(0, rows, step):
                     t = sl[r0:min(rows, r0 + step)].to(dev)
                     if st_dtype == "F8_E4M3":
-                        bad = ((t.view(torch.uint8) & 0x7F) == 0x7F).any()  # e4m3fn has NaN codes only
+                        bad = bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())  # e4m3fn has NaN codes only
                     else:
-                        bad = ~torch.isfinite(t.to(torch.float32) if st_dtype == "F8_E5M2" else t).all()
-                    if bool(bad):
+                        bad = has_nonfinite(t.to(torch.float32) if st_dtype == "F8_E5M2" else t)
+                    if bad:
                         return key
     return None
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether the (non-empty, floating) tensor ``t`` holds NaN or +-Inf: its minimum and
+    maximum are both finite exactly when every value is (``aminmax`` propagates NaN, and an
+    infinity is the minimum or the maximum). One reduction pass: on the CPU about 50x faster
+    than ``isfinite(t).all()`` in bf16, which materialises a bool tensor per value (0.11 GB/s
+    on one core, so the input check of a 14 GB checkpoint took longer than reading it)."""
+    lo, hi = torch.aminmax(t)
+    return not (math.isfinite(float(lo)) and math.isfinite(float(hi)))
 
 
 def _numel(shape) -> int:

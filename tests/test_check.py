@@ -136,3 +136,28 @@ def test_float32_correction_bias_of_a_bf16_deepseek_v3_passes(tmp_path):
     weight = "model.layers.1.mlp.experts.0.gate_proj.weight"
     _tamper(tmp_path, lambda t: t.__setitem__(weight, t[weight].float()))
     assert check_checkpoint(tmp_path).problems[0].startswith(f"{weight}: dtype F32")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_fast_nonfinite_scan_equals_isfinite(dtype):
+    """has_nonfinite (one aminmax pass) == ~isfinite(t).all(), for NaN (any payload, either
+    sign) and +-Inf at every kind of position (first, last, vector tails), 1-D and 2-D."""
+    from moecompress.integrity import has_nonfinite
+
+    g = torch.Generator().manual_seed(0)
+    bad = [float("nan"), -float("nan"), float("inf"), -float("inf")]
+    for n in (1, 2, 15, 16, 17, 31, 33, 64, 65, 129, 1000):
+        clean = torch.randn(n, generator=g).to(dtype)
+        assert has_nonfinite(clean) is False and has_nonfinite(clean.view(1, n).expand(3, n).contiguous()) is False
+        for pos in {0, n // 2, n - 1, min(n - 1, 16)}:
+            for v in bad:
+                t = clean.clone()
+                t[pos] = v
+                assert has_nonfinite(t) is True and has_nonfinite(t.view(1, n).expand(2, n).contiguous()) is True
+    if dtype in (torch.bfloat16, torch.float16):  # every NaN / Inf bit pattern of the exponent field
+        exp = 0x7F80 if dtype == torch.bfloat16 else 0x7C00
+        for bits in range(exp, 0x8000, 3):
+            for sign in (0, -0x8000):
+                t = torch.randn(40, generator=g).to(dtype)
+                t.view(torch.int16)[17] = bits + sign
+                assert has_nonfinite(t) == bool((~torch.isfinite(t)).any()) == True  # noqa: E712

@@ -160,12 +160,13 @@ class SubsetRouters:
             else:  # row t * C + c holds set c's values
                 new = self.expert_tensors[path].to(dev)[sets].to(old.dtype).expand(T, C, m).reshape(T * C, m)
             _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
-        rows = logits.to(dev)[:, sets].to(dtype).reshape(T * C, m)  # row t * C + c: logits[t, S_c]
+        # row t * C + c: logits[t, S_c] (index_select: the same copy as logits[:, sets], one kernel)
+        rows = logits.to(dev).index_select(1, sets.reshape(-1)).to(dtype).view(T * C, m)
         with _exact_float32_matmul():
             idx, weight = self.layer.topk_from_router_output(r(rows))
         k = idx.shape[1]
         offset = torch.arange(0, C * m, m, device=dev).view(1, C, 1)
-        glob = sets.reshape(-1)[idx.view(T, C, k) + offset]  # local expert index -> the layer's numbering
+        glob = sets.reshape(-1).take(idx.view(T, C, k) + offset)  # local expert index -> the layer's numbering
         return glob, weight.view(T, C, k)
 
 
