@@ -13,6 +13,11 @@ Runs on the GPU machine against random-weight checkpoints of published shapes
 
     python bench/scale.py olmoe-1b-7b --work /tmp/scale --calib .gpu/calib_mix.txt \
         --tokenizer-from .gpu/qwen3moe-32x64-top4 --json $OUT/scale.json
+
+The prunes run the CLI's default (``--method auto``, and with calibration text the re-fit
+``--repair refit``) unless ``--method`` / ``--repairs`` say otherwise; every prune records where
+its time went (``*_phases``: input scan, load, selection and its NAEE parts, repair and its
+parts, shard-surgery write; nested phases are inside their parents).
 """
 
 from __future__ import annotations
@@ -97,6 +102,79 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+# Where the time of one prune run goes: (module, attribute, label). Wrapped for the run only,
+# each call synchronised and timed; nested phases are included in their parents' times.
+PHASES = (
+    ("moecompress.integrity", "first_nonfinite", "input NaN/Inf scan"),
+    ("moecompress.calibration", "load_calibration", "calibration text"),
+    ("moecompress.checkpoint", "load_model", "load (includes the scan)"),
+    ("moecompress.prune.checkpoint", "plan_experts", "select"),
+    ("moecompress.prune.naee.LayerCache", "observe", "select: naee observe + Gram"),
+    ("moecompress.prune.naee", "expert_gram", "select: naee Gram"),
+    ("moecompress.prune.naee", "_choose", "select: naee search"),
+    ("moecompress.capture.LayerCursor", "__init__", "calibration: record layer-0 inputs"),
+    ("moecompress.repair", "prune_and_repair", "repair"),
+    ("moecompress.merge.api", "replace_blocks", "repair: build the pruned blocks"),
+    ("moecompress.refit.RefitObserver", "observe", "repair: observe (per expert)"),
+    ("moecompress.refit.RefitObserver", "apply", "repair: solve (per expert)"),
+    ("moecompress.refit.JointRefitObserver", "observe", "repair: observe (joint)"),
+    ("moecompress.refit.JointRefitObserver", "apply", "repair: solve (joint)"),
+    ("moecompress.surgery", "prune_checkpoint_files", "write (shard surgery)"),
+)
+
+
+class phases:
+    """Context manager: seconds and calls per phase of ``PHASES`` while active (``.seconds``)."""
+
+    def __init__(self, table=PHASES):
+        self.table, self.seconds, self.calls, self._undo = table, {}, {}, []
+
+    def __enter__(self):
+        import importlib
+
+        for where, attr, label in self.table:
+            owner = None
+            try:
+                parts = where.split(".")
+                for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+                    try:
+                        owner = importlib.import_module(".".join(parts[:i]))
+                    except ImportError:
+                        continue
+                    for a in parts[i:]:
+                        owner = getattr(owner, a)
+                    break
+                fn = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+            except (AttributeError, KeyError, TypeError):
+                continue  # not in this version of the package
+            self._undo.append((owner, attr, fn))
+            setattr(owner, attr, self._clocked(fn, label))
+        return self
+
+    def _clocked(self, fn, label):
+        import functools
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
+                self.calls[label] = self.calls.get(label, 0) + 1
+        return run
+
+    def __exit__(self, *exc):
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+    def report(self) -> dict:
+        return {label: {"s": round(v, 3), "calls": self.calls[label]} for label, v in self.seconds.items()}
+
+
 def peak_gpu_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
@@ -151,7 +229,20 @@ def naee_layers(a) -> dict:
             return out
         return run
 
-    naee._choose, naee.LayerCache.observe = clocked(choose, "search"), clocked(observe, "observe")
+    kernels: dict = {}
+
+    def search(*args, **kwargs):  # the second layer's search under torch.profiler (--profile-search)
+        if not a.profile_search or kernels or sum(label == "search" for label, _, _ in marks) != 1:
+            return clocked(choose, "search")(*args, **kwargs)
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with profile(activities=acts) as prof:
+            out = clocked(choose, "search")(*args, **kwargs)
+        kernels["prof"] = prof  # summarised after the run, so that no layer's time includes it
+        return out
+
+    naee._choose, naee.LayerCache.observe = search, clocked(observe, "observe")
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -162,6 +253,15 @@ def naee_layers(a) -> dict:
         naee._choose, naee.LayerCache.observe = choose, observe
     sync()
     total_s = time.perf_counter() - start
+    repair = None
+    if a.with_repair:  # the default's re-fit after the selection (prune --repair refit), per layer
+        from moecompress.repair import prune_and_repair
+
+        with phases() as ph:
+            rec, repair_s = timed(lambda: prune_and_repair(model, plan.kept, tokens, batch_size=a.batch_size,
+                                                           progress=False))
+        repair = {"repair_s": repair_s, "repair_s_per_layer": repair_s / a.naee_layers, "phases": ph.report(),
+                  "peak_gpu_GiB": peak_gpu_gib(), "refit": sorted({v.get("refit") for v in rec["layers"].values()})}
     ends = [start] + [t for label, _, t in marks if label == "search"]
     per_layer = [b - c for c, b in zip(ends, ends[1:])]
     n = len(per_layer)
@@ -175,7 +275,19 @@ def naee_layers(a) -> dict:
     per = sorted(per_layer[1:] or per_layer)[len(per_layer[1:] or per_layer) // 2]  # median, first layer warms up
     res["naee_s_per_layer_median"] = per
     res["naee_full_model_s"] = per * moe_layers
-    if a.rates_from:
+    if kernels:
+        key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+        rows = sorted(kernels["prof"].key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:30]
+        res["search_profile_layer_1"] = {
+            "sort_by": key, "search_s": [d for label, d, _ in marks if label == "search"][1],
+            "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key, 0) / 1e3,
+                     "cpu_total_ms": e.cpu_time_total / 1e3} for e in rows]}
+    if repair:
+        res["repair"] = repair
+        res["repair_full_model_s"] = repair["repair_s_per_layer"] * moe_layers
+    if a.rates_from and not Path(a.rates_from).is_file():
+        res["rates_from_missing"] = str(a.rates_from)  # e.g. the run that measures them failed: keep the timing
+    elif a.rates_from:
         rates = json.loads(Path(a.rates_from).read_text())
         active = total - routed * (1 - k / E)
         parts = {"read": 2 * total / rates["read_Bps"], "write": 2 * (total - routed // 2) / rates["write_Bps"],
@@ -183,6 +295,9 @@ def naee_layers(a) -> dict:
         floor = sum(parts.values())
         res.update(rates_from=str(a.rates_from), full_floor_s=floor, full_floor_parts_s=parts,
                    full_floor_plus_naee_vs_floor=(floor + res["naee_full_model_s"]) / floor)
+        if repair:
+            res["full_floor_plus_naee_plus_repair_vs_floor"] = (floor + res["naee_full_model_s"]
+                                                                + res["repair_full_model_s"]) / floor
     return res
 
 
@@ -208,7 +323,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-gpu-memory", default="4GiB")
     ap.add_argument("--max-cpu-memory", default="16GiB", help="CPU cap of the streamed runs (the rest is offloaded to disk)")
-    ap.add_argument("--method", default="frequency")
+    ap.add_argument("--method", default="auto", help="pruning method (default: the CLI's default, auto)")
+    ap.add_argument("--repairs", default="default",
+                    help="comma list of --repair modes to time each prune with: default (none given: refit with "
+                         "calibration text, as the CLI runs), none, refit, refit+router")
     ap.add_argument("--old-schedule-too", action="store_true",
                     help="also time streamed stats batch by batch (the schedule before layer-by-layer streaming)")
     ap.add_argument("--skip", default="",
@@ -217,6 +335,10 @@ def main() -> None:
                     help="only time NAEE per MoE layer on this many layers built in GPU memory (a shape too large "
                          "to write); with --rates-from JSON for the full model's floor")
     ap.add_argument("--rates-from", type=Path)
+    ap.add_argument("--with-repair", action="store_true",
+                    help="with --naee-layers: also time the default's re-fit (--repair refit) of the pruned layers")
+    ap.add_argument("--profile-search", action="store_true",
+                    help="with --naee-layers: torch.profiler's top kernels of the second layer's search, in the JSON")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
@@ -297,49 +419,56 @@ def main() -> None:
         shutil.rmtree(outs / "offload", ignore_errors=True)
         print(json.dumps(res, indent=1), flush=True)
 
-    if "prune" not in skip:
-        from moecompress.prune import prune_checkpoint
+    from moecompress.prune import prune_checkpoint
 
-        out = outs / f"{a.name}-pruned"
+    fwd_flops = 2 * res["active_params"] * ntok
+    repairs = [r for r in a.repairs.split(",") if r]
+
+    def prune_run(out: Path, cap: str | None, repair: str, device) -> dict:
+        """One timed ``prune --ratio 0.5`` from a dropped page cache, its floor (same run's
+        rates, this run's output bytes) and where its time went (``phases``)."""
         shutil.rmtree(out, ignore_errors=True)
         drop_cache(src)
-        _, t_prune = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
-                                                    seq_len=a.seq_len, device=dev, dtype="bfloat16", progress=False,
-                                                    overwrite=True))
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        kw = {} if repair == "default" else {"repair": repair}  # "default": what the CLI does
+        if cap:
+            kw["max_cpu_memory"] = a.max_cpu_memory
+        with phases() as ph:
+            result, t = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
+                                                       seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
+                                                       device=device, progress=False, overwrite=True, **kw))
         out_bytes = folder_bytes(out)
-        fwd_flops = 2 * res["active_params"] * ntok
-        floor = res["input_bytes"] / res["read_Bps"] + out_bytes / res["write_Bps"] + fwd_flops / res["matmul_flops"]
-        res.update(prune_s=t_prune, output_bytes=out_bytes, floor_s=floor, prune_vs_floor=t_prune / floor,
-                   floor_parts_s={"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
-                                  "forward": fwd_flops / res["matmul_flops"]}, prune_method=a.method)
+        parts = {"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
+                 "forward": fwd_flops / res["matmul_flops"]}
+        floor = sum(parts.values())
+        auto = result.info.get("auto", {}).get("method")
+        row = {"s": t, "vs_floor": t / floor, "floor_s": floor, "floor_parts_s": parts, "output_bytes": out_bytes,
+               "peak_gpu_GiB": peak_gpu_gib(), "method": a.method + (f" ({auto})" if auto else ""),
+               "repair": (result.info.get("repair") or {}).get("mode", "none"), "phases": ph.report()}
+        shutil.rmtree(out, ignore_errors=True)
+        return row
+
+    if "prune" not in skip:  # in memory, the device given explicitly
+        row = prune_run(outs / f"{a.name}-pruned", None, repairs[0], dev)
+        res.update(prune_s=row["s"], output_bytes=row["output_bytes"], floor_s=row["floor_s"],
+                   prune_vs_floor=row["vs_floor"], floor_parts_s=row["floor_parts_s"], prune_method=row["method"],
+                   prune_phases=row["phases"])
         print(json.dumps(res, indent=1), flush=True)
     if "surgery" not in skip:
-        from moecompress.prune import prune_checkpoint
-
-        # The same pruning written by shard surgery: in GPU memory, then streamed under the cap.
-
-        fwd_flops = 2 * res["active_params"] * ntok
+        # shard surgery (the writer of local safetensors): in GPU memory, then streamed under the cap;
+        # each repair mode of --repairs ("default": none given, as the CLI runs)
         for label, cap in (("surgery", None), ("surgery_streamed", a.max_gpu_memory)):
             if {"surgery_streamed": "surgery_streamed", "surgery": "surgery_memory"}[label] in skip:
                 continue
-            out = outs / f"{a.name}-{label}"
-            shutil.rmtree(out, ignore_errors=True)
-            drop_cache(src)
-            if dev == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            _, t = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
-                                                  seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
-                                                  device=None if cap else dev, progress=False, overwrite=True,
-                                                  **({"max_cpu_memory": a.max_cpu_memory} if cap else {})))
-            out_bytes = folder_bytes(out)
-            floor = res["input_bytes"] / res["read_Bps"] + out_bytes / res["write_Bps"] + fwd_flops / res["matmul_flops"]
-            res[f"prune_{label}_s"] = t
-            res[f"prune_{label}_output_bytes"] = out_bytes
-            res[f"prune_{label}_vs_floor"] = t / floor
-            res[f"prune_{label}_peak_gpu_GiB"] = peak_gpu_gib()
-            res["floor_s"] = floor
-            shutil.rmtree(out, ignore_errors=True)
-            print(json.dumps(res, indent=1), flush=True)
+            for repair in repairs:
+                key = f"prune_{label}" + ("" if repair == "default" else f"_repair_{repair}")
+                row = prune_run(outs / f"{a.name}-{label}", cap, repair, None if cap else dev)
+                res.update({f"{key}_s": row["s"], f"{key}_output_bytes": row["output_bytes"],
+                            f"{key}_vs_floor": row["vs_floor"], f"{key}_peak_gpu_GiB": row["peak_gpu_GiB"],
+                            f"{key}_floor_s": row["floor_s"], f"{key}_method": row["method"],
+                            f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
+                print(json.dumps(res, indent=1), flush=True)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")
 
