@@ -78,6 +78,21 @@ def peak_accumulator_bytes(view: MoEModel, keep: int) -> int:
     return max(min(ACCUMULATOR_BUDGET, sum(sizes)), max(sizes, default=0))
 
 
+def routed_slots(topk_idx: torch.Tensor, num_experts: int):
+    """Per routed expert ``c`` (ascending): the tokens that chose it and in which top-k slot,
+    as ``(topk_idx == c).nonzero(as_tuple=True)`` gives them (row-major order), from one stable
+    sort and one host sync for all experts instead of a sync per expert."""
+    flat = topk_idx.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    tok_all, pos_all = order // topk_idx.shape[1], order % topk_idx.shape[1]
+    start = 0
+    for c, n in enumerate(counts):
+        if n:
+            yield c, tok_all[start:start + n], pos_all[start:start + n]
+            start += n
+
+
 def expert_features(layer: MoELayer, x: torch.Tensor, routing: Routing):
     """Per routed expert ``c``: its tokens, the features ``F = a * h_c(x)`` [n, I] of the re-fit
     (``h_c(a * x)`` for Llama-4) and each token's residual share ``a / sum(a)`` [n]."""
@@ -85,8 +100,7 @@ def expert_features(layer: MoELayer, x: torch.Tensor, routing: Routing):
     total = w.sum(1, keepdim=True)
     safe = torch.where(total != 0, total, torch.ones_like(total))
     share = torch.where(total != 0, w / safe, 1.0 / w.shape[1])
-    for c in routing.topk_idx.unique().tolist():
-        tok, pos = (routing.topk_idx == c).nonzero(as_tuple=True)
+    for c, tok, pos in routed_slots(routing.topk_idx, layer.num_experts):
         a = w[tok, pos]
         xc = x[tok]
         if layer.spec.weight_on_input:

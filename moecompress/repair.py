@@ -53,7 +53,7 @@ from .arch import MoELayer, Routing, moe_view
 from .capture import LayerCursor
 from .errors import MoECompressError
 from .onload import onloaded
-from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output
+from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
 REPAIR_MODES = ("none", "refit", "refit+router")
 # With calibration text. The router step is measured to add little for its cost (docs/benchmarks.md,
@@ -143,8 +143,7 @@ class RouterObserver:
         self.ref += float((routed + resid).double().square().sum())
         T, k = routing.topk_idx.shape
         feats = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)  # f_j(x_t), unweighted
-        for e in routing.topk_idx.unique().tolist():
-            tok, pos = (routing.topk_idx == e).nonzero(as_tuple=True)
+        for e, tok, pos in routed_slots(routing.topk_idx, layer.num_experts):
             feats[tok, pos] = layer.expert_forward(e, x[tok]).float()
         jac = routing_jacobian(routing, layer.spec.scoring, self.form)  # [T, k, S]
         g = torch.einsum("tjm,tjh->tmh", jac, feats)  # [T, S, H] d y' / d z_m

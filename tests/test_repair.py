@@ -206,3 +206,14 @@ def test_auto_is_naee_above_top_k_and_frequency_at_or_below():
         got = select_experts(model, toks, keep=keep, method="auto")
         want = select_experts(model, toks, keep=keep, method=other, stats=stats if other == "frequency" else None)
         assert got == want, keep
+
+
+def test_routed_slots_equal_the_per_expert_nonzero():
+    """One sort for all experts gives each expert's (token, slot) pairs in nonzero's order."""
+    from moecompress.refit import routed_slots
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(50)])  # [T, k], distinct per row
+    got = [(c, tok.tolist(), pos.tolist()) for c, tok, pos in routed_slots(idx, 12)]
+    ref = [(c, *(t.tolist() for t in (idx == c).nonzero(as_tuple=True))) for c in idx.unique().tolist()]
+    assert got == ref
