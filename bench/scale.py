@@ -344,6 +344,7 @@ def main() -> None:
     if a.naee_layers:
         res = naee_layers(a)
         print(json.dumps(res, indent=1), flush=True)
+        print("SUMMARY", json.dumps(summary(res)), flush=True)
         if a.json:
             a.json.write_text(json.dumps(res, indent=1) + "\n")
         return
@@ -469,8 +470,24 @@ def main() -> None:
                             f"{key}_floor_s": row["floor_s"], f"{key}_method": row["method"],
                             f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
                 print(json.dumps(res, indent=1), flush=True)
+    print("SUMMARY", json.dumps(summary(res)), flush=True)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")
+
+
+def summary(res: dict) -> dict:
+    """The headline numbers of a run (one line for a log's tail): times, ratios to the floor,
+    peaks, and each prune's four largest phases."""
+    out = {}
+    for k, v in res.items():
+        if k.endswith("_phases"):
+            top = sorted(v.items(), key=lambda kv: -kv[1]["s"])[:4]
+            out[k] = {label: p["s"] for label, p in top}
+        elif isinstance(v, float) and (k.endswith(("_s", "_vs_floor", "_GiB")) or "vs_floor" in k or "median" in k):
+            out[k] = round(v, 3)
+    if "repair" in res and isinstance(res["repair"], dict):
+        out["repair_s_per_layer"] = round(res["repair"]["repair_s_per_layer"], 3)
+    return out
 
 
 if __name__ == "__main__":
