@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -181,12 +181,21 @@ def measure(a) -> dict:
     cells += [(name, run, s) for name in a.models for run in a.runs for s in (a.seeds if RUNS[run][1] else a.seeds[:1])]
     threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else torch.get_num_threads()
     args = [(a.testbed, name, run, s, a.device, threads) for name, run, s in cells]
+    got = {}
+
+    def show(cell, res):
+        got[cell] = res
+        print(f"[{len(got)}/{len(cells)} {time.perf_counter() - start:.0f} s] {' '.join(map(str, cell))}: "
+              f"ppl {res['ppl']:.3f}", flush=True)
+
     if a.jobs > 1:  # spawn: CUDA cannot be used in forked children
         with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
-            done = list(pool.map(_cell, *zip(*args)))
+            futures = {pool.submit(_cell, *x): cell for cell, x in zip(cells, args)}
+            for f in as_completed(futures):
+                show(futures[f], f.result())
     else:
-        done = [_cell(*x) for x in args]
-    got = dict(zip(cells, done))
+        for cell, x in zip(cells, args):
+            show(cell, _cell(*x))
     out: dict = {"rows": [], "pipeline": None, "device": a.device, "seeds": a.seeds,
                  "torch": torch.__version__, "testbed": a.testbed}
     for name in a.models:

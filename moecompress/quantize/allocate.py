@@ -14,6 +14,10 @@ with alpha = 1, beta = 1.5 (the authors' defaults). The authors solve it with Gu
 (``precision_solver.py``); here ``scipy.optimize.milp`` (HiGHS). ``cost_{i,b}`` is counted
 honestly: weights plus scales plus zero points (``grid.matrix_bits``).
 
+That objective, faithfully, is ``--allocation mc-moe-paper``. The default ``mc-moe`` keeps the
+integer program and the measured loss but minimises ``sum_{i,b} x_{i,b} eps_{i,b}^2`` (see
+:func:`allocation_cost` for why; docs/benchmarks.md, "Quantization", for the measurements).
+
 Granularity (a deployment fact: no engine serves several widths inside one MoE layer):
 ``expert`` solves one program per layer as published; ``layer`` lifts it to one width per MoE
 layer over the whole model, a layer's cost at b being the sum of its experts' weighted losses,
