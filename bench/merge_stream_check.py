@@ -31,8 +31,8 @@ def main() -> None:
     from shaped_checkpoints import PUBLISHED
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moecompress.merge import refit
-    from moecompress.merge.api import merge_checkpoint
+    from moecompress import refit
+    from moecompress.merge.checkpoint import merge_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="olmoe-1b-7b", choices=sorted(PUBLISHED))
@@ -72,7 +72,7 @@ def main() -> None:
     res = {"shape": a.shape, "layers": a.layers, "device": torch.cuda.get_device_name(0), "cap": a.cap, "n": a.n, "keep": keep}
     import gc
 
-    from moecompress.merge import api as merge_api
+    from moecompress.merge import checkpoint as merge_api
 
     runs = [("bounded", None)]
     if a.unbounded:

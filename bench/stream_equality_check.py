@@ -29,7 +29,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import moecompress.checkpoint as checkpoint
-    from moecompress.merge.api import merge_checkpoint
+    from moecompress.merge.checkpoint import merge_checkpoint
     from moecompress.testing import SAMPLE_TEXT
 
     torch.set_num_threads(1)

@@ -175,11 +175,16 @@ def load_calibration(
     seed: int = 0,
     mode: Mode = "chunk",
     field: str = "text",
+    extend_to: int | None = None,
 ) -> torch.Tensor:
-    """Token ids [n, seq_len] (int64) drawn from ``source``."""
+    """Token ids [n, seq_len] (int64) drawn from ``source``. With ``extend_to``, up to that many
+    sequences (all the source has if fewer, never fewer than ``n``): the same seeded draw
+    continued, so the result contains the ``n`` sequences drawn without it."""
     if n < 1 or seq_len < 2:
         raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
     seqs, have = _sequences(tokenizer, source, seq_len, mode, field)
+    if seqs.shape[0] >= n and extend_to is not None:
+        n = max(n, min(extend_to, seqs.shape[0]))
     if seqs.shape[0] < n:
         raise MoECompressError(
             f"calibration source '{source}' gives only {seqs.shape[0]} sequences of {seq_len} tokens "

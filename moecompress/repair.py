@@ -62,7 +62,19 @@ DEFAULT_MODE = "refit"
 JOINT_RIDGE = 1e-1  # joint down-projection fit (testbed, 16/32: 0.001, 0.01, 0.1, 0.3 measured; 0.1 best)
 EXPERT_RIDGE = 1e-2  # per-expert (Jacobi) fit: the merge's default, measured there
 DEFAULT_ROUTER_RIDGE = 1.0  # testbed, 16/32 with the joint fit: 0.01, 0.1, 1.0 measured; 1.0 best
+REPAIR_SEQUENCES = 256  # calibration sequences the re-fit reads at least (docs/benchmarks.md: 64 -> 256 measured)
 ROUTER_MAX_UNKNOWNS = 8192  # |S| * H: the joint normal equations are float32 [8192, 8192] = 256 MiB at most
+
+
+def repair_tokens(tokenizer, source, *, n: int, seq_len: int, seed: int = 0, mode: str = "chunk",
+                  field: str = "text", sequences: int | None = None) -> torch.Tensor:
+    """The repair's calibration tokens: the selection's ``n`` sequences of ``source`` (the same
+    seeded draw) continued to ``sequences`` (default ``REPAIR_SEQUENCES``; all the source has
+    if fewer, never fewer than ``n``)."""
+    from .calibration import load_calibration
+
+    return load_calibration(tokenizer, source, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field,
+                            extend_to=REPAIR_SEQUENCES if sequences is None else sequences)
 
 
 def check_mode(mode: str) -> None:
@@ -201,7 +213,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
     record = {"mode": mode, "ridge": ridge,
               "router_ridge": router_ridge if mode == "refit+router" else None,
-              "token_weighting": "uniform", "layers": {}}
+              "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
     if mode == "none":
         return record
     originals = _original_blocks(model, original)

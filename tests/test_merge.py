@@ -376,7 +376,7 @@ def test_cli_refuses_missing_model_and_existing_output(calib_ckpt, tmp_path):
 
 # ----- streaming and shard surgery ----------------------------------------------------------------
 def _write_by_surgery(src, out, model, result):
-    from moecompress.merge.api import merged_replacements
+    from moecompress.merge.checkpoint import merged_replacements
     from moecompress.surgery import prune_checkpoint_files
 
     out.mkdir()
@@ -546,7 +546,7 @@ def test_streamed_working_bytes_counts_the_merged_block_and_the_accumulators():
     """What a streamed merge reserves on the GPU besides the streamed weights and the room
     ``load_model`` keeps for one onloaded layer: one merged block (keep/E of an original one)
     and the re-fit accumulators held at once."""
-    from moecompress.merge.api import streamed_working_bytes
+    from moecompress.merge.checkpoint import streamed_working_bytes
     from moecompress.refit import accumulator_bytes
 
     model = tiny_model("qwen3_moe")

@@ -86,7 +86,7 @@ def test_one_line_prune_equals_the_one_stage_recipe(setup):
 
 KILL = textwrap.dedent("""
     import os, signal, sys
-    import moecompress.merge.api as merge_api
+    import moecompress.merge.checkpoint as merge_api
     from moecompress.recipe import run_recipe
     real = merge_api.merge_experts
     def merge_then_die(*a, **k):

@@ -165,8 +165,31 @@ def test_prune_checkpoint_repairs_deterministically_and_streamed_equals_in_memor
     rep = record
     assert rep["parameters"]["repair"] == "refit+router"
     assert set(rep["info"]["repair"]["layers"]) and rep["info"]["repair"]["token_weighting"] == "uniform"
+    # the re-fit reads the selection's 4 sequences continued (REPAIR_SEQUENCES, or all the text has)
+    from moecompress.calibration import load_calibration
+    from transformers import AutoTokenizer
+
+    have = load_calibration(AutoTokenizer.from_pretrained(src), calib, n=4, seq_len=32, extend_to=10**9).shape[0]
+    assert 4 < have < 256 and rep["info"]["repair"]["calibration_sequences"] == have
     streamed = json.loads((tmp_path / "s" / "moecompress.json").read_text())
     assert streamed["parameters"]["max_cpu_memory"] == "40KB" and not (tmp_path / "s" / ".moecompress-work").exists()
+
+
+def test_repair_tokens_continue_the_selections_draw(calib_ckpt):
+    from transformers import AutoTokenizer
+
+    from moecompress.calibration import load_calibration
+    from moecompress.repair import repair_tokens
+
+    tok, calib = AutoTokenizer.from_pretrained(calib_ckpt / "tiny"), str(calib_ckpt / "calib.txt")
+    sel = load_calibration(tok, calib, n=3, seq_len=32, seed=5)
+    every = load_calibration(tok, calib, n=1, seq_len=32, extend_to=10**9)
+    rep = repair_tokens(tok, calib, n=3, seq_len=32, seed=5, sequences=6)
+    assert rep.shape == (6, 32) and every.shape[0] > 6
+    rows = {tuple(r.tolist()) for r in rep}
+    assert {tuple(r.tolist()) for r in sel} <= rows <= {tuple(r.tolist()) for r in every}
+    assert torch.equal(repair_tokens(tok, calib, n=3, seq_len=32, seed=5, sequences=2), sel)  # never fewer than -n
+    assert repair_tokens(tok, calib, n=3, seq_len=32, seed=5, sequences=10**9).shape[0] == every.shape[0]
 
 
 def test_cli_repair_option(calib_ckpt, tmp_path):

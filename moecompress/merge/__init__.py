@@ -6,8 +6,9 @@ plain averaging); clustering in :mod:`.cluster`, neuron alignment in :mod:`.alig
 averaging in :mod:`.combine`, the least-squares re-fit in :mod:`.refit`.
 """
 
-from .api import (DEFAULT_METHOD, DEFAULT_RIDGE, METHODS, ROUTER_RULES, MergePlan, MergeResult, merge_checkpoint,
+from .api import (DEFAULT_METHOD, DEFAULT_RIDGE, METHODS, ROUTER_RULES, MergePlan, MergeResult,
                   merge_experts, plan_merge)
+from .checkpoint import merge_checkpoint
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_RIDGE", "METHODS", "ROUTER_RULES", "MergePlan", "MergeResult",
            "merge_checkpoint", "merge_experts", "plan_merge"]

@@ -3,8 +3,9 @@
 * :func:`plan_merge` — calibration pass 1 and the clusters of every MoE layer (edits nothing).
 * :func:`merge_experts` — plan, merge each cluster into one expert, keep one router row per
   merged expert, optionally re-fit the merged experts (pass 2), in place on a loaded model.
-* :func:`merge_checkpoint` — load, merge, write a standard HF checkpoint (fewer experts, config
-  updated) with a ``moecompress.json`` record of the clusters. Input checks run first.
+* :func:`moecompress.merge.checkpoint.merge_checkpoint` — load, merge, write a standard HF
+  checkpoint (fewer experts, config updated) with a ``moecompress.json`` record of the clusters.
+* :mod:`.blocks` builds the merged blocks.
 
 Router rule (documented choice, measured on the testbed, docs/benchmarks.md): a merged expert
 keeps the router row — and per-expert router tensors (bias, ``e_score_correction_bias``) — of
@@ -18,28 +19,19 @@ router then renormalises the top-k weights as before (``norm_topk_prob``...), an
 
 from __future__ import annotations
 
-import operator
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from accelerate.utils import set_module_tensor_to_device
 
-from ..arch import MoELayer, MoEModel, moe_view
+from ..arch import MoEModel, moe_view
 from ..capture import run_calibration
 from ..errors import MoECompressError
-from ..options import MergeOptions, library_function
-from ..onload import detached_copy, module_execution_device, onloaded
-from ..surgery import ModelReplacements
-from .align import match_neurons, member_permutations
-from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
-from .combine import ExpertWeights, member_weights, merge_weights
-from .observe import MergeObserver
-from .offload import offload_block, offload_folder_for
 from ..refit import refit_to_original
+from .blocks import merged_expert, replace_blocks  # noqa: F401 (merged_expert: part of this module's API)
+from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
+from .observe import MergeObserver
 
 
 @dataclass(frozen=True)
@@ -186,22 +178,6 @@ def _check_clusters(clusters: dict[int, list[list[int]]], view: MoEModel) -> Non
 
 
 @torch.no_grad()
-def merged_expert(layer, members: list[int], dominant: int, freq: torch.Tensor, method: Method,
-                  perms: dict[int, torch.Tensor] | None = None) -> tuple[ExpertWeights, torch.Tensor]:
-    """The merged weights of one cluster and the per-member merge weights; ``perms`` are the
-    members' neuron alignments if already solved (:func:`.align.member_permutations`)."""
-    w = member_weights(freq, members, method.weights)
-    ref = ExpertWeights.read(layer, dominant)
-    experts = []
-    for e in members:
-        x = ExpertWeights.read(layer, e)
-        if method.align and e != dominant:
-            x = x.permuted(perms[e] if perms is not None else match_neurons(ref, x))
-        experts.append(x)
-    return merge_weights(experts, w), w
-
-
-@torch.no_grad()
 def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torch.Tensor | None = None,
                   stats=None, clusters: dict[int, list[list[int]]] | None = None, linkage: str = "average",
                   metric: str = "euclidean", router: str = "dominant", refit: bool = True,
@@ -269,207 +245,3 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
     return MergeResult(method=method, num_experts=num_experts, keep=keep, clusters=plan.clusters,
                        dominant=plan.dominant, merge_error=errors, options=options,
                        seconds=time.perf_counter() - start)
-
-
-def replace_blocks(model, plan: MergePlan, method: Method, router: str = "dominant",
-                   offload_folder: str | os.PathLike | None = None, *,
-                   keep_originals: bool = True) -> dict[int, torch.nn.Module]:
-    """Replace every MoE block of ``model`` by a new block whose expert ``j`` merges
-    ``plan.clusters[li][j]`` (a cluster of one expert is that expert: pruning), and return the
-    original blocks (if ``keep_originals``), the re-fit's reference. Blocks are built one layer at a time from the
-    (onloaded) original; a streamed model keeps the new blocks on disk (``offload_folder``, a
-    temporary folder if not given), like its own layers. The config follows the new count."""
-    view = moe_view(model)
-    folder = offload_folder_for(model, offload_folder)
-    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
-    originals = {}
-    for source in view:
-        li = source.layer_idx
-        block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], method, router)
-        if folder is not None:
-            offload_block(block, folder / f"merged-layer-{li}.safetensors", module_execution_device(source.block))
-        if keep_originals:
-            originals[li] = source.block
-        setattr(decoder_layers[li], view.spec.moe_block, block)
-    grouped = view.stays_grouped(plan.dominant)  # read before the view sees the merged blocks
-    keep = len(next(iter(plan.dominant.values())))
-    moe_view(model)._set_config_num_experts(keep, grouped=grouped)  # config (and grouped-routing fields)
-    return originals
-
-
-@torch.no_grad()
-def _merged_block(source, clusters: list[list[int]], dominant: list[int], freq: torch.Tensor, method: Method,
-                  router: str) -> torch.nn.Module:
-    """A new MoE block for ``source``'s layer whose expert ``j`` is the merge of ``clusters[j]``.
-
-    Everything but the experts and the router's per-expert tensors is copied from the
-    onloaded original; those are built at the merged size directly (never a full-size copy).
-    Router rule "dominant": expert ``j`` keeps the row (and per-expert router tensors) of
-    ``dominant[j]``; "weighted": their average with the expert-merge weights.
-    """
-    with onloaded(source.block):
-        per_expert = [*source.expert_parameters().values(), source.router_weight, *source.router_expert_tensors.values()]
-        block = detached_copy(source.block, skip=per_expert, share=[source.model.config])
-        target = MoELayer(source.model, source.spec, source.layer_idx, block)
-        target.keep_experts(dominant)  # shapes and module counters (the tensors are still meta)
-        device = source.router_weight.device
-        for module, path in [(target.experts, n) for n in target.expert_parameters()] + \
-                [(target.router, "weight")] + [(target.router, p) for p in target.router_expert_tensors]:
-            t = operator.attrgetter(path)(module)
-            set_module_tensor_to_device(module, path, device, value=torch.empty(t.shape, dtype=t.dtype, device=device))
-        rows, row_tensors = source.router_weight.data, source.router_expert_tensors
-        perms = member_permutations(source, clusters, dominant) if method.align else None
-        for j, (members, dom) in enumerate(zip(clusters, dominant)):
-            weights, w = merged_expert(source, members, dom, freq, method, perms)
-            weights.write(target, j)
-            if router == "weighted":
-                target.router_weight.data[j] = (w.to(rows.device)[:, None] * rows[members].double()).sum(0).to(rows.dtype)
-                for path, t in row_tensors.items():
-                    target.router_expert_tensors[path].data[..., j] = \
-                        (w.to(t.device) * t.data[..., members].double()).sum(-1).to(t.dtype)
-            else:
-                target.router_weight.data[j] = rows[dom]
-                for path, t in row_tensors.items():
-                    target.router_expert_tensors[path].data[..., j] = t.data[..., dom]
-    return block
-
-
-def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") -> int:
-    """GPU bytes a streamed merge holds besides what ``load_model`` already budgets (resident
-    weights and room for one onloaded decoder layer): the merged block, built while the
-    original is onloaded and, in the re-fit, onloaded with the original block that serves as
-    its reference, and the re-fit's accumulators of a layer group.
-
-    Measured on an H100 (OLMoE-1B-7B shape, 4 GiB cap): with none of this reserved the peak
-    was 9.49 GiB; reserving a whole original block besides (double counting accelerate's
-    room for a layer) left less weights budget than one layer, and accelerate then silently
-    placed every weight on the CPU (peak 0.19 GiB, the merge computed on the CPU), which
-    ``load_model`` now refuses."""
-    from ..checkpoint import parse_dtype, stored_dtype
-    from ..surgery import meta_view
-    from ..refit import peak_accumulator_bytes
-
-    view = meta_view(config)
-    dt = parse_dtype(dtype) if dtype != "auto" else None
-    size = (dt or stored_dtype(config) or torch.float32).itemsize
-    block = max(sum(p.numel() for p in layer.block.parameters()) for layer in view) * size
-    merged = block * keep // max(view.layers[0].num_experts, 1)
-    return merged + (peak_accumulator_bytes(view, keep) if refit else 0)
-
-
-def merged_replacements(model, result: MergeResult) -> ModelReplacements:
-    """What shard surgery must write besides the input's tensors, read from the ``model`` that
-    :func:`merge_experts` merged into ``result``, one layer at a time: the expert weights of
-    every merged expert of more than one member (of every expert after a re-fit, which changes
-    all down projections) and, with the weighted router rule, their router rows. Everything
-    else equals the input's."""
-    refit, router = result.options["refit"], result.options["router"]
-    refit_router = result.options.get("repair") == "refit+router"
-    groups = {}
-    for li, clusters in result.clusters.items():
-        groups[li] = {j: ({"experts"} if refit or len(m) > 1 else set()) |
-                      ({"router"} if refit_router or (router == "weighted" and len(m) > 1) else set())
-                      for j, m in enumerate(clusters)}
-    return ModelReplacements(moe_view(model), groups)
-
-
-@library_function(MergeOptions)
-def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opts: MergeOptions,
-                     progress: bool = True) -> MergeResult:
-    """Merge the checkpoint ``model`` into the folder ``output``; see :func:`merge_experts`.
-
-    ``calib`` is a calibration source (``n`` sequences of ``seq_len`` tokens drawn with
-    ``seed``); ``stats`` a file from ``moecompress stats`` whose ``count`` gives the routing
-    frequencies. ``dtype="auto"`` computes in float32 on the CPU; the weights are written in
-    the checkpoint's own dtype.
-
-    ``max_gpu_memory`` / ``max_cpu_memory`` stream the model (see ``checkpoint.load_model``):
-    each layer is onloaded while it runs and merged from onloaded weights, and the merged
-    blocks wait on disk, inside the output's temporary folder, deleted at the end. A local
-    safetensors checkpoint (a Hub id once downloaded too) is written by shard surgery
-    (``surgery.py``): the input's tensors are copied shard by shard, without the experts
-    merged away, with the merged experts' new weights read from the model one layer at a
-    time, never materialising the model. Streamed or not, the bytes are the same. Other
-    checkpoints are merged in memory and saved with ``save_pretrained``; streaming refuses them.
-    """
-    from ..calibration import load_calibration
-    from ..checkpoint import compute_dtype, copy_tokenizer, load_model, output_folder, save_model, write_record
-    from ..device import place
-    from ..formats import quant_method
-    from ..source import open_source
-    from ..surgery import prune_checkpoint_files
-
-    start = time.perf_counter()
-    source = open_source(model)
-    opts = place(opts, source.config)  # --device auto
-    keep, method, stats, refit = opts.keep, opts.method, opts.stats, opts.refit
-    num_experts = source.num_experts
-    streamed = opts.streamed
-    dtype = compute_dtype(opts.dtype, opts.device, streamed=streamed)
-    batch_size = opts.resolved_batch_size(opts.device, streamed)
-    check_options(method=method, num_experts=num_experts, keep=keep, linkage=opts.linkage, metric=opts.distance,
-                  router=opts.router, ridge=opts.ridge, batch_size=batch_size)
-    if stats is not None and not Path(stats).expanduser().is_file():
-        raise MoECompressError(f"statistics file '{stats}' not found; create it with `moecompress stats MODEL -o {stats}`")
-    if streamed and source.folder is not None and not source.shards:
-        raise MoECompressError(_NEEDS_SAFETENSORS.format(src=source))
-    from ..prune.api import _check_mtp
-
-    stored_mtp = _check_mtp(source, source.config, opts.mtp, opts.calib)
-    with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
-        from ..stats import Stats
-
-        stats_obj = Stats.load(stats) if stats is not None else None
-        tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
-        work = folder / ".moecompress-work" if streamed else None  # offloaded weights; removed below
-        model = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
-                           max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
-                           gpu_working_bytes=streamed_working_bytes(source.config, keep, refit, dtype)
-                           if streamed else 0)
-        source._folder = None  # a Hub id is in the cache now
-        # A quantized input (FP8 blocks, MXFP4) is merged dequantized and written in bf16: merged
-        # weights have no scales to share with the input's (README, "Quantized inputs").
-        quantized = quant_method(source.config) is not None
-        surgery = bool(source.shards) and not quantized
-        if streamed and not surgery:
-            raise MoECompressError(_NEEDS_BF16.format(src=source) if quantized else _NEEDS_SAFETENSORS.format(src=source))
-        stored = torch.bfloat16 if quantized else source.stored_dtype
-        mtp_kept, mtp_record = {}, None
-        if surgery and stored_mtp and opts.mtp == "prune":  # MTP experts are pruned (by their own router), not merged
-            from ..mtp import kept_by_own_router
-
-            mtp_kept, counts = kept_by_own_router(model, source.folder, source.config, tokens, keep,
-                                                  batch_size=batch_size)
-            mtp_record = {"mode": "prune", "rule": "own router top-k frequency", "kept_experts": mtp_kept, "counts": counts}
-        elif surgery and stored_mtp:
-            mtp_record = {"mode": "drop", "layers": stored_mtp}
-        result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=opts.linkage,
-                               metric=opts.distance, router=opts.router, refit=refit, ridge=opts.ridge,
-                               batch_size=batch_size, progress=progress,
-                               offload_folder=work / "merged" if work else None, repair=opts.repair)
-        record = {"stage": "merge", "method": method, "seed": opts.seed,
-                  "parameters": {**opts.recorded(), "num_experts_before": num_experts},
-                  "writer": "shard surgery" if surgery else "save_pretrained",
-                  **({"mtp": mtp_record} if mtp_record else {}),
-                  **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "options")}}
-        if surgery:
-            replace = merged_replacements(model, result)
-            prune_checkpoint_files(source.folder, folder, {**result.dominant, **mtp_kept}, replace=replace,
-                                   drop_mtp=opts.mtp == "drop")
-            del replace, model
-            copy_tokenizer(source, folder)
-            write_record(folder, record, source)
-        else:
-            if stored is not None and model.dtype != stored:
-                model.to(stored)
-            save_model(model, folder, source=source, record=record)
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-_NEEDS_BF16 = ("'{src}' is quantized; streamed merging (--max-gpu-memory / --max-cpu-memory) writes by shard "
-               "surgery, which keeps the stored format; drop the memory caps (the merge is written in bf16)")
-_NEEDS_SAFETENSORS = ("'{src}' has no safetensors files; streamed merging (--max-gpu-memory / --max-cpu-memory) "
-                      "writes by shard surgery and needs a safetensors checkpoint; convert it or drop the memory caps")

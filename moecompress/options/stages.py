@@ -50,6 +50,9 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
         None, "Whole-expert methods: after removal, re-fit the kept experts to the original layers on the "
         "calibration text: refit (down projections), refit+router (router rows first), none. Default: refit when "
         "the calibration text is read (auto, naee, or --calib given), else none.")
+    repair_n: Optional[int] = option(None, "Calibration sequences the repair fits on: the -n sequences continued "
+                                     "with the same seed (default 256, or all the text has; never fewer than -n).",
+                                     ge=1)
     repair_ridge: Optional[float] = option(None, "Ridge of the down-projection re-fit (default 0.1 joint, 0.01 per "
                                            "expert; relative to the mean feature energy).", ge=0)
     router_ridge: Optional[float] = option(None, "Ridge of the router re-fit (default 1.0, relative).", ge=0)

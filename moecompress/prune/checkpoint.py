@@ -90,9 +90,13 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     repair = _repair_mode(opts, info.kind, wants_tokens, source, stored_mtp)
     wants_tokens = wants_tokens or repair != "none"  # the repair re-fits on the calibration text
     with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
-        tokens = None
+        tokens = repair_tokens = None
         if wants_tokens:
             tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
+        if repair != "none":  # the re-fit reads more of the text than the selection (repair.REPAIR_SEQUENCES)
+            from ..repair import repair_tokens as draw
+
+            repair_tokens = draw(source.tokenizer(), opts.calib, **opts.calibration(), sequences=opts.repair_n)
         # offloaded and edited weights of a streamed model; removed below
         work = folder / ".moecompress-work" if opts.streamed and (repair != "none" or info.kind != "experts") else None
         working = 0
@@ -105,7 +109,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
                   "parameters": {**opts.recorded(), "num_experts_before": source.num_experts, "repair": repair}}
         if info.kind == "experts":
             result = _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options,
-                                    record, progress, stored_mtp, repair, work)
+                                    record, progress, stored_mtp, repair, work, repair_tokens)
         else:
             result = _prune_inside(source, folder, lm, opts, method, tokens, batch_size, record, progress,
                                    work / "edited" if work else None)
@@ -152,7 +156,7 @@ def _edit_bytes(source, dtype) -> int:
 
 
 def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options, record,
-                   progress, stored_mtp, repair="none", work=None) -> PruneResult:
+                   progress, stored_mtp, repair="none", work=None, repair_tokens=None) -> PruneResult:
     from ..arch import moe_view
     from ..checkpoint import copy_tokenizer, save_model, write_record
     from ..stats import Stats
@@ -169,7 +173,7 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     if repair != "none":  # moecompress/repair.py: re-fit the kept experts to the original layers
         from ..repair import prune_and_repair
 
-        result.info["repair"] = prune_and_repair(lm, result.kept, tokens, mode=repair, ridge=opts.repair_ridge,
+        result.info["repair"] = prune_and_repair(lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge,
                                                  router_ridge=opts.router_ridge, batch_size=batch_size,
                                                  progress=progress, offload_folder=work / "pruned" if work else None)
         parts = {"experts", "router"} if repair == "refit+router" else {"experts"}

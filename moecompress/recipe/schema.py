@@ -35,7 +35,7 @@ KINDS = {"stats": "stats", "prune": "checkpoint", "merge": "checkpoint", "quanti
 LIBRARY = {
     "stats": "moecompress.stats.api:stats_for_checkpoint",
     "prune": "moecompress.prune.checkpoint:prune_checkpoint",
-    "merge": "moecompress.merge.api:merge_checkpoint",
+    "merge": "moecompress.merge.checkpoint:merge_checkpoint",
     "quantize": "moecompress.quantize.api:quantize_checkpoint",
     "distill": "moecompress.distill.api:distill_checkpoint",
     "eval": "moecompress.evaluate:evaluate_checkpoint",
