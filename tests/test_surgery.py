@@ -122,10 +122,11 @@ def test_stats_on_streamed_model_equal_in_memory(tmp_path):
         torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("method", ["frequency", "naee"])
+@pytest.mark.parametrize("method", ["frequency", "naee", "stun"])
 def test_prune_cli_streamed_equals_in_memory(method, tmp_path):
     """`prune --max-cpu-memory` (streamed, disk offload) writes the same checkpoint bytes, also
-    with NAEE, whose candidate routers are copies of offloaded routers."""
+    with NAEE, whose candidate routers are copies of offloaded routers, and STUN, which reads
+    the router and expert weights of each (onloaded) layer."""
     from typer.testing import CliRunner
 
     from moecompress.cli import app
