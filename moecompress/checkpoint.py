@@ -247,7 +247,7 @@ def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: st
     error names the first bad tensor.
     """
     from .integrity import require_sound_input
-    from .outputs import LockedTemp, check_output_folder, clean_stale
+    from .outputs import LockedTemp, check_output_folder, clean_stale, normal_permissions
 
     out = Path(out).expanduser().absolute()
     location = resolve_source(source) if source is not None else None
@@ -268,21 +268,11 @@ def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: st
 
             # an input let through with --allow-nonfinite gives an output with NaN/Inf too
             require_valid(tmp.path, written=True, values=not load_policy().allow_nonfinite)
-        _normal_permissions(tmp.path)
+        normal_permissions(tmp.path)
         tmp.commit()
     except BaseException:
         tmp.discard()
         raise
-
-
-def _normal_permissions(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder (and some writers 0600 files); give the output the modes
-    the user's umask gives any new file, so that other users and containers can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def versions() -> dict[str, str]:

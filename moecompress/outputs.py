@@ -152,6 +152,16 @@ class LockedTemp:
             self._fd = None
 
 
+def normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder (and some writers 0600 files); give the output the modes
+    the user's umask gives any new file, so that other users and containers can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def check_output_file(path: str | os.PathLike, *, source: str | os.PathLike | None = None,
                       overwrite: bool = True) -> Path:
     """A single output file: never inside (or equal to) the input, not a folder."""

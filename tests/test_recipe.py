@@ -106,24 +106,51 @@ def test_killed_during_the_second_stage_resumes_to_the_same_bytes(setup):
     proc = subprocess.run([sys.executable, "-c", KILL, str(path)], capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    stages = t / "out" / ".stages"
-    assert (stages / "01-prune.json").is_file() and not (stages / "02-merge.json").exists()
-    r = runner.invoke(app, ["run", str(path)])
-    assert r.exit_code == 2 and "--resume" in r.output  # an interrupted run is not silently replaced
+    assert not (t / "out").exists()  # nothing half-built at the destination
+    [tmp] = [p for p in t.iterdir() if p.name.startswith(".out.tmp-")]
+    assert (tmp / ".stages" / "01-prune.json").is_file() and not (tmp / ".stages" / "02-merge.json").exists()
     said = []
     run_recipe(path, resume=True, say=said.append)
     assert said[0] == "stage 1/3: prune done earlier, resumed" and said[1] == "stage 2/3: merge"
     assert _files(t / "out") == _files(t / "ref")
+    assert not [p for p in t.iterdir() if p.name.startswith(".")]  # the killed run's folder was taken over
 
 
-def test_resume_redoes_a_stage_whose_options_changed(setup):
+def test_resume_redoes_a_stage_whose_options_changed(setup, monkeypatch):
+    import moecompress.recipe.runner as runner_module
+
     t = setup
     path = _write(t, {**_two_stages(t), "stages": _two_stages(t)["stages"][:2]})
-    run_recipe(path)
-    (t / "out" / ".stages").mkdir()  # pretend the run was interrupted after finishing
+
+    def full_disk(*a, **k):
+        raise MoECompressError("no space left")
+
+    with monkeypatch.context() as m:
+        m.setattr(runner_module, "_finish", full_disk)  # both stages done, the output not assembled
+        with pytest.raises(MoECompressError, match=r"stages 1-2 are kept in .*rerun with --resume"):
+            run_recipe(path)
+    assert not (t / "out").exists()
     said = []
     run_recipe(path, sets=["merge.keep=3"], resume=True, say=said.append)
+    assert said == ["stage 1/2: prune done earlier, resumed", "stage 2/2: merge"]
     assert AutoModelForCausalLM.from_pretrained(t / "out").config.num_experts == 3
+    assert not [p for p in t.iterdir() if p.name.startswith(".")]
+
+
+def test_a_plain_rerun_removes_an_interrupted_run_and_says_so(setup, monkeypatch):
+    import moecompress.recipe.runner as runner_module
+
+    t = setup
+    path = _write(t, {**_two_stages(t), "stages": _two_stages(t)["stages"][:1]})
+    with monkeypatch.context() as m:
+        m.setattr(runner_module, "_finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(path)
+    assert [p.name.startswith(".out.tmp-") for p in t.iterdir() if p.name.startswith(".")] == [True]
+    r = runner.invoke(app, ["run", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "removed the completed stages of an interrupted run (--resume continues such a run)" in " ".join(r.output.split())
+    assert not [p for p in t.iterdir() if p.name.startswith(".")]
 
 
 def _stage_example(name: str, t: Path) -> dict:

@@ -1,20 +1,25 @@
-"""Running a recipe: stages one after another, each kept under ``OUTPUT/.stages/`` until the
-recipe completes, so that ``--resume`` continues after a crash or a kill from the last completed
-stage (one whose recorded input fingerprint and options still match).
+"""Running a recipe: stages one after another, each kept under ``.stages/`` of a hidden
+temporary sibling of the output (``.OUT.tmp-<pid>-*``, locked while the run lives:
+``outputs.LockedTemp``) until the recipe completes; then the last checkpoint's files, the
+resolved recipe (``recipe.yaml``, ``moecompress.json`` ``"recipe"``, the model card), the last
+evaluation (``eval.json``) and the last statistics (``stats.safetensors``) are assembled there and
+the folder is renamed to ``OUTPUT``. So a kill at any moment leaves ``OUTPUT`` as it was (absent,
+or the previous complete output), never half of one.
 
-When every stage is done, the last checkpoint's files move into ``OUTPUT`` with the resolved
-recipe in ``recipe.yaml``, in ``moecompress.json`` (``"recipe"``) and in the model card
-(``README.md``), the last evaluation in ``eval.json`` and the last statistics in
-``stats.safetensors``; ``.stages`` is removed. Stages record where their input came from as
-"MODEL after stage N (NAME)", never as a temporary path, so the same recipe gives the same
-bytes in any output folder (``moecompress run OUT/recipe.yaml -o OUT2``).
+A dead run's temporary folder is removed by the next run, unless that run is ``--resume``: then
+its completed stages (those whose recorded input fingerprint and options still match) are taken
+over and the run continues from the last of them. Stages record where their input came from as
+"MODEL after stage N (NAME)", never as a temporary path, so the same recipe gives the same bytes
+in any output folder (``moecompress run OUT/recipe.yaml -o OUT2``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +37,8 @@ def fingerprint(path: str | Path) -> str:
     of files over 64 MiB, so that resuming a 60 GB model does not re-read it)."""
     p = Path(path)
     h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and STAGES_DIR not in f.parts)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*")
+                                           if f.is_file() and STAGES_DIR not in f.relative_to(p).parts)
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.relative_to(p) if f != p else f.name}\0{size}\0".encode())
@@ -58,29 +64,30 @@ def _input_fingerprint(location, stage: Stage) -> dict:
             "files": files}
 
 
-def _prepare(out: Path, *, overwrite: bool, resume: bool) -> bool:
-    """Make ``out/.stages``; returns whether ``out`` was created here."""
-    stages = out / STAGES_DIR
-    if out.exists() and not out.is_dir():
-        raise MoECompressError(f"output '{out}' is a file; choose a folder path")
-    if out.exists() and not (resume and stages.is_dir()):
-        if stages.is_dir() and not overwrite:
-            raise MoECompressError(f"output '{out}' holds an interrupted run; pass --resume to continue it or "
-                                   "--overwrite to start again")
-        if not overwrite:
-            raise MoECompressError(f"output '{out}' exists; pass --overwrite to replace it")
-        from ..outputs import RECORD_FILE
+def _prepare(out: Path, *, overwrite: bool, resume: bool, say: Callable[[str], None]):
+    """The locked temporary folder the run builds ``out`` in (``outputs.LockedTemp``), with its
+    ``.stages``: with ``resume``, the stages of the latest dead run are moved into it; every
+    other dead run's leftovers are removed."""
+    from ..outputs import LockedTemp, check_output_folder, clean_stale, is_stale
 
-        if not (stages.is_dir() or (out / RECORD_FILE).is_file() or not any(out.iterdir())):
-            raise MoECompressError(f"--overwrite refuses to replace '{out}': it is not empty and not a moecompress "
-                                   f"output (no {RECORD_FILE}); delete it yourself or choose another folder")
-        shutil.rmtree(out)
-    created = not out.exists()
+    check_output_folder(out, overwrite=overwrite, source=None)
     try:
-        stages.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dead = [p for p in out.parent.glob(f".{out.name}.tmp-*") if (p / STAGES_DIR).is_dir() and is_stale(p)]
+        tmp = LockedTemp(out)
     except OSError as e:
-        raise MoECompressError(f"cannot write to '{out}': {e.strerror or e}; choose a writable output folder") from None
-    return created
+        raise MoECompressError(f"cannot write to '{out.parent}': {e.strerror or e}; choose a writable output "
+                               "folder") from None
+    done = lambda p: sorted(f.stem for f in (p / STAGES_DIR).glob("*.json"))  # noqa: E731
+    if resume and dead:
+        latest = max(dead, key=lambda p: (len(done(p)), p.stat().st_mtime))
+        with contextlib.suppress(OSError):  # another --resume took it first: start afresh
+            os.replace(latest / STAGES_DIR, tmp.path / STAGES_DIR)
+    elif any(done(p) for p in dead):
+        say("removed the completed stages of an interrupted run (--resume continues such a run)")
+    clean_stale(out)
+    (tmp.path / STAGES_DIR).mkdir(exist_ok=True)
+    return tmp
 
 
 def _source(location: Path | str, name: str):
@@ -95,13 +102,13 @@ def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     ``results`` hold each stage's result object."""
     if not recipe.output:
         raise MoECompressError("the recipe names no output; pass -o OUT (or --set output=OUT)")
-    from ..outputs import check_not_input
+    from ..outputs import check_not_input, normal_permissions
 
     out = Path(recipe.output).expanduser().absolute()
     check_not_input(out, recipe.model)  # the output is not the input, inside it, or containing it
     current = _source(recipe.model, recipe.model)  # a bad input is refused before anything is written
-    created = _prepare(out, overwrite=overwrite, resume=resume)
-    stages_dir = out / STAGES_DIR
+    tmp = _prepare(out, overwrite=overwrite, resume=resume, say=say)
+    stages_dir = tmp.path / STAGES_DIR
     last: dict[str, Path] = {}
     results: list[Any] = []
     completed = 0
@@ -129,11 +136,15 @@ def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
             last[stage.kind] = work
             if stage.kind == "checkpoint":
                 current = _source(work, f"{recipe.model} after stage {stage.index} ({stage.name})")
-        _finish(recipe, out, last)
+        _finish(recipe, tmp.path, last)
+        normal_permissions(tmp.path)
+        tmp.commit()
     except BaseException as e:
-        if completed == 0 and created:
-            shutil.rmtree(out, ignore_errors=True)
-        elif isinstance(e, MoECompressError):
+        if completed == 0:
+            tmp.discard()
+            raise
+        tmp.release()  # the completed stages stay for --resume (the next plain run removes them)
+        if isinstance(e, MoECompressError):
             raise MoECompressError(f"{e} (stages 1-{completed} are kept in {stages_dir}: fix the recipe and rerun with "
                                    "--resume)") from None
         raise
