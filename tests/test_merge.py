@@ -305,8 +305,12 @@ def test_bad_options_raise_user_errors():
 # ----- checkpoint and CLI ------------------------------------------------------------------------------
 
 
-def test_cli_merges_deterministically_and_output_reloads(calib_ckpt, tmp_path):
+def test_cli_merges_deterministically_and_output_reloads(calib_ckpt, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    from moecompress.commands._common import console
+
+    monkeypatch.setattr(console, "width", 80)  # COLUMNS=80: the table's numbers are shown in full
 
     common = (calib_ckpt / "tiny", "--keep", 3, "--calib", calib_ckpt / "calib.txt", "-n", 4, "--seq-len", 32, "--batch-size", 2)
     r1 = invoke_cli("merge", *common, "-o", tmp_path / "a", "--json", tmp_path / "a.json")
@@ -321,6 +325,9 @@ def test_cli_merges_deterministically_and_output_reloads(calib_ckpt, tmp_path):
 
     record = json.loads((tmp_path / "a" / "moecompress.json").read_text())
     result = json.loads((tmp_path / "a.json").read_text())
+    assert "…" not in r1.output and max(map(len, r1.output.splitlines())) <= 80
+    for err in result["merge_error"].values():
+        assert err is None or f" {err:.3f} " in r1.output
     assert record["stage"] == "merge" and record["method"] == "m-smoe" and record["parameters"]["keep"] == 3
     assert record["clusters"] == result["clusters"] and set(record["clusters"]) == {"1", "2"}
     for li, groups in record["clusters"].items():

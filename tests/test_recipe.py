@@ -48,7 +48,10 @@ def _two_stages(t):
                                  "device": "cpu"}}]}
 
 
-def test_recipe_chains_stages_and_records_the_resolved_recipe(setup):
+def test_recipe_chains_stages_and_records_the_resolved_recipe(setup, monkeypatch):
+    from moecompress.commands._common import console
+
+    monkeypatch.setattr(console, "width", 400)  # table titles with long paths on one line
     t = setup
     summary = run_recipe(_write(t, _two_stages(t)))
     assert AutoModelForCausalLM.from_pretrained(t / "out").config.num_experts == 4
@@ -61,6 +64,10 @@ def test_recipe_chains_stages_and_records_the_resolved_recipe(setup):
     assert resolved["stages"][2]["eval"]["base"] == str(t / "src")
     assert len(record["history"]) == 1 and record["history"][0]["stage"] == "prune"  # chain kept
     assert record["source"] == f"{t / 'src'} after stage 1 (prune)"  # no temporary path in the record
+    # the evaluation names the model it evaluated, not the stage folder that was deleted
+    assert json.loads((t / "out" / "eval.json").read_text())["model"] == f"{t / 'src'} after stage 2 (merge)"
+    for text in [json.dumps(summary), *(f.read_text() for f in (t / "out").iterdir() if f.suffix != ".safetensors")]:
+        assert ".tmp-" not in text and ".stages" not in text
     assert "ppl" in (t / "out" / "eval.json").read_text() and len(summary["stages"]) == 3
     assert "## Recipe" in (t / "out" / "README.md").read_text()
     assert not (t / "out" / ".stages").exists() and not [p for p in t.iterdir() if p.name.startswith(".")]
@@ -68,6 +75,15 @@ def test_recipe_chains_stages_and_records_the_resolved_recipe(setup):
     r = runner.invoke(app, ["run", str(t / "out" / "recipe.yaml"), "-o", str(t / "again")])
     assert r.exit_code == 0, r.output
     assert _files(t / "out") == _files(t / "again")
+    # each stage's result is printed as its own command prints it, the evaluation table last
+    shown = [r.output.index(s) for s in ("stage 1/3: prune", "expert pruning: frequency, 6 of 8 kept",
+                                          "8 -> 6 experts in 2 MoE layers (frequency)", "stage 2/3: merge",
+                                          "m-smoe, 6 -> 4 experts per MoE layer", "merged experts per MoE layer",
+                                          "stage 3/3: eval", f"{t / 'src'} after stage 2 (merge) vs {t / 'src'}",
+                                          "ppl text", "KL(base||model) text", "done: ")]
+    assert shown == sorted(shown)
+    evaluation = json.loads((t / "again" / "eval.json").read_text())
+    assert f"{evaluation['ppl']['text']:.1f}" in r.output[shown[-4]:]
 
 
 def test_one_line_prune_equals_the_one_stage_recipe(setup):

@@ -281,7 +281,8 @@ def test_bad_tokens_are_refused():
 # ----- CLI -------------------------------------------------------------------------------
 
 
-def test_cli_collect_show_and_errors(tmp_path):
+def test_cli_collect_show_and_errors(tmp_path, monkeypatch):
+    from moecompress.commands._common import console
     from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
 
     calib_ckpt = tmp_path / "tiny"
@@ -303,9 +304,17 @@ def test_cli_collect_show_and_errors(tmp_path):
     assert invoke_cli(*args[:-1], out2).exit_code == 0
     assert out.read_bytes() == out2.read_bytes()  # same seed, same bytes
 
+    monkeypatch.setattr(console, "width", 80)  # COLUMNS=80: no number is cut to "0.05…"
     shown = invoke_cli("stats", "show", out, "--layer", s.layers[0])
     assert shown.exit_code == 0, shown.output
-    assert "per-expert" in shown.output
+    assert "per-expert" in shown.output and "…" not in shown.output
+    assert max(map(len, shown.output.splitlines())) <= 80
+    cells = set(shown.output.replace("│", " ").split())
+    for name in ("count", "soft_count", "gate_mean", "ean", "reap", "easy_ep", "tcess", "super_in_max", "super_out_max"):
+        for v in s.get(s.layers[0], name).tolist():
+            assert (str(int(v)) if name == "count" else f"{v:.3g}") in cells, (name, v)
+    for row in s.summary()["layers"]:
+        assert f"{row['entropy']:.3f}" in cells and "/".join(f"{v:.2f}" for v in row["sch"]) in cells
     as_json = invoke_cli("stats", "show", out, "--json")
     assert json.loads(as_json.output)["meta"]["tokens"] == 128
 

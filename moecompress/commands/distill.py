@@ -40,11 +40,16 @@ def register(app: typer.Typer) -> None:
         write_json(opts.json_out, result.to_dict())
         if to_stdout:
             return
-        if result.stopped:
-            console.print(f"stopped after {result.steps} steps as asked; continue with --resume", highlight=False)
-            return
-        ev = "".join(f"; {k} ppl {result.eval_before.get(k, float('nan')):.2f} -> {v:.2f}"
-                     for k, v in result.eval_after.items())
-        console.print(f"{' -> '.join(result.schedule)}: {result.steps} steps, {result.tokens:,} tokens, "
-                      f"{result.tokens_per_s:,.0f} tokens/s; loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
-                      f"{ev}; wrote {output}", highlight=False)
+        show_result(result, student, output)
+
+
+def show_result(result, model, output, *, wrote: bool = True) -> None:
+    """What `distill` prints for ``result``; ``run`` prints it for its distill stages with ``wrote=False``."""
+    if result.stopped:
+        console.print(f"stopped after {result.steps} steps as asked; continue with --resume", highlight=False)
+        return
+    ev = "".join(f"; {k} ppl {result.eval_before.get(k, float('nan')):.2f} -> {v:.2f}"
+                 for k, v in result.eval_after.items())
+    console.print(f"{' -> '.join(result.schedule)}: {result.steps} steps, {result.tokens:,} tokens, "
+                  f"{result.tokens_per_s:,.0f} tokens/s; loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
+                  f"{ev}{f'; wrote {output}' if wrote else ''}", highlight=False)

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         Perplexity: non-overlapping windows of --seq-len tokens over the first --max-tokens tokens
         of each file (the testbed's reference convention), context reset at each window.
         """
-        from ..evaluate import evaluate_checkpoint, markdown_table, rich_table, settings_line
+        from ..evaluate import evaluate_checkpoint, markdown_table
 
         with user_errors():
             result = evaluate_checkpoint(model, options=opts,
@@ -29,6 +29,13 @@ def register(app: typer.Typer) -> None:
         if opts.markdown is not None:
             opts.markdown.write_text(markdown_table(result))
         if opts.json_out is None or str(opts.json_out) != "-":
-            base = opts.base
-            console.print(rich_table(result, title=f"{model}" + (f" vs {base}" if base else "")))
-            console.print(f"[dim]{settings_line(result)}[/]", highlight=False)
+            show_result(result, model, None)
+
+
+def show_result(result: dict, model, output=None, *, wrote: bool = True) -> None:
+    """What `eval` prints: the table (the model against its base) and the settings line."""
+    from ..evaluate import rich_table, settings_line
+
+    base = result.get("base", {}).get("model")
+    console.print(rich_table(result, title=f"{result.get('model', model)}" + (f" vs {base}" if base else "")))
+    console.print(f"[dim]{settings_line(result)}[/]", highlight=False)

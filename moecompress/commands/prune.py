@@ -36,18 +36,28 @@ def register(app: typer.Typer) -> None:
                 "params_before": before["total_params"], "params_after": after["total_params"],
                 "disk_bytes_after": sum(after["disk_bytes_by_dtype"].values())}
         write_json(opts.json_out, data)
-        if to_stdout:
-            return
-        if result.kind != "experts":
-            console.print(_fine_table(result.report, before, after))
+        if not to_stdout:
+            show_result(result, model, output)
+
+
+def show_result(result, model, output, *, wrote: bool = True) -> None:
+    """What `prune` prints for ``result`` (``model`` pruned into ``output``); ``run`` prints it
+    for its prune stages with ``wrote=False``."""
+    from ..info import model_info
+
+    before, after = model_info(model), model_info(output)
+    if result.kind != "experts":
+        console.print(_fine_table(result.report, before, after))
+        if wrote:
             console.print(f"wrote {output}", highlight=False)
-            return
-        console.print(_table(result))
-        if result.info.get("groups", {}).get("note"):
-            console.print(f"note: {result.info['groups']['note']}", highlight=False)
-        console.print(f"{result.num_experts} -> {result.keep} experts in {len(result.kept)} MoE layers "
-                      f"({result.method}); parameters {_human(before['total_params'])} -> "
-                      f"{_human(after['total_params'])}; wrote {output} in {result.seconds:.1f} s", highlight=False)
+        return
+    console.print(_table(result))
+    if result.info.get("groups", {}).get("note"):
+        console.print(f"note: {result.info['groups']['note']}", highlight=False)
+    console.print(f"{result.num_experts} -> {result.keep} experts in {len(result.kept)} MoE layers "
+                  f"({result.method}); parameters {_human(before['total_params'])} -> "
+                  f"{_human(after['total_params'])}; {f'wrote {output} ' if wrote else ''}in {result.seconds:.1f} s",
+                  highlight=False)
 
 
 def _human(n: float) -> str:

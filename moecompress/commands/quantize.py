@@ -48,8 +48,14 @@ def register(app: typer.Typer) -> None:
             return
         for note in result.notes:
             console.print(f"note: {note}", highlight=False)
-        console.print(_table(result))
-        sym = "" if result.options["symmetric"] else " + zero points"
-        console.print(f"{data['average_bits']:.3f} bits per expert weight (weights {result.average_width:.3f} + scales"
-                      f"{sym}); experts {data['expert_bytes'] / 2**20:.2f} MiB; wrote {output} in {result.seconds:.1f} s",
-                      highlight=False)
+        show_result(result, model, output)
+
+
+def show_result(result, model, output, *, wrote: bool = True) -> None:
+    """What `quantize` prints for ``result``; ``run`` prints it for its quantize stages with ``wrote=False``."""
+    data = result.to_dict(with_time=False)
+    console.print(_table(result))
+    sym = "" if result.options["symmetric"] else " + zero points"
+    console.print(f"{data['average_bits']:.3f} bits per expert weight (weights {result.average_width:.3f} + scales"
+                  f"{sym}); experts {data['expert_bytes'] / 2**20:.2f} MiB; {f'wrote {output} ' if wrote else ''}"
+                  f"in {result.seconds:.1f} s", highlight=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.text import Text
 
 from ._common import console, err_console, user_errors, write_json
 
@@ -34,8 +35,20 @@ def register(app: typer.Typer) -> None:
                               + (f"; not in this version (run refuses them): {', '.join(missing)}" if missing else ""),
                               highlight=False)
                 return
-            summary = run_stages(r, overwrite=overwrite, resume=resume,
-                                 say=lambda m: err_console.print(f"[bold]{m}[/]", highlight=False))
+            quiet = json_out is not None and str(json_out) == "-"
+            summary = run_stages(r, overwrite=overwrite, resume=resume, progress=not quiet,
+                                 say=lambda m: err_console.print(Text(m, style="bold")),
+                                 report=None if quiet else _show)
         summary.pop("results")
         write_json(json_out, summary)
-        console.print(f"[green]done[/]: {summary['output']}", highlight=False)
+        if not quiet:
+            console.print(Text.assemble(("done", "green"), f": {summary['output']}"))
+
+
+def _show(stage, result, model, output) -> None:
+    """A stage's result as its own command prints it (``moecompress/commands/<stage>.py`` ``show_result``)."""
+    import importlib
+
+    show = getattr(importlib.import_module(f"{__package__}.{stage.name}"), "show_result", None)
+    if show is not None:
+        show(result, model, output, wrote=False)

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 from typer.core import TyperGroup
 
 from ..options import StatsOptions, cli_command
-from ._common import console, user_errors, write_json
+from ._common import console, fitted_tables, user_errors, write_json
 
 
 class _CollectByDefault(TyperGroup):
@@ -27,37 +26,36 @@ def _fmt(v, digits=3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _layer_table(stats) -> Table:
+def _layer_table(stats) -> list:
     summary = stats.summary()
     sizes = "/".join(map(str, stats.meta.get("sch_cache_sizes", [])))
-    t = Table(title="routing statistics per MoE layer", title_justify="left")
-    for col in ("layer", "unused", "entropy", "load CV", "max share", f"SRP m={stats.meta.get('segment_len')}",
-                f"SCH C={sizes}", "super"):
-        t.add_column(col, justify="right", no_wrap=col.startswith("SCH"), min_width=14 if col.startswith("SCH") else None)
-    for row in summary["layers"]:
-        t.add_row(str(row["layer"]), str(row["unused_experts"]), _fmt(row["entropy"]), _fmt(row["load_cv"]),
-                  _fmt(row["max_share"]), _fmt(row["srp"]), "/".join(_fmt(v, 2) for v in row["sch"]),
-                  ",".join(map(str, row["super_experts"])) or "-")
-    return t
+    heads = ["layer", "unused", "entropy", "load CV", "max share", f"SRP m={stats.meta.get('segment_len')}",
+             f"SCH C={sizes}", "super"]
+    rows = [[str(row["layer"]), str(row["unused_experts"]), _fmt(row["entropy"]), _fmt(row["load_cv"]),
+             _fmt(row["max_share"]), _fmt(row["srp"]), "/".join(_fmt(v, 2) for v in row["sch"]),
+             ",".join(map(str, row["super_experts"])) or "-"] for row in summary["layers"]]
+    return fitted_tables("routing statistics per MoE layer", heads, rows)
 
 
-def _expert_table(stats, layer: int) -> Table:
+def _expert_table(stats, layer: int) -> list:
     names = ("count", "soft_count", "gate_mean", "ean", "reap", "easy_ep", "tcess", "super_in_max", "super_out_max")
-    heads = ("count", "soft", "gate", "EAN", "REAP", "EASY-EP", "TCESS", "in max", "out max")
-    t = Table(title=f"layer {layer}: per-expert statistics (in/out max = |down_proj input/output|)", title_justify="left")
-    t.add_column("e", justify="right")
-    for n in (*heads, "SE"):
-        t.add_column(n, justify="right")
+    heads = ["e", "count", "soft", "gate", "EAN", "REAP", "EASY-EP", "TCESS", "in max", "out max", "SE"]
     cols = [stats.get(layer, n) for n in names]
     sup = stats.get(layer, "super_experts")
-    for e in range(cols[0].numel()):
-        t.add_row(str(e), str(int(cols[0][e])), *[f"{float(c[e]):.3g}" for c in cols[1:]], "yes" if bool(sup[e]) else "")
-    return t
+    rows = [[str(e), str(int(cols[0][e])), *[f"{float(c[e]):.3g}" for c in cols[1:]], "yes" if bool(sup[e]) else ""]
+            for e in range(cols[0].numel())]
+    return fitted_tables(f"layer {layer}: per-expert statistics (in/out max = |down_proj input/output|)", heads, rows)
 
 
 def _meta_line(meta: dict) -> str:
     keys = ("model", "family", "calib", "n", "seq_len", "tokens", "seed", "num_experts", "top_k", "dtype")
     return "  ".join(f"{k}={meta[k]}" for k in keys if k in meta)
+
+
+def show_result(stats, model=None, output=None, *, wrote: bool = True) -> None:
+    """What `stats` prints for collected statistics (``run`` prints it for its stats stages)."""
+    console.print(_meta_line(stats.meta), highlight=False)
+    console.print(*_layer_table(stats))
 
 
 def register(app: typer.Typer) -> None:
@@ -87,8 +85,7 @@ def register(app: typer.Typer) -> None:
         write_json(opts.json_out, stats.summary())
         if opts.json_out is not None and str(opts.json_out) == "-":
             return
-        console.print(_meta_line(stats.meta), highlight=False)
-        console.print(_layer_table(stats))
+        show_result(stats, model, None)
         console.print(f"wrote {output} and {output.with_suffix('.json')}" + (f" and {plot}" if plot else ""), highlight=False)
 
     @stats_app.command("show")
@@ -115,9 +112,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(stats.summary(), indent=2, sort_keys=True))
             return
         console.print(_meta_line(stats.meta), highlight=False)
-        console.print(_layer_table(stats))
+        console.print(*_layer_table(stats))
         if layer is not None:
-            console.print(_expert_table(stats, layer))
+            console.print(*_expert_table(stats, layer))
         if plot is not None:
             console.print(f"wrote {plot}", highlight=False)
 

@@ -97,9 +97,12 @@ def _source(location: Path | str, name: str):
 
 
 def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
-               say: Callable[[str], None] = lambda m: None) -> dict:
+               say: Callable[[str], None] = lambda m: None,
+               report: Callable[[Stage, Any, Any, Path], None] | None = None) -> dict:
     """Run every stage of ``recipe`` (validated by :func:`load_recipe`); returns a summary whose
-    ``results`` hold each stage's result object."""
+    ``results`` hold each stage's result object. ``report(stage, result, input, output)`` is
+    called after each stage that ran (``input``: the stage's input checkpoint; ``output``: the
+    folder or file it wrote, while it still exists)."""
     if not recipe.output:
         raise MoECompressError("the recipe names no output; pass -o OUT (or --set output=OUT)")
     from ..outputs import check_not_input, normal_permissions
@@ -130,6 +133,8 @@ def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
                 say(f"stage {stage.index}/{len(recipe.stages)}: {stage.name}")
                 result = _run_one(stage, current, work, progress)
                 results.append(result)
+                if report is not None:
+                    report(stage, result, current.location, work if stage.kind != "stats" else work / "stats.safetensors")
                 done.write_text(json.dumps({"input": want, "output": fingerprint(work),
                                             "result": _jsonable(result)}, indent=2, sort_keys=True) + "\n")
             completed += 1

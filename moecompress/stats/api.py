@@ -32,8 +32,9 @@ def stats_for_checkpoint(model: str | os.PathLike, output: str | os.PathLike | N
         output = Path(output)
         if output.suffix != ".safetensors":
             raise MoECompressError(f"output '{output}' must end in .safetensors (a JSON summary is written beside it)")
-        if (output.exists() or summary_path(output).exists()) and not opts.overwrite:
-            raise MoECompressError(f"'{output}' already exists; pass --overwrite to replace it")
+        existing = next((f for f in (output, summary_path(output)) if f.exists()), None)
+        if existing is not None and not opts.overwrite:
+            raise MoECompressError(f"'{existing}' already exists; pass --overwrite to replace it")
         if output.parent.exists() and not output.parent.is_dir():
             raise MoECompressError(f"cannot write into '{output.parent}': not a folder")
         from ..outputs import check_output_file
