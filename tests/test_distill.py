@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moecompress.arch import moe_view
@@ -189,3 +190,65 @@ stages:
     recipe.write_text(recipe.read_text().replace("lr: 0.003", "lr: -1"))
     with pytest.raises(MoECompressError, match="lr"):
         run_recipe(recipe)
+
+
+# ----- --cache-teacher -------------------------------------------------------------------------
+def _bytes_and_curve(folder):
+    curve = json.loads((folder / "loss_curve.json").read_text())["steps"]
+    return (folder / "model.safetensors").read_bytes(), [(r["loss"], r["kl"], r["hidden"]) for r in curve]
+
+
+@pytest.mark.parametrize("top_k,loss", [(None, "kl"), (5, "kl+hidden")])
+def test_teacher_cache_gives_the_bytes_of_a_run_without_it(pair, tmp_path, top_k, loss):
+    kw = dict(teacher=pair / "teacher", data=pair / "data.txt", steps=3, grad_accum=2, top_k_logits=top_k, loss=loss,
+              **RUN)
+    distill_checkpoint(pair / "student", tmp_path / "live", **kw)
+    cached = distill_checkpoint(pair / "student", tmp_path / "a", cache_teacher=True, teacher_cache_dir=tmp_path / "tc", **kw)
+    info = cached.teacher_cache
+    assert (info["micro_batches"], info["built"], info["reused"]) == (6, 6, 0)
+    assert _bytes_and_curve(tmp_path / "a") == _bytes_and_curve(tmp_path / "live")  # identical on the CPU
+    names = {k for f in (tmp_path / "tc").glob("*.safetensors") for k in safe_open(f, "pt").keys()}
+    assert names == ({"logits"} if top_k is None else {"logp", "idx", "rest", "hidden"})
+    # a second run reads the cache without running the teacher, and is deterministic
+    again = distill_checkpoint(pair / "student", tmp_path / "b", cache_teacher=True, teacher_cache_dir=tmp_path / "tc", **kw)
+    assert (again.teacher_cache["built"], again.teacher_cache["reused"]) == (0, 6)
+    assert _bytes_and_curve(tmp_path / "b") == _bytes_and_curve(tmp_path / "live")
+    assert json.loads((tmp_path / "b" / "moecompress.json").read_text())["teacher_cache"]["reused"] == 6
+
+
+def test_teacher_cache_resumes_and_rebuilds_when_stale(pair, tmp_path):
+    kw = dict(teacher=pair / "teacher", data=pair / "data.txt", steps=5, grad_accum=2, checkpoint_every=2,
+              top_k_logits=4, **{**RUN, "lr_schedule": "cosine", "warmup": 0.2})
+    distill_checkpoint(pair / "student", tmp_path / "live", **kw)
+    first = distill_checkpoint(pair / "student", tmp_path / "a", stop_after=3, cache_teacher=True, **kw)
+    cache = tmp_path / "a.teacher-cache"  # the default folder
+    assert first.stopped and first.teacher_cache["built"] == 10
+    resumed = distill_checkpoint(pair / "student", tmp_path / "a", resume=True, cache_teacher=True, **kw)
+    assert (resumed.teacher_cache["built"], resumed.teacher_cache["reused"]) == (0, 4)  # micro-batches 6..9
+    assert _bytes_and_curve(tmp_path / "a") == _bytes_and_curve(tmp_path / "live")
+    # other data: the manifest's key differs, the old records go and new ones are computed
+    (tmp_path / "other.txt").write_text(SAMPLE_TEXT[::-1] * 3)
+    key = json.loads((cache / "manifest.json").read_text())["key"]
+    stale = distill_checkpoint(pair / "student", tmp_path / "c", **{**kw, "data": tmp_path / "other.txt"},
+                               cache_teacher=True, teacher_cache_dir=cache)
+    assert stale.teacher_cache["stale_rebuilt"] and stale.teacher_cache["built"] == 10
+    new_key = json.loads((cache / "manifest.json").read_text())["key"]
+    assert new_key["data_sha256"] != key["data_sha256"] and len(list(cache.glob("*.safetensors"))) == 10
+    distill_checkpoint(pair / "student", tmp_path / "d", **{**kw, "data": tmp_path / "other.txt"})
+    assert _bytes_and_curve(tmp_path / "c") == _bytes_and_curve(tmp_path / "d")
+
+
+def test_staged_slimming_reads_one_cache_for_every_stage(pair, tmp_path):
+    kw = dict(data=pair / "data.txt", stages="heapr:0.5,steps:2; keep:4,steps:2", top_k_logits=6, **RUN)
+    r = distill_checkpoint(pair / "teacher", tmp_path / "s", cache_teacher=True, teacher_cache_dir=tmp_path / "tc", **kw)
+    assert r.teacher_cache["built"] == 4 and r.steps == 4
+    distill_checkpoint(pair / "teacher", tmp_path / "live", **kw)
+    assert _bytes_and_curve(tmp_path / "s") == _bytes_and_curve(tmp_path / "live")
+
+
+def test_teacher_cache_refuses_a_cache_too_large_in_one_line(pair, tmp_path):
+    base = ["distill", pair / "student", "-o", tmp_path / "x", "--data", pair / "data.txt", "--teacher",
+            pair / "teacher", "--steps", "2", "--seq-len", "32", "--batch-size", "4"]
+    res = invoke_cli(*base, "--cache-teacher", "--teacher-cache-max-gib", "1e-6")
+    assert res.exit_code == 2 and "--top-k-logits" in res.output and "GiB" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -18,6 +18,7 @@ import torch
 from ..errors import MoECompressError
 from ..options import DistillOptions, library_function
 from .stages import Stage, apply_stage, parse_stages
+from .teacher import LiveTeacher, TeacherModel, build_cache, cache_key, check_size, estimate_bytes
 from .trainer import CONFIG_DIR, Evaluator, TrainState, checkpoints, make_accelerator, record_eval, train_stage
 
 
@@ -36,6 +37,7 @@ class DistillResult:
     num_processes: int = 1
     stopped: bool = False
     stages: list = field(default_factory=list)
+    teacher_cache: dict | None = None  # --cache-teacher: folder, micro-batches built/reused, bytes, seconds
 
     @property
     def tokens_per_s(self) -> float:
@@ -86,7 +88,6 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
     from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..arch import moe_view
     from ..calibration import load_sequences
     from ..checkpoint import load_model, output_folder, resolve_source, save_model, stored_dtype
     from .curve import write_curve
@@ -113,26 +114,32 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
     tokens = load_sequences(tokenizer, data, opts.seq_len, opts.mode, opts.field)
     # The teacher computes in its stored dtype on a GPU (bf16 halves its memory), fp32 on the CPU;
     # the student's master weights are fp32 and mixed precision autocasts its forward.
-    t_dtype = torch.float32 if on_cpu else (stored_dtype(AutoConfig.from_pretrained(resolve_source(teacher)))
-                                            or torch.float32)
-    teacher_model = load_model(teacher, dtype=t_dtype, device=device)
-    if resume_from is not None:
-        state = TrainState.load(resume_from)
-        cfg = AutoConfig.from_pretrained(resume_from / CONFIG_DIR)
-        student_model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device)  # weights: load_state
-    else:
-        state = TrainState()
-        student_model = load_model(student, dtype=torch.float32, device=device)
-    t_view = moe_view(teacher_model)
-    original_experts, original_inter = t_view.num_experts, next(iter(t_view)).intermediate_size
+    t_config = AutoConfig.from_pretrained(resolve_source(teacher))
+    t_dtype = torch.float32 if on_cpu else (stored_dtype(t_config) or torch.float32)
+    teacher_model = TeacherModel(teacher, t_dtype, device)
+    state = TrainState.load(resume_from) if resume_from is not None else TrainState()
     order = BatchOrder(tokens.shape[0], opts.batch_size, opts.seed)
-    calib = calibration_sample(tokens, opts.calib_n, opts.seed)
-    evaluator = Evaluator(tokenizer, opts.eval, opts) if opts.eval else None
-    if evaluator is not None and resume_from is None and not opts.stages:
-        record_eval(accelerator, student_model, evaluator, state)
-    budget = [opts.stop_after] if opts.stop_after else None
     bar = _progress(progress and accelerator.is_main_process)
+    cache_info = None
     with bar:
+        if opts.cache_teacher:
+            teacher_fn, cache_info = _teacher_cache(teacher, t_config, t_dtype, teacher_model, tokens, order, stages,
+                                                    state, out, opts, accelerator, bar)
+            teacher_model.free()  # training reads the cache: the teacher leaves memory
+        else:
+            teacher_fn = LiveTeacher(teacher_model.get(), opts, accelerator)
+        set_seed(opts.seed)  # the same RNG state whether or not the teacher was loaded and run
+        if resume_from is not None:
+            cfg = AutoConfig.from_pretrained(resume_from / CONFIG_DIR)
+            student_model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device)  # load_state
+        else:
+            student_model = load_model(student, dtype=torch.float32, device=device)
+        original_experts, original_inter = _shape(t_config, teacher_model.model)
+        calib = calibration_sample(tokens, opts.calib_n, opts.seed)
+        evaluator = Evaluator(tokenizer, opts.eval, opts) if opts.eval else None
+        if evaluator is not None and resume_from is None and not opts.stages:
+            record_eval(accelerator, student_model, evaluator, state)
+        budget = [opts.stop_after] if opts.stop_after else None
         for si, stage in enumerate(stages):
             if si < state.stage:
                 continue
@@ -142,23 +149,25 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
                                      original_intermediate=original_inter, seed=opts.seed, progress=False)
                 if opts.expert_wise_steps:
                     report["expert_wise"] = expert_wise_distill(
-                        student_model, teacher_model, calib, lr=opts.expert_wise_lr, steps=opts.expert_wise_steps,
-                        train=opts.train)
+                        student_model, teacher_model.get(), calib, lr=opts.expert_wise_lr,
+                        steps=opts.expert_wise_steps, train=opts.train)
+                    if opts.cache_teacher:  # needed again only at the next stage's cut
+                        teacher_model.free()
                 state.stages.append({"stage": stage.describe(), **report})
                 state.stage_done_cut = True
                 if evaluator is not None and opts.stages:
                     record_eval(accelerator, student_model, evaluator, state)
-            finished = train_stage(accelerator, student_model, teacher_model, tokens, order, opts, steps=stage.steps,
+            finished = train_stage(accelerator, student_model, teacher_fn, tokens, order, opts, steps=stage.steps,
                                    state=state, ckpt_root=ckpt_root, resume_from=resume_from, evaluator=evaluator,
                                    bar=bar, run_budget=budget)
             resume_from = None
             if not finished:
-                return _result(None, state, stages, tokens, accelerator, stopped=True)
+                return _result(None, state, stages, tokens, accelerator, stopped=True, cache=cache_info)
             state.stage_done_cut, state.step = False, 0
         state.stage = len(stages) - 1
         if evaluator is not None:
             record_eval(accelerator, student_model, evaluator, state)
-    result = _result(str(out), state, stages, tokens, accelerator)
+    result = _result(str(out), state, stages, tokens, accelerator, cache=cache_info)
     if accelerator.is_main_process:
         stored = stored_dtype(AutoConfig.from_pretrained(resolve_source(student)))
         if stored is not None:
@@ -173,7 +182,8 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
                                                                    "checkpoint_dir", "json_out"}),
                   "loss": {"first": result.first_loss, "last": result.last_loss},
                   "eval": {"before": result.eval_before, "after": result.eval_after},
-                  "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+                  "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+                  "teacher_cache": cache_info}
         with output_folder(out, overwrite=opts.overwrite or opts.resume, source=student) as folder:
             save_model(student_model, folder, source=student, record=record)
             write_curve(folder, state, result.schedule)
@@ -183,7 +193,41 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
     return result
 
 
-def _result(out, state: TrainState, stages: list[Stage], tokens: torch.Tensor, accelerator, stopped: bool = False):
+def _teacher_cache(teacher, t_config, t_dtype, teacher_model, tokens, order, stages, state, out, opts, accelerator,
+                   bar):
+    """The teacher's records of every micro-batch this run trains on, on disk (``--cache-teacher``)."""
+    from .data import data_hash
+
+    folder = Path(opts.teacher_cache_dir or f"{out}.teacher-cache").expanduser()
+    end = sum(s.steps for s in stages) * opts.grad_accum  # global micro-batches of the whole schedule
+    micro = range(state.micro, end)
+    text = t_config.get_text_config() if hasattr(t_config, "get_text_config") else t_config
+    key = cache_key(teacher, data_hash(tokens), opts, vocab_size=text.vocab_size, processes=accelerator.num_processes,
+                    mixed_precision=accelerator.mixed_precision, teacher_dtype=t_dtype,
+                    device_type=accelerator.device.type)
+    check_size(folder, estimate_bytes(t_config, opts, len(micro), mixed_precision=accelerator.mixed_precision,
+                                      teacher_dtype=t_dtype), opts, text.vocab_size)
+    started = time.perf_counter()
+    cache, info = build_cache(folder, key, micro, tokens, order, opts, accelerator, teacher_model, bar)
+    return cache, {**info, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _shape(config, model=None) -> tuple[int, int]:
+    """Experts per layer and expert intermediate size of the teacher: of ``model`` when it is
+    loaded, else of a meta-device model of ``config`` (no weights: --cache-teacher)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import moe_view
+
+    if model is None:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    view = moe_view(model)
+    return view.num_experts, next(iter(view)).intermediate_size
+
+
+def _result(out, state: TrainState, stages: list[Stage], tokens: torch.Tensor, accelerator, stopped: bool = False,
+            cache: dict | None = None):
     from .data import data_hash
 
     evals = state.evals
@@ -194,7 +238,7 @@ def _result(out, state: TrainState, stages: list[Stage], tokens: torch.Tensor, a
         eval_before={k: v for k, v in evals[0].items() if k not in ("step", "stage")} if evals else {},
         eval_after={k: v for k, v in evals[-1].items() if k not in ("step", "stage")} if len(evals) > 1 else {},
         data_sha256=data_hash(tokens), seconds=round(state.seconds, 3), num_processes=accelerator.num_processes,
-        stopped=stopped, stages=state.stages)
+        stopped=stopped, stages=state.stages, teacher_cache=cache)
 
 
 def _progress(enabled: bool):

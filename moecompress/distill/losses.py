@@ -21,15 +21,30 @@ import torch.nn.functional as F
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
             top_k: int | None = None) -> torch.Tensor:
     """Mean over tokens of ``T^2 KL(teacher || student)``; logits [..., V], computed in float32."""
-    s = student_logits.float().flatten(0, -2) / temperature
-    t = teacher_logits.float().flatten(0, -2) / temperature
-    log_q = F.log_softmax(s, dim=-1)
-    log_p = F.log_softmax(t, dim=-1)
-    if top_k is not None and top_k < t.shape[-1]:
-        log_p, idx = log_p.topk(top_k, dim=-1)
-        log_q = log_q.gather(-1, idx)
-        log_p = torch.cat([log_p, _log_rest(log_p)], dim=-1)
-        log_q = torch.cat([log_q, _log_rest(log_q)], dim=-1)
+    if top_k is not None and top_k < teacher_logits.shape[-1]:
+        return kl_top_k(student_logits, *top_k_targets(teacher_logits, temperature=temperature, top_k=top_k),
+                        temperature=temperature)
+    log_q = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return _kl(log_p, log_q, temperature)
+
+
+def top_k_targets(teacher_logits: torch.Tensor, *, temperature: float, top_k: int):
+    """What the top-K KL needs of the teacher, per token (flattened to [N, ...]): the log-probs
+    of its K most likely tokens [N, K], their ids [N, K] and the log-mass of "any other token"
+    [N, 1]. This is what ``--cache-teacher`` stores with ``--top-k-logits``."""
+    log_p, idx = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1).topk(top_k, dim=-1)
+    return log_p, idx, _log_rest(log_p)
+
+
+def kl_top_k(student_logits: torch.Tensor, log_p: torch.Tensor, idx: torch.Tensor, rest: torch.Tensor, *,
+             temperature: float = 1.0) -> torch.Tensor:
+    """The top-K KL from :func:`top_k_targets`' teacher side (live or read from the cache)."""
+    log_q = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1).gather(-1, idx)
+    return _kl(torch.cat([log_p, rest], dim=-1), torch.cat([log_q, _log_rest(log_q)], dim=-1), temperature)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor, temperature: float) -> torch.Tensor:
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return kl.mean() * temperature**2
 

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import MoECompressError
 from .data import BatchOrder, shard
-from .losses import ce_loss, hidden_loss, kl_loss
+from .losses import ce_loss, hidden_loss
+from .teacher import kl_to_teacher, teacher_hidden
 from ..options import DistillOptions
 
 STATE_FILE = "trainer.json"
@@ -144,7 +145,8 @@ def train_stage(accelerator, student, teacher, tokens: torch.Tensor, order: Batc
                 steps: int, state: TrainState, ckpt_root: Path, resume_from: Path | None, evaluator: Evaluator | None,
                 bar=None, run_budget: list[int] | None = None) -> bool:
     """Distil ``student`` for ``steps`` optimizer steps of the current stage (from ``state.step``);
-    returns False if ``run_budget`` (``--stop-after``) ran out first, after saving a checkpoint."""
+    ``teacher(micro, ids)`` gives the teacher's record of global micro-batch ``micro``
+    (:class:`.teacher.LiveTeacher` or :class:`.teacher.TeacherCache`). Returns False if ``run_budget`` (``--stop-after``) ran out first, after saving a checkpoint."""
     on_cpu = accelerator.device.type == "cpu"
     set_trainable(student, opts.train)
     if opts.gradient_checkpointing:
@@ -166,7 +168,6 @@ def train_stage(accelerator, student, teacher, tokens: torch.Tensor, order: Batc
     device = accelerator.device
     task = bar.add_task(f"stage {state.stage + 1}", total=steps, completed=state.step, loss="", speed="") \
         if bar is not None else None
-    t_device = next(teacher.parameters()).device
     started = t0 = time.perf_counter()
     tokens_at_start = state.tokens
     try:
@@ -178,14 +179,11 @@ def train_stage(accelerator, student, teacher, tokens: torch.Tensor, order: Batc
             sums = torch.zeros(4, device=device)  # loss, kl, hidden, ce over this step's micro-batches
             for _ in range(opts.grad_accum):
                 ids = shard(tokens[order[state.micro]], rank, world).to(device)
-                state.micro += 1
                 with accelerator.accumulate(model):
-                    with torch.no_grad(), accelerator.autocast():
-                        t_out = teacher(input_ids=ids.to(t_device), use_cache=False, output_hidden_states=want_hidden)
+                    rec = teacher(state.micro, ids)
                     s_out = model(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
-                    kl = kl_loss(s_out.logits, t_out.logits.to(device), temperature=opts.temperature,
-                                 top_k=opts.top_k_logits)
-                    hid = hidden_loss(s_out.hidden_states, [h.to(device) for h in t_out.hidden_states]) \
+                    kl = kl_to_teacher(s_out.logits, rec, opts.temperature)
+                    hid = hidden_loss(s_out.hidden_states, teacher_hidden(rec, device)) \
                         if want_hidden else torch.zeros((), device=device)
                     ce = ce_loss(s_out.logits, ids) if opts.ce_weight else torch.zeros((), device=device)
                     loss = kl + opts.hidden_weight * hid + opts.ce_weight * ce
@@ -196,6 +194,7 @@ def train_stage(accelerator, student, teacher, tokens: torch.Tensor, order: Batc
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 sums += torch.stack([loss.detach(), kl.detach(), hid.detach(), ce.detach()]).float() / opts.grad_accum
+                state.micro += 1
             sums = accelerator.reduce(sums, reduction="mean")
             state.step += 1
             state.global_step += 1

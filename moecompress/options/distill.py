@@ -89,6 +89,14 @@ class DistillOptions(OutputOptions):
                                           panel=_RUN)
     cpu: bool = option(False, "Train on the CPU even if a GPU is present.", panel=_RUN)
     log_every: int = option(1, "Loss-curve point every N steps.", ge=1, panel=_RUN)
+    cache_teacher: bool = option(False, "Run the teacher once before training and keep what the loss needs on disk "
+                                 "(--teacher-cache-dir), then train without the teacher in memory; later runs with "
+                                 "the same teacher, data, seed and batch reuse it.", panel=_RUN)
+    teacher_cache_dir: Optional[Path] = option(None, "Folder of the --cache-teacher cache (default: "
+                                               "OUT.teacher-cache; kept after the run).", panel=_RUN)
+    teacher_cache_max_gib: float = option(64.0, "Refuse a --cache-teacher cache larger than this (GiB); full-"
+                                          "vocabulary logits are large, --top-k-logits K is ~8K bytes a token.",
+                                          gt=0, panel=_RUN)
 
     @field_validator("eval")
     @classmethod
