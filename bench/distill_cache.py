@@ -1,17 +1,19 @@
 """What `moecompress distill --cache-teacher` saves and costs, on the testbed.
 
-  python bench/distill_cache.py [--model DIR] [--data FILE] [--work DIR] [--device cpu|cuda]
-      [--run NAME JSON ...] [--json OUT]
+  python bench/distill_cache.py [--model DIR] [--student DIR] [--data FILE] [--work DIR]
+      [--device cpu|cuda] [--run NAME JSON ...] [--json OUT]
 
 For every ``--run NAME JSON`` (``distill_checkpoint`` options; default 20 steps, seq 256,
-batch 4, lr 3e-4, top-8 logits) three distillations of the one-shot 16/32 student (pruned like
-bench/distill_quality.py, cached in ``--work``) run, each in its own process so that peak memory
+batch 4, lr 3e-4, top-8 logits) three distillations of ``--student`` (default: the one-shot
+16/32 cut of ``--model``, pruned like bench/distill_quality.py, cached in ``--work``) from
+``--model`` run, each in its own process so that peak memory
 is its own: ``live`` (teacher in memory, the default), ``cold`` (``--cache-teacher`` with an
 empty cache: the teacher runs once, its records go to disk, training reads them) and ``warm``
 (the same command again: the cache is reused, the teacher is never loaded). Reported: training
 seconds and tokens/s, the cache build seconds, the cache's size on disk, peak memory (GPU:
 ``torch.cuda.max_memory_allocated``; CPU: the process's max RSS), and whether ``cold`` and
-``warm`` wrote the ``live`` run's exact ``model.safetensors`` bytes and loss curve.
+``warm`` wrote the ``live`` run's exact ``model.safetensors`` bytes and loss curve (and the
+largest loss difference). The three checkpoints are deleted after each run (disk).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _curve(folder: Path) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(TESTBED / "models" / "qwen3moe-32x64-top4"))
+    ap.add_argument("--student", help="the student checkpoint (default: prune --model to 16 experts)")
     ap.add_argument("--data", default=str(TESTBED / "text" / "calib_mix.txt"))
     ap.add_argument("--work", default="/tmp/distill-cache-bench")
     ap.add_argument("--device", default="cpu")
@@ -69,7 +72,7 @@ def main() -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    student = work / "oneshot16"
+    student = Path(a.student) if a.student else work / "oneshot16"
     if not student.exists():  # the one-shot cut of bench/distill_quality.py
         prune_checkpoint(a.model, student, keep=16, calib=a.data, n=64, seq_len=512,
                          device=a.device if a.device != "cpu" else None, progress=False)
@@ -95,6 +98,9 @@ def main() -> None:
                 row[mode]["same_bytes_as_live"] = ((out / "model.safetensors").read_bytes() ==
                                                    (live / "model.safetensors").read_bytes())
                 row[mode]["same_loss_curve_as_live"] = _curve(out) == _curve(live)
+                row[mode]["max_loss_diff"] = max(abs(x[1] - y[1]) for x, y in zip(_curve(out), _curve(live)))
+        for mode in ("live", "cold", "warm"):
+            shutil.rmtree(work / f"{name}-{mode}", ignore_errors=True)
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
         if a.json:

@@ -83,7 +83,9 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
     Options: :class:`moecompress.options.DistillOptions` as keyword arguments (or a ready
     ``options=``). The same call works under ``accelerate launch`` with several processes
     (DDP): every process holds a teacher and a student, each takes its slice of every global
-    batch, and only the main process writes.
+    batch, and only the main process writes. With ``cache_teacher`` the teacher runs once over
+    every micro-batch first, its records go to disk (:mod:`.teacher`) and training reads them
+    with the teacher out of memory.
     """
     from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
