@@ -102,6 +102,8 @@ def test_one_line_prune_equals_the_one_stage_recipe(setup):
 
 KILL = textwrap.dedent("""
     import os, signal, sys
+    import torch
+    torch.set_num_threads(1)  # as conftest does: the reference ran in this process's settings
     import moecompress.merge.checkpoint as merge_api
     from moecompress.recipe import run_recipe
     real = merge_api.merge_experts
