@@ -47,7 +47,7 @@ from moecompress.checkpoint import load_model, save_model  # noqa: E402
 from moecompress.evaluate.perplexity import load_text_tokens, perplexity  # noqa: E402
 from moecompress.prune import DEFAULT_METHOD, METHODS  # noqa: E402
 from moecompress.prune.api import plan_experts  # noqa: E402
-from moecompress.repair import DEFAULT_MODE, prune_and_repair, repair_tokens  # noqa: E402
+from moecompress.repair import DEFAULT_MODE, DEFAULT_TARGET, prune_and_repair, repair_tokens  # noqa: E402
 from moecompress.stats import collect_stats  # noqa: E402
 from moecompress.stats.api import default_batch_size  # noqa: E402
 
@@ -89,8 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=list(KEEPS))
     ap.add_argument("--methods", nargs="+", help="default: every method (--acceptance: frequency, "
                     "weighted-ean-sum and the default)")
-    ap.add_argument("--repairs", nargs="+", help="none refit refit+router (default: none; --acceptance: none and "
-                    "the default repair)")
+    ap.add_argument("--repairs", nargs="+", help="none refit refit+router, each optionally @stream or @layer "
+                    "(the re-fit's target) and :RIDGE (default: none; --acceptance: none and the default repair)")
     ap.add_argument("--seeds", nargs="+", type=int, help="calibration seeds (default 0; --acceptance: 0 1 2)")
     ap.add_argument("--keeps", nargs="*", default=[], help="MODEL=K1,K2,... (default: 24,16,8 / 6,4,2)")
     ap.add_argument("--acceptance", action="store_true", help="issue 19's grid: seeds 0 1 2, frequency, "
@@ -188,8 +188,11 @@ def prune_eval(model, kept, repair, tokens, batch_size, src, ids, device) -> dic
     t = time.perf_counter()
     if repair == "none":
         moe_view(pruned).keep_experts(kept)
-    else:
-        prune_and_repair(pruned, kept, tokens, mode=repair, batch_size=batch_size, progress=False)
+    else:  # MODE[@TARGET][:RIDGE] (e.g. refit@layer: the re-fit's target before the stream target)
+        spec, _, ridge = repair.partition(":")
+        mode, _, target = spec.partition("@")
+        prune_and_repair(pruned, kept, tokens, mode=mode, batch_size=batch_size, progress=False,
+                         target=target or DEFAULT_TARGET, ridge=float(ridge) if ridge else None)
     repair_s = time.perf_counter() - t
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

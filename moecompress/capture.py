@@ -37,7 +37,10 @@ class Observer(Protocol):
         layer's weights are onloaded for the observers only if one of them reads them (an
         observer without the method is assumed to). ``onload_with(layer) -> list[Module]``
         names modules outside the model that it runs on the layer's inputs (the re-fit's
-        original blocks): a layer-by-layer run keeps them onloaded with the layer."""
+        original blocks): a layer-by-layer run keeps them onloaded with the layer. Under
+        :class:`LayerCursor` an observer may define ``layer_output(layer_idx, batch, out)``:
+        called with each decoder layer's output hidden states of each batch, in order (the
+        repair's residual-stream target needs what the whole decoder layer produced)."""
 
 
 class _StopForward(Exception):
@@ -176,6 +179,24 @@ def _to(obj, device, memo: dict):
     return obj
 
 
+ACTIVATIONS_DEVICE_SHARE = 32  # hidden states stay on the GPU up to 1/32 of its memory (a copy or two live at once)
+
+
+def _activation_store(model, device: torch.device, first_calls: list) -> torch.device:
+    """Where a cursor keeps the hidden states between layers: on the GPU of a model held in GPU
+    memory when they take at most 1/``ACTIVATIONS_DEVICE_SHARE`` of it (a property of the
+    device, not of its free memory, so the same inputs always run the same way), else in CPU
+    memory. Measured on an H200 (docs/benchmarks.md, issue 17): the copies to and from the CPU,
+    one per batch and layer pass, were most of the re-fit's time on the OLMoE shape. A
+    streamed model keeps them in CPU memory: its GPU cap is for the layer being run. The
+    values are the same either way (a copy is exact)."""
+    if device.type != "cuda" or is_streamed(model):
+        return torch.device("cpu")
+    size = sum(h.numel() * h.element_size() for h, _, _ in first_calls)
+    total = torch.cuda.get_device_properties(device).total_memory
+    return device if size * ACTIVATIONS_DEVICE_SHARE <= total else torch.device("cpu")
+
+
 class LayerCursor:
     """The calibration batches' hidden states in front of one decoder layer, moved forward a
     layer at a time (the layer-by-layer schedule; llm-compressor's sequential pipeline).
@@ -185,12 +206,13 @@ class LayerCursor:
     the embeddings and masks only, and per-layer masks of sliding-window families come out
     right). :meth:`advance` then runs the layers one at a time, each onloaded once for all
     batches. Activations wait in CPU memory between layers, so the GPU holds one layer and
-    one batch. A stage that edits layers as it goes uses :meth:`editing`.
+    one batch (a model held in GPU memory keeps them there when they are small enough,
+    ``_activation_store``). A stage that edits layers as it goes uses :meth:`editing`.
     """
 
     @torch.no_grad()
     def __init__(self, model, tokens: torch.Tensor, *, batch_size: int = 8, view: MoEModel | None = None,
-                 until: int | None = None):
+                 until: int | None = None, device_store: bool = True):
         self.view = view or moe_view(model)
         self.device = execution_device(model)
         self.layers = operator.attrgetter(self.view.spec.layers_path)(model)
@@ -211,9 +233,11 @@ class LayerCursor:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
         # The arguments of one batch are shared by all layers (the same tensors): stored once.
+        # device_store=False: the caller keeps many layers' hidden states (HEAPr): CPU memory
+        self.store = _activation_store(model, self.device, calls[0]) if device_store else torch.device("cpu")
         memo: dict = {}
-        self.hidden = [h.to("cpu") for h, _, _ in calls[0]]
-        self.args = [[_to((a, kw), "cpu", memo) for _, a, kw in layer_calls] for layer_calls in calls]
+        self.hidden = [h.to(self.store) for h, _, _ in calls[0]]
+        self.args = [[_to((a, kw), self.store, memo) for _, a, kw in layer_calls] for layer_calls in calls]
         self.position = 0  # self.hidden are the inputs of this decoder layer
 
     @contextlib.contextmanager
@@ -260,6 +284,9 @@ class LayerCursor:
                         if moe is not None:
                             _end_batch(observers)
                         out = out[0] if isinstance(out, tuple) else out
-                        self.hidden[b] = out.to("cpu")
+                        for obs in observers:
+                            if hasattr(obs, "layer_output"):
+                                obs.layer_output(i, b, out)
+                        self.hidden[b] = out.to(self.store)
                         bar.advance(task)
         self.position = through + 1

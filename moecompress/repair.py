@@ -12,6 +12,23 @@ already repaired layers before it) and fits, in closed form, on the calibration 
   token's selected experts by routing weight);
 * ``refit+router`` — first the kept experts' router rows, then the down projections as above.
 
+Target (``target``, ``--repair-target``). ``stream`` (the default): the original model's hidden
+states after the decoder layer, ``h_orig``, on the original model's own activations; the
+re-fitted down projections absorb the residual ``e_t = h_orig,t - h_t`` of the compressed
+model's decoder-layer output ``h_t``, so what earlier layers (and this layer's attention) drifted
+is corrected where it can be, not only this layer's own loss. This is the asymmetric calibration
+of GPTAQ (Li et al., "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric
+Calibration", ICML 2025, Eq. 5: the compressed layer on its own inputs is fitted to the
+full-precision layer on the full-precision inputs), lifted to the decoder layer's output since
+only the MoE block is re-fitted (the MoE output is added to the residual stream, so the
+residual is linear in the down projections as before). ``layer``: the original MoE block's
+output on the compressed model's inputs, ``e_t = y_orig(x_t) - y(x_t)`` (shared experts cancel).
+The original stream is computed by running the compressed model's decoder layers with their
+original MoE blocks swapped back in (``OriginalStream``): one more pass of each layer, and a
+second set of hidden states in CPU memory. Measured on the testbed (docs/benchmarks.md,
+"Repair after removal"): ``stream`` lowers every domain's perplexity. The router step keeps the
+``layer`` target.
+
 Router re-fit (our derivation; no paper does this). The pruned layer's routed output is
 ``y'(x) = sum_{j in K(x)} w_j(z) f_j(x)`` with logits ``z = W_S x`` over the kept experts ``S``,
 ``K(x)`` the selected top-k and ``f_j`` the (unweighted) expert outputs. The target is the
@@ -46,6 +63,8 @@ whose joint system exceeds ``ROUTER_MAX_UNKNOWNS`` (|S| * H; the accumulator is 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -56,6 +75,8 @@ from .onload import onloaded
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
 REPAIR_MODES = ("none", "refit", "refit+router")
+REPAIR_TARGETS = ("stream", "layer")
+DEFAULT_TARGET = "stream"
 # With calibration text. The router step is measured to add little for its cost (docs/benchmarks.md,
 # "Repair after removal"): it is asked for with --repair refit+router.
 DEFAULT_MODE = "refit"
@@ -77,9 +98,36 @@ def repair_tokens(tokenizer, source, *, n: int, seq_len: int, seed: int = 0, mod
                             extend_to=REPAIR_SEQUENCES if sequences is None else sequences)
 
 
-def check_mode(mode: str) -> None:
+def check_mode(mode: str, target: str = DEFAULT_TARGET) -> None:
     if mode not in REPAIR_MODES:
         raise MoECompressError(f"unknown --repair '{mode}'; use one of: {', '.join(REPAIR_MODES)}")
+    if target not in REPAIR_TARGETS:
+        raise MoECompressError(f"unknown --repair-target '{target}'; use one of: {', '.join(REPAIR_TARGETS)}")
+
+
+class OriginalStream:
+    """The original model's hidden states after each decoder layer on the calibration tokens:
+    ``model``'s decoder layers run with the original MoE blocks ``originals`` swapped back in
+    (everything else is shared by the two models), a layer at a time (``capture.LayerCursor``)."""
+
+    def __init__(self, model, view, originals: dict[int, nn.Module], tokens: torch.Tensor, *, batch_size: int,
+                 until: int):
+        self.cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=until)
+        self.decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+        self.attr, self.originals = view.spec.moe_block, originals
+
+    def after(self, layer_idx: int) -> list[torch.Tensor]:
+        """Per batch, the original hidden states after decoder layer ``layer_idx`` (CPU)."""
+        swapped = {i: getattr(self.decoder_layers[i], self.attr) for i in self.originals
+                   if self.cursor.position <= i <= layer_idx}
+        try:
+            for i in swapped:
+                setattr(self.decoder_layers[i], self.attr, self.originals[i])
+            self.cursor.advance(layer_idx)
+        finally:
+            for i, block in swapped.items():
+                setattr(self.decoder_layers[i], self.attr, block)
+        return self.cursor.hidden
 
 
 def routing_jacobian(routing: Routing, scoring: str, form: tuple[str, float]) -> torch.Tensor:
@@ -200,7 +248,7 @@ def _original_blocks(model, original) -> dict[int, nn.Module]:
 @torch.no_grad()
 def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, ridge: float | None = None,
            router_ridge: float | None = None, batch_size: int = 8, progress: bool = True,
-           joint: bool = True) -> dict:
+           joint: bool = True, target: str = DEFAULT_TARGET) -> dict:
     """Re-fit ``model``'s (compressed) MoE layers, in place, so each reproduces the original
     layer on the calibration ``tokens`` [n, seq_len]; ``original`` is the uncompressed model or
     its MoE blocks ``{layer_idx: block}`` (only the MoE blocks are read). Returns the record
@@ -209,10 +257,11 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     ``JOINT_RIDGE`` where the down projections are fitted jointly, ``EXPERT_RIDGE`` per expert."""
     from .merge.offload import write_back  # merge imports this package's refit: imported here
 
-    check_mode(mode)
+    check_mode(mode, target)
     router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
     record = {"mode": mode, "ridge": ridge,
               "router_ridge": router_ridge if mode == "refit+router" else None,
+              "target": "original residual stream" if target == "stream" else "original layer output",
               "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
     if mode == "none":
         return record
@@ -224,6 +273,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     # Per layer: observe for the router fit, re-fit the router; observe again (new routing) for
     # the down projections, re-fit them; run the layer once more for the next layer's inputs.
     cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=layers[-1].layer_idx)
+    stream = (OriginalStream(model, view, originals, tokens, batch_size=batch_size, until=layers[-1].layer_idx)
+              if target == "stream" else None)
     for layer in layers:
         li = layer.layer_idx
         entry = {}
@@ -238,7 +289,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
                 entry["relative_error"] = router_obs.relative_error()
             cursor.restore(start)
         fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
-        down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]})
+        targets = {li: stream.after(li)} if stream is not None else None
+        down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets)
         with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
             with onloaded(layer.block):
                 lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
@@ -267,7 +319,7 @@ def working_bytes(view, keep: int, mode: str) -> int:
 @torch.no_grad()
 def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,
                      ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
-                     progress: bool = True, offload_folder=None) -> dict:
+                     progress: bool = True, offload_folder=None, target: str = DEFAULT_TARGET) -> dict:
     """Keep ``kept[layer_idx]`` experts of every MoE layer of ``model`` (in place) and repair
     the pruned layers against the original blocks. The pruned blocks are built one layer at a
     time by the merge's block builder (a cluster of one expert is that expert), so a streamed
@@ -279,4 +331,4 @@ def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *,
                      frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
     originals = replace_blocks(model, plan, METHODS["average"], "dominant", offload_folder)
     return repair(model, originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge, batch_size=batch_size,
-                  progress=progress)
+                  progress=progress, target=target)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from moecompress.arch import moe_view
@@ -91,3 +92,33 @@ def test_streamed_model_runs_layer_by_layer_and_onloads_each_layer_once(tmp_path
     st = collect_stats(streamed, toks, batch_size=BATCH, segment_len=8, progress=False)
     for key, t in mem.tensors.items():
         assert torch.equal(st.tensors[key], t), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_hidden_states_kept_on_the_gpu_give_the_bytes_of_the_cpu_store(monkeypatch):
+    """A cursor of a model in GPU memory keeps the hidden states there (capture._activation_store);
+    the repair (the cursor's heaviest user: three passes per layer) gives the same weights as
+    with the hidden states waiting in CPU memory."""
+    import copy
+
+    from moecompress import capture
+    from moecompress.refit import swap_in_copies
+    from moecompress.repair import repair
+
+    base = tiny_model("qwen3_moe").cuda()
+    toks = tokens(4, 16)
+
+    def repaired(share):
+        monkeypatch.setattr(capture, "ACTIVATIONS_DEVICE_SHARE", share)
+        model = copy.deepcopy(base)
+        originals = swap_in_copies(model)
+        view = moe_view(model)
+        view.keep_experts({layer.layer_idx: [0, 2, 3, 5] for layer in view})
+        cursor = capture.LayerCursor(model, toks, batch_size=2)
+        assert cursor.store.type == ("cuda" if share == 1 else "cpu")
+        repair(model, originals, toks, mode="refit", batch_size=2, progress=False)
+        return model.state_dict()
+
+    on_gpu, on_cpu = repaired(1), repaired(10**30)
+    for k in on_gpu:
+        assert torch.equal(on_gpu[k], on_cpu[k]), k

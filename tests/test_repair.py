@@ -36,12 +36,12 @@ def _pruned(family, kept=KEPT):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "llama4_text"])
-@pytest.mark.parametrize("mode", ["refit", "refit+router"])
-def test_repair_of_an_unpruned_model_is_the_identity(family, mode):
+@pytest.mark.parametrize("mode,target", [("refit", "stream"), ("refit", "layer"), ("refit+router", "stream")])
+def test_repair_of_an_unpruned_model_is_the_identity(family, mode, target):
     model = tiny_model(family)
     originals = swap_in_copies(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    record = repair(model, originals, tokens(4, 16), mode=mode, batch_size=2, progress=False)
+    record = repair(model, originals, tokens(4, 16), mode=mode, batch_size=2, progress=False, target=target)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), (family, k)
     assert all(v["relative_error"] == 0 for v in record["layers"].values())
@@ -120,6 +120,47 @@ def test_joint_down_refit_equals_brute_force_least_squares():
     with torch.no_grad():
         obs.apply(layer, ridge)
     torch.testing.assert_close(layer.down_proj.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_stream_target_refit_equals_brute_force_least_squares():
+    """With the stream target, the first layer's joint fit equals ridge least squares of the
+    stacked features on h_orig - h: the original and the pruned model's hidden states after that
+    decoder layer, taken from the two whole models' own ``output_hidden_states``."""
+    import copy
+
+    ridge = 0.05
+    original = tiny_model("qwen3_moe")
+    model, originals = _pruned("qwen3_moe")
+    toks = tokens(3, 12)
+    layer, calls = _first_layer_traffic(model, toks)
+    li = layer.layer_idx
+    with torch.no_grad():
+        h_orig = original(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
+        h = model(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
+    R = (h_orig - h).reshape(-1, h.shape[-1]).double()
+    S, inter = layer.num_experts, layer.intermediate_size
+    feats = []
+    with torch.no_grad():
+        for x, routing, _ in calls:
+            for t in range(x.shape[0]):
+                f = torch.zeros(S * inter, dtype=torch.float64)
+                for c, a in zip(routing.topk_idx[t].tolist(), routing.topk_weight[t].tolist()):
+                    f[c * inter:(c + 1) * inter] = a * layer.expert_hidden(c, x[t:t + 1])[0].double()
+                feats.append(f)
+    F = torch.stack(feats)
+    g = F.T @ F
+    lam = (ridge * g.diagonal().reshape(S, inter).mean(1) + 1e-12).repeat_interleave(inter)
+    delta = torch.linalg.solve(g + torch.diag(lam), F.T @ R)
+    want = torch.stack([layer.down_proj[c].double() + delta[c * inter:(c + 1) * inter].T for c in range(S)])
+    assert float(R.abs().max()) > 1e-3  # pruning moved the stream: the test has something to fit
+    fitted = copy.deepcopy(model)
+    record = repair(fitted, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target="stream")
+    assert record["target"] == "original residual stream"
+    torch.testing.assert_close(moe_view(fitted).layer(li).down_proj.double(), want, rtol=1e-4, atol=1e-5)
+    # the layer target fits another right-hand side: the two differ
+    other = copy.deepcopy(model)
+    repair(other, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target="layer")
+    assert not torch.allclose(moe_view(other).layer(li).down_proj, moe_view(fitted).layer(li).down_proj)
 
 
 @pytest.mark.parametrize("mode", ["refit", "refit+router"])

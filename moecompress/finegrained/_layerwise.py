@@ -134,7 +134,8 @@ def layerwise_block_grads(model, tokens: torch.Tensor, visit: Visit, *, batch_si
     ``tokens`` [N, S] (module docstring); ``visit`` runs while the layer's weights are onloaded."""
     layers = operator.attrgetter(view.spec.layers_path)(model)
     last = len(layers) - 1
-    cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=last)
+    # every layer's inputs are kept for the backward sweep: in CPU memory
+    cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=last, device_store=False)
     inputs = []
     with _bar(progress) as bar:
         task = bar.add_task("HEAPr gradients, layer by layer", total=2 * len(layers))

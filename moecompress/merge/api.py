@@ -182,7 +182,8 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
                   stats=None, clusters: dict[int, list[list[int]]] | None = None, linkage: str = "average",
                   metric: str = "euclidean", router: str = "dominant", refit: bool = True,
                   ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True,
-                  offload_folder: str | os.PathLike | None = None, repair: str | None = None) -> MergeResult:
+                  offload_folder: str | os.PathLike | None = None, repair: str | None = None,
+                  repair_target: str = "stream") -> MergeResult:
     """Merge every MoE layer's experts into ``keep`` experts, in place.
 
     ``tokens`` [n, seq_len] are the calibration tokens (needed to cluster, to count
@@ -230,7 +231,8 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
     if refit and repair is not None:
         from ..repair import repair as run_repair
 
-        record = run_repair(model, originals, tokens, mode=repair, batch_size=batch_size, progress=progress)
+        record = run_repair(model, originals, tokens, mode=repair, batch_size=batch_size, progress=progress,
+                            target=repair_target)
         errors = {li: v.get("relative_error") for li, v in record["layers"].items()}
         del originals
     elif refit:

@@ -130,7 +130,8 @@ def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
         result = merge_experts(model, keep=keep, method=method, tokens=tokens, stats=stats_obj, linkage=opts.linkage,
                                metric=opts.distance, router=opts.router, refit=refit, ridge=opts.ridge,
                                batch_size=batch_size, progress=progress,
-                               offload_folder=work / "merged" if work else None, repair=opts.repair)
+                               offload_folder=work / "merged" if work else None, repair=opts.repair,
+                               repair_target=opts.repair_target)
         record = {"stage": "merge", "method": method, "seed": opts.seed,
                   "parameters": {**opts.recorded(), "num_experts_before": num_experts},
                   "writer": "shard surgery" if surgery else "save_pretrained",

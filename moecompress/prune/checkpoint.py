@@ -175,6 +175,7 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
 
         result.info["repair"] = prune_and_repair(lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge,
                                                  router_ridge=opts.router_ridge, batch_size=batch_size,
+                                                 target=opts.repair_target,
                                                  progress=progress, offload_folder=work / "pruned" if work else None)
         parts = {"experts", "router"} if repair == "refit+router" else {"experts"}
         replace = ModelReplacements(moe_view(lm), {li: {j: parts for j in range(keep)} for li in result.kept})
