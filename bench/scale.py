@@ -255,12 +255,16 @@ def naee_layers(a) -> dict:
     total_s = time.perf_counter() - start
     repair = None
     if a.with_repair:  # the default's re-fit after the selection (prune --repair refit), per layer
-        from moecompress.repair import prune_and_repair
+        from moecompress.repair import REPAIR_SEQUENCES, prune_and_repair
 
+        # the default re-fit reads the selection's sequences continued to REPAIR_SEQUENCES
+        more = max(0, REPAIR_SEQUENCES - a.n)
+        rtokens = torch.cat([tokens, torch.randint(3, 8192, (more, a.seq_len), generator=torch.Generator().manual_seed(1))])
         with phases() as ph:
-            rec, repair_s = timed(lambda: prune_and_repair(model, plan.kept, tokens, batch_size=a.batch_size,
+            rec, repair_s = timed(lambda: prune_and_repair(model, plan.kept, rtokens, batch_size=a.batch_size,
                                                            progress=False))
         repair = {"repair_s": repair_s, "repair_s_per_layer": repair_s / a.naee_layers, "phases": ph.report(),
+                  "repair_sequences": int(rtokens.shape[0]), "target": rec.get("target"),
                   "peak_gpu_GiB": peak_gpu_gib(), "refit": sorted({v.get("refit") for v in rec["layers"].values()})}
     ends = [start] + [t for label, _, t in marks if label == "search"]
     per_layer = [b - c for c, b in zip(ends, ends[1:])]
