@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moecompress.checkpoint import cast_floating_weights  # noqa: E402
 from moecompress.evaluate.perplexity import load_text_tokens, perplexity  # noqa: E402
 from moecompress.quantize import quantize_checkpoint  # noqa: E402
 
@@ -77,7 +78,12 @@ MODELS = ["qwen3moe-32x64-top4", "mixtral-8x256-top2"]
 
 
 def ppl(folder: Path, ids: torch.Tensor, device: str = "cpu") -> float:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    # transformers decompresses a compressed-tensors checkpoint's fused experts in the scales'
+    # dtype (bf16) even when float32 is asked; left so, the experts compute in bf16 on the CPU
+    # and a GPU refuses the mixed product (and transformers refuses .float() on it)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cast_floating_weights(model, torch.float32)
+    model = model.to(device).eval()
     return perplexity(model, ids, 512)["ppl"]
 
 

@@ -164,8 +164,23 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
         weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], True)
     model.eval()
     model.requires_grad_(False)
+    if isinstance(dt, torch.dtype) and "max_memory" not in kwargs:
+        cast_floating_weights(model, dt)
     _align_cpu_weights(model)
     return model
+
+
+def cast_floating_weights(model, dtype: torch.dtype) -> None:
+    """Floating weights that did not come out in the asked ``dtype``, cast to it. Why: a
+    compressed-tensors checkpoint's fused 3-D experts are decompressed by transformers in the
+    dtype of their scales (the checkpoint's, bf16) whatever dtype was asked, and on a GPU a
+    float32 activation times a bf16 expert weight is an error (measured on transformers 5.17 and
+    5.24). Integer tensors (packed weights) are left alone; a streamed model is not touched
+    (its weights live in accelerate's offload)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != dtype:
+                module._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
 
 
 def largest_layer_bytes(config, dtype: torch.dtype | None = None) -> int:

@@ -162,6 +162,25 @@ def test_compressed_tensors_reloads_equal_to_fake(calib_ckpt, extra):
     assert cfg["quant_method"] == "compressed-tensors" and "lm_head" in cfg["ignore"]
 
 
+def test_compressed_tensors_output_loads_in_the_asked_dtype(calib_ckpt):
+    """transformers decompresses the fused experts of a compressed-tensors checkpoint in the
+    scales' dtype (bf16) even when float32 is asked: load_model casts them (a GPU refuses
+    float32 x bf16 products), and the logits are those of the same weights stored plainly."""
+    from moecompress.checkpoint import load_model, save_model
+
+    bf16 = calib_ckpt / "tiny-bf16"  # scales in bf16, as published checkpoints store them
+    save_model(load_model(calib_ckpt / "tiny", dtype="float32").to(torch.bfloat16), bf16, source=calib_ckpt / "tiny")
+    out = calib_ckpt / "ct-dtype"
+    quantize_checkpoint(bf16, out, quantizer="rtn", scheme="w4a16", group_size=8, progress=False)
+    fake = calib_ckpt / "fake-dtype"  # the same dequantized weights, stored plainly
+    quantize_checkpoint(bf16, fake, quantizer="rtn", scheme="w4a16", group_size=8, progress=False, format="fake")
+    model = load_model(out, dtype="float32")
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    t = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(t).logits, _logits(fake, t), atol=1e-5, rtol=0)
+
+
 def test_on_disk_bytes_are_the_counted_bits(calib_ckpt):
     from moecompress.info import model_info
 
