@@ -113,13 +113,16 @@ def expert_features(layer: MoELayer, x: torch.Tensor, routing: Routing):
 class RefitObserver:
     """Accumulates the normal equations of the re-fit, per merged layer and expert."""
 
-    def __init__(self, originals: dict[int, nn.Module], stream: dict[int, list[torch.Tensor]] | None = None):
+    def __init__(self, originals: dict[int, nn.Module], stream: dict[int, list[torch.Tensor]] | None = None,
+                 stream_weight: float = 1.0):
         self.originals = originals  # layer_idx -> the unmerged MoE block (detached from the model); only these are observed
         # layer_idx -> per batch, the original model's hidden states after that decoder layer:
-        # where given, the target is the original residual stream (moecompress/repair.py), and
-        # the right-hand side waits for the decoder layer's output (``layer_output``)
+        # where given, the target is the original residual stream (moecompress/repair.py), mixed
+        # with the layer's own residual as stream_weight * e_stream + (1 - stream_weight) * e_layer,
+        # and the right-hand side waits for the decoder layer's output (``layer_output``)
         self.stream = stream or {}
-        self._pending: dict[int, list] = {}
+        self.stream_weight = stream_weight
+        self._pending: dict[int, tuple] = {}
         self.gram: dict[int, torch.Tensor] = {}  # [E', I, I]  F^T F
         self.rhs: dict[int, torch.Tensor] = {}  # [E', I, H]  F^T (s e)
         self.tokens: dict[int, torch.Tensor] = {}  # [E'] tokens seen per expert
@@ -137,7 +140,7 @@ class RefitObserver:
             self.tokens[li] = torch.zeros(num, dtype=torch.long)
             self.err[li], self.ref[li] = 0.0, 0.0
         resid = self._residual(layer, x, y)
-        pending = self._pending.setdefault(li, []) if li in self.stream else None
+        pending = [] if li in self.stream else None
         for c, tok, feat, share in expert_features(layer, x, routing):
             self.gram[li][c] += feat.T @ feat
             if pending is None:
@@ -145,20 +148,25 @@ class RefitObserver:
             else:
                 pending.append((c, tok, feat, share))
             self.tokens[li][c] += tok.numel()
+        if pending is not None:
+            self._pending[li] = (pending, resid)
 
-    def _stream_residual(self, layer_idx: int, batch: int, out: torch.Tensor) -> torch.Tensor:
-        """e = h_orig - h [T, H]: the original model's hidden states after the decoder layer
-        minus the compressed model's (float32)."""
+    def _stream_residual(self, layer_idx: int, batch: int, out: torch.Tensor, layer_resid: torch.Tensor) -> torch.Tensor:
+        """The target residual [T, H] (float32): e = h_orig - h, the original model's hidden states
+        after the decoder layer minus the compressed model's, mixed with the layer's own residual."""
         target = self.stream[layer_idx][batch].to(out.device)
-        return (target.float() - out.float()).reshape(-1, out.shape[-1])
+        e = (target.float() - out.float()).reshape(-1, out.shape[-1])
+        w = self.stream_weight
+        return e if w == 1.0 else w * e + (1 - w) * layer_resid
 
     @torch.no_grad()
     def layer_output(self, layer_idx: int, batch: int, out: torch.Tensor) -> None:
         pending = self._pending.pop(layer_idx, None)
         if pending is None:
             return
-        resid = self._stream_residual(layer_idx, batch, out)
-        for c, tok, feat, share in pending:
+        feats, layer_resid = pending
+        resid = self._stream_residual(layer_idx, batch, out, layer_resid)
+        for c, tok, feat, share in feats:
             self.rhs[layer_idx][c] += feat.T @ (resid[tok] * share[:, None])
 
     def _residual(self, layer: MoELayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -228,15 +236,16 @@ class JointRefitObserver(RefitObserver):
             self.tokens[li][c] += tok.numel()
         self.gram[li] += feats.T @ feats
         if li in self.stream:
-            self._pending[li] = feats
+            self._pending[li] = (feats, resid)
         else:
             self.rhs[li] += feats.T @ resid
 
     @torch.no_grad()
     def layer_output(self, layer_idx: int, batch: int, out: torch.Tensor) -> None:
-        feats = self._pending.pop(layer_idx, None)
-        if feats is not None:
-            self.rhs[layer_idx] += feats.T @ self._stream_residual(layer_idx, batch, out)
+        pending = self._pending.pop(layer_idx, None)
+        if pending is not None:
+            feats, layer_resid = pending
+            self.rhs[layer_idx] += feats.T @ self._stream_residual(layer_idx, batch, out, layer_resid)
 
     @torch.no_grad()
     def apply(self, layer: MoELayer, ridge: float) -> None:

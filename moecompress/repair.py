@@ -12,22 +12,25 @@ already repaired layers before it) and fits, in closed form, on the calibration 
   token's selected experts by routing weight);
 * ``refit+router`` — first the kept experts' router rows, then the down projections as above.
 
-Target (``target``, ``--repair-target``). ``stream`` (the default): the original model's hidden
-states after the decoder layer, ``h_orig``, on the original model's own activations; the
-re-fitted down projections absorb the residual ``e_t = h_orig,t - h_t`` of the compressed
-model's decoder-layer output ``h_t``, so what earlier layers (and this layer's attention) drifted
-is corrected where it can be, not only this layer's own loss. This is the asymmetric calibration
-of GPTAQ (Li et al., "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric
-Calibration", ICML 2025, Eq. 5: the compressed layer on its own inputs is fitted to the
-full-precision layer on the full-precision inputs), lifted to the decoder layer's output since
-only the MoE block is re-fitted (the MoE output is added to the residual stream, so the
-residual is linear in the down projections as before). ``layer``: the original MoE block's
-output on the compressed model's inputs, ``e_t = y_orig(x_t) - y(x_t)`` (shared experts cancel).
-The original stream is computed by running the compressed model's decoder layers with their
-original MoE blocks swapped back in (``OriginalStream``): one more pass of each layer, and a
-second set of hidden states in CPU memory. Measured on the testbed (docs/benchmarks.md,
-"Repair after removal"): ``stream`` lowers every domain's perplexity. The router step keeps the
-``layer`` target.
+Target (``target``, ``--repair-target``). ``stream``: the original model's hidden states after
+the decoder layer, ``h_orig``, on the original model's own activations; the re-fitted down
+projections absorb the residual ``e_t = h_orig,t - h_t`` of the compressed model's decoder-layer
+output ``h_t``, so what earlier layers (and this layer's attention) drifted is corrected where it
+can be, not only this layer's own loss. This is the asymmetric calibration of GPTAQ (Li et al.,
+"GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration", ICML 2025, Eq. 5: the
+compressed layer on its own inputs is fitted to the full-precision layer on the full-precision
+inputs), lifted to the decoder layer's output since only the MoE block is re-fitted (the MoE
+output is added to the residual stream, so the residual is linear in the down projections as
+before). ``layer``: the original MoE block's output on the compressed model's inputs,
+``e_t = y_orig(x_t) - y(x_t)`` (shared experts cancel). ``both`` (the default): the two
+objectives summed, ``||e_stream - F d||^2 + ||e_layer - F d||^2``, which is the least-squares fit
+of their mean ``(e_stream + e_layer) / 2`` (plus a constant), solved with the same Gram matrix and
+ridge. Measured on the testbed (docs/benchmarks.md, "Repair after removal"), mean of 3 seeds:
+``stream`` alone helps qwen3moe at 16 and 8 of 32 most and costs mixtral 0.3-2%; ``both`` keeps
+most of the first and not the second. The original stream is computed by running the compressed
+model's decoder layers with their original MoE blocks swapped back in (``OriginalStream``): one
+more pass of each layer, and a second set of hidden states. The router step keeps the ``layer``
+target.
 
 Router re-fit (our derivation; no paper does this). The pruned layer's routed output is
 ``y'(x) = sum_{j in K(x)} w_j(z) f_j(x)`` with logits ``z = W_S x`` over the kept experts ``S``,
@@ -75,8 +78,9 @@ from .onload import onloaded
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
 REPAIR_MODES = ("none", "refit", "refit+router")
-REPAIR_TARGETS = ("stream", "layer")
-DEFAULT_TARGET = "stream"
+# target -> weight of the stream residual (the rest: the layer's own residual)
+REPAIR_TARGETS = {"both": 0.5, "stream": 1.0, "layer": 0.0}
+DEFAULT_TARGET = "both"
 # With calibration text. The router step is measured to add little for its cost (docs/benchmarks.md,
 # "Repair after removal"): it is asked for with --repair refit+router.
 DEFAULT_MODE = "refit"
@@ -261,7 +265,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
     record = {"mode": mode, "ridge": ridge,
               "router_ridge": router_ridge if mode == "refit+router" else None,
-              "target": "original residual stream" if target == "stream" else "original layer output",
+              "target": {"both": "original residual stream and layer output, equally", "stream": "original residual stream",
+                         "layer": "original layer output"}[target],
               "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
     if mode == "none":
         return record
@@ -274,7 +279,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     # the down projections, re-fit them; run the layer once more for the next layer's inputs.
     cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=layers[-1].layer_idx)
     stream = (OriginalStream(model, view, originals, tokens, batch_size=batch_size, until=layers[-1].layer_idx)
-              if target == "stream" else None)
+              if REPAIR_TARGETS[target] > 0 else None)
     for layer in layers:
         li = layer.layer_idx
         entry = {}
@@ -290,7 +295,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
             cursor.restore(start)
         fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
         targets = {li: stream.after(li)} if stream is not None else None
-        down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets)
+        down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
+                                                                        REPAIR_TARGETS[target])
         with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
             with onloaded(layer.block):
                 lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)

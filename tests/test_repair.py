@@ -36,7 +36,8 @@ def _pruned(family, kept=KEPT):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "llama4_text"])
-@pytest.mark.parametrize("mode,target", [("refit", "stream"), ("refit", "layer"), ("refit+router", "stream")])
+@pytest.mark.parametrize("mode,target", [("refit", "both"), ("refit", "stream"), ("refit", "layer"),
+                                         ("refit+router", "both")])
 def test_repair_of_an_unpruned_model_is_the_identity(family, mode, target):
     model = tiny_model(family)
     originals = swap_in_copies(model)
@@ -125,7 +126,8 @@ def test_joint_down_refit_equals_brute_force_least_squares():
 def test_stream_target_refit_equals_brute_force_least_squares():
     """With the stream target, the first layer's joint fit equals ridge least squares of the
     stacked features on h_orig - h: the original and the pruned model's hidden states after that
-    decoder layer, taken from the two whole models' own ``output_hidden_states``."""
+    decoder layer, taken from the two whole models' own ``output_hidden_states``; with ``both``,
+    on the mean of that and the layer's own residual y_orig(x) - y(x)."""
     import copy
 
     ridge = 0.05
@@ -139,9 +141,10 @@ def test_stream_target_refit_equals_brute_force_least_squares():
         h = model(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
     R = (h_orig - h).reshape(-1, h.shape[-1]).double()
     S, inter = layer.num_experts, layer.intermediate_size
-    feats = []
+    feats, layer_resid = [], []
     with torch.no_grad():
-        for x, routing, _ in calls:
+        for x, routing, y in calls:
+            layer_resid.append((block_output(originals[li], x) - y).double())
             for t in range(x.shape[0]):
                 f = torch.zeros(S * inter, dtype=torch.float64)
                 for c, a in zip(routing.topk_idx[t].tolist(), routing.topk_weight[t].tolist()):
@@ -150,13 +153,15 @@ def test_stream_target_refit_equals_brute_force_least_squares():
     F = torch.stack(feats)
     g = F.T @ F
     lam = (ridge * g.diagonal().reshape(S, inter).mean(1) + 1e-12).repeat_interleave(inter)
-    delta = torch.linalg.solve(g + torch.diag(lam), F.T @ R)
-    want = torch.stack([layer.down_proj[c].double() + delta[c * inter:(c + 1) * inter].T for c in range(S)])
     assert float(R.abs().max()) > 1e-3  # pruning moved the stream: the test has something to fit
-    fitted = copy.deepcopy(model)
-    record = repair(fitted, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target="stream")
-    assert record["target"] == "original residual stream"
-    torch.testing.assert_close(moe_view(fitted).layer(li).down_proj.double(), want, rtol=1e-4, atol=1e-5)
+    # "both": the two objectives summed = the fit of the mean residual
+    for target, rhs in [("stream", R), ("both", (R + torch.cat(layer_resid)) / 2)]:
+        delta = torch.linalg.solve(g + torch.diag(lam), F.T @ rhs)
+        want = torch.stack([layer.down_proj[c].double() + delta[c * inter:(c + 1) * inter].T for c in range(S)])
+        fitted = copy.deepcopy(model)
+        record = repair(fitted, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target=target)
+        assert record["target"].startswith("original residual stream")
+        torch.testing.assert_close(moe_view(fitted).layer(li).down_proj.double(), want, rtol=1e-4, atol=1e-5)
     # the layer target fits another right-hand side: the two differ
     other = copy.deepcopy(model)
     repair(other, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target="layer")

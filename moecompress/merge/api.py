@@ -183,7 +183,7 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
                   metric: str = "euclidean", router: str = "dominant", refit: bool = True,
                   ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True,
                   offload_folder: str | os.PathLike | None = None, repair: str | None = None,
-                  repair_target: str = "stream") -> MergeResult:
+                  repair_target: str = "both") -> MergeResult:
     """Merge every MoE layer's experts into ``keep`` experts, in place.
 
     ``tokens`` [n, seq_len] are the calibration tokens (needed to cluster, to count

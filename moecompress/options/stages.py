@@ -56,10 +56,10 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     repair_ridge: Optional[float] = option(None, "Ridge of the down-projection re-fit (default 0.1 joint, 0.01 per "
                                            "expert; relative to the mean feature energy).", ge=0)
     router_ridge: Optional[float] = option(None, "Ridge of the router re-fit (default 1.0, relative).", ge=0)
-    repair_target: Literal["stream", "layer"] = option(
-        "stream", "What the re-fit reproduces: stream (the original model's hidden states after each layer, so "
-        "drift from earlier layers is corrected too; GPTAQ's asymmetric target) or layer (the original MoE layer "
-        "on the compressed model's inputs).")
+    repair_target: Literal["both", "stream", "layer"] = option(
+        "both", "What the re-fit reproduces: stream (the original model's hidden states after each layer, so "
+        "drift from earlier layers is corrected too; GPTAQ's asymmetric target), layer (the original MoE layer "
+        "on the compressed model's inputs), or both (the two least-squares objectives summed).")
 
     @field_validator("method")
     @classmethod
@@ -94,9 +94,9 @@ class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     repair: Optional[Literal["none", "refit", "refit+router"]] = option(
         None, "Instead of --refit: the repair of `prune --repair` (layer by layer, joint down-projection fit; "
         "refit+router re-fits the router rows too).")
-    repair_target: Literal["stream", "layer"] = option(
-        "stream", "With --repair: what the re-fit reproduces: stream (the original model's hidden states after each "
-        "layer) or layer (the original MoE layer on the merged model's inputs).")
+    repair_target: Literal["both", "stream", "layer"] = option(
+        "both", "With --repair: what the re-fit reproduces: stream (the original model's hidden states after each "
+        "layer), layer (the original MoE layer on the merged model's inputs), or both (summed).")
 
 
 class EvalOptions(LoadingOptions):
