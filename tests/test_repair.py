@@ -168,6 +168,44 @@ def test_stream_target_refit_equals_brute_force_least_squares():
     assert not torch.allclose(moe_view(other).layer(li).down_proj, moe_view(fitted).layer(li).down_proj)
 
 
+def test_per_expert_refit_of_both_targets_equals_brute_force_least_squares():
+    """The per-expert step (layers too wide for the joint fit) with the default target: each
+    expert's ridge least squares on its routed tokens' features a h(x) against its share
+    a / sum(a) of the mean of the stream residual (the two models' output_hidden_states) and the
+    layer's own residual, built token by token."""
+    import copy
+
+    ridge = 0.05
+    original = tiny_model("qwen3_moe")
+    model, originals = _pruned("qwen3_moe")
+    toks = tokens(3, 12)
+    layer, calls = _first_layer_traffic(model, toks)
+    li = layer.layer_idx
+    with torch.no_grad():
+        h_orig = original(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
+        h = model(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
+        stream = (h_orig - h).reshape(-1, h.shape[-1]).double()
+        rows: dict[int, list] = {c: [] for c in range(layer.num_experts)}
+        t0 = 0
+        for x, routing, y in calls:
+            e = (stream[t0:t0 + x.shape[0]] + (block_output(originals[li], x) - y).double()) / 2
+            for t in range(x.shape[0]):
+                w = routing.topk_weight[t].double()
+                for c, a, share in zip(routing.topk_idx[t].tolist(), w.tolist(), (w / w.sum()).tolist()):
+                    rows[c].append((a * layer.expert_hidden(c, x[t:t + 1])[0].double(), share * e[t]))
+            t0 += x.shape[0]
+    want = layer.down_proj.detach().double().clone()
+    for c, r in rows.items():
+        if r:
+            F, R = torch.stack([f for f, _ in r]), torch.stack([v for _, v in r])
+            g = F.T @ F
+            lam = ridge * float(g.diagonal().mean()) + 1e-12
+            want[c] += torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), F.T @ R).T
+    fitted = copy.deepcopy(model)
+    repair(fitted, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target="both", joint=False)
+    torch.testing.assert_close(moe_view(fitted).layer(li).down_proj.double(), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["refit", "refit+router"])
 def test_repair_lowers_every_layers_error(mode):
     model, originals = _pruned("qwen3_moe")
