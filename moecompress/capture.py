@@ -195,7 +195,11 @@ def _activation_store(model, device: torch.device, first_calls: list) -> torch.d
         return torch.device("cpu")
     size = sum(h.numel() * h.element_size() for h, _, _ in first_calls)
     total = torch.cuda.get_device_properties(device).total_memory
-    return device if size * ACTIVATIONS_DEVICE_SHARE <= total else torch.device("cpu")
+    # a model that nearly fills the GPU keeps them in CPU memory: up to four copies are alive at
+    # once (a cursor's states, the repair's original stream), and the stage needs room besides
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
+    fits = size * ACTIVATIONS_DEVICE_SHARE <= total and weights + 4 * size <= 0.9 * total
+    return device if fits else torch.device("cpu")
 
 
 class LayerCursor:
