@@ -94,6 +94,37 @@ def _routed(layer, x, w):
         layer.router.weight = saved
 
 
+def _joint_features(layer, calls) -> torch.Tensor:
+    """[T, S * I] float64: per token the stacked features [a_1 h_1(x), ..., a_S h_S(x)] (zero for
+    unselected experts), built token by token."""
+    S, inter = layer.num_experts, layer.intermediate_size
+    feats = []
+    with torch.no_grad():
+        for x, routing, _ in calls:
+            for t in range(x.shape[0]):
+                f = torch.zeros(S * inter, dtype=torch.float64)
+                for c, a in zip(routing.topk_idx[t].tolist(), routing.topk_weight[t].tolist()):
+                    f[c * inter:(c + 1) * inter] = a * layer.expert_hidden(c, x[t:t + 1])[0].double()
+                feats.append(f)
+    return torch.stack(feats)
+
+
+def _joint_solution(layer, F: torch.Tensor, R: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The down projections [S, H, I] after the ridge least-squares fit of features F on R,
+    each expert's block regularised by ridge x its mean diagonal."""
+    S, inter = layer.num_experts, layer.intermediate_size
+    g = F.T @ F
+    lam = (ridge * g.diagonal().reshape(S, inter).mean(1) + 1e-12).repeat_interleave(inter)
+    delta = torch.linalg.solve(g + torch.diag(lam), F.T @ R)
+    return torch.stack([layer.down_proj[c].double() + delta[c * inter:(c + 1) * inter].T for c in range(S)])
+
+
+def _layer_residual(originals, layer, calls) -> torch.Tensor:
+    """[T, H] float64: y_orig(x) - y(x), the original block against the pruned one, per token."""
+    with torch.no_grad():
+        return torch.cat([(block_output(originals[layer.layer_idx], x) - y).double() for x, _, y in calls])
+
+
 def test_joint_down_refit_equals_brute_force_least_squares():
     """The joint down-projection fit equals ridge least squares on the stacked per-token
     features [a_1 h_1(x), ..., a_S h_S(x)] (zero for unselected experts), built token by token."""
@@ -101,26 +132,30 @@ def test_joint_down_refit_equals_brute_force_least_squares():
     model, originals = _pruned("qwen3_moe")
     layer, calls = _first_layer_traffic(model, tokens(3, 12))
     obs = JointRefitObserver({layer.layer_idx: originals[layer.layer_idx]})
-    S, inter = layer.num_experts, layer.intermediate_size
-    feats, target = [], []
     with torch.no_grad():
         for x, routing, y in calls:
             obs.observe(layer, x, routing, y)
-            resid = block_output(originals[layer.layer_idx], x) - y
-            for t in range(x.shape[0]):
-                f = torch.zeros(S * inter, dtype=torch.float64)
-                for c, a in zip(routing.topk_idx[t].tolist(), routing.topk_weight[t].tolist()):
-                    f[c * inter:(c + 1) * inter] = a * layer.expert_hidden(c, x[t:t + 1])[0].double()
-                feats.append(f)
-                target.append(resid[t].double())
-    F, R = torch.stack(feats), torch.stack(target)
-    g = F.T @ F
-    lam = (ridge * g.diagonal().reshape(S, inter).mean(1) + 1e-12).repeat_interleave(inter)
-    delta = torch.linalg.solve(g + torch.diag(lam), F.T @ R)
-    want = torch.stack([layer.down_proj[c].double() + delta[c * inter:(c + 1) * inter].T for c in range(S)])
+    want = _joint_solution(layer, _joint_features(layer, calls), _layer_residual(originals, layer, calls), ridge)
     with torch.no_grad():
         obs.apply(layer, ridge)
     torch.testing.assert_close(layer.down_proj.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def _stream_case():
+    """A pruned tiny model, its first MoE layer's traffic, and that layer's two residuals per
+    token (float64): the stream's h_orig - h after the decoder layer, from the original and the
+    pruned model's own ``output_hidden_states``, and the layer's y_orig(x) - y(x)."""
+    original = tiny_model("qwen3_moe")
+    model, originals = _pruned("qwen3_moe")
+    toks = tokens(3, 12)
+    layer, calls = _first_layer_traffic(model, toks)
+    li = layer.layer_idx
+    with torch.no_grad():
+        h_orig = original(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
+        h = model(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
+    stream = (h_orig - h).reshape(-1, h.shape[-1]).double()
+    assert float(stream.abs().max()) > 1e-3  # pruning moved the stream: the tests have something to fit
+    return model, originals, toks, layer, calls, stream, _layer_residual(originals, layer, calls)
 
 
 def test_stream_target_refit_equals_brute_force_least_squares():
@@ -131,33 +166,12 @@ def test_stream_target_refit_equals_brute_force_least_squares():
     import copy
 
     ridge = 0.05
-    original = tiny_model("qwen3_moe")
-    model, originals = _pruned("qwen3_moe")
-    toks = tokens(3, 12)
-    layer, calls = _first_layer_traffic(model, toks)
+    model, originals, toks, layer, calls, stream, layer_resid = _stream_case()
     li = layer.layer_idx
-    with torch.no_grad():
-        h_orig = original(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
-        h = model(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
-    R = (h_orig - h).reshape(-1, h.shape[-1]).double()
-    S, inter = layer.num_experts, layer.intermediate_size
-    feats, layer_resid = [], []
-    with torch.no_grad():
-        for x, routing, y in calls:
-            layer_resid.append((block_output(originals[li], x) - y).double())
-            for t in range(x.shape[0]):
-                f = torch.zeros(S * inter, dtype=torch.float64)
-                for c, a in zip(routing.topk_idx[t].tolist(), routing.topk_weight[t].tolist()):
-                    f[c * inter:(c + 1) * inter] = a * layer.expert_hidden(c, x[t:t + 1])[0].double()
-                feats.append(f)
-    F = torch.stack(feats)
-    g = F.T @ F
-    lam = (ridge * g.diagonal().reshape(S, inter).mean(1) + 1e-12).repeat_interleave(inter)
-    assert float(R.abs().max()) > 1e-3  # pruning moved the stream: the test has something to fit
+    F = _joint_features(layer, calls)
     # "both": the two objectives summed = the fit of the mean residual
-    for target, rhs in [("stream", R), ("both", (R + torch.cat(layer_resid)) / 2)]:
-        delta = torch.linalg.solve(g + torch.diag(lam), F.T @ rhs)
-        want = torch.stack([layer.down_proj[c].double() + delta[c * inter:(c + 1) * inter].T for c in range(S)])
+    for target, rhs in [("stream", stream), ("both", (stream + layer_resid) / 2)]:
+        want = _joint_solution(layer, F, rhs, ridge)
         fitted = copy.deepcopy(model)
         record = repair(fitted, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target=target)
         assert record["target"].startswith("original residual stream")
@@ -176,23 +190,16 @@ def test_per_expert_refit_of_both_targets_equals_brute_force_least_squares():
     import copy
 
     ridge = 0.05
-    original = tiny_model("qwen3_moe")
-    model, originals = _pruned("qwen3_moe")
-    toks = tokens(3, 12)
-    layer, calls = _first_layer_traffic(model, toks)
-    li = layer.layer_idx
+    model, originals, toks, layer, calls, stream, layer_resid = _stream_case()
+    e = (stream + layer_resid) / 2
+    rows: dict[int, list] = {c: [] for c in range(layer.num_experts)}
+    t0 = 0
     with torch.no_grad():
-        h_orig = original(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
-        h = model(input_ids=toks, output_hidden_states=True).hidden_states[li + 1]
-        stream = (h_orig - h).reshape(-1, h.shape[-1]).double()
-        rows: dict[int, list] = {c: [] for c in range(layer.num_experts)}
-        t0 = 0
-        for x, routing, y in calls:
-            e = (stream[t0:t0 + x.shape[0]] + (block_output(originals[li], x) - y).double()) / 2
+        for x, routing, _ in calls:
             for t in range(x.shape[0]):
                 w = routing.topk_weight[t].double()
                 for c, a, share in zip(routing.topk_idx[t].tolist(), w.tolist(), (w / w.sum()).tolist()):
-                    rows[c].append((a * layer.expert_hidden(c, x[t:t + 1])[0].double(), share * e[t]))
+                    rows[c].append((a * layer.expert_hidden(c, x[t:t + 1])[0].double(), share * e[t0 + t]))
             t0 += x.shape[0]
     want = layer.down_proj.detach().double().clone()
     for c, r in rows.items():
@@ -203,7 +210,7 @@ def test_per_expert_refit_of_both_targets_equals_brute_force_least_squares():
             want[c] += torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), F.T @ R).T
     fitted = copy.deepcopy(model)
     repair(fitted, originals, toks, mode="refit", ridge=ridge, batch_size=1, progress=False, target="both", joint=False)
-    torch.testing.assert_close(moe_view(fitted).layer(li).down_proj.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(moe_view(fitted).layer(layer.layer_idx).down_proj.double(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["refit", "refit+router"])
