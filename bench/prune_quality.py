@@ -1,7 +1,7 @@
 """Quality of expert pruning on the testbed: method x repair x kept count x calibration seed x model.
 
 Each variant is what ``moecompress prune --method M --repair R --seed S`` computes, through the
-library calls of ``prune_checkpoint``: the calibration tokens of ``load_calibration`` (64 x 512
+library calls of ``prune_checkpoint``: the calibration tokens of ``selection_and_repair_tokens`` (64 x 512
 tokens of calib_mix.txt drawn with the seed), the kept sets of ``plan_experts`` (the seed also
 seeds NAEE's token subsample), then ``keep_experts`` (no repair) or ``repair.prune_and_repair``
 on the repair's calibration tokens (``repair.repair_tokens``); the model is cast to the
@@ -42,12 +42,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moecompress.arch import moe_view  # noqa: E402
-from moecompress.calibration import load_calibration  # noqa: E402
 from moecompress.checkpoint import load_model, save_model  # noqa: E402
 from moecompress.evaluate.perplexity import load_text_tokens, perplexity  # noqa: E402
 from moecompress.prune import DEFAULT_METHOD, METHODS  # noqa: E402
 from moecompress.prune.api import plan_experts  # noqa: E402
-from moecompress.repair import DEFAULT_MODE, DEFAULT_TARGET, prune_and_repair, repair_tokens  # noqa: E402
+from moecompress.repair import DEFAULT_MODE, DEFAULT_TARGET, prune_and_repair, selection_and_repair_tokens  # noqa: E402
 from moecompress.stats import collect_stats  # noqa: E402
 from moecompress.stats.api import default_batch_size  # noqa: E402
 
@@ -149,8 +148,8 @@ def run(a: argparse.Namespace) -> list[dict]:
             evaluated: dict[tuple, dict] = {}  # (calib, kept, repair) -> the row that measured it
             for calib in dict.fromkeys(c for _, _, c in todo):
                 calib_file = str(tb / "text" / calib)
-                tokens = load_calibration(tok, calib_file, n=a.n, seq_len=512, seed=seed)
-                rtokens = repair_tokens(tok, calib_file, n=a.n, seq_len=512, seed=seed, sequences=a.repair_n)
+                tokens, rtokens = selection_and_repair_tokens(tok, calib_file, n=a.n, seq_len=512, seed=seed,
+                                                              sequences=a.repair_n)
                 batch_size = default_batch_size(512, a.n, on_gpu=on_gpu)
                 stats = None
                 for keep, method, c in todo:

@@ -180,19 +180,33 @@ def load_calibration(
     """Token ids [n, seq_len] (int64) drawn from ``source``. With ``extend_to``, up to that many
     sequences (all the source has if fewer, never fewer than ``n``): the same seeded draw
     continued, so the result contains the ``n`` sequences drawn without it."""
+    return load_calibration_draws(tokenizer, source, n, seq_len, seed, mode, field, extend_to)[-1]
+
+
+def load_calibration_draws(
+    tokenizer,
+    source: str | os.PathLike,
+    n: int = DEFAULT_N,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+    mode: Mode = "chunk",
+    field: str = "text",
+    extend_to: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``load_calibration``'s draw, then (with ``extend_to``) its continued draw too, from one
+    reading and tokenisation of ``source`` (a stage that selects on ``n`` sequences and re-fits
+    on more reads the text once)."""
     if n < 1 or seq_len < 2:
         raise MoECompressError("calibration needs -n >= 1 samples of --seq-len >= 2 tokens")
     seqs, have = _sequences(tokenizer, source, seq_len, mode, field)
-    if seqs.shape[0] >= n and extend_to is not None:
-        n = max(n, min(extend_to, seqs.shape[0]))
     if seqs.shape[0] < n:
         raise MoECompressError(
             f"calibration source '{source}' gives only {seqs.shape[0]} sequences of {seq_len} tokens "
             f"({mode} mode, {have}), {n} asked; lower -n or --seq-len, or give more text"
         )
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(seqs.shape[0], generator=g)[:n].sort().values
-    return seqs[pick].clone()
+    order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed))
+    counts = [n] if extend_to is None else [n, max(n, min(extend_to, seqs.shape[0]))]
+    return tuple(seqs[order[:k].sort().values].clone() for k in counts)
 
 
 def load_sequences(tokenizer, source: str | os.PathLike, seq_len: int = 512, mode: Mode = "chunk",

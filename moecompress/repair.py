@@ -96,10 +96,18 @@ def repair_tokens(tokenizer, source, *, n: int, seq_len: int, seed: int = 0, mod
     """The repair's calibration tokens: the selection's ``n`` sequences of ``source`` (the same
     seeded draw) continued to ``sequences`` (default ``REPAIR_SEQUENCES``; all the source has
     if fewer, never fewer than ``n``)."""
-    from .calibration import load_calibration
+    return selection_and_repair_tokens(tokenizer, source, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field,
+                                       sequences=sequences)[1]
 
-    return load_calibration(tokenizer, source, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field,
-                            extend_to=REPAIR_SEQUENCES if sequences is None else sequences)
+
+def selection_and_repair_tokens(tokenizer, source, *, n: int, seq_len: int, seed: int = 0, mode: str = "chunk",
+                                field: str = "text", sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection's ``n`` sequences (``load_calibration``) and the repair's (``repair_tokens``),
+    from one reading and tokenisation of ``source``."""
+    from .calibration import load_calibration_draws
+
+    return load_calibration_draws(tokenizer, source, n=n, seq_len=seq_len, seed=seed, mode=mode, field=field,
+                                  extend_to=REPAIR_SEQUENCES if sequences is None else sequences)
 
 
 def check_mode(mode: str, target: str = DEFAULT_TARGET) -> None:

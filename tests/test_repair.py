@@ -270,7 +270,7 @@ def test_repair_tokens_continue_the_selections_draw(calib_ckpt):
     from transformers import AutoTokenizer
 
     from moecompress.calibration import load_calibration
-    from moecompress.repair import repair_tokens
+    from moecompress.repair import repair_tokens, selection_and_repair_tokens
 
     tok, calib = AutoTokenizer.from_pretrained(calib_ckpt / "tiny"), str(calib_ckpt / "calib.txt")
     sel = load_calibration(tok, calib, n=3, seq_len=32, seed=5)
@@ -281,6 +281,8 @@ def test_repair_tokens_continue_the_selections_draw(calib_ckpt):
     assert {tuple(r.tolist()) for r in sel} <= rows <= {tuple(r.tolist()) for r in every}
     assert torch.equal(repair_tokens(tok, calib, n=3, seq_len=32, seed=5, sequences=2), sel)  # never fewer than -n
     assert repair_tokens(tok, calib, n=3, seq_len=32, seed=5, sequences=10**9).shape[0] == every.shape[0]
+    both = selection_and_repair_tokens(tok, calib, n=3, seq_len=32, seed=5, sequences=6)  # one tokenisation
+    assert torch.equal(both[0], sel) and torch.equal(both[1], rep)
 
 
 def test_cli_repair_option(calib_ckpt, tmp_path):

@@ -91,12 +91,13 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     wants_tokens = wants_tokens or repair != "none"  # the repair re-fits on the calibration text
     with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
         tokens = repair_tokens = None
-        if wants_tokens:
-            tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
         if repair != "none":  # the re-fit reads more of the text than the selection (repair.REPAIR_SEQUENCES)
-            from ..repair import repair_tokens as draw
+            from ..repair import selection_and_repair_tokens
 
-            repair_tokens = draw(source.tokenizer(), opts.calib, **opts.calibration(), sequences=opts.repair_n)
+            tokens, repair_tokens = selection_and_repair_tokens(source.tokenizer(), opts.calib, **opts.calibration(),
+                                                                sequences=opts.repair_n)
+        elif wants_tokens:
+            tokens = load_calibration(source.tokenizer(), opts.calib, **opts.calibration())
         # offloaded and edited weights of a streamed model; removed below
         work = folder / ".moecompress-work" if opts.streamed and (repair != "none" or info.kind != "experts") else None
         working = 0
