@@ -179,7 +179,7 @@ def _to(obj, device, memo: dict):
     return obj
 
 
-ACTIVATIONS_DEVICE_SHARE = 32  # hidden states stay on the GPU up to 1/32 of its memory (a copy or two live at once)
+ACTIVATIONS_DEVICE_SHARE = 32  # hidden states stay on the GPU up to 1/32 of its memory (see _activation_store)
 
 
 def _activation_store(model, device: torch.device, first_calls: list) -> torch.device:

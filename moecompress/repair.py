@@ -129,7 +129,8 @@ class OriginalStream:
         self.attr, self.originals = view.spec.moe_block, originals
 
     def after(self, layer_idx: int) -> list[torch.Tensor]:
-        """Per batch, the original hidden states after decoder layer ``layer_idx`` (CPU)."""
+        """Per batch, the original hidden states after decoder layer ``layer_idx`` (where the
+        cursor stores them: ``capture._activation_store``)."""
         swapped = {i: getattr(self.decoder_layers[i], self.attr) for i in self.originals
                    if self.cursor.position <= i <= layer_idx}
         try:

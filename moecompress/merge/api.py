@@ -29,6 +29,7 @@ from ..arch import MoEModel, moe_view
 from ..capture import run_calibration
 from ..errors import MoECompressError
 from ..refit import refit_to_original
+from ..repair import DEFAULT_TARGET
 from .blocks import merged_expert, replace_blocks  # noqa: F401 (merged_expert: part of this module's API)
 from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .observe import MergeObserver
@@ -183,7 +184,7 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
                   metric: str = "euclidean", router: str = "dominant", refit: bool = True,
                   ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True,
                   offload_folder: str | os.PathLike | None = None, repair: str | None = None,
-                  repair_target: str = "both") -> MergeResult:
+                  repair_target: str = DEFAULT_TARGET) -> MergeResult:
     """Merge every MoE layer's experts into ``keep`` experts, in place.
 
     ``tokens`` [n, seq_len] are the calibration tokens (needed to cluster, to count
