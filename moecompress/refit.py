@@ -140,16 +140,24 @@ class RefitObserver:
             self.tokens[li] = torch.zeros(num, dtype=torch.long)
             self.err[li], self.ref[li] = 0.0, 0.0
         resid = self._residual(layer, x, y)
-        pending = [] if li in self.stream else None
+        feats = []
         for c, tok, feat, share in expert_features(layer, x, routing):
             self.gram[li][c] += feat.T @ feat
-            if pending is None:
-                self.rhs[li][c] += feat.T @ (resid[tok] * share[:, None])
-            else:
-                pending.append((c, tok, feat, share))
+            feats.append((c, tok, feat, share))
             self.tokens[li][c] += tok.numel()
-        if pending is not None:
-            self._pending[li] = (pending, resid)
+        self._right_hand_side(li, feats, resid)
+
+    def _right_hand_side(self, li: int, feats, resid: torch.Tensor) -> None:
+        """Add this batch's features against the layer's residual to the right-hand side, or,
+        with a stream target, keep them until the decoder layer's output is known."""
+        if li in self.stream:
+            self._pending[li] = (feats, resid)
+        else:
+            self._accumulate(li, feats, resid)
+
+    def _accumulate(self, li: int, feats, resid: torch.Tensor) -> None:
+        for c, tok, feat, share in feats:
+            self.rhs[li][c] += feat.T @ (resid[tok] * share[:, None])
 
     def _stream_residual(self, layer_idx: int, batch: int, out: torch.Tensor, layer_resid: torch.Tensor) -> torch.Tensor:
         """The target residual [T, H] (float32): e = h_orig - h, the original model's hidden states
@@ -162,12 +170,9 @@ class RefitObserver:
     @torch.no_grad()
     def layer_output(self, layer_idx: int, batch: int, out: torch.Tensor) -> None:
         pending = self._pending.pop(layer_idx, None)
-        if pending is None:
-            return
-        feats, layer_resid = pending
-        resid = self._stream_residual(layer_idx, batch, out, layer_resid)
-        for c, tok, feat, share in feats:
-            self.rhs[layer_idx][c] += feat.T @ (resid[tok] * share[:, None])
+        if pending is not None:
+            feats, layer_resid = pending
+            self._accumulate(layer_idx, feats, self._stream_residual(layer_idx, batch, out, layer_resid))
 
     def _residual(self, layer: MoELayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """e = y_orig - y [T, H] (float32); adds to the layer's error and reference sums."""
@@ -235,17 +240,10 @@ class JointRefitObserver(RefitObserver):
             feats[tok, c * inter:(c + 1) * inter] = feat
             self.tokens[li][c] += tok.numel()
         self.gram[li] += feats.T @ feats
-        if li in self.stream:
-            self._pending[li] = (feats, resid)
-        else:
-            self.rhs[li] += feats.T @ resid
+        self._right_hand_side(li, feats, resid)
 
-    @torch.no_grad()
-    def layer_output(self, layer_idx: int, batch: int, out: torch.Tensor) -> None:
-        pending = self._pending.pop(layer_idx, None)
-        if pending is not None:
-            feats, layer_resid = pending
-            self.rhs[layer_idx] += feats.T @ self._stream_residual(layer_idx, batch, out, layer_resid)
+    def _accumulate(self, li: int, feats: torch.Tensor, resid: torch.Tensor) -> None:
+        self.rhs[li] += feats.T @ resid
 
     @torch.no_grad()
     def apply(self, layer: MoELayer, ridge: float) -> None:
