@@ -10,7 +10,10 @@ already repaired layers before it) and fits, in closed form, on the calibration 
   squares solved jointly over all kept experts of the layer where ``kept * I <= 4096``
   (``JointRefitObserver``, exact), else the merge's per-expert step (residual shared among a
   token's selected experts by routing weight);
-* ``refit+router`` — first the kept experts' router rows, then the down projections as above.
+* ``refit+router`` — first the kept experts' router rows, then the down projections as above;
+* ``refit+tune`` — the down projections as above, then the kept experts' weights and router
+  weight tuned by backpropagation to the same target, block by block (EBFT;
+  :mod:`moecompress.blocktune`), from the pairs recorded in the same pass.
 
 Target (``target``, ``--repair-target``). ``stream``: the original model's hidden states after
 the decoder layer, ``h_orig``, on the original model's own activations; the re-fitted down
@@ -77,7 +80,7 @@ from .errors import MoECompressError
 from .onload import onloaded
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
-REPAIR_MODES = ("none", "refit", "refit+router")
+REPAIR_MODES = ("none", "refit", "refit+router", "refit+tune")
 # target -> weight of the stream residual (the rest: the layer's own residual)
 REPAIR_TARGETS = {"both": 0.5, "stream": 1.0, "layer": 0.0}
 DEFAULT_TARGET = "both"
@@ -261,22 +264,31 @@ def _original_blocks(model, original) -> dict[int, nn.Module]:
 @torch.no_grad()
 def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, ridge: float | None = None,
            router_ridge: float | None = None, batch_size: int = 8, progress: bool = True,
-           joint: bool = True, target: str = DEFAULT_TARGET) -> dict:
+           joint: bool = True, target: str = DEFAULT_TARGET, tune_epochs: int | None = None,
+           tune_lr: float | None = None, seed: int = 0) -> dict:
     """Re-fit ``model``'s (compressed) MoE layers, in place, so each reproduces the original
     layer on the calibration ``tokens`` [n, seq_len]; ``original`` is the uncompressed model or
     its MoE blocks ``{layer_idx: block}`` (only the MoE blocks are read). Returns the record
     for ``moecompress.json``: what was re-fitted per layer, and each layer's relative routed
     output error before the repair. ``mode="none"`` does nothing. ``ridge`` defaults to
-    ``JOINT_RIDGE`` where the down projections are fitted jointly, ``EXPERT_RIDGE`` per expert."""
+    ``JOINT_RIDGE`` where the down projections are fitted jointly, ``EXPERT_RIDGE`` per expert.
+    ``mode="refit+tune"`` then tunes each layer (:mod:`moecompress.blocktune`: ``tune_epochs``,
+    ``tune_lr``; ``seed`` orders its tokens)."""
+    from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, TunePairs, tune_layer
     from .merge.offload import write_back  # merge imports this package's refit: imported here
 
     check_mode(mode, target)
     router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
+    tune = mode == "refit+tune"
+    tune_epochs = DEFAULT_EPOCHS if tune_epochs is None else tune_epochs
+    tune_lr = DEFAULT_LR if tune_lr is None else tune_lr
     record = {"mode": mode, "ridge": ridge,
               "router_ridge": router_ridge if mode == "refit+router" else None,
               "target": {"both": "original residual stream and layer output, equally", "stream": "original residual stream",
                          "layer": "original layer output"}[target],
               "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
+    if tune:
+        record["tune"] = {"method": "block-wise tuning (EBFT), Adam", "epochs": tune_epochs, "lr": tune_lr, "seed": seed}
     if mode == "none":
         return record
     originals = _original_blocks(model, original)
@@ -306,10 +318,18 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
         targets = {li: stream.after(li)} if stream is not None else None
         down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
                                                                         REPAIR_TARGETS[target])
-        with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
+        observers = [down]
+        if tune:
+            pairs = TunePairs(li, originals[li], targets[li] if targets else None, REPAIR_TARGETS[target], cursor.store)
+            observers.append(pairs)
+        with cursor.editing(li, observers, progress=progress, description=f"repair: down projections of layer {li}"):
             with onloaded(layer.block):
                 lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
                 down.apply(layer, lam)
+                if tune:
+                    entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
+                                               device=cursor.device)
+                    del pairs
                 write_back(layer.block)
             entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
                 down.relative_error(li)
@@ -328,13 +348,20 @@ def working_bytes(view, keep: int, mode: str) -> int:
     joint = keep * inter <= JOINT_MAX_FEATURES
     down = 4 * ((keep * inter) ** 2 + keep * inter * hidden if joint else keep * inter * (inter + hidden))
     router = 4 * (keep * hidden) ** 2 if mode == "refit+router" and keep * hidden <= ROUTER_MAX_UNKNOWNS else 0
-    return max(down, router) * 3  # float64 copies while solving
+    tune = 0
+    if mode == "refit+tune":  # after the solve, its accumulators still held: a float32 copy of the
+        # kept block with its gradients and Adam's two moments, and one step's activations
+        from .blocktune import BATCH_TOKENS
+
+        tune = down + 16 * keep * (3 * inter * hidden + hidden) + 4 * BATCH_TOKENS * (layer.top_k * 4 * inter + 4 * hidden)
+    return max(down * 3, router * 3, tune)  # float64 copies while solving
 
 
 @torch.no_grad()
 def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,
                      ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
-                     progress: bool = True, offload_folder=None, target: str = DEFAULT_TARGET) -> dict:
+                     progress: bool = True, offload_folder=None, target: str = DEFAULT_TARGET,
+                     tune_epochs: int | None = None, tune_lr: float | None = None, seed: int = 0) -> dict:
     """Keep ``kept[layer_idx]`` experts of every MoE layer of ``model`` (in place) and repair
     the pruned layers against the original blocks. The pruned blocks are built one layer at a
     time by the merge's block builder (a cluster of one expert is that expert), so a streamed
@@ -346,4 +373,4 @@ def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *,
                      frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
     originals = replace_blocks(model, plan, METHODS["average"], "dominant", offload_folder)
     return repair(model, originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge, batch_size=batch_size,
-                  progress=progress, target=target)
+                  progress=progress, target=target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed)

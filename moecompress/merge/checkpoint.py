@@ -48,7 +48,7 @@ def merged_replacements(model, result: MergeResult) -> ModelReplacements:
     all down projections) and, with the weighted router rule, their router rows. Everything
     else equals the input's."""
     refit, router = result.options["refit"], result.options["router"]
-    refit_router = result.options.get("repair") == "refit+router"
+    refit_router = result.options.get("repair") in ("refit+router", "refit+tune")  # both change router rows
     groups = {}
     for li, clusters in result.clusters.items():
         groups[li] = {j: ({"experts"} if refit or len(m) > 1 else set()) |

@@ -46,16 +46,20 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     stun_unstructured: Literal["wanda", "moe-pruner", "magnitude"] = option(
         "wanda", "stun: second-stage method.", panel=_FINE)
     heapr_global: bool = option(False, "heapr: rank atoms globally and only ZERO them (no size saving).", panel=_FINE)
-    repair: Optional[Literal["none", "refit", "refit+router"]] = option(
+    repair: Optional[Literal["none", "refit", "refit+router", "refit+tune"]] = option(
         None, "Whole-expert methods: after removal, re-fit the kept experts to the original layers on the "
-        "calibration text: refit (down projections), refit+router (router rows first), none. Default: refit when "
-        "the calibration text is read (auto, naee, or --calib given), else none.")
+        "calibration text: refit (down projections, closed form), refit+router (router rows first), refit+tune "
+        "(then the kept experts and router tuned by backpropagation, layer by layer: better, slower), none. "
+        "Default: refit when the calibration text is read (auto, naee, or --calib given), else none.")
     repair_n: Optional[int] = option(None, "Calibration sequences the repair fits on: the -n sequences continued "
                                      "with the same seed (default 256, or all the text has; never fewer than -n).",
                                      ge=1)
     repair_ridge: Optional[float] = option(None, "Ridge of the down-projection re-fit (default 0.1 joint, 0.01 per "
                                            "expert; relative to the mean feature energy).", ge=0)
     router_ridge: Optional[float] = option(None, "Ridge of the router re-fit (default 1.0, relative).", ge=0)
+    tune_epochs: int = option(4, "--repair refit+tune: epochs over the calibration tokens per layer (the epoch "
+                              "with the least held-out error is kept, 0 = the closed-form fit).", ge=1)
+    tune_lr: float = option(1e-3, "--repair refit+tune: Adam learning rate.", gt=0)
     repair_target: Literal["both", "stream", "layer"] = option(
         "both", "What the re-fit reproduces: stream (the original model's hidden states after each layer, so "
         "drift from earlier layers is corrected too; GPTAQ's asymmetric target), layer (the original MoE layer "
@@ -91,7 +95,7 @@ class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     refit: bool = option(True, "Least-squares re-fit of the merged experts' down projections to the original layer "
                          "outputs (a second calibration pass).")
     ridge: float = option(0.01, "Ridge strength of the re-fit (relative to the mean feature energy).", ge=0)
-    repair: Optional[Literal["none", "refit", "refit+router"]] = option(
+    repair: Optional[Literal["none", "refit", "refit+router", "refit+tune"]] = option(
         None, "Instead of --refit: the repair of `prune --repair` (layer by layer, joint down-projection fit; "
         "refit+router re-fits the router rows too).")
     repair_target: Literal["both", "stream", "layer"] = option(

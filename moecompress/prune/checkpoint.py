@@ -176,9 +176,10 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
 
         result.info["repair"] = prune_and_repair(lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge,
                                                  router_ridge=opts.router_ridge, batch_size=batch_size,
-                                                 target=opts.repair_target,
+                                                 target=opts.repair_target, tune_epochs=opts.tune_epochs,
+                                                 tune_lr=opts.tune_lr, seed=opts.seed,
                                                  progress=progress, offload_folder=work / "pruned" if work else None)
-        parts = {"experts", "router"} if repair == "refit+router" else {"experts"}
+        parts = {"experts", "router"} if repair in ("refit+router", "refit+tune") else {"experts"}
         replace = ModelReplacements(moe_view(lm), {li: {j: parts for j in range(keep)} for li in result.kept})
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
