@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=list(KEEPS))
     ap.add_argument("--methods", nargs="+", help="default: every method (--acceptance: frequency, "
                     "weighted-ean-sum and the default)")
-    ap.add_argument("--repairs", nargs="+", help="none refit refit+router, each optionally @stream or @layer "
+    ap.add_argument("--repairs", nargs="+", help="none refit refit+router refit+tune, each optionally @stream or @layer "
                     "(the re-fit's target) and :RIDGE (default: none; --acceptance: none and the default repair)")
     ap.add_argument("--seeds", nargs="+", type=int, help="calibration seeds (default 0; --acceptance: 0 1 2)")
     ap.add_argument("--keeps", nargs="*", default=[], help="MODEL=K1,K2,... (default: 24,16,8 / 6,4,2)")
@@ -172,7 +172,7 @@ def run(a: argparse.Namespace) -> list[dict]:
                         if same is not None:  # e.g. auto at kept <= top-k is frequency: measured once
                             row.update({k: same[k] for k in ("ppl", "repair_s", "eval_s")}, same_as=same["method"])
                         else:
-                            row.update(prune_eval(model, kept, repair, rtokens, batch_size, src, ids, a.device))
+                            row.update(prune_eval(model, kept, repair, rtokens, batch_size, src, ids, a.device, seed))
                             evaluated[(calib, json.dumps(kept, sort_keys=True), repair)] = row
                         rows.append(row)
                         print(json.dumps({k: v for k, v in row.items() if k != "kept"}), flush=True)
@@ -182,16 +182,21 @@ def run(a: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def prune_eval(model, kept, repair, tokens, batch_size, src, ids, device) -> dict:
+def prune_eval(model, kept, repair, tokens, batch_size, src, ids, device, seed: int = 0) -> dict:
     pruned = copy.deepcopy(model)
     t = time.perf_counter()
     if repair == "none":
         moe_view(pruned).keep_experts(kept)
-    else:  # MODE[@TARGET][:RIDGE] (e.g. refit@layer: the re-fit's target before the stream target)
-        spec, _, ridge = repair.partition(":")
+    else:  # MODE[@TARGET][:RIDGE][/eEPOCHS][/lrLR] (e.g. refit@layer: the re-fit's target before the
+        # stream target; refit+tune/e2/lr3e-4: the tuning's epochs and learning rate)
+        spec, *tune = repair.split("/")
+        tune = {t[:1] if t[0] == "e" else t[:2]: float(t[1:] if t[0] == "e" else t[2:]) for t in tune}
+        spec, _, ridge = spec.partition(":")
         mode, _, target = spec.partition("@")
         prune_and_repair(pruned, kept, tokens, mode=mode, batch_size=batch_size, progress=False,
-                         target=target or DEFAULT_TARGET, ridge=float(ridge) if ridge else None)
+                         target=target or DEFAULT_TARGET, ridge=float(ridge) if ridge else None,
+                         tune_epochs=int(tune["e"]) if "e" in tune else None, tune_lr=tune.get("lr"),
+                         seed=seed)  # orders refit+tune's tokens, as prune --seed does
     repair_s = time.perf_counter() - t
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,12 +270,22 @@ def markdown(rows: list[dict], keeps: dict, calib: str = "calib_mix.txt") -> str
 
 
 def verdicts(means: dict, calib: str = "calib_mix.txt") -> list[str]:
-    """Issue 19's acceptance on the measured means (only what the rows cover)."""
+    """Issue 19's acceptance on the measured means (only what the rows cover): for the default
+    (``DEFAULT_METHOD`` + ``--repair DEFAULT_MODE``) and, where measured, the default method with
+    ``--repair refit+tune``."""
     out = []
-    default = {k[:3]: m for k, m in means.items() if k[3] == DEFAULT_METHOD and k[4] == DEFAULT_MODE and k[1] == calib}
+    for mode in (DEFAULT_MODE, "refit+tune"):
+        out += _verdicts(means, calib, mode)
+    return out
+
+
+def _verdicts(means: dict, calib: str, mode: str) -> list[str]:
+    out = []
+    default = {k[:3]: m for k, m in means.items() if k[3] == DEFAULT_METHOD and k[4] == mode and k[1] == calib}
     if not default:
         return out
-    out += [f"Acceptance (mean over the seeds measured; default = {DEFAULT_METHOD} + --repair {DEFAULT_MODE}):", ""]
+    label = "default" if mode == DEFAULT_MODE else "default method"
+    out += [f"Acceptance (mean over the seeds measured; {label} = {DEFAULT_METHOD} + --repair {mode}):", ""]
     for (model, keep), targets in TARGETS.items():
         m = default.get((model, calib, keep))
         if m is not None:
@@ -278,7 +293,7 @@ def verdicts(means: dict, calib: str = "calib_mix.txt") -> list[str]:
                 ok = "met" if m["ppl"][d] <= bar else "**not met**"
                 out.append(f"* {model} {keep} kept, {d}: {m['ppl'][d]:.3f} <= {bar} {ok}")
     for baseline in ("frequency", "weighted-ean-sum"):
-        for repair in ("none", DEFAULT_MODE):
+        for repair in ("none", mode):
             worst, n = None, 0
             for (model, c, keep), m in default.items():
                 b = means.get((model, c, keep, baseline, repair))
