@@ -107,7 +107,8 @@ def _loss(block: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor], devi
 
 
 def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
-               seed: int = 0, device: torch.device | None = None, batch_tokens: int = BATCH_TOKENS) -> dict:
+               seed: int = 0, device: torch.device | None = None, batch_tokens: int = BATCH_TOKENS,
+               autocast: torch.dtype | None = None) -> dict:
     """Tune ``layer``'s routed experts and router weight (in place; the block must be onloaded)
     on ``pairs``; returns the record (losses per epoch, the kept epoch)."""
     device = device or layer.router_weight.device
@@ -142,8 +143,9 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
         for i in range(0, order.numel(), batch_tokens):
             idx = order[i:i + batch_tokens]
             xb, tb = x_all[idx].to(device), t_all[idx].to(device)
-            with torch.enable_grad():
-                loss = (block_output(block, xb) - tb).square().mean()
+            with torch.enable_grad(), torch.autocast(torch.device(device).type, dtype=autocast,
+                                                     enabled=autocast is not None):
+                loss = (block_output(block, xb).float() - tb).square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
