@@ -173,3 +173,19 @@ def test_prune_checkpoint_tunes_deterministically_and_streamed_equals_in_memory(
     assert record["parameters"]["repair"] == "refit+tune" and record["parameters"]["tune_epochs"] == 2
     assert record["info"]["repair"]["tune"]["lr"] == 1e-3
     assert all(e["tune"]["kept_epoch"] == 2 for e in record["info"]["repair"]["layers"].values())
+
+
+def test_cli_tune_options(calib_ckpt, tmp_path):
+    from moecompress.testing import invoke_cli
+
+    src, calib = calib_ckpt / "tiny", str(calib_ckpt / "calib.txt")
+    r = invoke_cli("prune", str(src), "-o", str(tmp_path / "o"), "--keep", "4", "--method", "frequency",
+                   "--calib", calib, "-n", "4", "--seq-len", "32", "--repair", "refit+tune", "--tune-epochs", "1",
+                   "--tune-lr", "0.002")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "o" / "moecompress.json").read_text())["info"]["repair"]
+    assert rep["mode"] == "refit+tune" and rep["tune"]["epochs"] == 1 and rep["tune"]["lr"] == 0.002
+    assert all(len(e["tune"]["heldout_loss"]) == 2 for e in rep["layers"].values())
+    r = invoke_cli("prune", str(src), "-o", str(tmp_path / "p"), "--keep", "4", "--calib", calib,
+                   "--repair", "refit+tune", "--tune-epochs", "0")
+    assert r.exit_code == 2 and not (tmp_path / "p").exists()
