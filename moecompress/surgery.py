@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import formats, mtp
+from .integrity import first_nonfinite_tensor, note_finite_file
 from .arch import MoELayer, MoEModel, meta_view  # noqa: F401 (meta_view: re-exported)
 from .source import load_config
 
@@ -325,7 +326,10 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
         # Kept order: sorted keys give deterministic bytes whatever the dict order was.
         tensors = dict(sorted(tensors.items()))
         if tensors or len(shards) == 1:  # a shard that held only dropped MTP tensors is not written
-            save_file(tensors, out / shard.name, metadata=metadata or {"format": "pt"})
+            finite = first_nonfinite_tensor(tensors) is None  # scanned here, in memory: the output check
+            save_file(tensors, out / shard.name, metadata=metadata or {"format": "pt"})  # need not read it
+            if finite:
+                note_finite_file(out / shard.name)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({k: shard.name for k in tensors})
         if progress is not None:

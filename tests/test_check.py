@@ -161,3 +161,43 @@ def test_the_fast_nonfinite_scan_equals_isfinite(dtype):
                 t = torch.randn(40, generator=g).to(dtype)
                 t.view(torch.int16)[17] = bits + sign
                 assert has_nonfinite(t) == bool((~torch.isfinite(t)).any()) == True  # noqa: E712
+
+
+
+def test_surgery_outputs_scanned_while_written_are_not_read_again(tmp_path, monkeypatch):
+    """Shard surgery scans each output shard's tensors in memory and notes the file: the output
+    check then skips it (no second read) while the file is unchanged; a changed file, or one
+    written with NaN, is read and reported as before."""
+    from safetensors.torch import load_file, save_file
+
+    from moecompress.integrity import first_nonfinite, first_nonfinite_tensor, note_finite_file
+
+    assert first_nonfinite_tensor({"b": torch.ones(3), "a": torch.tensor([1.0, float("inf")]),
+                                   "i": torch.arange(3)}) == "a"
+    assert first_nonfinite_tensor({"q": torch.full((4,), 448.0).to(torch.float8_e4m3fn)}) is None
+    assert first_nonfinite_tensor({"q": torch.tensor([float("nan")]).to(torch.float8_e4m3fn)}) == "q"
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(4, 4)}, path)
+    note_finite_file(path)
+    reads = []
+    import safetensors
+
+    original = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
+    assert first_nonfinite(tmp_path) is None and reads == []  # noted: not read
+    t = load_file(path)
+    t["w"][1, 2] = float("nan")
+    save_file(t, path)  # changed since it was noted: read again, the NaN found
+    assert first_nonfinite(tmp_path) == "w" and len(reads) == 1
+
+
+def test_prune_output_check_reads_no_shard_surgery_wrote(calib_ckpt, tmp_path, monkeypatch):
+    import safetensors
+
+    from moecompress.prune import prune_checkpoint
+
+    original, reads = safetensors.safe_open, []
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: reads.append(str(a[0])) or original(*a, **k))
+    prune_checkpoint(calib_ckpt / "tiny", tmp_path / "o", keep=4, method="frequency", progress=False)
+    scanned = [r for r in reads if ".o.tmp" in r]
+    assert (tmp_path / "o" / "model.safetensors").exists() and scanned == [], scanned
