@@ -110,14 +110,17 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
                seed: int = 0, device: torch.device | None = None, batch_tokens: int = BATCH_TOKENS,
                autocast: torch.dtype | None = None) -> dict:
     """Tune ``layer``'s routed experts and router weight (in place; the block must be onloaded)
-    on ``pairs``; returns the record (losses per epoch, the kept epoch)."""
+    on ``pairs`` (consumed: their training batches are released); returns the record (losses
+    per epoch, the kept epoch)."""
     device = device or layer.router_weight.device
     batches = len(pairs.x)
     held = batches // HELDOUT_SHARE if batches >= 2 else 0
     held = max(held, 1) if batches >= 2 else 0
-    train_x, train_t = pairs.x[: batches - held], pairs.target[: batches - held]
     val_x, val_t = pairs.x[batches - held:], pairs.target[batches - held:]
-    x_all, t_all = torch.cat(train_x), torch.cat(train_t)
+    x_all, t_all = torch.cat(pairs.x[: batches - held]), torch.cat(pairs.target[: batches - held])
+    # the pairs are used once: drop the per-batch copies of what was concatenated (peak memory)
+    pairs.x, pairs.target = list(val_x), list(val_t)
+    train_x, train_t = [x_all], [t_all]
 
     block = detached_copy(layer.block).to(device=device, dtype=torch.float32)
     view = MoELayer(layer.model, layer.spec, layer.layer_idx, block)
