@@ -114,8 +114,7 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
     per epoch, the kept epoch)."""
     device = device or layer.router_weight.device
     batches = len(pairs.x)
-    held = batches // HELDOUT_SHARE if batches >= 2 else 0
-    held = max(held, 1) if batches >= 2 else 0
+    held = max(1, batches // HELDOUT_SHARE) if batches >= 2 else 0
     val_x, val_t = pairs.x[batches - held:], pairs.target[batches - held:]
     x_all, t_all = torch.cat(pairs.x[: batches - held]), torch.cat(pairs.target[: batches - held])
     # the pairs are used once: drop the per-batch copies of what was concatenated (peak memory)
@@ -142,7 +141,7 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
     record["heldout_loss" if held else "train_loss"].append(best_loss)
     for epoch in range(1, epochs + 1):
         order = torch.randperm(x_all.shape[0], generator=gen)
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), dtype=torch.float64, device=device), 0  # summed where computed: no sync per step
         for i in range(0, order.numel(), batch_tokens):
             idx = order[i:i + batch_tokens]
             xb, tb = x_all[idx].to(device), t_all[idx].to(device)
@@ -152,10 +151,10 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            total += float(loss.detach())
+            total += loss.detach()
             steps += 1
         if held:
-            record["train_loss"].append(total / max(steps, 1))
+            record["train_loss"].append(float(total) / max(steps, 1))
             current = _loss(block, val_x, val_t, device)
             record["heldout_loss"].append(current)
         else:
