@@ -296,18 +296,21 @@ def test_cli_repair_option(calib_ckpt, tmp_path):
     assert r.exit_code == 2 and not (tmp_path / "p").exists()
 
 
-def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, tmp_path):
+@pytest.mark.parametrize("mode", ["refit+router", "refit+tune"])
+def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, tmp_path, mode):
     from moecompress.merge import merge_checkpoint
 
     src, calib = calib_ckpt / "tiny", str(calib_ckpt / "calib.txt")
     kw = dict(keep=4, calib=calib, n=4, seq_len=32, progress=False)
-    merge_checkpoint(src, tmp_path / "r", repair="refit+router", **kw)
+    merge_checkpoint(src, tmp_path / "r", repair=mode, **kw)
     merge_checkpoint(src, tmp_path / "n", repair="none", **kw)
     tr, tn = _tensors(tmp_path / "r"), _tensors(tmp_path / "n")
     changed = {k for k in tr if not torch.equal(tr[k], tn[k])}
     assert any("down_proj" in k for k in changed) and any("gate.weight" in k for k in changed)
+    if mode == "refit+tune":  # the tuned gate/up projections are written too
+        assert any("up_proj" in k for k in changed)
     record = json.loads((tmp_path / "r" / "moecompress.json").read_text())
-    assert record["parameters"]["repair"] == "refit+router"
+    assert record["parameters"]["repair"] == mode
 
 
 def test_auto_is_naee_above_top_k_and_frequency_at_or_below():
