@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .arch import MoELayer, Routing
+from .capture import _bar
 from .onload import detached_copy
 from .options.stages import PruneOptions
 from .refit import block_output
@@ -108,10 +109,10 @@ def _loss(block: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor], devi
 
 def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                seed: int = 0, device: torch.device | None = None, batch_tokens: int = BATCH_TOKENS,
-               autocast: torch.dtype | None = None) -> dict:
+               autocast: torch.dtype | None = None, progress: bool = False) -> dict:
     """Tune ``layer``'s routed experts and router weight (in place; the block must be onloaded)
     on ``pairs`` (consumed: their training batches are released); returns the record (losses
-    per epoch, the kept epoch)."""
+    per epoch, the kept epoch). ``autocast`` (a dtype) is for benchmarks (bench/tune_speed.py)."""
     device = device or layer.router_weight.device
     batches = len(pairs.x)
     held = max(1, batches // HELDOUT_SHARE) if batches >= 2 else 0
@@ -119,49 +120,46 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
     x_all, t_all = torch.cat(pairs.x[: batches - held]), torch.cat(pairs.target[: batches - held])
     # the pairs are used once: drop the per-batch copies of what was concatenated (peak memory)
     pairs.x, pairs.target = list(val_x), list(val_t)
-    train_x, train_t = [x_all], [t_all]
+    scored = (val_x, val_t) if held else ([x_all], [t_all])  # what picks the kept epoch
 
     block = detached_copy(layer.block).to(device=device, dtype=torch.float32)
-    view = MoELayer(layer.model, layer.spec, layer.layer_idx, block)
-    tuned = trainable_parameters(view)
+    tuned = trainable_parameters(MoELayer(layer.model, layer.spec, layer.layer_idx, block))
+    trained = {id(p) for p in tuned.values()}
     for p in block.parameters():
-        p.requires_grad_(False)
-    for p in tuned.values():
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in trained)
     opt = torch.optim.Adam(list(tuned.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
 
-    def snapshot():
-        return {n: p.detach().clone() for n, p in tuned.items()}
-
     record = {"epochs": epochs, "lr": lr, "batch_tokens": batch_tokens, "train_tokens": int(x_all.shape[0]),
               "heldout_tokens": int(sum(x.shape[0] for x in val_x)), "train_loss": [], "heldout_loss": []}
-    scored = (val_x, val_t) if held else (train_x, train_t)
     best_loss, best_epoch, best = _loss(block, *scored, device), 0, None
     record["heldout_loss" if held else "train_loss"].append(best_loss)
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(x_all.shape[0], generator=gen)
-        total, steps = torch.zeros((), dtype=torch.float64, device=device), 0  # summed where computed: no sync per step
-        for i in range(0, order.numel(), batch_tokens):
-            idx = order[i:i + batch_tokens]
-            xb, tb = x_all[idx].to(device), t_all[idx].to(device)
-            with torch.enable_grad(), torch.autocast(torch.device(device).type, dtype=autocast,
-                                                     enabled=autocast is not None):
-                loss = (block_output(block, xb).float() - tb).square().mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            total += loss.detach()
-            steps += 1
-        if held:
-            record["train_loss"].append(float(total) / max(steps, 1))
-            current = _loss(block, val_x, val_t, device)
-            record["heldout_loss"].append(current)
-        else:
-            current = _loss(block, train_x, train_t, device)
-            record["train_loss"].append(current)
-        if current < best_loss:
-            best_loss, best_epoch, best = current, epoch, snapshot()
+    steps_per_epoch = -(-x_all.shape[0] // batch_tokens)
+    with _bar(progress) as bar:
+        task = bar.add_task(f"repair: tuning layer {layer.layer_idx}", total=epochs * steps_per_epoch)
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(x_all.shape[0], generator=gen)
+            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+            for i in range(0, order.numel(), batch_tokens):
+                idx = order[i:i + batch_tokens]
+                xb, tb = x_all[idx].to(device), t_all[idx].to(device)
+                with torch.enable_grad(), torch.autocast(torch.device(device).type, dtype=autocast,
+                                                         enabled=autocast is not None):
+                    loss = (block_output(block, xb).float() - tb).square().mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                total += loss.detach()
+                bar.advance(task)
+            current = _loss(block, *scored, device)
+            if held:
+                record["train_loss"].append(float(total) / steps_per_epoch)
+                record["heldout_loss"].append(current)
+            else:
+                record["train_loss"].append(current)
+            if current < best_loss:
+                best_loss, best_epoch = current, epoch
+                best = {n: p.detach().clone() for n, p in tuned.items()}
     record["kept_epoch"] = best_epoch
     if best is not None:
         params = dict(layer.block.named_parameters())
@@ -169,3 +167,33 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
             for name, value in best.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
     return record
+
+
+def plot_tuning(record: dict, path) -> None:
+    """``repair_tuning.png``: per layer, the held-out loss of each epoch relative to the closed
+    form's (epoch 0), the kept epoch marked: where the tuning helped, and where it stopped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for li, entry in sorted(record.get("layers", {}).items(), key=lambda kv: int(kv[0])):
+        tune = entry.get("tune") or {}
+        losses = tune.get("heldout_loss") or tune.get("train_loss") or []
+        if not losses or not losses[0]:
+            continue
+        rel = [v / losses[0] for v in losses]
+        (line,) = ax.plot(range(len(rel)), rel, marker=".", lw=1, label=f"layer {li}")
+        kept = tune.get("kept_epoch", 0)
+        ax.plot([kept], [rel[kept]], marker="o", ms=8, mfc="none", color=line.get_color())
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("epoch (0 = the closed-form re-fit)")
+    ax.set_ylabel("held-out loss / closed form's")
+    ax.set_title("repair: block-wise tuning (circles: kept epoch)")
+    if len(record.get("layers", {})) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
+    plt.close(fig)

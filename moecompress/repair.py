@@ -328,7 +328,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
                 down.apply(layer, lam)
                 if tune:
                     entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
-                                               device=cursor.device)
+                                               device=cursor.device, progress=progress)
                     del pairs
                 write_back(layer.block)
             entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \

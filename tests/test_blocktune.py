@@ -173,6 +173,8 @@ def test_prune_checkpoint_tunes_deterministically_and_streamed_equals_in_memory(
     assert record["parameters"]["repair"] == "refit+tune" and record["parameters"]["tune_epochs"] == 2
     assert record["info"]["repair"]["tune"]["lr"] == 1e-3
     assert all(e["tune"]["kept_epoch"] == 2 for e in record["info"]["repair"]["layers"].values())
+    png = [(tmp_path / d / "repair_tuning.png").read_bytes() for d in "ab"]
+    assert png[0][:8] == b"\x89PNG\r\n\x1a\n" and png[0] == png[1]  # a picture of the tuning, deterministic
 
 
 def test_cli_tune_options(calib_ckpt, tmp_path):

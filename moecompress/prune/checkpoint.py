@@ -179,6 +179,10 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
                                                  target=opts.repair_target, tune_epochs=opts.tune_epochs,
                                                  tune_lr=opts.tune_lr, seed=opts.seed,
                                                  progress=progress, offload_folder=work / "pruned" if work else None)
+        if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
+            from ..blocktune import plot_tuning
+
+            plot_tuning(result.info["repair"], folder / "repair_tuning.png")
         parts = {"experts", "router"} if repair in ("refit+router", "refit+tune") else {"experts"}
         replace = ModelReplacements(moe_view(lm), {li: {j: parts for j in range(keep)} for li in result.kept})
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
