@@ -66,6 +66,31 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides)
     return model.eval()
 
 
+def pruned_with_originals(model_type: str, kept: list[int], seed: int = 0):
+    """A tiny model whose MoE layers keep ``kept`` experts, and its original MoE blocks
+    ``{layer_idx: block}`` (the repair's reference)."""
+    from .arch import moe_view
+    from .refit import swap_in_copies
+
+    model = tiny_model(model_type, seed=seed)
+    originals = swap_in_copies(model)
+    view = moe_view(model)
+    view.keep_experts({layer.layer_idx: list(kept) for layer in view})
+    return model, originals
+
+
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors files."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def tokens(batch: int = 2, seq: int = 12, vocab: int = 90, seed: int = 0) -> torch.Tensor:
     """Random token ids inside every tiny model's vocabulary (ids 0-2 are special)."""
     g = torch.Generator().manual_seed(seed)

@@ -14,17 +14,11 @@ from moecompress.capture import LayerCursor
 from moecompress.prune import prune_checkpoint
 from moecompress.refit import block_output, swap_in_copies
 from moecompress.repair import OriginalStream, repair
-from moecompress.testing import tiny_model, tokens
+from moecompress.testing import pruned_with_originals, saved_tensors, tiny_model, tokens
 
 KEPT = [0, 2, 3, 5]
 
 
-def _pruned(family, kept=KEPT):
-    model = tiny_model(family)
-    originals = swap_in_copies(model)
-    view = moe_view(model)
-    view.keep_experts({layer.layer_idx: list(kept) for layer in view})
-    return model, originals
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "llama4_text", "gpt_oss"])
@@ -48,7 +42,7 @@ def test_pairs_target_is_the_repairs_objective(target, weight):
     original and the pruned model's hidden states after that decoder layer from the two whole
     models' own output_hidden_states, y and y_orig the pruned and original blocks on x."""
     original = tiny_model("qwen3_moe")
-    model, originals = _pruned("qwen3_moe")
+    model, originals = pruned_with_originals("qwen3_moe", KEPT)
     toks = tokens(4, 12)
     view = moe_view(model)
     layer = view.layers[0]
@@ -69,7 +63,7 @@ def test_pairs_target_is_the_repairs_objective(target, weight):
 
 
 def _layer_and_pairs(family="qwen3_moe", n=8):
-    model, originals = _pruned(family)
+    model, originals = pruned_with_originals(family, KEPT)
     toks = tokens(n, 16)
     view = moe_view(model)
     layer = view.layers[0]
@@ -135,23 +129,15 @@ def test_refit_tune_keeps_the_closed_form_where_tuning_does_not_generalise():
     rises from the first epoch): every layer keeps epoch 0, and the model equals the closed-form
     repair's bit for bit; the record says so."""
     toks = tokens(8, 16)
-    fitted, originals = _pruned("deepseek_v3")
+    fitted, originals = pruned_with_originals("deepseek_v3", KEPT)
     repair(fitted, originals, toks, mode="refit", batch_size=2, progress=False)
-    tuned, originals2 = _pruned("deepseek_v3")
+    tuned, originals2 = pruned_with_originals("deepseek_v3", KEPT)
     record = repair(tuned, originals2, toks, mode="refit+tune", batch_size=2, progress=False, tune_lr=1e-2)
     assert all(e["tune"]["kept_epoch"] == 0 for e in record["layers"].values())
     a, b = fitted.state_dict(), tuned.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert record["tune"]["lr"] == 1e-2 and record["mode"] == "refit+tune"
 
-
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_prune_checkpoint_tunes_deterministically_and_streamed_equals_in_memory(calib_ckpt, tmp_path):
@@ -162,7 +148,7 @@ def test_prune_checkpoint_tunes_deterministically_and_streamed_equals_in_memory(
     prune_checkpoint(src, tmp_path / "b", **kw)
     prune_checkpoint(src, tmp_path / "s", max_cpu_memory="40KB", **kw)
     prune_checkpoint(src, tmp_path / "r", **{**kw, "repair": "refit"})
-    ta, tb, ts, tr = (_tensors(tmp_path / d) for d in "absr")
+    ta, tb, ts, tr = (saved_tensors(tmp_path / d) for d in "absr")
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k  # same inputs, same bytes
         torch.testing.assert_close(ts[k], ta[k], rtol=1e-2, atol=1e-3)  # bf16: rounding of equal sums

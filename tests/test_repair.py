@@ -14,7 +14,7 @@ from moecompress.errors import MoECompressError
 from moecompress.prune import prune_checkpoint
 from moecompress.refit import JointRefitObserver, block_output, swap_in_copies
 from moecompress.repair import RouterObserver, repair
-from moecompress.testing import invoke_cli, tiny_model, tokens
+from moecompress.testing import invoke_cli, pruned_with_originals, saved_tensors, tiny_model, tokens
 
 KEPT = [0, 2, 3, 5]
 
@@ -27,12 +27,6 @@ class _Recorder:
         self.calls.setdefault(layer.layer_idx, []).append((x.clone(), routing, y.clone()))
 
 
-def _pruned(family, kept=KEPT):
-    model = tiny_model(family)
-    originals = swap_in_copies(model)
-    view = moe_view(model)
-    view.keep_experts({layer.layer_idx: list(kept) for layer in view})
-    return model, originals
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "llama4_text"])
@@ -61,7 +55,7 @@ def test_router_refit_equals_brute_force_gauss_newton(family):
     output with respect to its router rows (selection held fixed, as topk's gradient does):
     normalised softmax (qwen3), plain softmax (olmoe), normalised scaled sigmoid (deepseek_v3)."""
     ridge = 0.05
-    model, originals = _pruned(family)
+    model, originals = pruned_with_originals(family, KEPT)
     layer, calls = _first_layer_traffic(model, tokens(3, 12))
     obs = RouterObserver(layer.layer_idx, originals[layer.layer_idx])
     for x, routing, y in calls:
@@ -129,7 +123,7 @@ def test_joint_down_refit_equals_brute_force_least_squares():
     """The joint down-projection fit equals ridge least squares on the stacked per-token
     features [a_1 h_1(x), ..., a_S h_S(x)] (zero for unselected experts), built token by token."""
     ridge = 0.05
-    model, originals = _pruned("qwen3_moe")
+    model, originals = pruned_with_originals("qwen3_moe", KEPT)
     layer, calls = _first_layer_traffic(model, tokens(3, 12))
     obs = JointRefitObserver({layer.layer_idx: originals[layer.layer_idx]})
     with torch.no_grad():
@@ -146,7 +140,7 @@ def _stream_case():
     token (float64): the stream's h_orig - h after the decoder layer, from the original and the
     pruned model's own ``output_hidden_states``, and the layer's y_orig(x) - y(x)."""
     original = tiny_model("qwen3_moe")
-    model, originals = _pruned("qwen3_moe")
+    model, originals = pruned_with_originals("qwen3_moe", KEPT)
     toks = tokens(3, 12)
     layer, calls = _first_layer_traffic(model, toks)
     li = layer.layer_idx
@@ -215,25 +209,17 @@ def test_per_expert_refit_of_both_targets_equals_brute_force_least_squares():
 
 @pytest.mark.parametrize("mode", ["refit", "refit+router"])
 def test_repair_lowers_every_layers_error(mode):
-    model, originals = _pruned("qwen3_moe")
+    model, originals = pruned_with_originals("qwen3_moe", KEPT)
     toks = tokens(6, 24)
     repair(model, originals, toks, mode=mode, batch_size=3, progress=False)
     again = repair(model, originals, toks, mode="refit", batch_size=3, progress=False)  # errors after the first repair
-    fresh, fresh_originals = _pruned("qwen3_moe")
+    fresh, fresh_originals = pruned_with_originals("qwen3_moe", KEPT)
     before = repair(fresh, fresh_originals, toks, mode="none", progress=False)
     assert before["layers"] == {}
-    first = repair(*_pruned("qwen3_moe"), toks, mode=mode, batch_size=3, progress=False)
+    first = repair(*pruned_with_originals("qwen3_moe", KEPT), toks, mode=mode, batch_size=3, progress=False)
     for li, entry in again["layers"].items():
         assert entry["relative_error"] < first["layers"][li]["relative_error"], li
 
-
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_prune_checkpoint_repairs_deterministically_and_streamed_equals_in_memory(calib_ckpt, tmp_path):
@@ -243,7 +229,7 @@ def test_prune_checkpoint_repairs_deterministically_and_streamed_equals_in_memor
     prune_checkpoint(src, tmp_path / "b", repair="refit+router", **kw)
     prune_checkpoint(src, tmp_path / "s", max_cpu_memory="40KB", repair="refit+router", **kw)
     plain = prune_checkpoint(src, tmp_path / "n", repair="none", **kw)
-    ta, tb, ts, tn = (_tensors(tmp_path / d) for d in "absn")
+    ta, tb, ts, tn = (saved_tensors(tmp_path / d) for d in "absn")
     assert ta.keys() == tb.keys() == ts.keys() == tn.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k  # same inputs, same bytes
@@ -304,7 +290,7 @@ def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, t
     kw = dict(keep=4, calib=calib, n=4, seq_len=32, progress=False)
     merge_checkpoint(src, tmp_path / "r", repair=mode, **kw)
     merge_checkpoint(src, tmp_path / "n", repair="none", **kw)
-    tr, tn = _tensors(tmp_path / "r"), _tensors(tmp_path / "n")
+    tr, tn = saved_tensors(tmp_path / "r"), saved_tensors(tmp_path / "n")
     changed = {k for k in tr if not torch.equal(tr[k], tn[k])}
     assert any("down_proj" in k for k in changed) and any("gate.weight" in k for k in changed)
     if mode == "refit+tune":  # the tuned gate/up projections are written too
