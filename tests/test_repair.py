@@ -288,7 +288,7 @@ def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, t
 
     src, calib = calib_ckpt / "tiny", str(calib_ckpt / "calib.txt")
     kw = dict(keep=4, calib=calib, n=4, seq_len=32, progress=False)
-    merge_checkpoint(src, tmp_path / "r", repair=mode, **kw)
+    merge_checkpoint(src, tmp_path / "r", repair=mode, **kw, **({"tune_epochs": 3} if mode == "refit+tune" else {}))
     merge_checkpoint(src, tmp_path / "n", repair="none", **kw)
     tr, tn = saved_tensors(tmp_path / "r"), saved_tensors(tmp_path / "n")
     changed = {k for k in tr if not torch.equal(tr[k], tn[k])}
@@ -297,6 +297,8 @@ def test_merge_with_repair_refits_router_rows_and_down_projections(calib_ckpt, t
         assert any("up_proj" in k for k in changed)
     record = json.loads((tmp_path / "r" / "moecompress.json").read_text())
     assert record["parameters"]["repair"] == mode
+    if mode == "refit+tune":
+        assert record["parameters"]["tune_epochs"] == 3
 
 
 def test_auto_is_naee_above_top_k_and_frequency_at_or_below():

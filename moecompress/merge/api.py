@@ -184,13 +184,16 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
                   metric: str = "euclidean", router: str = "dominant", refit: bool = True,
                   ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True,
                   offload_folder: str | os.PathLike | None = None, repair: str | None = None,
-                  repair_target: str = DEFAULT_TARGET) -> MergeResult:
+                  repair_target: str = DEFAULT_TARGET, tune_epochs: int | None = None, tune_lr: float | None = None,
+                  seed: int = 0) -> MergeResult:
     """Merge every MoE layer's experts into ``keep`` experts, in place.
 
     ``tokens`` [n, seq_len] are the calibration tokens (needed to cluster, to count
     frequencies unless ``stats`` gives them, and for the re-fit). ``clusters`` overrides the
     method's clustering (``{layer_idx: [[experts], ...]}``); the method still decides how a
-    cluster is merged.
+    cluster is merged. ``repair`` (instead of ``refit``) runs ``repair.repair`` on the merged
+    layers, with ``repair_target``, and for ``refit+tune`` ``tune_epochs``, ``tune_lr`` and
+    ``seed``.
 
     The model may be streamed (``load_model(max_gpu_memory=...)``): layers are merged one at
     a time from onloaded weights and the merged blocks are offloaded to ``offload_folder``
@@ -233,7 +236,7 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         from ..repair import repair as run_repair
 
         record = run_repair(model, originals, tokens, mode=repair, batch_size=batch_size, progress=progress,
-                            target=repair_target)
+                            target=repair_target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed)
         errors = {li: v.get("relative_error") for li, v in record["layers"].items()}
         del originals
     elif refit:

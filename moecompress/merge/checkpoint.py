@@ -131,7 +131,8 @@ def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
                                metric=opts.distance, router=opts.router, refit=refit, ridge=opts.ridge,
                                batch_size=batch_size, progress=progress,
                                offload_folder=work / "merged" if work else None, repair=opts.repair,
-                               repair_target=opts.repair_target)
+                               repair_target=opts.repair_target, tune_epochs=opts.tune_epochs, tune_lr=opts.tune_lr,
+                               seed=opts.seed)
         record = {"stage": "merge", "method": method, "seed": opts.seed,
                   "parameters": {**opts.recorded(), "num_experts_before": num_experts},
                   "writer": "shard surgery" if surgery else "save_pretrained",

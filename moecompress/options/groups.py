@@ -95,3 +95,11 @@ class MtpOptions(Options):
                                            "(num_nextn_predict_layers): prune (their experts, chosen by their own "
                                            "router on the calibration text) or drop (remove them; "
                                            "num_nextn_predict_layers 0).")
+
+
+class TuneOptions(Options):
+    """The block-wise tuning of ``--repair refit+tune`` (prune and merge; moecompress/blocktune.py)."""
+
+    tune_epochs: int = option(4, "--repair refit+tune: epochs over the calibration tokens per layer (the epoch "
+                              "with the least held-out error is kept, 0 = the closed-form fit).", ge=1)
+    tune_lr: float = option(1e-3, "--repair refit+tune: Adam learning rate.", gt=0)
