@@ -61,7 +61,9 @@ hidden-state output, no per-token weights); a token's residual is shared among i
 experts in the per-expert down-projection step as documented in :mod:`moecompress.refit`
 (the joint fit needs no sharing: the whole residual is its target).
 
-Not re-fitted: shared experts and their gates, per-expert router biases, gate/up projections.
+Not re-fitted: shared experts and their gates, per-expert router biases, and (except by
+``refit+tune``, which tunes every tensor of the routed experts and the router weight) the
+gate/up projections.
 The router fit is skipped (and the record says why) for families whose routing weight scales
 the expert input (Llama-4), for routers whose weights are neither form above, and for layers
 whose joint system exceeds ``ROUTER_MAX_UNKNOWNS`` (|S| * H; the accumulator is that squared).
