@@ -132,12 +132,7 @@ def first_nonfinite(folder: str | os.PathLike, headers: dict | None = None, devi
                 row_bytes = max(1, _ITEMSIZE[st_dtype] * (_numel(shape) // rows))
                 step = max(1, _CHUNK_BYTES // row_bytes)
                 for r0 in range(0, rows, step):
-                    t = sl[r0:min(rows, r0 + step)].to(dev)
-                    if st_dtype == "F8_E4M3":
-                        bad = bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())  # e4m3fn has NaN codes only
-                    else:
-                        bad = has_nonfinite(t.to(torch.float32) if st_dtype == "F8_E5M2" else t)
-                    if bad:
+                    if _values_nonfinite(sl[r0:min(rows, r0 + step)].to(dev)):
                         return key
     return None
 
@@ -162,15 +157,16 @@ def first_nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
     the file scan (float8_e4m3fn: its NaN codes; integers and packed formats are not values)."""
     for key in sorted(tensors):
         t = tensors[key]
-        if t.dtype not in _FLOAT_DTYPES or t.numel() == 0:
-            continue
-        if t.dtype == torch.float8_e4m3fn:
-            bad = bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
-        else:
-            bad = has_nonfinite(t.float() if t.dtype == torch.float8_e5m2 else t)
-        if bad:
+        if t.dtype in _FLOAT_DTYPES and t.numel() and _values_nonfinite(t):
             return key
     return None
+
+
+def _values_nonfinite(t: torch.Tensor) -> bool:
+    """NaN or Inf in a non-empty floating tensor (or slice) of a checkpoint's stored dtype."""
+    if t.dtype == torch.float8_e4m3fn:
+        return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())  # e4m3fn has NaN codes only
+    return has_nonfinite(t.float() if t.dtype == torch.float8_e5m2 else t)
 
 
 def note_finite_file(path: str | os.PathLike) -> None:

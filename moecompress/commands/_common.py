@@ -80,6 +80,9 @@ def fitted_tables(title: str, heads: list[str], rows: list[list[str]], *, right:
         words = [*heads[i].split(), *(w for c in cells[i] for w in (c.split() if i == text else [c]))]
         return max(map(len, words), default=1)
 
+    def span(cols) -> int:  # the width of a table of these columns, none cut
+        return 1 + sum(need(i) + 3 for i in cols)
+
     natural = [max([len(heads[i]), *map(len, cells[i])]) for i in range(len(heads))]
     if 1 + sum(n + 3 for n in natural) <= width:  # everything fits unwrapped
         t = Table(title=title, title_justify="left")
@@ -89,19 +92,16 @@ def fitted_tables(title: str, heads: list[str], rows: list[list[str]], *, right:
             t.add_row(*row)
         return [t]
     groups, current = [], list(range(min(repeat, len(heads))))
-    used = 1 + sum(need(i) + 3 for i in current)
     for i in range(len(current), len(heads)):
-        if used + need(i) + 3 > width and len(current) > repeat:
+        if span(current + [i]) > width and len(current) > repeat:
             groups.append(current)
             current = list(range(repeat))
-            used = 1 + sum(need(j) + 3 for j in current)
         current.append(i)
-        used += need(i) + 3
     groups.append(current)
     key, rest = list(range(min(repeat, len(heads)))), list(range(min(repeat, len(heads)), len(heads)))
     per = -(-len(rest) // len(groups))  # the same columns in as even groups, where they fit
     even = [key + rest[k:k + per] for k in range(0, len(rest), per)]
-    if len(even) == len(groups) and all(1 + sum(need(i) + 3 for i in g) <= width for g in even):
+    if len(even) == len(groups) and all(span(g) <= width for g in even):
         groups = even
     tables = []
     for g, cols in enumerate(groups):

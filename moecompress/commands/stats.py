@@ -111,8 +111,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(stats.summary(), indent=2, sort_keys=True))
             return
-        console.print(_meta_line(stats.meta), highlight=False)
-        console.print(*_layer_table(stats))
+        show_result(stats)
         if layer is not None:
             console.print(*_expert_table(stats, layer))
         if plot is not None:
