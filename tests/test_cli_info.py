@@ -52,3 +52,17 @@ def test_every_stage_has_help():
 def test_uncached_hub_id_offline_is_one_line_exit_2():
     res = runner.invoke(app, ["info", "some-org/some-moe"])
     assert res.exit_code == 2 and "unreachable" in res.output and "Traceback" not in res.output
+
+
+def test_fitted_tables_wraps_narrow_layouts_without_cutting_cells():
+    """Tables wider than the terminal are split into several that repeat the key columns; a
+    table with nothing after its repeated columns (one column, narrower than the terminal needs)
+    stays one table instead of failing."""
+    from moecompress.commands._common import fitted_tables
+
+    heads, rows = ["layer", "entropy", "load CV", "max share"], [["0", "3.141592", "0.500000", "0.250000"]]
+    tables = fitted_tables("t", heads, rows, width=30)
+    assert len(tables) > 1 and all(t.columns[0].header == "layer" for t in tables)
+    assert sorted(c.header for t in tables for c in t.columns[1:]) == sorted(heads[1:])
+    one = fitted_tables("t", ["a very long column header"], [["12345678901234567890"]], width=10)
+    assert [[c.header for c in t.columns] for t in one] == [["a very long column header"]]

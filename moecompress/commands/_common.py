@@ -100,8 +100,8 @@ def fitted_tables(title: str, heads: list[str], rows: list[list[str]], *, right:
     groups.append(current)
     key, rest = list(range(min(repeat, len(heads)))), list(range(min(repeat, len(heads)), len(heads)))
     per = -(-len(rest) // len(groups))  # the same columns in as even groups, where they fit
-    even = [key + rest[k:k + per] for k in range(0, len(rest), per)]
-    if len(even) == len(groups) and all(span(g) <= width for g in even):
+    even = [key + rest[k:k + per] for k in range(0, len(rest), per)] if rest else []
+    if rest and len(even) == len(groups) and all(span(g) <= width for g in even):
         groups = even
     tables = []
     for g, cols in enumerate(groups):
