@@ -83,6 +83,7 @@ from .onload import onloaded
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
 REPAIR_MODES = ("none", "refit", "refit+router", "refit+tune")
+ROUTER_CHANGING_MODES = ("refit+router", "refit+tune")  # they change the kept router rows: surgery writes them
 # target -> weight of the stream residual (the rest: the layer's own residual)
 REPAIR_TARGETS = {"both": 0.5, "stream": 1.0, "layer": 0.0}
 DEFAULT_TARGET = "both"
@@ -318,20 +319,16 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
             cursor.restore(start)
         fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
         targets = {li: stream.after(li)} if stream is not None else None
+        pairs = TunePairs(cursor.store) if tune else None
         down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
-                                                                        REPAIR_TARGETS[target])
-        observers = [down]
-        if tune:
-            pairs = TunePairs(li, originals[li], targets[li] if targets else None, REPAIR_TARGETS[target], cursor.store)
-            observers.append(pairs)
-        with cursor.editing(li, observers, progress=progress, description=f"repair: down projections of layer {li}"):
+                                                                        REPAIR_TARGETS[target], pairs)
+        with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
             with onloaded(layer.block):
                 lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
                 down.apply(layer, lam)
                 if tune:
                     entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
                                                device=cursor.device, progress=progress)
-                    del pairs
                 write_back(layer.block)
             entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
                 down.relative_error(li)

@@ -47,8 +47,10 @@ def merged_replacements(model, result: MergeResult) -> ModelReplacements:
     every merged expert of more than one member (of every expert after a re-fit, which changes
     all down projections) and, with the weighted router rule, their router rows. Everything
     else equals the input's."""
+    from ..repair import ROUTER_CHANGING_MODES
+
     refit, router = result.options["refit"], result.options["router"]
-    refit_router = result.options.get("repair") in ("refit+router", "refit+tune")  # both change router rows
+    refit_router = result.options.get("repair") in ROUTER_CHANGING_MODES
     groups = {}
     for li, clusters in result.clusters.items():
         groups[li] = {j: ({"experts"} if refit or len(m) > 1 else set()) |

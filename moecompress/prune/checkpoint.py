@@ -172,7 +172,7 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     result.kind = "experts"
     replace = None
     if repair != "none":  # moecompress/repair.py: re-fit the kept experts to the original layers
-        from ..repair import prune_and_repair
+        from ..repair import ROUTER_CHANGING_MODES, prune_and_repair
 
         result.info["repair"] = prune_and_repair(lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge,
                                                  router_ridge=opts.router_ridge, batch_size=batch_size,
@@ -183,7 +183,7 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
             from ..blocktune import plot_tuning
 
             plot_tuning(result.info["repair"], folder / "repair_tuning.png")
-        parts = {"experts", "router"} if repair in ("refit+router", "refit+tune") else {"experts"}
+        parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
         replace = ModelReplacements(moe_view(lm), {li: {j: parts for j in range(keep)} for li in result.kept})
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
