@@ -565,3 +565,9 @@ def test_streamed_working_bytes_counts_the_merged_block_and_the_accumulators():
     assert streamed_working_bytes(model.config, keep, refit=False, dtype="float32") == block * keep // layer.num_experts
     assert streamed_working_bytes(model.config, keep, refit=True, dtype="float32") == \
         block * keep // layer.num_experts + accum
+    from moecompress.repair import working_bytes
+
+    for mode in ("refit", "refit+tune"):  # --repair replaces the re-fit: its own working set is reserved
+        assert streamed_working_bytes(model.config, keep, refit=True, dtype="float32", repair=mode) == \
+            block * keep // layer.num_experts + working_bytes(view, keep, mode)
+    assert working_bytes(view, keep, "refit+tune") > working_bytes(view, keep, "refit")

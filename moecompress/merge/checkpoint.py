@@ -18,11 +18,13 @@ from ..surgery import ModelReplacements
 from .api import MergeResult, check_options, merge_experts
 
 
-def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") -> int:
+def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto", repair: str | None = None) -> int:
     """GPU bytes a streamed merge holds besides what ``load_model`` already budgets (resident
     weights and room for one onloaded decoder layer): the merged block, built while the
     original is onloaded and, in the re-fit, onloaded with the original block that serves as
-    its reference, and the re-fit's accumulators of a layer group.
+    its reference, and the re-fit's accumulators of a layer group; with ``repair`` (``--repair``,
+    which replaces that re-fit) what the repair holds instead (``repair.working_bytes``: one
+    layer's accumulators, and for ``refit+tune`` the tuned block's float32 copy and optimiser).
 
     Measured on an H100 (OLMoE-1B-7B shape, 4 GiB cap): with none of this reserved the peak
     was 9.49 GiB; reserving a whole original block besides (double counting accelerate's
@@ -38,6 +40,10 @@ def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto") 
     size = (dt or stored_dtype(config) or torch.float32).itemsize
     block = max(sum(p.numel() for p in layer.block.parameters()) for layer in view) * size
     merged = block * keep // max(view.layers[0].num_experts, 1)
+    if repair is not None:
+        from ..repair import working_bytes
+
+        return merged + working_bytes(view, keep, repair)
     return merged + (peak_accumulator_bytes(view, keep) if refit else 0)
 
 
@@ -110,7 +116,7 @@ def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
         work = folder / ".moecompress-work" if streamed else None  # offloaded weights; removed below
         model = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
                            max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
-                           gpu_working_bytes=streamed_working_bytes(source.config, keep, refit, dtype)
+                           gpu_working_bytes=streamed_working_bytes(source.config, keep, refit, dtype, opts.repair)
                            if streamed else 0)
         source._folder = None  # a Hub id is in the cache now
         # A quantized input (FP8 blocks, MXFP4) is merged dequantized and written in bf16: merged
