@@ -47,12 +47,11 @@ def main() -> None:
     layer = moe_view(model).layers[0]
     layer.keep_experts(list(range(0, layer.num_experts, 2)))
     H = layer.hidden_size
-    pairs = TunePairs(layer.layer_idx, layer.block, None, 0.0, dev)
+    pairs = TunePairs(dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     for i in range(0, a.tokens, 4096):
         x = torch.randn(4096, H, device=dev, generator=gen)
-        pairs.x.append(x)
-        pairs.target.append(torch.randn(4096, H, device=dev, generator=gen) * 0.01)
+        pairs.add(x, torch.zeros(4096, H, device=dev), torch.randn(4096, H, device=dev, generator=gen) * 0.01)
     rows = []
     for v in a.variants:
         precision, impl, batch = v.split(":")

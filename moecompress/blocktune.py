@@ -13,11 +13,11 @@ MoE output ``y_t = f(x_t)`` added to the residual stream, the decoder layer's ou
 
 equals, up to a constant, ``||y*_t - f(x_t)||^2`` with the per-token target
 
-    y*_t = w (y_t + h_orig,t - h_t) + (1 - w) y_orig(x_t)
+    y*_t = w (y_t + h_orig,t - h_t) + (1 - w) y_orig(x_t) = y_t + e_t
 
 (``y_t``, ``h_t``: the layer before tuning; ``r_t = h_t - y_t`` does not depend on the MoE
-weights). :class:`TunePairs` records ``(x_t, y*_t)`` in the pass that observes the layer for the
-closed-form fit; :func:`tune_layer` then minimises ``mean_t ||f(x_t) - y*_t||^2`` over the routed
+weights; ``e_t`` is the residual the closed-form fit targets). :class:`TunePairs` records
+``(x_t, y*_t)`` in the pass that observes the layer for the closed-form fit; :func:`tune_layer` then minimises ``mean_t ||f(x_t) - y*_t||^2`` over the routed
 experts' weights (all of their fused tensors: gate, up, down and biases) and the router weight,
 with Adam on a float32 copy of the block, in epochs over the tokens shuffled by a seeded
 generator, and copies the result back. Shared experts, their gate and router biases stay as
@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import MoELayer, Routing
+from .arch import MoELayer
 from .capture import _bar
 from .onload import detached_copy
 from .options.groups import TuneOptions
@@ -56,38 +56,19 @@ HELDOUT_SHARE = 8  # one batch in eight (the last ones) is held out, when there 
 
 
 class TunePairs:
-    """Observer (``capture.Observer``): per batch of one MoE layer, the block inputs ``x`` and the
-    tuning targets ``y*`` (module docstring), kept on ``store`` in float32."""
+    """Per batch of one MoE layer, the block inputs ``x`` and the tuning targets ``y*``, in float32
+    on ``store``. Filled by the closed-form fit's observer (``refit.RefitObserver(pairs=...)``) in
+    its own pass: ``y* = y + e`` with ``e`` the residual that fit targets (module docstring), so
+    neither the original block nor the residual is computed a second time."""
 
-    def __init__(self, layer_idx: int, original: nn.Module, stream: list[torch.Tensor] | None, stream_weight: float,
-                 store: torch.device):
-        self.layer_idx, self.original = layer_idx, original
-        self.stream, self.weight, self.store = stream, stream_weight if stream is not None else 0.0, store
+    def __init__(self, store: torch.device):
+        self.store = store
         self.x: list[torch.Tensor] = []
         self.target: list[torch.Tensor] = []
-        self._pending: torch.Tensor | None = None
 
-    def onload_with(self, layer: MoELayer) -> list[nn.Module]:
-        return [self.original] if layer.layer_idx == self.layer_idx else []
-
-    @torch.no_grad()
-    def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
-        if layer.layer_idx != self.layer_idx:
-            return
-        y_orig = block_output(self.original, x).float()
+    def add(self, x: torch.Tensor, y: torch.Tensor, e: torch.Tensor) -> None:
         self.x.append(x.float().to(self.store))
-        if self.weight == 0.0:
-            self.target.append(y_orig.to(self.store))
-        else:  # the stream part waits for the decoder layer's output
-            self._pending = (1 - self.weight) * y_orig + self.weight * y.float()
-
-    @torch.no_grad()
-    def layer_output(self, layer_idx: int, batch: int, out: torch.Tensor) -> None:
-        if layer_idx != self.layer_idx or self._pending is None:
-            return
-        drift = self.stream[batch].to(out.device).float() - out.float()
-        self.target.append((self._pending + self.weight * drift.reshape(-1, out.shape[-1])).to(self.store))
-        self._pending = None
+        self.target.append((y.float() + e).to(self.store))
 
 
 def trainable_parameters(layer: MoELayer) -> dict[str, nn.Parameter]:

@@ -114,7 +114,7 @@ class RefitObserver:
     """Accumulates the normal equations of the re-fit, per merged layer and expert."""
 
     def __init__(self, originals: dict[int, nn.Module], stream: dict[int, list[torch.Tensor]] | None = None,
-                 stream_weight: float = 1.0):
+                 stream_weight: float = 1.0, pairs=None):
         self.originals = originals  # layer_idx -> the unmerged MoE block (detached from the model); only these are observed
         # layer_idx -> per batch, the original model's hidden states after that decoder layer:
         # where given, the target is the original residual stream (moecompress/repair.py), mixed
@@ -122,6 +122,8 @@ class RefitObserver:
         # and the right-hand side waits for the decoder layer's output (``layer_output``)
         self.stream = stream or {}
         self.stream_weight = stream_weight
+        # blocktune.TunePairs: each batch's (x, y + e), e the residual fitted here (--repair refit+tune)
+        self.pairs = pairs
         self._pending: dict[int, tuple] = {}
         self.gram: dict[int, torch.Tensor] = {}  # [E', I, I]  F^T F
         self.rhs: dict[int, torch.Tensor] = {}  # [E', I, H]  F^T (s e)
@@ -145,15 +147,21 @@ class RefitObserver:
             self.gram[li][c] += feat.T @ feat
             feats.append((c, tok, feat, share))
             self.tokens[li][c] += tok.numel()
-        self._right_hand_side(li, feats, resid)
+        self._right_hand_side(li, feats, resid, x, y)
 
-    def _right_hand_side(self, li: int, feats, resid: torch.Tensor) -> None:
+    def _right_hand_side(self, li: int, feats, resid: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add this batch's features against the layer's residual to the right-hand side, or,
         with a stream target, keep them until the decoder layer's output is known."""
         if li in self.stream:
-            self._pending[li] = (feats, resid)
+            self._pending[li] = (feats, resid, x, y)
         else:
-            self._accumulate(li, feats, resid)
+            self._fitted(li, feats, resid, x, y)
+
+    def _fitted(self, li: int, feats, e: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The batch's target residual ``e`` is known: into the right-hand side (and the pairs)."""
+        self._accumulate(li, feats, e)
+        if self.pairs is not None:
+            self.pairs.add(x, y.reshape(e.shape), e)
 
     def _accumulate(self, li: int, feats, resid: torch.Tensor) -> None:
         for c, tok, feat, share in feats:
@@ -171,8 +179,8 @@ class RefitObserver:
     def layer_output(self, layer_idx: int, batch: int, out: torch.Tensor) -> None:
         pending = self._pending.pop(layer_idx, None)
         if pending is not None:
-            feats, layer_resid = pending
-            self._accumulate(layer_idx, feats, self._stream_residual(layer_idx, batch, out, layer_resid))
+            feats, layer_resid, x, y = pending
+            self._fitted(layer_idx, feats, self._stream_residual(layer_idx, batch, out, layer_resid), x, y)
 
     def _residual(self, layer: MoELayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """e = y_orig - y [T, H] (float32); adds to the layer's error and reference sums."""
@@ -240,7 +248,7 @@ class JointRefitObserver(RefitObserver):
             feats[tok, c * inter:(c + 1) * inter] = feat
             self.tokens[li][c] += tok.numel()
         self.gram[li] += feats.T @ feats
-        self._right_hand_side(li, feats, resid)
+        self._right_hand_side(li, feats, resid, x, y)
 
     def _accumulate(self, li: int, feats: torch.Tensor, resid: torch.Tensor) -> None:
         self.rhs[li] += feats.T @ resid

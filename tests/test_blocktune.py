@@ -12,7 +12,7 @@ from moecompress.arch import moe_view
 from moecompress.blocktune import TunePairs, trainable_parameters, tune_layer
 from moecompress.capture import LayerCursor
 from moecompress.prune import prune_checkpoint
-from moecompress.refit import block_output, swap_in_copies
+from moecompress.refit import JointRefitObserver, RefitObserver, block_output, swap_in_copies
 from moecompress.repair import OriginalStream, repair
 from moecompress.testing import pruned_with_originals, saved_tensors, tiny_model, tokens
 
@@ -49,8 +49,9 @@ def test_pairs_target_is_the_repairs_objective(target, weight):
     li = layer.layer_idx
     cursor = LayerCursor(model, toks, batch_size=2, view=view)
     stream = OriginalStream(model, view, originals, toks, batch_size=2, until=li) if weight else None
-    pairs = TunePairs(li, originals[li], stream.after(li) if stream else None, weight, torch.device("cpu"))
-    cursor.advance(li, [pairs])
+    pairs = TunePairs(torch.device("cpu"))
+    fit = JointRefitObserver({li: originals[li]}, {li: stream.after(li)} if stream else None, weight, pairs)
+    cursor.advance(li, [fit])
     with torch.no_grad():
         h_orig = original(input_ids=toks, output_hidden_states=True).hidden_states[li + 1].reshape(-1, 32).double()
         h = model(input_ids=toks, output_hidden_states=True).hidden_states[li + 1].reshape(-1, 32).double()
@@ -68,8 +69,8 @@ def _layer_and_pairs(family="qwen3_moe", n=8):
     view = moe_view(model)
     layer = view.layers[0]
     cursor = LayerCursor(model, toks, batch_size=2, view=view)
-    pairs = TunePairs(layer.layer_idx, originals[layer.layer_idx], None, 0.0, torch.device("cpu"))
-    cursor.advance(layer.layer_idx, [pairs])
+    pairs = TunePairs(torch.device("cpu"))
+    cursor.advance(layer.layer_idx, [RefitObserver({layer.layer_idx: originals[layer.layer_idx]}, pairs=pairs)])
     return layer, pairs
 
 
