@@ -312,7 +312,7 @@ def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tens
             for layer in group:
                 with onloaded(layer.block):  # a streamed model's merged block: onload, edit, save
                     obs.apply(layer, ridge)
-                    write_back(layer.block)
+                    write_back(layer.block, [layer.down_proj])
                 errors[layer.layer_idx] = obs.relative_error(layer.layer_idx)
             obs.gram.clear()  # free the accumulators before the group runs again
             obs.rhs.clear()

@@ -313,7 +313,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
             cursor.advance(li, [router_obs], progress=progress, description=f"repair: router of layer {li}")
             with onloaded(layer.block):
                 entry = router_obs.apply(layer, router_ridge)
-                write_back(layer.block)
+                write_back(layer.block, [layer.router_weight])
             if router_obs.relative_error() is not None:
                 entry["relative_error"] = router_obs.relative_error()
             cursor.restore(start)
@@ -326,10 +326,12 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
             with onloaded(layer.block):
                 lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
                 down.apply(layer, lam)
+                edits = [layer.down_proj]
                 if tune:
                     entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
                                                device=cursor.device, progress=progress)
-                write_back(layer.block)
+                    edits += [*layer.expert_parameters().values(), layer.router_weight]
+                write_back(layer.block, edits)
             entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
                 down.relative_error(li)
             entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"

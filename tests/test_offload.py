@@ -28,3 +28,22 @@ def test_write_back_writes_only_the_edited_tensor_in_place(tmp_path):
     assert path.read_bytes() == (tmp_path / "fresh.safetensors").read_bytes()  # = a full rewrite
     with onloaded(block):
         torch.testing.assert_close(layer.down_proj[1], expected["experts.down_proj"][1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_write_back_of_named_edits_writes_those_without_comparing(tmp_path):
+    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    layer = moe_view(model).layers[0]
+    block, path = layer.block, tmp_path / "merged.safetensors"
+    offload_block(block, path, torch.device("cpu"))
+    with onloaded(block):
+        layer.down_proj[0].mul_(2.0)
+        layer.router_weight.add_(0.5)  # changed, but not named: stays as in the file
+        expected = {k: p.detach().clone() for k, p in block.named_parameters()}
+        assert write_back(block, [layer.down_proj]) == ["experts.down_proj"]  # a view names its parameter
+        assert write_back(block, []) == []
+    with onloaded(block):
+        torch.testing.assert_close(layer.down_proj, expected["experts.down_proj"].transpose(1, 2)
+                                   if layer.down_proj.shape != expected["experts.down_proj"].shape
+                                   else expected["experts.down_proj"], rtol=0, atol=0)
+        assert not torch.equal(layer.router_weight, expected[next(k for k in expected if k.endswith("gate.weight"))])

@@ -55,27 +55,30 @@ class SafetensorsWeights(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def update(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+    def update(self, tensors: dict[str, torch.Tensor], edited: set[str] | None = None) -> list[str]:
         """Write the tensors whose bytes changed over their own bytes in the file; returns their
         names. The rest of the file is not written again (after the re-fit, only the re-fitted
-        down projections: the merged block's file is written once). A name, shape or dtype the
-        file does not hold rewrites the whole file (:meth:`write`)."""
+        down projections: the merged block's file is written once). ``edited``: the names the
+        caller changed; only those are written, without reading the file's bytes to compare
+        (on the OLMoE-1B-7B shape streamed, the comparison read and the copy of every tensor of
+        every block to the CPU took 11.4 s of the re-fit's 58 s, docs/benchmarks.md). A name,
+        shape or dtype the file does not hold rewrites the whole file (:meth:`write`)."""
         header, start = _read_header(self.path)
-        new = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-        if set(new) != set(self._keys) or any(list(t.shape) != header[k]["shape"] or
-                                              _DTYPES.get(t.dtype) != header[k]["dtype"] for k, t in new.items()):
+        if set(tensors) != set(self._keys) or any(list(t.shape) != header[k]["shape"] or
+                                                  _DTYPES.get(t.dtype) != header[k]["dtype"] for k, t in tensors.items()):
             self.write(tensors)
             return sorted(tensors)
         changed = []
         with open(self.path, "r+b") as fh:
-            for name in sorted(new):
+            for name in sorted(tensors if edited is None else edited & set(tensors)):
                 begin, end = header[name]["data_offsets"]
-                data = new[name].reshape(-1).view(torch.uint8).numpy().tobytes()
+                data = memoryview(tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
                 fh.seek(start + begin)
-                if fh.read(end - begin) != data:  # reading from the page cache is cheaper than writing
-                    fh.seek(start + begin)
-                    fh.write(data)
-                    changed.append(name)
+                if edited is None and fh.read(end - begin) == data:  # reading from the page cache is cheaper than writing
+                    continue
+                fh.seek(start + begin)
+                fh.write(data)
+                changed.append(name)
         return changed
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -161,12 +164,21 @@ def is_offloaded(block: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def write_back(block: nn.Module) -> list[str]:
+def write_back(block: nn.Module, edited: list[torch.Tensor] | None = None) -> list[str]:
     """Save the edited parameters of an onloaded block from :func:`offload_block`, in place in
     its file (a no-op for a block held in memory, whose edits are already in place). Returns
-    the names written."""
+    the names written. ``edited``: the tensors (or views of them) the caller changed: only the
+    parameters holding them are written, without comparing bytes; by default every parameter
+    whose bytes differ from the file's."""
     weights = block.__dict__.get("_moecompress_weights")
-    return weights.update(dict(block.named_parameters())) if weights is not None else []
+    if weights is None:
+        return []
+    params = dict(block.named_parameters())
+    names = None
+    if edited is not None:
+        storages = {t.untyped_storage().data_ptr() for t in edited}
+        names = {k for k, p in params.items() if p.untyped_storage().data_ptr() in storages}
+    return weights.update(params, names)
 
 
 # safetensors' dtype names (its format spec), for the tensors a block holds
