@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .arch import MoELayer
-from .capture import _bar
+from .capture import _bar, moved
 from .onload import detached_copy
 from .options.groups import TuneOptions
 from .refit import block_output
@@ -67,8 +67,9 @@ class TunePairs:
         self.target: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor, y: torch.Tensor, e: torch.Tensor) -> None:
-        self.x.append(x.float().to(self.store))
-        self.target.append((y.float() + e).to(self.store))
+        # pinned and asynchronous from a GPU (capture.moved): complete when the cursor's pass ends
+        self.x.append(moved(x.float(), self.store))
+        self.target.append(moved(y.float() + e, self.store))
 
 
 def trainable_parameters(layer: MoELayer) -> dict[str, nn.Parameter]:

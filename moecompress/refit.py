@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .arch import MoELayer, MoEModel, Routing, moe_view
-from .capture import LayerCursor
+from .capture import LayerCursor, moved
 from .onload import onloaded
 
 
@@ -170,7 +170,7 @@ class RefitObserver:
     def _stream_residual(self, layer_idx: int, batch: int, out: torch.Tensor, layer_resid: torch.Tensor) -> torch.Tensor:
         """The target residual [T, H] (float32): e = h_orig - h, the original model's hidden states
         after the decoder layer minus the compressed model's, mixed with the layer's own residual."""
-        target = self.stream[layer_idx][batch].to(out.device)
+        target = moved(self.stream[layer_idx][batch], out.device)  # from pinned memory: asynchronous
         e = (target.float() - out.float()).reshape(-1, out.shape[-1])
         w = self.stream_weight
         return e if w == 1.0 else w * e + (1 - w) * layer_resid
