@@ -324,3 +324,19 @@ def test_routed_slots_equal_the_per_expert_nonzero():
     got = [(c, tok.tolist(), pos.tolist()) for c, tok, pos in routed_slots(idx, 12)]
     ref = [(c, *(t.tolist() for t in (idx == c).nonzero(as_tuple=True))) for c in idx.unique().tolist()]
     assert got == ref
+
+
+def test_ridge_solve_equals_lu_and_reads_the_lower_triangle():
+    from moecompress.refit import ridge_solve
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(40, 24, generator=gen, dtype=torch.float64)
+    g, rhs = (f.T @ f).float(), torch.randn(24, 7, generator=gen)
+    lam = torch.full((24,), 0.1 * float(g.diagonal().mean()))
+    expected = torch.linalg.solve(g.double() + torch.diag(lam.double()), rhs.double())
+    torch.testing.assert_close(ridge_solve(g, lam, rhs), expected, rtol=1e-10, atol=1e-12)
+    upper_noise = torch.triu(torch.full_like(g, 1e-3), 1)  # an accumulated Gram is symmetric up to rounding
+    torch.testing.assert_close(ridge_solve(g + upper_noise, lam, rhs), expected, rtol=1e-10, atol=1e-12)
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # no Cholesky factor: solved by LU as before
+    torch.testing.assert_close(ridge_solve(indefinite, torch.zeros(2), torch.ones(2, 1)),
+                               torch.linalg.solve(indefinite.double(), torch.ones(2, 1).double()))
