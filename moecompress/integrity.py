@@ -217,6 +217,9 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
     _checked.add(key)
 
 
+_LINE_BREAKS = str.maketrans("", "", "\n\r\t")  # removed: the whitespace check_text accepts besides printables
+
+
 def check_text(text_or_bytes: str | bytes, where: str, *, min_printable: float = 0.9, partial: bool = False) -> str:
     """Calibration text: valid UTF-8 and at least ``min_printable`` printable characters
     (letters, digits, punctuation, whitespace), else one line naming ``where``. ``partial``:
@@ -232,7 +235,7 @@ def check_text(text_or_bytes: str | bytes, where: str, *, min_printable: float =
     else:
         text = text_or_bytes
     sample = text[:1_000_000]
-    if sample:
+    if sample and not sample.translate(_LINE_BREAKS).isprintable():  # the usual case in one C call
         printable = sum(c.isprintable() or c in "\n\r\t" for c in sample)
         if printable / len(sample) < min_printable:
             raise MoECompressError(f"calibration source '{where}' is mostly non-printable characters "
