@@ -89,8 +89,9 @@ def load_model(
 ):
     """Load a causal LM for compression (eval mode, no grad needed).
 
-    The input is checked first (``integrity.require_sound_input``: every shard complete, no
-    NaN/Inf unless ``allow_nonfinite``); ``trust_remote_code`` / ``allow_nonfinite`` left None
+    The input is checked (``integrity.require_sound_input``: every shard complete first, and no
+    NaN/Inf unless ``allow_nonfinite``, scanned while the weights load and known before this
+    returns); ``trust_remote_code`` / ``allow_nonfinite`` left None
     follow the current ``guards.loading_policy`` (the CLI's ``--trust-remote-code`` /
     ``--allow-nonfinite``).
 
@@ -121,7 +122,8 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
     config = load_config(src)
     family_for_config(config)  # refuse non-MoE / unknown families before loading weights
     source = resolve_source(src)
-    require_sound_input(source_folder(src), allow_nonfinite=load_policy().allow_nonfinite)
+    # shards checked now; the NaN/Inf scan reads the files while from_pretrained does (below)
+    require_sound_input(source_folder(src), allow_nonfinite=load_policy().allow_nonfinite, wait=False)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     # Quantized checkpoints (FP8 blocks, MXFP4) compute dequantized: see formats.py.
     quantized = dequantized_loading(config)
@@ -162,6 +164,7 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
     if kwargs.get("offload_folder") and own_folder:
         # the offloaded weights live as long as the model: delete them with it
         weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], True)
+    require_sound_input(source_folder(src), allow_nonfinite=load_policy().allow_nonfinite)  # before any weight is used
     model.eval()
     model.requires_grad_(False)
     if isinstance(dt, torch.dtype) and "max_memory" not in kwargs:
@@ -267,8 +270,8 @@ def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: st
     out = Path(out).expanduser().absolute()
     location = resolve_source(source) if source is not None else None
     check_output_folder(out, overwrite=overwrite, source=location)
-    if location is not None:
-        require_sound_input(source_folder(location), allow_nonfinite=load_policy().allow_nonfinite)
+    if location is not None:  # shards now; the NaN/Inf verdict at the latest before the output is committed
+        require_sound_input(source_folder(location), allow_nonfinite=load_policy().allow_nonfinite, wait=False)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +281,8 @@ def output_folder(out: str | os.PathLike, *, overwrite: bool = False, source: st
         raise MoECompressError(f"cannot write to '{parent}': {e.strerror or e}; choose a writable output folder") from None
     try:
         yield tmp.path
+        if location is not None:
+            require_sound_input(source_folder(location), allow_nonfinite=load_policy().allow_nonfinite)
         if check:
             from .check import require_valid
 

@@ -186,8 +186,8 @@ class Source:
 
 def open_source(src: str | os.PathLike | Source) -> Source:
     """Resolve ``src`` once: a clear one-line error for a missing folder, an unreachable Hub id,
-    a model that is not a supported MoE family, or an unsound input (``integrity``: a truncated
-    or missing shard, NaN/Inf weights), before any weight is used."""
+    a model that is not a supported MoE family, or a truncated or missing shard; NaN/Inf weights
+    (``integrity``) are scanned for in the background and refused before any weight is used."""
     if isinstance(src, Source):
         return src
     from .arch import family_for_config
@@ -199,6 +199,7 @@ def open_source(src: str | os.PathLike | Source) -> Source:
     config = load_config(location)
     source = Source(name=str(src), location=location, config=config, family=family_for_config(config),
                     stored_dtype=stored_dtype(config))
-    # every shard complete, no NaN/Inf (unless allowed): before any stage reads a weight
-    require_sound_input(source.folder, allow_nonfinite=load_policy().allow_nonfinite)
+    # every shard complete now; the NaN/Inf scan starts in the background and its verdict comes
+    # before any weight is used (load_model) or an output is committed (output_folder)
+    require_sound_input(source.folder, allow_nonfinite=load_policy().allow_nonfinite, wait=False)
     return source

@@ -201,3 +201,41 @@ def test_prune_output_check_reads_no_shard_surgery_wrote(calib_ckpt, tmp_path, m
     prune_checkpoint(calib_ckpt / "tiny", tmp_path / "o", keep=4, method="frequency", progress=False)
     scanned = [r for r in reads if ".o.tmp" in r]
     assert (tmp_path / "o" / "model.safetensors").exists() and scanned == [], scanned
+
+
+def test_input_scan_runs_while_the_model_loads_and_refuses_before_use(tmp_path, monkeypatch):
+    """Opening an input checks its shards and starts the NaN/Inf scan in the background;
+    load_model waits for the verdict before returning, so a damaged input is refused with the
+    same one line, after the load and before any weight is used."""
+    import threading
+
+    from safetensors.torch import load_file, save_file
+
+    from moecompress import integrity
+    from moecompress.checkpoint import load_model
+    from moecompress.errors import MoECompressError
+    from moecompress.source import open_source
+    from moecompress.testing import tiny_checkpoint
+
+    folder = tmp_path / "nan"
+    tiny_checkpoint(folder)
+    t = load_file(folder / "model.safetensors")
+    key = sorted(k for k in t if "experts" in k)[0]
+    t[key].view(-1)[3] = float("inf")
+    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    started, release, threads = threading.Event(), threading.Event(), []
+    scan = integrity.first_nonfinite
+
+    def held_scan(*a, **k):  # the scan waits until the test lets it go: it must not run in the caller
+        threads.append(threading.current_thread().name)
+        started.set()
+        release.wait(10)
+        return scan(*a, **k)
+
+    monkeypatch.setattr(integrity, "first_nonfinite", held_scan)
+    open_source(folder)  # returns while the scan is held: it runs in its own thread
+    assert started.wait(10) and threads[0] != threading.current_thread().name
+    release.set()
+    with pytest.raises(MoECompressError, match=f"input weight '{key}' holds NaN or Inf"):
+        load_model(folder)
+    assert len(threads) == 1  # one scan served both the opening and the load
