@@ -82,7 +82,7 @@ def ridge_solve(gram: torch.Tensor, lam: torch.Tensor, rhs: torch.Tensor) -> tor
     """``(G + diag(lam))^-1 rhs`` in float64, for a Gram matrix ``G`` (symmetric positive
     semi-definite; its lower triangle is read) and a ridge ``lam > 0``: the inverse from the
     Cholesky factor, then one matrix product with the H right-hand sides, instead of
-    ``linalg.solve``'s LU substitutions over those H columns. On an H200 (``.gpu`` microbenchmark,
+    ``linalg.solve``'s LU substitutions over those H columns. On an H200 (``bench/ridge_solve_speed.py``,
     docs/benchmarks.md): 1.6 ms instead of 3.4 ms per expert of the OLMoE-1B-7B shape (I 1024,
     H 2048), 4.2 ms instead of 10.7 ms for DeepSeek-V3's (2048, 7168), results within 6e-15 of
     LU's (relative). The system is positive definite, so the inverse's error is of order
