@@ -11,12 +11,17 @@ from moecompress.onload import onloaded
 from moecompress.testing import tiny_model
 
 
+def _offloaded_layer(path):
+    """The first MoE layer of a tiny bf16 model, its block offloaded to ``path``."""
+    layer = moe_view(tiny_model("qwen3_moe", dtype=torch.bfloat16)).layers[0]
+    offload_block(layer.block, path, torch.device("cpu"))
+    return layer, layer.block
+
+
 @torch.no_grad()
 def test_write_back_writes_only_the_edited_tensor_in_place(tmp_path):
-    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
-    layer = moe_view(model).layers[0]
-    block, path = layer.block, tmp_path / "merged.safetensors"
-    offload_block(block, path, torch.device("cpu"))
+    path = tmp_path / "merged.safetensors"
+    layer, block = _offloaded_layer(path)
     inode = path.stat().st_ino
     with onloaded(block):
         assert write_back(block) == []  # nothing edited: nothing written
@@ -32,10 +37,7 @@ def test_write_back_writes_only_the_edited_tensor_in_place(tmp_path):
 
 @torch.no_grad()
 def test_write_back_of_named_edits_writes_those_without_comparing(tmp_path):
-    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
-    layer = moe_view(model).layers[0]
-    block, path = layer.block, tmp_path / "merged.safetensors"
-    offload_block(block, path, torch.device("cpu"))
+    layer, block = _offloaded_layer(tmp_path / "merged.safetensors")
     with onloaded(block):
         layer.down_proj[0].mul_(2.0)
         layer.router_weight.add_(0.5)  # changed, but not named: stays as in the file
