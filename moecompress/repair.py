@@ -277,7 +277,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     ``JOINT_RIDGE`` where the down projections are fitted jointly, ``EXPERT_RIDGE`` per expert.
     ``mode="refit+tune"`` then tunes each layer (:mod:`moecompress.blocktune`: ``tune_epochs``,
     ``tune_lr``; ``seed`` orders its tokens)."""
-    from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, TunePairs, tune_layer
+    from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, TunePairs, trainable_parameters, tune_layer
     from .merge.offload import write_back  # merge imports this package's refit: imported here
 
     check_mode(mode, target)
@@ -330,7 +330,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
                 if tune:
                     entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
                                                device=cursor.device, progress=progress)
-                    edits += [*layer.expert_parameters().values(), layer.router_weight]
+                    edits += list(trainable_parameters(layer).values())
                 write_back(layer.block, edits)
             entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
                 down.relative_error(li)
