@@ -44,13 +44,13 @@ from torch import nn
 from .arch import MoELayer
 from .capture import _bar, moved
 from .onload import detached_copy
-from .options.groups import TuneOptions
+from .options.groups import RepairOptions
 from .refit import block_output
 
 # The option's defaults are the library's (one source of truth). Learning rate: testbed,
 # qwen3moe 16 of 32: 1e-4, 3e-4 and 1e-3 measured, 1e-3 best (module docstring).
-DEFAULT_EPOCHS = TuneOptions.model_fields["tune_epochs"].default
-DEFAULT_LR = TuneOptions.model_fields["tune_lr"].default
+DEFAULT_EPOCHS = RepairOptions.model_fields["tune_epochs"].default
+DEFAULT_LR = RepairOptions.model_fields["tune_lr"].default
 BATCH_TOKENS = 4096  # tokens per Adam step
 HELDOUT_SHARE = 8  # one batch in eight (the last ones) is held out, when there are at least two
 

@@ -80,13 +80,14 @@ from .arch import MoELayer, Routing, moe_view
 from .capture import LayerCursor
 from .errors import MoECompressError
 from .onload import onloaded
+from .options.groups import RepairOptions
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
 REPAIR_MODES = ("none", "refit", "refit+router", "refit+tune")
 ROUTER_CHANGING_MODES = ("refit+router", "refit+tune")  # they change the kept router rows: surgery writes them
 # target -> weight of the stream residual (the rest: the layer's own residual)
 REPAIR_TARGETS = {"both": 0.5, "stream": 1.0, "layer": 0.0}
-DEFAULT_TARGET = "both"
+DEFAULT_TARGET = RepairOptions.model_fields["repair_target"].default  # the option is the one source
 # With calibration text. The router step is measured to add little for its cost (docs/benchmarks.md,
 # "Repair after removal"): it is asked for with --repair refit+router.
 DEFAULT_MODE = "refit"

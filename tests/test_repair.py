@@ -340,3 +340,14 @@ def test_ridge_solve_equals_lu_and_reads_the_lower_triangle():
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # no Cholesky factor: solved by LU as before
     torch.testing.assert_close(ridge_solve(indefinite, torch.zeros(2), torch.ones(2, 1)),
                                torch.linalg.solve(indefinite.double(), torch.ones(2, 1).double()))
+
+
+def test_repair_targets_are_the_options_choices():
+    """The CLI / recipe option and the library name the same targets, with the option's default."""
+    from typing import get_args
+
+    from moecompress.options.groups import RepairOptions
+    from moecompress.repair import DEFAULT_TARGET, REPAIR_TARGETS
+
+    field = RepairOptions.model_fields["repair_target"]
+    assert set(get_args(field.annotation)) == set(REPAIR_TARGETS) and DEFAULT_TARGET == field.default

@@ -97,9 +97,14 @@ class MtpOptions(Options):
                                            "num_nextn_predict_layers 0).")
 
 
-class TuneOptions(Options):
-    """The block-wise tuning of ``--repair refit+tune`` (prune and merge; moecompress/blocktune.py)."""
+class RepairOptions(Options):
+    """The repair after expert removal (prune and merge; moecompress/repair.py, moecompress/blocktune.py)."""
 
+    repair_target: Literal["both", "stream", "layer"] = option(
+        "both", "What the repair's re-fit reproduces (merge: with --repair): stream (the original model's hidden "
+        "states after each layer, so drift from earlier layers is corrected too; GPTAQ's asymmetric target), layer "
+        "(the original MoE layer on the compressed model's inputs), or both (the two least-squares objectives "
+        "summed).")
     tune_epochs: int = option(4, "--repair refit+tune: epochs over the calibration tokens per layer (the epoch "
                               "with the least held-out error is kept, 0 = the closed-form fit).", ge=1)
     tune_lr: float = option(1e-3, "--repair refit+tune: Adam learning rate.", gt=0)

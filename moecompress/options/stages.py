@@ -9,8 +9,8 @@ from pydantic import field_validator, model_validator
 
 from .base import Options, option
 from .distill import DistillOptions
-from .groups import (DEFAULT_SEQ_LEN, CalibrationOptions, LoadingOptions, MtpOptions, OutputOptions, StreamingOptions,
-                     TuneOptions)
+from .groups import (DEFAULT_SEQ_LEN, CalibrationOptions, LoadingOptions, MtpOptions, OutputOptions, RepairOptions,
+                     StreamingOptions)
 
 _METHOD = "Method options"
 _FINE = "Fine-grained pruning (inside experts)"
@@ -20,7 +20,7 @@ class StatsOptions(CalibrationOptions, LoadingOptions, StreamingOptions, OutputO
     segment_len: int = option(16, "Window (tokens) of the SRP / SCH routing-locality metrics.", ge=1)
 
 
-class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOptions, TuneOptions, OutputOptions):
+class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOptions, RepairOptions, OutputOptions):
     keep: Optional[int] = option(None, "Experts kept in every MoE layer (whole-expert methods).", ge=1)
     ratio: Optional[float] = option(None, "Fraction removed, in (0, 1): of the experts, or for heapr of each "
                                     "expert's neurons.", gt=0, lt=1)
@@ -58,10 +58,6 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     repair_ridge: Optional[float] = option(None, "Ridge of the down-projection re-fit (default 0.1 joint, 0.01 per "
                                            "expert; relative to the mean feature energy).", ge=0)
     router_ridge: Optional[float] = option(None, "Ridge of the router re-fit (default 1.0, relative).", ge=0)
-    repair_target: Literal["both", "stream", "layer"] = option(
-        "both", "What the re-fit reproduces: stream (the original model's hidden states after each layer, so "
-        "drift from earlier layers is corrected too; GPTAQ's asymmetric target), layer (the original MoE layer "
-        "on the compressed model's inputs), or both (the two least-squares objectives summed).")
 
     @field_validator("method")
     @classmethod
@@ -81,7 +77,7 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
         return _checked(parse_nm, v)
 
 
-class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOptions, TuneOptions, OutputOptions):
+class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOptions, RepairOptions, OutputOptions):
     keep: int = option(..., "Experts per MoE layer after merging.", ge=1)
     method: Literal["m-smoe", "hc-smoe", "average"] = option("m-smoe", "Merging method.")
     stats: Optional[Path] = option(None, "Take the routing frequencies from a `moecompress stats` file instead of "
@@ -96,9 +92,6 @@ class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     repair: Optional[Literal["none", "refit", "refit+router", "refit+tune"]] = option(
         None, "Instead of --refit: the repair of `prune --repair` (layer by layer, joint down-projection fit; "
         "refit+router re-fits the router rows too).")
-    repair_target: Literal["both", "stream", "layer"] = option(
-        "both", "With --repair: what the re-fit reproduces: stream (the original model's hidden states after each "
-        "layer), layer (the original MoE layer on the merged model's inputs), or both (summed).")
 
 
 class EvalOptions(LoadingOptions):
