@@ -210,9 +210,9 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
     if folder is None:
         return
     folder = Path(folder)
-    try:
-        stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
-                             if p.name.endswith((".safetensors", ".json"))))
+    try:  # the files as they are now (a rewritten checkpoint is checked again)
+        stamp = tuple(sorted(filter(None, (_file_stamp(p) for p in folder.iterdir()
+                                           if p.name.endswith((".safetensors", ".json"))))))
     except OSError:
         stamp = ()
     key = (str(folder.resolve()), stamp, allow_nonfinite)
