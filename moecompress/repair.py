@@ -269,7 +269,7 @@ def _original_blocks(model, original) -> dict[int, nn.Module]:
 def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, ridge: float | None = None,
            router_ridge: float | None = None, batch_size: int = 8, progress: bool = True,
            joint: bool = True, target: str = DEFAULT_TARGET, tune_epochs: int | None = None,
-           tune_lr: float | None = None, seed: int = 0) -> dict:
+           tune_lr: float | None = None, seed: int = 0, on_layer_done=None) -> dict:
     """Re-fit ``model``'s (compressed) MoE layers, in place, so each reproduces the original
     layer on the calibration ``tokens`` [n, seq_len]; ``original`` is the uncompressed model or
     its MoE blocks ``{layer_idx: block}`` (only the MoE blocks are read). Returns the record
@@ -277,7 +277,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     output error before the repair. ``mode="none"`` does nothing. ``ridge`` defaults to
     ``JOINT_RIDGE`` where the down projections are fitted jointly, ``EXPERT_RIDGE`` per expert.
     ``mode="refit+tune"`` then tunes each layer (:mod:`moecompress.blocktune`: ``tune_epochs``,
-    ``tune_lr``; ``seed`` orders its tokens)."""
+    ``tune_lr``; ``seed`` orders its tokens). ``on_layer_done(layer)`` is called when a layer's
+    weights are final, while they are onloaded (a surgery running beside: ``surgery.SurgeryAlongside``)."""
     from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, TunePairs, trainable_parameters, tune_layer
     from .merge.offload import write_back  # merge imports this package's refit: imported here
 
@@ -333,6 +334,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
                                                device=cursor.device, progress=progress)
                     edits += list(trainable_parameters(layer).values())
                 write_back(layer.block, edits)
+                if on_layer_done is not None:
+                    on_layer_done(layer)
             entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
                 down.relative_error(li)
             entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
@@ -363,7 +366,8 @@ def working_bytes(view, keep: int, mode: str) -> int:
 def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,
                      ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
                      progress: bool = True, offload_folder=None, target: str = DEFAULT_TARGET,
-                     tune_epochs: int | None = None, tune_lr: float | None = None, seed: int = 0) -> dict:
+                     tune_epochs: int | None = None, tune_lr: float | None = None, seed: int = 0,
+                     on_layer_done=None) -> dict:
     """Keep ``kept[layer_idx]`` experts of every MoE layer of ``model`` (in place) and repair
     the pruned layers against the original blocks. The pruned blocks are built one layer at a
     time by the merge's block builder (a cluster of one expert is that expert), so a streamed
@@ -375,4 +379,5 @@ def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *,
                      frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
     originals = replace_blocks(model, plan, METHODS["average"], "dominant", offload_folder)
     return repair(model, originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge, batch_size=batch_size,
-                  progress=progress, target=target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed)
+                  progress=progress, target=target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed,
+                  on_layer_done=on_layer_done)

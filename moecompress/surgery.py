@@ -3,7 +3,10 @@
 Pruning a 235B-parameter checkpoint should cost little more than reading the input and
 writing the output once. This module copies every tensor of the input shards, dropping the
 removed experts' tensors, renumbering the kept ones and slicing router rows and biases, one
-shard at a time (memory is bounded by the largest shard). Kept experts can also receive new
+shard at a time and one tensor at a time (:mod:`.shardwriter`; memory is bounded by the
+largest tensor and one layer's replacements). Replacements may come while the surgery runs
+(:class:`SurgeryAlongside`: the re-fit publishes each layer when it is final, and the surgery
+writes everything else meanwhile), so the output is written while the GPU works. Kept experts can also receive new
 weights (merging computes them): ``replace`` gives, per MoE layer and kept position, the
 expert's canonical gate/up/down (and biases) and/or its router row and per-expert router
 tensors; every other tensor is still copied from the input.
@@ -26,17 +29,18 @@ import dataclasses
 import json
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import formats, mtp
 from .integrity import first_nonfinite_tensor, note_finite_file
 from .arch import MoELayer, MoEModel, meta_view  # noqa: F401 (meta_view: re-exported)
+from .shardwriter import Entry, SafetensorsWriter, aligned_order
 from .source import load_config
 
 SHARD_INDEX = "model.safetensors.index.json"
@@ -118,12 +122,8 @@ class _Target:
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool = False,
-                device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Expert ``j`` of a loaded MoE layer as replacement parts (copies in the layer's dtype, on
-    ``device`` or the layer's): its canonical weights (``experts``) and/or its router row and
-    per-expert router tensors (``router``). Offloaded weights must be onloaded
-    (``onload.onloaded``)."""
+def _part_views(layer: MoELayer, j: int, *, experts: bool, router: bool) -> dict[str, torch.Tensor]:
+    """Expert ``j``'s replacement parts as views of the layer's tensors (no copies)."""
     parts: dict[str, torch.Tensor] = {}
     if experts:
         parts.update(zip(EXPERT_PARTS, (layer.gate_proj[j], layer.up_proj[j], layer.down_proj[j])))
@@ -131,7 +131,17 @@ def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool =
     if router:
         parts[ROUTER_PART] = layer.router_weight[j]
         parts.update((f"{ROUTER_PART}.{path}", t[..., j]) for path, t in layer.router_expert_tensors.items())
-    return {k: v.detach().to(device, copy=True) if device is not None else v.detach().clone() for k, v in parts.items()}
+    return {k: v.detach() for k, v in parts.items()}
+
+
+def layer_parts(layer: MoELayer, j: int, *, experts: bool = True, router: bool = False,
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Expert ``j`` of a loaded MoE layer as replacement parts (copies in the layer's dtype, on
+    ``device`` or the layer's): its canonical weights (``experts``) and/or its router row and
+    per-expert router tensors (``router``). Offloaded weights must be onloaded
+    (``onload.onloaded``)."""
+    parts = _part_views(layer, j, experts=experts, router=router)
+    return {k: v.to(device, copy=True) if device is not None else v.clone() for k, v in parts.items()}
 
 
 class ModelReplacements:
@@ -141,6 +151,11 @@ class ModelReplacements:
 
     def __init__(self, view: MoEModel, groups: dict[int, dict[int, set[str]]]):
         self.view, self.groups = view, groups
+
+    @property
+    def layers(self) -> list[int]:
+        """The layers that get replacements (the surgery writes their tensors in this order)."""
+        return [li for li, g in self.groups.items() if any(g.values())]
 
     def get(self, layer_idx: int, default=None):
         wanted = {j: set(g) for j, g in self.groups.get(layer_idx, {}).items() if g}
@@ -152,6 +167,113 @@ class ModelReplacements:
         with onloaded(layer.block):
             return {j: layer_parts(layer, j, experts="experts" in g, router="router" in g, device="cpu")
                     for j, g in sorted(wanted.items())}
+
+
+class Cancelled(Exception):
+    """The work a surgery ran beside stopped; the surgery stops too."""
+
+
+class PublishedReplacements:
+    """``replace`` for a surgery that runs beside the work producing the replacements (the
+    re-fit, a layer at a time; :class:`SurgeryAlongside`): ``groups`` as for
+    :class:`ModelReplacements`. The worker calls :meth:`publish` when a layer is final (its
+    weights onloaded): the parts are copied to pinned CPU memory without waiting. The surgery's
+    :meth:`get` waits until its layer is published (and its copies done), and :meth:`release`
+    drops a layer once its last shard is written, so about one layer's parts are held at a time."""
+
+    def __init__(self, groups: dict[int, dict[int, set[str]]]):
+        self.groups = {li: {j: set(g) for j, g in d.items() if g} for li, d in groups.items()}
+        self.layers = [li for li, d in self.groups.items() if d]
+        self._ready: dict[int, tuple[dict, object]] = {}
+        self._published: set[int] = set()
+        self._cond = threading.Condition()
+        self.cancelled = False
+        self.error: BaseException | None = None  # the surgery's, raised to the worker at its next publish
+
+    def publish(self, layer: MoELayer) -> None:
+        from .capture import moved
+
+        if self.error is not None:
+            raise self.error
+        wanted = self.groups.get(layer.layer_idx)
+        if not wanted or layer.layer_idx in self._published:
+            return
+        parts, event = {}, None
+        for j, g in sorted(wanted.items()):
+            views = _part_views(layer, j, experts="experts" in g, router="router" in g)
+            parts[j] = {k: moved(v, torch.device("cpu")) if v.is_cuda else v.clone() for k, v in views.items()}
+            if event is None and any(v.is_cuda for v in views.values()):
+                event = torch.cuda.Event()
+        if event is not None:  # after the copies: the surgery waits for it, the worker does not
+            event.record()
+        with self._cond:
+            self._ready[layer.layer_idx] = (parts, event)
+            self._published.add(layer.layer_idx)
+            self._cond.notify_all()
+
+    def publish_rest(self, view: MoEModel) -> None:
+        """Publish every layer of ``view`` not published yet (onloaded one at a time), so a
+        surgery never waits for a layer the worker left alone."""
+        from .onload import onloaded
+
+        for li in self.layers:
+            if li not in self._published:
+                layer = view.layer(li)
+                with onloaded(layer.block):
+                    self.publish(layer)
+
+    def get(self, layer_idx: int, default=None):
+        if not self.groups.get(layer_idx):
+            return default
+        with self._cond:
+            while layer_idx not in self._ready and not self.cancelled:
+                self._cond.wait()
+            if self.cancelled:
+                raise Cancelled()
+            parts, event = self._ready[layer_idx]
+        if event is not None:
+            event.synchronize()
+        return parts
+
+    def release(self, layer_idx: int) -> None:
+        with self._cond:
+            self._ready.pop(layer_idx, None)
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+
+class SurgeryAlongside:
+    """``with SurgeryAlongside(write, replace): work()``: the surgery ``write()`` (reading its
+    replacements from ``replace``, a :class:`PublishedReplacements`) runs in a thread while the
+    body produces them, so the output is written while the GPU works instead of after it. On
+    leaving, the thread is joined: the body's exception cancels the surgery and is raised; the
+    surgery's exception is raised (and stops the body at its next ``publish``)."""
+
+    def __init__(self, write, replace: PublishedReplacements):
+        self.write, self.replace = write, replace
+        self.thread = threading.Thread(target=self._run, name="moecompress-surgery", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.write()
+        except Cancelled:
+            pass
+        except BaseException as e:  # handed to the caller's thread
+            self.replace.error = e
+
+    def __enter__(self) -> "SurgeryAlongside":
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.replace.cancel()
+        self.thread.join()
+        if exc_type is None and self.replace.error is not None:
+            raise self.replace.error
 
 
 class _OneExpert:
@@ -241,6 +363,13 @@ class _Replacements:
                 self.pieces = {j: one.revert(parts) for j, parts in sorted(given.items())}
         return self.pieces
 
+    def release(self, layer_idx: int) -> None:
+        """Layer ``layer_idx`` is written: its pieces (and a lazy source's parts) are dropped."""
+        if self.layer_idx == layer_idx:
+            self.layer_idx, self.pieces = None, {}
+        if hasattr(self.replace, "release"):
+            self.replace.release(layer_idx)
+
 
 def _plan(old: MoEModel, new: MoEModel, keep: dict[int, list[int]]) -> dict[str, list[_Target]]:
     """Input checkpoint key -> where it goes, for the routed-expert and router keys. ``keep``
@@ -285,8 +414,12 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     the canonical layout with all of :data:`EXPERT_PARTS` (and :data:`BIAS_PARTS` where the
     family has expert biases) and/or :data:`ROUTER_PART` with every ``"router.<path>"`` of the
     family's per-expert router tensors. A dict works, or any object with ``get`` (called per
-    layer and shard, so it can load lazily: :class:`ModelReplacements`). Values are cast to
-    the dtype the input stores; everything not replaced is copied from the input.
+    layer and shard, so it can load lazily: :class:`ModelReplacements`, or wait for them:
+    :class:`PublishedReplacements`). Values are cast to the dtype the input stores; everything
+    not replaced is copied from the input. In each shard the replaced layers' tensors come last,
+    in the order of ``replace.layers`` (a dict's keys), the rest first; a ``replace`` with
+    ``release`` is told when a layer is written, and one whose ``cancelled`` turns true stops
+    the surgery (:class:`Cancelled`).
 
     Multi-token-prediction layers the checkpoint stores (``mtp.py``) need their kept experts in
     ``keep`` too (their own choice: ``mtp.kept_by_own_router``), or ``drop_mtp``: their tensors
@@ -312,26 +445,47 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     replacements = _Replacements(replace, keep, new)
 
     shards = _input_shards(src)
+    # Tensors of the layers that get replacements are written last, a layer at a time in the
+    # order the replacements come (a surgery beside the re-fit writes everything else while it
+    # runs); a layer's replacements are released after the last shard that holds it.
+    rank = {li: i for i, li in enumerate(_replaced_layers(replace))}
+    last_shard = {}
+    for i, shard in enumerate(shards):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                for target in _targets(plan, key, method):
+                    if target.layer in rank:
+                        last_shard[target.layer] = i
     weight_map: dict[str, str] = {}
     total = 0
-    for shard in shards:
-        tensors: dict[str, torch.Tensor] = {}
+    for i, shard in enumerate(shards):
         with safe_open(shard, framework="pt") as f:
             metadata = f.metadata()
+            jobs = {}
             for key in f.keys():
                 if drop_mtp and mtp.layer_of(key) in stored_mtp:
                     continue
                 for target in _targets(plan, key, method):
-                    tensors[target.key] = _output_tensor(f, key, target, replacements)
-        # Kept order: sorted keys give deterministic bytes whatever the dict order was.
-        tensors = dict(sorted(tensors.items()))
-        if tensors or len(shards) == 1:  # a shard that held only dropped MTP tensors is not written
-            finite = first_nonfinite_tensor(tensors) is None  # scanned here, in memory: the output check
-            save_file(tensors, out / shard.name, metadata=metadata or {"format": "pt"})  # need not read it
-            if finite:
-                note_finite_file(out / shard.name)
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({k: shard.name for k in tensors})
+                    jobs[target.key] = (key, target)
+            entries = sorted((_entry(f, key, target) for key, target in jobs.values()),
+                             key=lambda e: (rank.get(jobs[e.name][1].layer, -1), e.name))
+            entries = aligned_order(entries)  # deterministic: it depends on the plan only
+            if entries or len(shards) == 1:  # a shard that held only dropped MTP tensors is not written
+                finite = True
+                with SafetensorsWriter(out / shard.name, entries, metadata or {"format": "pt"}) as w:
+                    for e in entries:
+                        if getattr(replace, "cancelled", False):
+                            raise Cancelled()
+                        t = _output_tensor(f, *jobs[e.name], replacements)
+                        # scanned here, in memory: the output check need not read the file
+                        finite = finite and first_nonfinite_tensor({e.name: t}) is None
+                        w.write(e.name, t)
+                if finite:
+                    note_finite_file(out / shard.name)
+        for li in [li for li, last in last_shard.items() if last == i]:
+            replacements.release(li)
+        total += sum(e.nbytes for e in entries)
+        weight_map.update({e.name: shard.name for e in entries})
         if progress is not None:
             progress(shard)
     if (src / SHARD_INDEX).exists():
@@ -354,6 +508,24 @@ def _targets(plan: dict[str, list[_Target]], key: str, method: str | None) -> li
     if part == "weight" or logical not in plan:
         return [_Target(key, -1)]
     return [dataclasses.replace(t, key=formats.stored_key(t.key, part), expert=None, k0=None) for t in plan[logical]]
+
+
+def _replaced_layers(replace) -> list[int]:
+    """The layers ``replace`` gives replacements for, in the order they become available."""
+    if replace is None:
+        return []
+    if isinstance(replace, Mapping):
+        return [li for li, given in replace.items() if given]
+    return list(getattr(replace, "layers", []))
+
+
+def _entry(f, key: str, target: _Target) -> Entry:
+    """The output tensor's name, stored dtype and shape (fused keys: the kept experts only)."""
+    sl = f.get_slice(key)
+    shape = list(sl.get_shape())
+    if target.index is not None:
+        shape[target.dim] = target.index.numel()
+    return Entry(target.key, sl.get_dtype(), tuple(shape))
 
 
 def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) -> torch.Tensor:

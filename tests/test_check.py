@@ -86,13 +86,12 @@ def test_a_stage_whose_output_fails_the_check_writes_nothing(tiny_ckpt, tmp_path
     from moecompress.prune import prune_checkpoint
 
     folder, _ = tiny_ckpt("qwen3_moe")
-    real = surgery.save_file
+    real = surgery.aligned_order
 
-    def lossy(tensors, path, metadata=None):
-        tensors.pop("model.layers.2.mlp.experts.1.down_proj.weight", None)
-        real(tensors, path, metadata=metadata)
+    def lossy(entries):  # the shard is planned, and written, without one tensor
+        return real([e for e in entries if e.name != "model.layers.2.mlp.experts.1.down_proj.weight"])
 
-    monkeypatch.setattr(surgery, "save_file", lossy)
+    monkeypatch.setattr(surgery, "aligned_order", lossy)
     with pytest.raises(MoECompressError, match=r"^check failed: model.layers.2.mlp.experts.1.down_proj.weight: "
                                                 r"missing .*the output was removed"):
         prune_checkpoint(folder, tmp_path / "out", keep=4, method="random")

@@ -1,6 +1,7 @@
 """Checkpoint surgery (prune by rewriting shards) equals pruning in memory, for every family."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from moecompress.arch import moe_view
 from moecompress.checkpoint import load_model, parse_memory
-from moecompress.surgery import ModelReplacements, prune_checkpoint_files
-from moecompress.testing import tiny_model, tokens
+from moecompress.surgery import ModelReplacements, PublishedReplacements, SurgeryAlongside, prune_checkpoint_files
+from moecompress.testing import saved_tensors, tiny_model, tokens
 
 
 def _keep(view, n, seed=0):
@@ -227,3 +228,104 @@ def test_surgery_refuses_incomplete_or_misplaced_replacements(tmp_path):
         out.mkdir()
         with pytest.raises(ValueError, match=msg):
             prune_checkpoint_files(tmp_path / "src", out, keep, replace=replace)
+
+
+def _published_surgery(src, out, keep, published):
+    out.mkdir()
+    return SurgeryAlongside(lambda: prune_checkpoint_files(src, out, keep, replace=published), published)
+
+
+def test_surgery_beside_the_worker_starts_first_and_writes_the_same_bytes(tmp_path):
+    """Run beside the work that makes the replacements (a layer published at a time), the surgery
+    writes before the first layer is published, waits for each, and writes the bytes the
+    surgery after the work writes."""
+    model = tiny_model("mixtral", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    view = moe_view(model)
+    keep = _keep(view, 3)
+    view.keep_experts(keep)
+    replace = _replace_some(view, seed=5)
+    (tmp_path / "after").mkdir()
+    prune_checkpoint_files(tmp_path / "src", tmp_path / "after", keep, replace=replace)
+    asked = threading.Event()
+
+    class Watched(PublishedReplacements):
+        def get(self, layer_idx, default=None):
+            asked.set()
+            return super().get(layer_idx, default)
+
+    published = Watched(replace.groups)
+    with _published_surgery(tmp_path / "src", tmp_path / "beside", keep, published) as job:
+        assert asked.wait(60)  # it reached a replaced layer before anything was published ...
+        assert list((tmp_path / "beside").glob("*.safetensors"))  # ... having written what it could
+        for layer in view:
+            published.publish(layer)
+    assert not job.thread.is_alive()
+    files = sorted(p.name for p in (tmp_path / "after").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "beside").iterdir()) and len(files) > 3
+    for name in files:
+        assert (tmp_path / "after" / name).read_bytes() == (tmp_path / "beside" / name).read_bytes(), name
+
+
+def test_surgery_beside_the_worker_stops_with_it_and_reports_its_own_error(tmp_path):
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    view = moe_view(model)
+    keep = _keep(view, 4)
+    view.keep_experts(keep)
+    groups = {layer.layer_idx: {0: {"experts"}} for layer in view}
+    published = PublishedReplacements(groups)
+    with pytest.raises(KeyboardInterrupt):  # the worker stops: the surgery is cancelled, its thread ends
+        with _published_surgery(tmp_path / "src", tmp_path / "a", keep, published) as job:
+            raise KeyboardInterrupt
+    assert not job.thread.is_alive()
+
+    class Broken(PublishedReplacements):
+        def get(self, layer_idx, default=None):
+            raise OSError("No space left on device")
+
+    broken = Broken(groups)
+    with pytest.raises(OSError, match="No space left"):  # the surgery fails: the worker's next publish raises it
+        with _published_surgery(tmp_path / "src", tmp_path / "b", keep, broken) as job:
+            job.thread.join(60)
+            broken.publish(view[0])
+            pytest.fail("publish should have raised the surgery's error")
+    with pytest.raises(OSError, match="No space left"):  # ... and so does leaving, if no publish came
+        with _published_surgery(tmp_path / "src", tmp_path / "c", keep, Broken(groups)) as job:
+            job.thread.join(60)
+
+
+def test_prune_with_repair_writes_beside_the_refit_what_it_writes_after_it(calib_ckpt, tmp_path, monkeypatch):
+    """prune_checkpoint's re-fit and surgery side by side write the bytes of the re-fit, then the
+    surgery (sharded input; in memory and streamed)."""
+    import moecompress.surgery as surgery
+    from moecompress.prune import prune_checkpoint
+    from moecompress.testing import tiny_checkpoint
+
+    src = tmp_path / "src"
+    model = tiny_checkpoint(src, "qwen3_moe")
+    (src / "model.safetensors").unlink()
+    model.save_pretrained(src, max_shard_size="60KB")
+    kw = dict(keep=4, method="frequency", calib=str(calib_ckpt / "calib.txt"), n=4, seq_len=32, progress=False)
+    prune_checkpoint(src, tmp_path / "beside", **kw)
+    prune_checkpoint(src, tmp_path / "beside_streamed", max_cpu_memory="40KB", **kw)
+
+    class After(surgery.SurgeryAlongside):  # the surgery once the re-fit is done, in this thread
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, *exc):
+            if exc_type is None:
+                self.write()
+
+    monkeypatch.setattr(surgery, "SurgeryAlongside", After)
+    prune_checkpoint(src, tmp_path / "after", **kw)
+    shards = sorted(p.name for p in (tmp_path / "after").glob("*.safetensors"))
+    assert len(shards) > 2
+    for name in shards:
+        assert (tmp_path / "after" / name).read_bytes() == (tmp_path / "beside" / name).read_bytes(), name
+    record = json.loads((tmp_path / "beside" / "moecompress.json").read_text())
+    assert record["parameters"]["repair"] == "refit" and record["writer"] == "shard surgery"
+    a, s = saved_tensors(tmp_path / "beside"), saved_tensors(tmp_path / "beside_streamed")
+    for k in a:
+        torch.testing.assert_close(s[k], a[k], rtol=1e-2, atol=1e-3)  # streamed: rounding of equal sums

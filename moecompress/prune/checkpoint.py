@@ -9,6 +9,7 @@ caps, and returns one :class:`PruneResult`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -161,7 +162,7 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     from ..arch import moe_view
     from ..checkpoint import copy_tokenizer, save_model, write_record
     from ..stats import Stats
-    from ..surgery import ModelReplacements, prune_checkpoint_files
+    from ..surgery import prune_checkpoint_files
 
     stats = Stats.load(opts.stats) if opts.stats is not None else None
     surgery = bool(source.shards)
@@ -170,21 +171,31 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
                    protect_super_experts=opts.protect_super_experts, batch_size=batch_size, progress=progress,
                    **method_options)
     result.kind = "experts"
-    replace = None
+    alongside = None
     if repair != "none":  # moecompress/repair.py: re-fit the kept experts to the original layers
         from ..repair import ROUTER_CHANGING_MODES, prune_and_repair
+        from ..surgery import PublishedReplacements, SurgeryAlongside
 
-        result.info["repair"] = prune_and_repair(lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge,
-                                                 router_ridge=opts.router_ridge, batch_size=batch_size,
-                                                 target=opts.repair_target, tune_epochs=opts.tune_epochs,
-                                                 tune_lr=opts.tune_lr, seed=opts.seed,
-                                                 progress=progress, offload_folder=work / "pruned" if work else None)
+        parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
+        groups = {li: {j: parts for j in range(keep)} for li in result.kept}
+        # With shard surgery, the output is written beside the re-fit: a layer's tensors as soon
+        # as it is final (docs/benchmarks.md, "Session 9"); the record and the rest follow it.
+        published = PublishedReplacements(groups) if surgery else None
+        alongside = SurgeryAlongside(lambda: prune_checkpoint_files(source.folder, folder, result.kept, replace=published,
+                                                                    drop_mtp=opts.mtp == "drop"),
+                                     published) if surgery else None
+        with alongside or contextlib.nullcontext():
+            result.info["repair"] = prune_and_repair(
+                lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge, router_ridge=opts.router_ridge,
+                batch_size=batch_size, target=opts.repair_target, tune_epochs=opts.tune_epochs, tune_lr=opts.tune_lr,
+                seed=opts.seed, progress=progress, offload_folder=work / "pruned" if work else None,
+                on_layer_done=published.publish if published else None)
+            if published is not None:
+                published.publish_rest(moe_view(lm))
         if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
             from ..blocktune import plot_tuning
 
             plot_tuning(result.info["repair"], folder / "repair_tuning.png")
-        parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
-        replace = ModelReplacements(moe_view(lm), {li: {j: parts for j in range(keep)} for li in result.kept})
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
     mtp_kept = {}
@@ -197,9 +208,9 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     elif stored_mtp and surgery:
         record["mtp"] = {"mode": "drop", "layers": stored_mtp}
     if surgery:
-        prune_checkpoint_files(source.folder, folder, {**result.kept, **mtp_kept}, drop_mtp=opts.mtp == "drop",
-                               replace=replace)
-        del lm, replace
+        if alongside is None:  # else written beside the re-fit (above)
+            prune_checkpoint_files(source.folder, folder, {**result.kept, **mtp_kept}, drop_mtp=opts.mtp == "drop")
+        del lm
         copy_tokenizer(source, folder)
         write_record(folder, record, source)
     else:
