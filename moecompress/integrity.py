@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from .errors import MoECompressError
+from .shardwriter import ITEMSIZE
 
 SHARD_INDEX = "model.safetensors.index.json"
 _FLOAT = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I16": 2,
-             "I32": 4, "I64": 8, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E8M0": 1, "F4": 1}
+_ITEMSIZE = {**ITEMSIZE, "F4": 1}  # F4 packs two values in a byte: its sizes are not checked
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 _CHUNK_BYTES = 1 << 28  # values are scanned in slices of at most this many bytes
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit

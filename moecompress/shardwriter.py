@@ -26,14 +26,21 @@ from pathlib import Path
 
 import torch
 
-# safetensors dtype names (the header's) and their element sizes
+# safetensors dtype names (the header's), for torch's dtypes and back, and their element sizes;
+# the one table for every module that reads or writes safetensors headers
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 DTYPE_NAMES.update({getattr(torch, t): n for t, n in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
                                                      ("float8_e8m0fnu", "F8_E8M0")) if hasattr(torch, t)})
+TORCH_DTYPES = {n: t for t, n in DTYPE_NAMES.items()}
 ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as a safetensors file stores them (contiguous, row-major), on the CPU."""
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,7 @@ class SafetensorsWriter:
         if got != e:
             raise ValueError(f"{self.path.name}: expected {e}, got {got}")
         if e.nbytes:
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            self._fh.write(memoryview(data.cpu().numpy()))
+            self._fh.write(tensor_bytes(tensor))
         self._next += 1
 
     def close(self) -> None:

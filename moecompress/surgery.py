@@ -40,7 +40,7 @@ from safetensors import safe_open
 from . import formats, mtp
 from .integrity import first_nonfinite_tensor, note_finite_file
 from .arch import MoELayer, MoEModel, meta_view  # noqa: F401 (meta_view: re-exported)
-from .shardwriter import Entry, SafetensorsWriter, aligned_order
+from .shardwriter import TORCH_DTYPES, Entry, SafetensorsWriter, aligned_order
 from .source import load_config
 
 SHARD_INDEX = "model.safetensors.index.json"
@@ -117,9 +117,6 @@ class _Target:
     dim: int | None = None
     expert: int | None = None
     k0: str | None = None
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _part_views(layer: MoELayer, j: int, *, experts: bool, router: bool) -> dict[str, torch.Tensor]:
@@ -533,7 +530,7 @@ def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) ->
         piece = replacements.of(target.layer).get(target.expert, {}).get(target.k0)
         if piece is None:
             return f.get_tensor(key)
-        dtype = _ST_DTYPES.get(f.get_slice(key).get_dtype()) or f.get_tensor(key).dtype
+        dtype = TORCH_DTYPES.get(f.get_slice(key).get_dtype()) or f.get_tensor(key).dtype
         return piece.to(dtype).contiguous()
     t = f.get_tensor(key)
     if target.index is None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..checkpoint import aligned
 from ..onload import HOOK_ATTRIBUTES, module_execution_device, onloaded
+from ..shardwriter import DTYPE_NAMES, tensor_bytes
 
 
 class SafetensorsWeights(Mapping):
@@ -65,14 +66,14 @@ class SafetensorsWeights(Mapping):
         shape or dtype the file does not hold rewrites the whole file (:meth:`write`)."""
         header, start = _read_header(self.path)
         if set(tensors) != set(self._keys) or any(list(t.shape) != header[k]["shape"] or
-                                                  _DTYPES.get(t.dtype) != header[k]["dtype"] for k, t in tensors.items()):
+                                                  DTYPE_NAMES.get(t.dtype) != header[k]["dtype"] for k, t in tensors.items()):
             self.write(tensors)
             return sorted(tensors)
         changed = []
         with open(self.path, "r+b") as fh:
             for name in sorted(tensors if edited is None else edited & set(tensors)):
                 begin, end = header[name]["data_offsets"]
-                data = memoryview(tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+                data = tensor_bytes(tensors[name])
                 fh.seek(start + begin)
                 if edited is None and fh.read(end - begin) == data:  # reading from the page cache is cheaper than writing
                     continue
@@ -179,12 +180,6 @@ def write_back(block: nn.Module, edited: list[torch.Tensor] | None = None) -> li
         storages = {t.untyped_storage().data_ptr() for t in edited}
         names = {k for k, p in params.items() if p.untyped_storage().data_ptr() in storages}
     return weights.update(params, names)
-
-
-# safetensors' dtype names (its format spec), for the tensors a block holds
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
