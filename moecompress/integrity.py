@@ -18,15 +18,16 @@ anything else, with a message that names neither the file nor what to do).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
-import threading
 from pathlib import Path
 
 import torch
 
+from .background import Background
 from .errors import MoECompressError
 from .shardwriter import ITEMSIZE
 
@@ -224,7 +225,7 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
         if allow_nonfinite:
             _checked.add(key)
             return
-        scan = _scans[key] = _BackgroundScan(folder, headers)
+        scan = _scans[key] = Background(functools.partial(first_nonfinite, folder, headers), "moecompress-input-scan")
     if not wait:
         return
     del _scans[key]
@@ -235,31 +236,7 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
     _checked.add(key)
 
 
-class _BackgroundScan:
-    """:func:`first_nonfinite` of one checkpoint in a daemon thread (a command that stops early,
-    on an error or Ctrl-C, does not wait for a scan of a large checkpoint to finish first)."""
-
-    def __init__(self, folder: Path, headers: dict):
-        self._bad: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(folder, headers), daemon=True,
-                                         name="moecompress-input-scan")
-        self._thread.start()
-
-    def _run(self, folder: Path, headers: dict) -> None:
-        try:
-            self._bad = first_nonfinite(folder, headers)
-        except BaseException as e:  # handed to the waiting thread
-            self._error = e
-
-    def result(self) -> str | None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._bad
-
-
-_scans: dict[tuple, _BackgroundScan] = {}
+_scans: dict[tuple, Background] = {}  # started, not yet waited for
 
 
 _LINE_BREAKS = str.maketrans("", "", "\n\r\t")  # removed: the whitespace check_text accepts besides printables

@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 
 from . import formats, mtp
+from .background import Background
 from .integrity import first_nonfinite_tensor, note_finite_file
 from .arch import MoELayer, MoEModel, meta_view  # noqa: F401 (meta_view: re-exported)
 from .shardwriter import TORCH_DTYPES, Entry, SafetensorsWriter, aligned_order
@@ -251,26 +252,29 @@ class SurgeryAlongside:
 
     def __init__(self, write, replace: PublishedReplacements):
         self.write, self.replace = write, replace
-        self.thread = threading.Thread(target=self._run, name="moecompress-surgery", daemon=True)
+        self.job: Background | None = None
 
-    def _run(self) -> None:
+    @property
+    def thread(self) -> threading.Thread:
+        return self.job.thread
+
+    def _write(self) -> None:
         try:
             self.write()
-        except Cancelled:
-            pass
-        except BaseException as e:  # handed to the caller's thread
+        except BaseException as e:  # the worker's next publish raises it (Cancelled: the worker stopped first)
             self.replace.error = e
+            raise
 
     def __enter__(self) -> "SurgeryAlongside":
-        self.thread.start()
+        self.job = Background(self._write, "moecompress-surgery")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.replace.cancel()
-        self.thread.join()
-        if exc_type is None and self.replace.error is not None:
-            raise self.replace.error
+            self.job.thread.join()
+        else:
+            self.job.result()
 
 
 class _OneExpert:
