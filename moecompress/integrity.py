@@ -18,11 +18,11 @@ anything else, with a message that names neither the file nor what to do).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -108,10 +108,12 @@ def check_shards(folder: str | os.PathLike) -> dict[str, dict[str, tuple[str, tu
     return {name: read_header(folder / name) for name in sorted(names)}
 
 
-def first_nonfinite(folder: str | os.PathLike, headers: dict | None = None, device: str | None = None) -> str | None:
+def first_nonfinite(folder: str | os.PathLike, headers: dict | None = None, device: str | None = None,
+                    stop: threading.Event | None = None) -> str | None:
     """The first tensor (file order, then key order) holding NaN or Inf, or None. Files this
     process wrote from tensors it had scanned (:func:`note_finite_file`), unchanged since, are not
-    read again."""
+    read again. ``stop`` set: the scan ends at its next slice with ``InterruptedError`` (never a
+    verdict)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -134,6 +136,8 @@ def first_nonfinite(folder: str | os.PathLike, headers: dict | None = None, devi
                 row_bytes = max(1, _ITEMSIZE[st_dtype] * (_numel(shape) // rows))
                 step = max(1, _CHUNK_BYTES // row_bytes)
                 for r0 in range(0, rows, step):
+                    if stop is not None and stop.is_set():
+                        raise InterruptedError("input scan stopped")
                     if _values_nonfinite(sl[r0:min(rows, r0 + step)].to(dev)):
                         return key
     return None
@@ -225,7 +229,8 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
         if allow_nonfinite:
             _checked.add(key)
             return
-        scan = _scans[key] = Background(functools.partial(first_nonfinite, folder, headers), "moecompress-input-scan")
+        scan = _scans[key] = Background(lambda stop: first_nonfinite(folder, headers, stop=stop),
+                                        "moecompress-input-scan")
     if not wait:
         return
     del _scans[key]

@@ -258,7 +258,7 @@ class SurgeryAlongside:
     def thread(self) -> threading.Thread:
         return self.job.thread
 
-    def _write(self) -> None:
+    def _write(self, stop) -> None:  # (stop: the thread is always joined on leaving, before any exit)
         try:
             self.write()
         except BaseException as e:  # the worker's next publish raises it (Cancelled: the worker stopped first)
