@@ -115,6 +115,8 @@ PHASES = (
     ("moecompress.capture.LayerCursor", "__init__", "calibration: record layer-0 inputs"),
     ("moecompress.repair", "prune_and_repair", "repair"),
     ("moecompress.merge.api", "replace_blocks", "repair: build the pruned blocks"),
+    ("moecompress.merge.blocks.DeferredBlocks", "build", "repair: build a pruned block at its layer (streamed)"),
+    ("moecompress.merge.blocks.DeferredBlocks", "done", "repair: hand a final pruned block back (streamed)"),
     ("moecompress.repair.OriginalStream", "after", "repair: original stream"),
     ("moecompress.capture.LayerCursor", "advance", "cursor: advance"),
     ("moecompress.refit", "block_output", "repair: original block on the pruned inputs"),

@@ -79,7 +79,7 @@ from torch import nn
 from .arch import MoELayer, Routing, moe_view
 from .capture import LayerCursor
 from .errors import MoECompressError
-from .onload import onloaded
+from .onload import is_streamed, onloaded
 from .options.groups import RepairOptions
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
@@ -269,7 +269,7 @@ def _original_blocks(model, original) -> dict[int, nn.Module]:
 def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, ridge: float | None = None,
            router_ridge: float | None = None, batch_size: int = 8, progress: bool = True,
            joint: bool = True, target: str = DEFAULT_TARGET, tune_epochs: int | None = None,
-           tune_lr: float | None = None, seed: int = 0, on_layer_done=None) -> dict:
+           tune_lr: float | None = None, seed: int = 0, on_layer_done=None, blocks=None) -> dict:
     """Re-fit ``model``'s (compressed) MoE layers, in place, so each reproduces the original
     layer on the calibration ``tokens`` [n, seq_len]; ``original`` is the uncompressed model or
     its MoE blocks ``{layer_idx: block}`` (only the MoE blocks are read). Returns the record
@@ -278,7 +278,9 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     ``JOINT_RIDGE`` where the down projections are fitted jointly, ``EXPERT_RIDGE`` per expert.
     ``mode="refit+tune"`` then tunes each layer (:mod:`moecompress.blocktune`: ``tune_epochs``,
     ``tune_lr``; ``seed`` orders its tokens). ``on_layer_done(layer)`` is called when a layer's
-    weights are final, while they are onloaded (a surgery running beside: ``surgery.SurgeryAlongside``)."""
+    weights are final, while they are onloaded (a surgery running beside: ``surgery.SurgeryAlongside``).
+    ``blocks`` (``merge.blocks.DeferredBlocks``): the compressed blocks are built as their layer's
+    turn comes (``build``) and handed back when final (``done``)."""
     from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, TunePairs, trainable_parameters, tune_layer
     from .merge.offload import write_back  # merge imports this package's refit: imported here
 
@@ -309,6 +311,10 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     for layer in layers:
         li = layer.layer_idx
         entry = {}
+        # the original stream first: it runs the original block, so a deferred block is built after it
+        targets = {li: stream.after(li)} if stream is not None else None
+        if blocks is not None:
+            blocks.build(li)
         if mode == "refit+router":
             start = cursor.state()
             router_obs = RouterObserver(li, originals[li])
@@ -320,7 +326,6 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
                 entry["relative_error"] = router_obs.relative_error()
             cursor.restore(start)
         fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
-        targets = {li: stream.after(li)} if stream is not None else None
         pairs = TunePairs(cursor.store) if tune else None
         down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
                                                                         REPAIR_TARGETS[target], pairs)
@@ -340,6 +345,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
                 down.relative_error(li)
             entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
             entry["ridge"] = lam
+        if blocks is not None:
+            blocks.done(li)
         record["layers"][li] = entry
     return record
 
@@ -367,17 +374,28 @@ def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *,
                      ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
                      progress: bool = True, offload_folder=None, target: str = DEFAULT_TARGET,
                      tune_epochs: int | None = None, tune_lr: float | None = None, seed: int = 0,
-                     on_layer_done=None) -> dict:
+                     on_layer_done=None, keep_model: bool = True) -> dict:
     """Keep ``kept[layer_idx]`` experts of every MoE layer of ``model`` (in place) and repair
     the pruned layers against the original blocks. The pruned blocks are built one layer at a
-    time by the merge's block builder (a cluster of one expert is that expert), so a streamed
-    model stays streamed: the new blocks wait on disk in ``offload_folder``. Returns the record."""
+    time by the merge's block builder (a cluster of one expert is that expert). A streamed model
+    stays streamed: each pruned block is built when the repair reaches its layer and used from
+    the GPU, then written to ``offload_folder`` (``merge.blocks.defer_blocks``), or with
+    ``keep_model=False`` (the caller does not run the model afterwards: the shard surgery
+    writes the output) dropped. Returns the record."""
     from .merge.api import METHODS, MergePlan, replace_blocks
+    from .merge.blocks import defer_blocks
 
     view = moe_view(model)
     plan = MergePlan(clusters={li: [[e] for e in k] for li, k in kept.items()}, dominant=dict(kept),
                      frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
-    originals = replace_blocks(model, plan, METHODS["average"], "dominant", offload_folder)
-    return repair(model, originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge, batch_size=batch_size,
-                  progress=progress, target=target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed,
-                  on_layer_done=on_layer_done)
+    blocks = None
+    if is_streamed(model):
+        originals, blocks = defer_blocks(model, plan, METHODS["average"], "dominant", offload_folder, keep=keep_model)
+    else:
+        originals = replace_blocks(model, plan, METHODS["average"], "dominant", offload_folder)
+    record = repair(model, originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge,
+                    batch_size=batch_size, progress=progress, target=target, tune_epochs=tune_epochs,
+                    tune_lr=tune_lr, seed=seed, on_layer_done=on_layer_done, blocks=blocks)
+    if blocks is not None:
+        blocks.finish()  # layers the repair did not reach (--repair none)
+    return record

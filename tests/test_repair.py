@@ -351,3 +351,62 @@ def test_repair_targets_are_the_options_choices():
 
     field = RepairOptions.model_fields["repair_target"]
     assert set(get_args(field.annotation)) == set(REPAIR_TARGETS) and DEFAULT_TARGET == field.default
+
+
+@pytest.mark.parametrize("keep_model", [True, False])
+def test_streamed_repair_builds_each_pruned_block_at_its_layer(tmp_path, keep_model):
+    """A streamed model's pruned blocks are built when the repair reaches their layer, used from
+    the execution device and only then written to their file (or dropped with keep_model=False:
+    the surgery has them); the repaired weights equal the in-memory run's, and a kept model runs
+    like it."""
+    from moecompress.checkpoint import load_model
+    from moecompress.merge import blocks as blocks_module
+    from moecompress.merge.offload import is_offloaded
+    from moecompress.onload import is_streamed
+    from moecompress.repair import prune_and_repair
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    toks = tokens(4, 16)
+    in_memory = load_model(tmp_path / "src", dtype="float32")
+    layers = moe_view(in_memory).moe_layer_indices
+    kept = {li: sorted((li + j) % 8 for j in (0, 2, 3, 5)) for li in layers}
+    want = prune_and_repair(in_memory, kept, toks, mode="refit", batch_size=2, progress=False)
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB", offload_folder=tmp_path / "off")
+    if not is_streamed(streamed):  # a GPU holds this tiny model whole: nothing is offloaded
+        pytest.skip("the model fits the GPU: not streamed")
+    folder = tmp_path / "pruned"
+    seen, published = [], {}
+    build = blocks_module.DeferredBlocks.build
+
+    def spy(self, li):
+        seen.append((li, sorted(p.name for p in folder.glob("*.safetensors"))))  # files written before layer li's build
+        build(self, li)
+
+    def publish(layer):  # what the surgery beside reads: the final weights, while the layer is built
+        published[layer.layer_idx] = layer.down_proj.detach().clone()
+
+    blocks_module.DeferredBlocks.build = spy
+    try:
+        got = prune_and_repair(streamed, kept, toks, mode="refit", batch_size=2, progress=False,
+                               offload_folder=folder, keep_model=keep_model, on_layer_done=publish)
+    finally:
+        blocks_module.DeferredBlocks.build = build
+    # no block is written before the repair has used it
+    assert seen == [(li, [f"merged-layer-{j}.safetensors" for j in layers[:i]] if keep_model else [])
+                    for i, li in enumerate(layers)]
+    assert got["layers"].keys() == want["layers"].keys()
+    for li in kept:
+        assert got["layers"][li]["relative_error"] == pytest.approx(want["layers"][li]["relative_error"], rel=1e-5)
+    view, ref = moe_view(streamed), moe_view(in_memory)
+    for layer, reference in zip(view, ref):
+        torch.testing.assert_close(published[layer.layer_idx], reference.down_proj.detach(), rtol=1e-5, atol=1e-6)
+        if keep_model:
+            assert is_offloaded(layer.block) and layer.experts.down_proj.device.type == "meta"
+        else:
+            assert not is_offloaded(layer.block) and all(p.device.type == "meta" for p in layer.block.parameters())
+    if keep_model:
+        probe = tokens(2, 9, seed=3)
+        with torch.no_grad():
+            torch.testing.assert_close(streamed(probe).logits, in_memory(probe).logits, rtol=1e-5, atol=1e-5)
+    else:
+        assert not list(folder.glob("*.safetensors"))

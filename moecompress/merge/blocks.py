@@ -4,12 +4,17 @@ cluster (a cluster of one expert is that expert, which is how pruning with repai
 * :func:`merged_expert` — the merged weights of one cluster (optionally neuron-aligned).
 * :func:`replace_blocks` — swap every MoE block of a model for its merged block, one layer at a
   time from the onloaded original; a streamed model keeps the new blocks on disk.
+* :func:`defer_blocks` — the same swap, each block built only when a layer-wise stage reaches
+  its layer (:class:`DeferredBlocks`): a streamed model's new blocks never make a round trip
+  through the disk while that stage uses them.
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +70,85 @@ def replace_blocks(model, plan: MergePlan, method: Method, router: str = "domina
     keep = len(next(iter(plan.dominant.values())))
     moe_view(model)._set_config_num_experts(keep, grouped=grouped)  # config (and grouped-routing fields)
     return originals
+
+
+class DeferredBlocks:
+    """New blocks of a streamed model that wait as shells (the new shapes, every parameter on the
+    meta device) until a layer-wise stage reaches their layer. ``build(li)`` fills layer li's
+    shell from its onloaded original, on the execution device, without hooks: the layer's passes
+    and edits use it there, as they would use an onloaded block. ``done(li)`` then writes it to
+    its file and hooks it like :func:`replace_blocks`' blocks (``keep``), or, when the caller
+    will not run the model again (the shard surgery has the layer), drops its weights.
+
+    Why: built all at once up front (:func:`replace_blocks`), every new block of a streamed model
+    is written to the disk before the stage starts and read back at each of its passes; on the
+    OLMoE-1B-7B shape the building alone took 11.1 s of a 73.9 s default prune streamed under
+    4 GiB (docs/benchmarks.md, "Session 10")."""
+
+    def __init__(self, pending: dict, plan: "MergePlan", method: "Method", router: str, folder: Path, keep: bool):
+        self.pending, self.plan, self.method, self.router = pending, plan, method, router
+        self.folder, self.keep = folder, keep
+        self.built: dict[int, tuple[torch.nn.Module, torch.device]] = {}
+
+    @torch.no_grad()
+    def build(self, layer_idx: int) -> None:
+        if layer_idx not in self.pending:
+            return
+        source, shell = self.pending.pop(layer_idx)
+        li, plan = layer_idx, self.plan
+        block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], self.method, self.router)
+        device = module_execution_device(source.block)
+        # the shell is the module the model and its views already hold: filled, not replaced
+        for name, t in itertools.chain(block.named_parameters(), block.named_buffers()):
+            set_module_tensor_to_device(shell, name, device, value=t)
+        self.built[li] = (shell, device)
+
+    @torch.no_grad()
+    def done(self, layer_idx: int) -> None:
+        if layer_idx not in self.built:
+            return
+        shell, device = self.built.pop(layer_idx)
+        if self.keep:
+            offload_block(shell, self.folder / f"merged-layer-{layer_idx}.safetensors", device)
+        else:
+            for name, _ in list(shell.named_parameters()):
+                set_module_tensor_to_device(shell, name, "meta")
+
+    def finish(self) -> None:
+        """Every layer the stage did not reach is built and written to its file (whatever
+        ``keep`` says: nothing has used it yet); any still built is finished."""
+        for li in sorted(self.built):
+            self.done(li)
+        keep, self.keep = self.keep, True
+        try:
+            for li in sorted(self.pending):
+                self.build(li)
+                self.done(li)
+        finally:
+            self.keep = keep
+
+
+def defer_blocks(model, plan: MergePlan, method: Method, router: str = "dominant",
+                 offload_folder: str | os.PathLike | None = None, *, keep: bool = True
+                 ) -> tuple[dict[int, torch.nn.Module], DeferredBlocks]:
+    """:func:`replace_blocks` for a streamed model, each new block built when its layer's turn
+    comes (:class:`DeferredBlocks`); returns the original blocks and the deferred builder. The
+    caller calls ``build(li)`` before layer li runs, ``done(li)`` when it is final, and
+    ``finish()`` at the end. The config follows the new count at once."""
+    view = moe_view(model)
+    folder = offload_folder_for(model, offload_folder)
+    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+    originals, pending = {}, {}
+    for source in view:
+        li = source.layer_idx
+        shell = detached_copy(source.block, skip=list(source.block.parameters()), share=[source.model.config])
+        MoELayer(source.model, source.spec, li, shell).keep_experts(plan.dominant[li])  # shapes only (meta)
+        pending[li] = (source, shell)
+        originals[li] = source.block
+        setattr(decoder_layers[li], view.spec.moe_block, shell)
+    grouped = view.stays_grouped(plan.dominant)
+    moe_view(model)._set_config_num_experts(len(next(iter(plan.dominant.values()))), grouped=grouped)
+    return originals, DeferredBlocks(pending, plan, method, router, folder, keep)
 
 
 @torch.no_grad()

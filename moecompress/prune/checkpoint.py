@@ -189,7 +189,8 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
                 lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge, router_ridge=opts.router_ridge,
                 batch_size=batch_size, target=opts.repair_target, tune_epochs=opts.tune_epochs, tune_lr=opts.tune_lr,
                 seed=opts.seed, progress=progress, offload_folder=work / "pruned" if work else None,
-                on_layer_done=published.publish if published else None)
+                on_layer_done=published.publish if published else None,
+                keep_model=not surgery)  # with the surgery, the model is not run again: its re-fitted layers are published
             if published is not None:
                 published.publish_rest(moe_view(lm))
         if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
