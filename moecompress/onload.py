@@ -70,6 +70,17 @@ def hooks_bypassed(modules: Iterable[nn.Module], *, keep_forward: bool = True) -
             m.__dict__.update(attrs)
 
 
+@contextlib.contextmanager
+def resident(module: nn.Module) -> Iterator[None]:
+    """Every weight of ``module`` on its execution device for the whole block, with its hooks
+    off: a stage that runs or reads a streamed module several times in a row (a pass, then a
+    build from it, then another pass) brings it to the GPU once, where :func:`onloaded` and the
+    hooks would copy it in again each time. Nested :func:`onloaded` calls and forwards inside
+    use these weights. The GPU holds the whole module meanwhile. No-op in memory."""
+    with onloaded(module), hooks_bypassed([module]):
+        yield
+
+
 def detached_copy(module: nn.Module, *, skip: Iterable[torch.Tensor] = (), share: Iterable[object] = ()) -> nn.Module:
     """A deep copy of ``module`` without accelerate hooks. Tensors in ``skip`` are not copied:
     they become meta tensors of the same shape (to be filled by the caller); objects in

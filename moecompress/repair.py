@@ -71,6 +71,7 @@ whose joint system exceeds ``ROUTER_MAX_UNKNOWNS`` (|S| * H; the accumulator is 
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -79,7 +80,7 @@ from torch import nn
 from .arch import MoELayer, Routing, moe_view
 from .capture import LayerCursor
 from .errors import MoECompressError
-from .onload import is_streamed, onloaded
+from .onload import is_streamed, onloaded, resident
 from .options.groups import RepairOptions
 from .refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, routed_slots
 
@@ -311,42 +312,46 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     for layer in layers:
         li = layer.layer_idx
         entry = {}
-        # the original stream first: it runs the original block, so a deferred block is built after it
-        targets = {li: stream.after(li)} if stream is not None else None
-        if blocks is not None:
-            blocks.build(li)
-        if mode == "refit+router":
-            start = cursor.state()
-            router_obs = RouterObserver(li, originals[li])
-            cursor.advance(li, [router_obs], progress=progress, description=f"repair: router of layer {li}")
-            with onloaded(layer.block):
-                entry = router_obs.apply(layer, router_ridge)
-                write_back(layer.block, [layer.router_weight])
-            if router_obs.relative_error() is not None:
-                entry["relative_error"] = router_obs.relative_error()
-            cursor.restore(start)
-        fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
-        pairs = TunePairs(cursor.store) if tune else None
-        down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
-                                                                        REPAIR_TARGETS[target], pairs)
-        with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
-            with onloaded(layer.block):
-                lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
-                down.apply(layer, lam)
-                edits = [layer.down_proj]
-                if tune:
-                    entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
-                                               device=cursor.device, progress=progress)
-                    edits += list(trainable_parameters(layer).values())
-                write_back(layer.block, edits)
-                if on_layer_done is not None:
-                    on_layer_done(layer)
-            entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
-                down.relative_error(li)
-            entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
-            entry["ridge"] = lam
-        if blocks is not None:
-            blocks.done(li)
+        with contextlib.ExitStack() as hold:  # closed early below; on an error, on leaving
+            if blocks is not None:  # streamed: the original goes to the GPU once for its stream pass, the build and
+                hold.enter_context(resident(originals[li]))  # the observed pass (three onloads before)
+            # the original stream first: it runs the original block, so a deferred block is built after it
+            targets = {li: stream.after(li)} if stream is not None else None
+            if blocks is not None:
+                blocks.build(li)
+            if mode == "refit+router":
+                start = cursor.state()
+                router_obs = RouterObserver(li, originals[li])
+                cursor.advance(li, [router_obs], progress=progress, description=f"repair: router of layer {li}")
+                with onloaded(layer.block):
+                    entry = router_obs.apply(layer, router_ridge)
+                    write_back(layer.block, [layer.router_weight])
+                if router_obs.relative_error() is not None:
+                    entry["relative_error"] = router_obs.relative_error()
+                cursor.restore(start)
+            fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
+            pairs = TunePairs(cursor.store) if tune else None
+            down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
+                                                                            REPAIR_TARGETS[target], pairs)
+            with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
+                hold.close()  # observed: the original is not needed for the solve and the edited pass
+                with onloaded(layer.block):
+                    lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
+                    down.apply(layer, lam)
+                    edits = [layer.down_proj]
+                    if tune:
+                        entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
+                                                   device=cursor.device, progress=progress)
+                        edits += list(trainable_parameters(layer).values())
+                    write_back(layer.block, edits)
+                    if on_layer_done is not None:
+                        on_layer_done(layer)
+                entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
+                    down.relative_error(li)
+                entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
+                entry["ridge"] = lam
+            if blocks is not None:
+                blocks.done(li)
         record["layers"][li] = entry
     return record
 

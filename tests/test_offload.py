@@ -49,3 +49,44 @@ def test_write_back_of_named_edits_writes_those_without_comparing(tmp_path):
                                    if layer.down_proj.shape != expected["experts.down_proj"].shape
                                    else expected["experts.down_proj"], rtol=0, atol=0)
         assert not torch.equal(layer.router_weight, expected[next(k for k in expected if k.endswith("gate.weight"))])
+
+
+@torch.no_grad()
+def test_resident_reads_an_offloaded_block_once_for_every_use_inside(tmp_path):
+    """``onload.resident``: the block's weights come in once; nested onloaded() blocks and
+    forwards inside use them (no more reads of the file); on leaving they go back to the meta
+    device and the hooks are back, so the next forward onloads them again."""
+    from moecompress.onload import resident
+
+    path = tmp_path / "merged.safetensors"
+    layer, block = _offloaded_layer(path)
+    weights = block.__dict__["_moecompress_weights"]
+    reads = []
+    original_get = type(weights).__getitem__
+
+    def counting(self, key):
+        reads.append(key)
+        return original_get(self, key)
+
+    type(weights).__getitem__ = counting
+    try:
+        x = torch.randn(1, 5, layer.hidden_size, dtype=torch.bfloat16)
+        want = block(x)
+        per_onload = len(reads)
+        assert per_onload == len(dict(block.named_parameters()))
+        reads.clear()
+        with resident(block):
+            assert all(p.device.type == "cpu" for p in block.parameters())
+            with onloaded(block):
+                pass
+            got = block(x)
+            got_again = block(x)
+        assert len(reads) == per_onload  # once, for everything inside
+        assert all(p.device.type == "meta" for p in block.parameters())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_again, want, rtol=0, atol=0)
+        reads.clear()
+        torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+        assert len(reads) == per_onload  # hooks back: the next forward onloads again
+    finally:
+        type(weights).__getitem__ = original_get
