@@ -313,8 +313,9 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
         li = layer.layer_idx
         entry = {}
         with contextlib.ExitStack() as hold:  # closed early below; on an error, on leaving
-            if blocks is not None:  # streamed: the original goes to the GPU once for its stream pass, the build and
-                hold.enter_context(resident(originals[li]))  # the observed pass (three onloads before)
+            # streamed, the original goes to the GPU once for its stream pass, a deferred block's build
+            # and the observed pass (three onloads before); in memory this holds nothing
+            hold.enter_context(resident(originals[li]))
             # the original stream first: it runs the original block, so a deferred block is built after it
             targets = {li: stream.after(li)} if stream is not None else None
             if blocks is not None:

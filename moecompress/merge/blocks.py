@@ -137,6 +137,8 @@ def defer_blocks(model, plan: MergePlan, method: Method, router: str = "dominant
     ``finish()`` at the end. The config follows the new count at once."""
     view = moe_view(model)
     folder = offload_folder_for(model, offload_folder)
+    if folder is None and keep:
+        raise ValueError("defer_blocks keeps the built blocks on disk: give a streamed model or an offload_folder")
     decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
     originals, pending = {}, {}
     for source in view:
