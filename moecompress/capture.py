@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .arch import MoELayer, MoEModel, Routing, moe_view
-from .onload import hooks_bypassed, is_streamed, module_execution_device, onloaded
+from .onload import hooks_bypassed, is_streamed, module_execution_device, onloaded, resident
 
 
 class Observer(Protocol):
@@ -263,18 +263,29 @@ class LayerCursor:
 
     @contextlib.contextmanager
     def editing(self, through: int, observers: Iterable[Observer], *, progress: bool = False,
-                description: str = "calibrating"):
+                description: str = "calibrating", hold: bool = False):
         """Advance through layer ``through`` with ``observers``; the block then edits those
         layers (from what the observers saw), and on leaving it the layers run again, with
         their edits, so that later layers get the edited model's activations. Layer-wise
         sequential compression (GPTQ, NAEE, the re-fit): each layer runs twice, instead of a
-        pass from the embeddings per layer."""
+        pass from the embeddings per layer.
+
+        ``hold``: a streamed layer edited alone stays on the GPU for the whole block
+        (``onload.resident``, in the room accelerate keeps for the one onloaded layer): brought
+        over once for its two runs and the block, instead of once per run. Only for a block that
+        edits no weight of the layer's own offloaded modules in place (NAEE's routing hooks, the
+        re-fit's blocks that it writes back or that are held apart): such an edit would not see
+        the layer as offloaded, and the weights would be onloaded from their store again."""
+        alone = all(i not in self.moe for i in range(self.position, through))  # dense layers before it only
+        if hold and alone and through > self.position:  # run those first: they are not edited, and
+            self.advance(through - 1, progress=progress, description=description)  # two layers are never held
         start = self.state()
-        self.advance(through, observers, progress=progress, description=description)
-        yield
-        if through < self.until:  # the last recorded layer's outputs are never used
-            self.restore(start)
-            self.advance(through, progress=progress, description=f"{description}: edited outputs")
+        with resident(self.layers[through]) if hold and alone else contextlib.nullcontext():
+            self.advance(through, observers, progress=progress, description=description)
+            yield
+            if through < self.until:  # the last recorded layer's outputs are never used
+                self.restore(start)
+                self.advance(through, progress=progress, description=f"{description}: edited outputs")
 
     def state(self) -> tuple[int, list[torch.Tensor]]:
         return self.position, list(self.hidden)

@@ -122,3 +122,34 @@ def test_hidden_states_kept_on_the_gpu_give_the_bytes_of_the_cpu_store(monkeypat
     on_gpu, on_cpu = repaired(1), repaired(10**30)
     for k in on_gpu:
         assert torch.equal(on_gpu[k], on_cpu[k]), k
+
+
+def test_streamed_naee_brings_each_layer_over_once_and_chooses_as_in_memory(tmp_path):
+    """NAEE edits layer by layer with ``LayerCursor.editing(hold=True)``: a streamed layer is
+    onloaded once for its observed run, the search and its pruned run (twice before), and the
+    kept sets and scores are those of the model in memory."""
+    from moecompress.prune.api import plan_experts
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    toks = tokens(N, S)
+    in_memory = load_model(tmp_path / "src", dtype="float32")
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=tmp_path / "off")
+    assert is_streamed(streamed)
+    view = moe_view(streamed)
+    onloads = {}
+    for layer in view:
+        hook = layer.experts._hf_hook
+        original = hook.pre_forward
+
+        def counting(module, *args, _li=layer.layer_idx, _orig=original, **kwargs):
+            onloads[_li] = onloads.get(_li, 0) + 1
+            return _orig(module, *args, **kwargs)
+
+        hook.pre_forward = counting
+    got = plan_experts(streamed, keep=4, method="naee", tokens=toks, batch_size=BATCH)
+    want = plan_experts(in_memory, keep=4, method="naee", tokens=toks, batch_size=BATCH)
+    assert onloads == {li: 1 for li in view.moe_layer_indices}
+    assert got.kept == want.kept
+    for li in want.scores:
+        torch.testing.assert_close(torch.tensor(got.scores[li]), torch.tensor(want.scores[li]), rtol=1e-5, atol=1e-9)
+    assert all(p.device.type == "meta" for layer in view for p in layer.experts.parameters())  # let go after

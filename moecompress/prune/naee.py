@@ -269,7 +269,7 @@ def naee_select(sel: Selection) -> Plan:
             li = layer.layer_idx
             progress.update(task, description=f"naee: layer {li}", refresh=True)
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li, work_elements=work)
-            with cursor.editing(li, [cache]):  # layer li's tokens; on leaving, its outputs with only `best`
+            with cursor.editing(li, [cache], hold=True):  # layer li's tokens; on leaving, its outputs with only `best`
                 best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
                                                                sel.protected.get(li, set()), opts, sel.groups)
                 kept[li] = best
