@@ -62,16 +62,8 @@ def test_stop_after_ends_both_schedules_at_the_same_layer():
     _assert_same(a, b)
 
 
-def test_streamed_model_runs_layer_by_layer_and_onloads_each_layer_once(tmp_path):
-    """A streamed model (disk offload) runs layer by layer by default: each offloaded experts
-    module is onloaded once per calibration run, not once per batch, and the observers see
-    the in-memory tensors exactly."""
-    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
-    toks = tokens(N, S)
-    in_memory = load_model(tmp_path / "src", dtype="float32")
-    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=tmp_path / "off")
-    assert is_streamed(streamed) and not is_streamed(in_memory)
-    view = moe_view(streamed)
+def _count_onloads(view) -> dict[int, int]:
+    """layer index -> how many times its offloaded experts module is onloaded, from now on."""
     onloads = {}
     for layer in view:
         hook = layer.experts._hf_hook
@@ -82,6 +74,20 @@ def test_streamed_model_runs_layer_by_layer_and_onloads_each_layer_once(tmp_path
             return _orig(module, *args, **kwargs)
 
         hook.pre_forward = counting
+    return onloads
+
+
+def test_streamed_model_runs_layer_by_layer_and_onloads_each_layer_once(tmp_path):
+    """A streamed model (disk offload) runs layer by layer by default: each offloaded experts
+    module is onloaded once per calibration run, not once per batch, and the observers see
+    the in-memory tensors exactly."""
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    toks = tokens(N, S)
+    in_memory = load_model(tmp_path / "src", dtype="float32")
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=tmp_path / "off")
+    assert is_streamed(streamed) and not is_streamed(in_memory)
+    view = moe_view(streamed)
+    onloads = _count_onloads(view)
     got = _observed(streamed, toks)
     assert onloads == {li: 1 for li in view.moe_layer_indices}
     _assert_same(got, _observed(in_memory, toks))
@@ -136,16 +142,7 @@ def test_streamed_naee_brings_each_layer_over_once_and_chooses_as_in_memory(tmp_
     streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=tmp_path / "off")
     assert is_streamed(streamed)
     view = moe_view(streamed)
-    onloads = {}
-    for layer in view:
-        hook = layer.experts._hf_hook
-        original = hook.pre_forward
-
-        def counting(module, *args, _li=layer.layer_idx, _orig=original, **kwargs):
-            onloads[_li] = onloads.get(_li, 0) + 1
-            return _orig(module, *args, **kwargs)
-
-        hook.pre_forward = counting
+    onloads = _count_onloads(view)
     got = plan_experts(streamed, keep=4, method="naee", tokens=toks, batch_size=BATCH)
     want = plan_experts(in_memory, keep=4, method="naee", tokens=toks, batch_size=BATCH)
     assert onloads == {li: 1 for li in view.moe_layer_indices}
