@@ -150,14 +150,10 @@ class RefitObserver:
 
     @torch.no_grad()
     def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
-        li, num, inter = layer.layer_idx, layer.num_experts, layer.intermediate_size
+        li = layer.layer_idx
         if li not in self.originals:
             return
-        if li not in self.gram:
-            self.gram[li] = torch.zeros(num, inter, inter, dtype=torch.float32, device=x.device)
-            self.rhs[li] = torch.zeros(num, inter, layer.hidden_size, dtype=torch.float32, device=x.device)
-            self.tokens[li] = torch.zeros(num, dtype=torch.long)
-            self.err[li], self.ref[li] = 0.0, 0.0
+        self._begin(layer, x.device)
         resid = self._residual(layer, x, y)
         feats = []
         for c, tok, feat, share in expert_features(layer, x, routing):
@@ -165,6 +161,21 @@ class RefitObserver:
             feats.append((c, tok, feat, share))
             self.tokens[li][c] += tok.numel()
         self._right_hand_side(li, feats, resid, x, y)
+
+    def _accumulator_shapes(self, num: int, inter: int, hidden: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per expert: F^T F [E', I, I] and F^T (s e) [E', I, H]."""
+        return (num, inter, inter), (num, inter, hidden)
+
+    def _begin(self, layer: MoELayer, device: torch.device) -> None:
+        """The layer's zeroed accumulators, at its first batch."""
+        li = layer.layer_idx
+        if li in self.gram:
+            return
+        gram, rhs = self._accumulator_shapes(layer.num_experts, layer.intermediate_size, layer.hidden_size)
+        self.gram[li] = torch.zeros(gram, dtype=torch.float32, device=device)
+        self.rhs[li] = torch.zeros(rhs, dtype=torch.float32, device=device)
+        self.tokens[li] = torch.zeros(layer.num_experts, dtype=torch.long)
+        self.err[li], self.ref[li] = 0.0, 0.0
 
     def _right_hand_side(self, li: int, feats, resid: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add this batch's features against the layer's residual to the right-hand side, or,
@@ -249,16 +260,16 @@ class JointRefitObserver(RefitObserver):
     ridge of each expert's block is ``ridge * mean(diag of its block)``, as in the Jacobi step.
     Used where ``E' * I <= JOINT_MAX_FEATURES`` (the Gram is that squared)."""
 
+    def _accumulator_shapes(self, num: int, inter: int, hidden: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """All experts at once: F^T F [E' I, E' I] and F^T e [E' I, H]."""
+        return (num * inter, num * inter), (num * inter, hidden)
+
     @torch.no_grad()
     def observe(self, layer: MoELayer, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> None:
         li, num, inter = layer.layer_idx, layer.num_experts, layer.intermediate_size
         if li not in self.originals:
             return
-        if li not in self.gram:
-            self.gram[li] = torch.zeros(num * inter, num * inter, dtype=torch.float32, device=x.device)
-            self.rhs[li] = torch.zeros(num * inter, layer.hidden_size, dtype=torch.float32, device=x.device)
-            self.tokens[li] = torch.zeros(num, dtype=torch.long)
-            self.err[li], self.ref[li] = 0.0, 0.0
+        self._begin(layer, x.device)
         resid = self._residual(layer, x, y)
         feats = torch.zeros(x.shape[0], num * inter, dtype=torch.float32, device=x.device)
         for c, tok, feat, _ in expert_features(layer, x, routing):
