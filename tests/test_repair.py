@@ -410,3 +410,28 @@ def test_streamed_repair_builds_each_pruned_block_at_its_layer(tmp_path, keep_mo
             torch.testing.assert_close(streamed(probe).logits, in_memory(probe).logits, rtol=1e-5, atol=1e-5)
     else:
         assert not list(folder.glob("*.safetensors"))
+
+
+def test_streamed_prune_without_repair_still_builds_every_block(tmp_path):
+    """``mode="none"``: the repair reaches no layer, and ``DeferredBlocks.finish`` builds and
+    writes every pruned block (even with keep_model=False: nothing has used them), so the
+    streamed model runs as the in-memory one pruned the same way."""
+    from moecompress.checkpoint import load_model
+    from moecompress.merge.offload import is_offloaded
+    from moecompress.onload import is_streamed
+    from moecompress.repair import prune_and_repair
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    in_memory = load_model(tmp_path / "src", dtype="float32")
+    kept = {li: [1, 3, 4, 6] for li in moe_view(in_memory).moe_layer_indices}
+    prune_and_repair(in_memory, kept, tokens(2, 8), mode="none", progress=False)
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB", offload_folder=tmp_path / "off")
+    if not is_streamed(streamed):
+        pytest.skip("the model fits the GPU: not streamed")
+    record = prune_and_repair(streamed, kept, tokens(2, 8), mode="none", progress=False, keep_model=False,
+                              offload_folder=tmp_path / "pruned")
+    assert record["mode"] == "none" and not record["layers"]
+    assert all(is_offloaded(layer.block) for layer in moe_view(streamed))
+    probe = tokens(2, 9, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(probe).logits, in_memory(probe).logits, rtol=1e-5, atol=1e-5)
