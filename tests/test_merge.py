@@ -443,6 +443,43 @@ def test_streamed_merge_equals_in_memory(family, tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_streamed_merge_with_repair_builds_each_block_at_its_layer(tmp_path):
+    """``merge --repair`` on a streamed model builds each merged block when the repair reaches its
+    layer (``merge.blocks.defer_blocks``, as prune does) and ends with every block written to its
+    file: the same clusters, errors and logits as the merge in memory."""
+    from moecompress.checkpoint import load_model
+    from moecompress.merge import blocks as blocks_module
+    from moecompress.merge.offload import is_offloaded
+    from moecompress.onload import is_streamed
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src")
+    options = dict(keep=4, tokens=tokens(4, 16), router="weighted", batch_size=2, progress=False, repair="refit")
+    in_memory = load_model(tmp_path / "src", dtype="float32")
+    want = merge_experts(in_memory, **options)
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB", offload_folder=tmp_path / "off")
+    if not is_streamed(streamed):
+        pytest.skip("the model fits the GPU: not streamed")
+    built = []
+    build = blocks_module.DeferredBlocks.build
+
+    def spy(self, li):
+        built.append(li)
+        build(self, li)
+
+    blocks_module.DeferredBlocks.build = spy
+    try:
+        got = merge_experts(streamed, offload_folder=tmp_path / "merged", **options)
+    finally:
+        blocks_module.DeferredBlocks.build = build
+    assert built == moe_view(streamed).moe_layer_indices  # one at a time, in order, by the repair
+    assert got.clusters == want.clusters and got.dominant == want.dominant
+    assert got.merge_error == pytest.approx(want.merge_error, rel=1e-5)
+    for layer in moe_view(streamed):
+        assert is_offloaded(layer.block) and layer.experts.gate_up_proj.device.type == "meta"
+    probe = tokens(2, 9, seed=3)
+    torch.testing.assert_close(_logits(streamed, probe), _logits(in_memory, probe), rtol=1e-5, atol=1e-5)
+
+
 def test_cli_streamed_merge_writes_the_same_checkpoint(calib_ckpt, tmp_path):
     """`merge --max-cpu-memory` (streamed, disk offload) writes the same files as the in-memory
     run, through shard surgery, leaves no offload files behind, and the output reloads."""

@@ -28,9 +28,10 @@ import torch
 from ..arch import MoEModel, moe_view
 from ..capture import run_calibration
 from ..errors import MoECompressError
+from ..onload import is_streamed
 from ..refit import refit_to_original
 from ..repair import DEFAULT_TARGET
-from .blocks import merged_expert, replace_blocks  # noqa: F401 (merged_expert: part of this module's API)
+from .blocks import defer_blocks, merged_expert, replace_blocks  # noqa: F401 (merged_expert: part of this module's API)
 from .cluster import check_clustering, dominant_groups, dominant_member, hierarchical_clusters, logit_cosine
 from .observe import MergeObserver
 
@@ -229,14 +230,20 @@ def merge_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: tor
         plan = plan_merge(model, tokens, keep=keep, method=method, stats=stats, linkage=linkage, metric=metric,
                           batch_size=batch_size, progress=progress)
 
-    originals = replace_blocks(model, plan, spec, router, offload_folder, keep_originals=refit)
+    blocks = None
+    if refit and repair is not None and is_streamed(model):  # built as the repair reaches each layer (as prune does)
+        originals, blocks = defer_blocks(model, plan, spec, router, offload_folder)
+    else:
+        originals = replace_blocks(model, plan, spec, router, offload_folder, keep_originals=refit)
 
     errors: dict[int, float | None] = {}
     if refit and repair is not None:
         from ..repair import repair as run_repair
 
         record = run_repair(model, originals, tokens, mode=repair, batch_size=batch_size, progress=progress,
-                            target=repair_target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed)
+                            target=repair_target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed, blocks=blocks)
+        if blocks is not None:
+            blocks.finish()
         errors = {li: v.get("relative_error") for li, v in record["layers"].items()}
         del originals
     elif refit:
