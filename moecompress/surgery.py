@@ -450,24 +450,24 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     # order the replacements come (a surgery beside the re-fit writes everything else while it
     # runs); a layer's replacements are released after the last shard that holds it.
     rank = {li: i for i, li in enumerate(_replaced_layers(replace))}
+    shard_jobs = []  # per shard: output key -> (input key, target), planned once from its header
     last_shard = {}
     for i, shard in enumerate(shards):
         with safe_open(shard, framework="pt") as f:
-            for key in f.keys():
-                for target in _targets(plan, key, method):
-                    if target.layer in rank:
-                        last_shard[target.layer] = i
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        with safe_open(shard, framework="pt") as f:
-            metadata = f.metadata()
             jobs = {}
             for key in f.keys():
                 if drop_mtp and mtp.layer_of(key) in stored_mtp:
                     continue
                 for target in _targets(plan, key, method):
                     jobs[target.key] = (key, target)
+                    if target.layer in rank:
+                        last_shard[target.layer] = i
+        shard_jobs.append(jobs)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (shard, jobs) in enumerate(zip(shards, shard_jobs)):
+        with safe_open(shard, framework="pt") as f:
+            metadata = f.metadata()
             entries = sorted((_entry(f, key, target) for key, target in jobs.values()),
                              key=lambda e: (rank.get(jobs[e.name][1].layer, -1), e.name))
             entries = aligned_order(entries)  # deterministic: it depends on the plan only
