@@ -104,11 +104,13 @@ class DeferredBlocks:
         self.built[li] = (shell, device)
 
     @torch.no_grad()
-    def done(self, layer_idx: int) -> None:
+    def done(self, layer_idx: int, keep: bool | None = None) -> None:
+        """Layer ``layer_idx``'s block is final: written and hooked (``keep``, default the
+        builder's), or dropped."""
         if layer_idx not in self.built:
             return
         shell, device = self.built.pop(layer_idx)
-        if self.keep:
+        if self.keep if keep is None else keep:
             offload_block(shell, self.folder / f"merged-layer-{layer_idx}.safetensors", device)
         else:
             for name, _ in list(shell.named_parameters()):
@@ -119,13 +121,9 @@ class DeferredBlocks:
         ``keep`` says: nothing has used it yet); any still built is finished."""
         for li in sorted(self.built):
             self.done(li)
-        keep, self.keep = self.keep, True
-        try:
-            for li in sorted(self.pending):
-                self.build(li)
-                self.done(li)
-        finally:
-            self.keep = keep
+        for li in sorted(self.pending):
+            self.build(li)
+            self.done(li, keep=True)
 
 
 def defer_blocks(model, plan: MergePlan, method: Method, router: str = "dominant",
