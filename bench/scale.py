@@ -329,7 +329,9 @@ def main() -> None:
     ap.add_argument("--tokenizer-from", type=Path, help="(required but with --naee-layers)")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per batch of the stats runs")
+    ap.add_argument("--prune-batch-size", type=int,
+                    help="sequences per batch of the prunes (default: the CLI's, chosen for the device)")
     ap.add_argument("--max-gpu-memory", default="4GiB")
     ap.add_argument("--max-cpu-memory", default="16GiB", help="CPU cap of the streamed runs (the rest is offloaded to disk)")
     ap.add_argument("--method", default="auto", help="pruning method (default: the CLI's default, auto)")
@@ -442,6 +444,8 @@ def main() -> None:
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         kw = {} if repair == "default" else {"repair": repair}  # "default": what the CLI does
+        if a.prune_batch_size:
+            kw["batch_size"] = a.prune_batch_size
         if cap:
             kw["max_cpu_memory"] = a.max_cpu_memory
         with phases() as ph:

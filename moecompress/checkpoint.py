@@ -138,10 +138,10 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
             # under the cap. Of the weights' share accelerate keeps room for the largest
             # decoder layer (the one onloaded at a time); if that room is missing it places
             # every weight on the CPU and the whole run computes there, so refuse instead.
-            weights = int(gpu * 0.7) - int(gpu_working_bytes)
+            weights = int(gpu * (1 - ACTIVATION_SHARE)) - int(gpu_working_bytes)
             layer = largest_layer_bytes(config, dt if isinstance(dt, torch.dtype) else None)
             if weights < layer * 1.1:
-                need = (layer * 1.1 + gpu_working_bytes) / 0.7
+                need = (layer * 1.1 + gpu_working_bytes) / (1 - ACTIVATION_SHARE)
                 raise MoECompressError(
                     f"--max-gpu-memory {max_gpu_memory or '(the whole GPU)'} is too small: one decoder layer takes "
                     f"{layer / 2**30:.2f} GiB on the GPU while it runs"
@@ -184,6 +184,46 @@ def cast_floating_weights(model, dtype: torch.dtype) -> None:
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_floating_point() and p.dtype != dtype:
                 module._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+
+
+# Share of a streamed run's GPU cap kept for activations and the observers' workspace (the
+# weights get the rest, less the stage's own working set): see _load_model.
+ACTIVATION_SHARE = 0.3
+# Bytes per token and per element of a decoder layer's active width (below) at the peak of the
+# prune's layer passes, streamed: measured 140 KB per token on the OLMoE-1B-7B shape (active
+# width 32,768; GPU peak 2.56, 3.26, 4.39, 6.53 GiB at 8, 16, 32, 64 sequences of 512 tokens under
+# a 4 GiB cap, docs/benchmarks.md "Session 11"), rounded up.
+_BYTES_PER_ACTIVE_ELEMENT = 5
+
+
+def activation_bytes_per_token(config) -> int:
+    """A streamed layer pass's GPU bytes per calibration token: the widest decoder layer's
+    active width (its parameters that one token uses, over the hidden size: attention, the
+    top-k routed experts, shared experts, or a dense MLP) times ``_BYTES_PER_ACTIVE_ELEMENT``."""
+    import operator
+
+    from .arch import meta_view
+
+    view = meta_view(config)
+    routed = {}  # id(parameter) -> share of it one token uses (top_k / E of a fused expert tensor)
+    for layer in view:
+        for p in layer.expert_parameters().values():
+            routed[id(p)] = layer.top_k / layer.num_experts
+    hidden = int(view.layers[0].hidden_size) if view.layers else int(config.hidden_size)
+    widest = 0.0
+    for dec in operator.attrgetter(view.spec.layers_path)(view.model):
+        active = sum(p.numel() * routed.get(id(p), 1.0) for p in dec.parameters())
+        widest = max(widest, active / hidden)
+    return int(widest * _BYTES_PER_ACTIVE_ELEMENT)
+
+
+def streamed_batch_size(config, max_gpu_memory: str | None, seq_len: int, n: int) -> int:
+    """Sequences per batch for a model streamed onto the GPU: as many as the cap's activation
+    share (``ACTIVATION_SHARE``) holds at ``activation_bytes_per_token``, 1 to ``n``. The cap is
+    ``max_gpu_memory``, or the GPU's memory without one, as in ``load_model``."""
+    cap = parse_memory(max_gpu_memory) if max_gpu_memory else torch.cuda.get_device_properties(0).total_memory
+    per_sequence = activation_bytes_per_token(config) * max(seq_len, 1)
+    return max(1, min(n, int(cap * ACTIVATION_SHARE) // max(per_sequence, 1)))
 
 
 def largest_layer_bytes(config, dtype: torch.dtype | None = None) -> int:

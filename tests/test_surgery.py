@@ -108,6 +108,36 @@ def test_gpu_cap_below_one_layer_is_refused_before_loading(tmp_path, monkeypatch
     assert "this stage" in str(e.value)
 
 
+def test_streamed_batch_fills_the_caps_activation_share(monkeypatch):
+    """A prune streamed onto a GPU takes as many sequences per batch as 30% of the cap holds at
+    the widest decoder layer's active width (attention, top-k of E routed experts, shared) x 5
+    bytes per token; without a GPU, or for other stages, the batch stays 8."""
+    from moecompress.checkpoint import ACTIVATION_SHARE, activation_bytes_per_token, streamed_batch_size
+    from moecompress.options import PruneOptions
+
+    model = tiny_model("qwen2_moe")  # shared experts beside the routed ones
+    cfg = model.config
+    widths = []
+    for dec in model.model.layers:
+        mlp = dec.mlp
+        routed = sum(p.numel() for p in mlp.experts.parameters()) * cfg.num_experts_per_tok / cfg.num_experts
+        rest = sum(p.numel() for p in dec.parameters()) - sum(p.numel() for p in mlp.experts.parameters())
+        widths.append((rest + routed) / cfg.hidden_size)
+    assert activation_bytes_per_token(cfg) == int(max(widths) * 5)
+    per_seq = activation_bytes_per_token(cfg) * 32
+    assert streamed_batch_size(cfg, "1MB", 32, 1000) == int(1e6 * ACTIVATION_SHARE) // per_seq
+    assert streamed_batch_size(cfg, "1KB", 32, 1000) == 1  # never below one sequence
+    assert streamed_batch_size(cfg, "1GB", 32, 6) == 6  # never above the sequences there are
+    opts = PruneOptions(max_gpu_memory="1MB", n=1000, seq_len=32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert opts.resolved_batch_size(None, True, cfg) == 8  # streamed on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert opts.resolved_batch_size(None, True, cfg) == streamed_batch_size(cfg, "1MB", 32, 1000)
+    assert opts.resolved_batch_size(None, True) == 8  # a stage that does not pass its config
+    assert PruneOptions(max_gpu_memory="1GB", n=1000, seq_len=32).resolved_batch_size(None, True, cfg) == 512
+    assert PruneOptions(max_gpu_memory="1MB", batch_size=3).resolved_batch_size(None, True, cfg) == 3
+
+
 def test_stats_on_streamed_model_equal_in_memory(tmp_path):
     """Observers read expert weights of offloaded layers: statistics equal the in-memory run."""
     from moecompress.stats import collect_stats

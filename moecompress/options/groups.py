@@ -37,18 +37,32 @@ class CalibrationOptions(Options):
     field: str = option("text", "Text field of .jsonl / column of .parquet / Hub datasets.")
     mode: Literal["chunk", "document"] = option("chunk", "chunk: concatenate and cut; document: one sequence per "
                                                 "document.")
-    batch_size: Optional[int] = option(None, "Calibration sequences per forward pass (default: 8 on the CPU or when "
-                                       "streaming; on a GPU as many as make ~16k tokens).", ge=1)
+    batch_size: Optional[int] = option(None, "Calibration sequences per forward pass (default: 8 on the CPU; on a GPU "
+                                       "as many as make ~16k tokens; a prune streamed onto a GPU as many as 30% of "
+                                       "--max-gpu-memory holds, else 8 when streaming).", ge=1)
 
     def calibration(self) -> dict:
         """Keyword arguments of :func:`moecompress.calibration.load_calibration`."""
         return {"n": self.n, "seq_len": self.seq_len, "seed": self.seed, "mode": self.mode, "field": self.field}
 
-    def resolved_batch_size(self, device: str | None, streamed: bool) -> int:
+    def resolved_batch_size(self, device: str | None, streamed: bool, config=None) -> int:
+        """--batch-size, else: 8 on the CPU; on a GPU ~16k tokens; streamed onto a GPU, 8, or
+        with ``config`` (the stages whose streamed peak was measured: prune) as many as the
+        cap's activation share holds (``checkpoint.streamed_batch_size``), at most the GPU's."""
         from ..stats.api import default_batch_size
 
+        if self.batch_size:
+            return self.batch_size
+        if streamed and config is not None:
+            import torch
+
+            if torch.cuda.is_available():  # load_model streams onto the GPU
+                from ..checkpoint import streamed_batch_size
+
+                return min(default_batch_size(self.seq_len, self.n, on_gpu=True),
+                           streamed_batch_size(config, getattr(self, "max_gpu_memory", None), self.seq_len, self.n))
         on_gpu = not (device is None or str(device) == "cpu") and not streamed
-        return self.batch_size or default_batch_size(self.seq_len, self.n, on_gpu=on_gpu)
+        return default_batch_size(self.seq_len, self.n, on_gpu=on_gpu)
 
     @field_validator("calib")
     @classmethod

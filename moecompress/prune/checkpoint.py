@@ -73,7 +73,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     _check_kind(method, opts)
     opts = place(opts, source.config)  # --device auto
     dtype = compute_dtype(opts.dtype, opts.device, streamed=opts.streamed)
-    batch_size = opts.resolved_batch_size(opts.device, opts.streamed)
+    batch_size = opts.resolved_batch_size(opts.device, opts.streamed, source.config if info.kind == "experts" else None)
     if info.kind == "experts":
         method_options = {k: getattr(opts, k) for k in METHOD_OPTIONS if getattr(opts, k, None) is not None}
         keep = resolve_keep(source.num_experts, opts.keep, opts.ratio)
