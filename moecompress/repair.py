@@ -358,13 +358,18 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
 
 
 def working_bytes(view, keep: int, mode: str) -> int:
-    """Accumulator bytes the repair holds on the execution device at once (one layer)."""
+    """Bytes the repair holds on the execution device at once (one layer): its float32
+    accumulators and the float64 solve (``refit.ridge_solve``: the system, its Cholesky factor
+    and inverse, the right-hand sides and their product), of all kept experts at once where they
+    are fitted jointly, of one expert at a time where they are fitted per expert."""
     if mode == "none":
         return 0
     layer = view.layers[0]
     inter, hidden = layer.intermediate_size, layer.hidden_size
     joint = keep * inter <= JOINT_MAX_FEATURES
+    n = keep * inter if joint else inter  # unknowns per solve
     down = 4 * ((keep * inter) ** 2 + keep * inter * hidden if joint else keep * inter * (inter + hidden))
+    down += 8 * (3 * n * n + 2 * n * hidden)
     router = 4 * (keep * hidden) ** 2 if mode == "refit+router" and keep * hidden <= ROUTER_MAX_UNKNOWNS else 0
     tune = 0
     if mode == "refit+tune":  # after the solve, its accumulators still held: a float32 copy of the
@@ -372,7 +377,7 @@ def working_bytes(view, keep: int, mode: str) -> int:
         from .blocktune import BATCH_TOKENS
 
         tune = down + 16 * keep * (3 * inter * hidden + hidden) + 4 * BATCH_TOKENS * (layer.top_k * 4 * inter + 4 * hidden)
-    return max(down * 3, router * 3, tune)  # float64 copies while solving
+    return max(down, router * 3, tune)  # the router's joint system: float64 copies while solving
 
 
 @torch.no_grad()

@@ -138,6 +138,66 @@ def test_streamed_batch_fills_the_caps_activation_share(monkeypatch):
     assert PruneOptions(max_gpu_memory="1MB", batch_size=3).resolved_batch_size(None, True, cfg) == 3
 
 
+def test_streamed_prune_reserves_its_larger_step_on_the_gpu(tmp_path, monkeypatch):
+    """What a streamed expert prune asks load_model to keep free besides the weights: the larger
+    of NAEE's cached Gram matrices and working tensors (when NAEE selects) and the repair's
+    accumulators and solve beside the pruned block it builds at its layer (keep / E of one).
+    NAEE's share is reserved without a repair too; frequency without a repair reserves nothing."""
+    import moecompress.checkpoint as ckpt
+    from moecompress.prune import prune_checkpoint
+    from moecompress.prune.naee import working_bytes as naee_bytes
+    from moecompress.repair import working_bytes
+    from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
+
+    model = tiny_checkpoint(tmp_path / "src", "qwen3_moe")
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    view = moe_view(model)
+    layer = view[0]
+    keep = layer.num_experts // 2  # above the top-k: auto runs NAEE
+    assert keep > layer.top_k
+    block = max(sum(p.numel() for p in x.block.parameters()) for x in view) * 4  # float32 checkpoint
+    naee = naee_bytes(layer.num_experts, layer.hidden_size)
+    repair = block * keep // layer.num_experts + working_bytes(view, keep, "refit")
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(*args, **kwargs):
+        asked.append(kwargs["gpu_working_bytes"])
+        raise Stop
+
+    monkeypatch.setattr(ckpt, "load_model", fake_load)
+    for method, repair_mode, want in (("auto", "refit", max(naee, repair)), ("naee", "none", naee),
+                                      ("frequency", "refit", repair), ("frequency", "none", 0)):
+        with pytest.raises(Stop):
+            prune_checkpoint(tmp_path / "src", tmp_path / f"out-{method}-{repair_mode}", keep=keep, method=method,
+                             repair=repair_mode, calib=str(tmp_path / "calib.txt"), n=2, seq_len=16,
+                             max_cpu_memory="1GB", progress=False)
+        assert asked[-1] == want, (method, repair_mode)
+        assert not (tmp_path / f"out-{method}-{repair_mode}").exists()
+
+
+def test_repair_working_bytes_count_the_float64_solve():
+    """The repair's GPU working set: float32 accumulators of all kept experts, plus one float64
+    solve (system, factor, inverse: 3 n^2; right-hand sides and product: 2 n H) of n unknowns:
+    every kept expert's at once in the joint fit, one expert's in the per-expert fit."""
+    from moecompress.refit import JOINT_MAX_FEATURES
+    from moecompress.repair import working_bytes
+
+    view = moe_view(tiny_model("qwen3_moe"))
+    layer = view[0]
+    inter, hidden = layer.intermediate_size, layer.hidden_size
+    keep = 2
+    assert keep * inter <= JOINT_MAX_FEATURES
+    n = keep * inter
+    assert working_bytes(view, keep, "refit") == 4 * (n * n + n * hidden) + 8 * (3 * n * n + 2 * n * hidden)
+    big = moe_view(tiny_model("qwen3_moe", moe_intermediate_size=JOINT_MAX_FEATURES))
+    inter = JOINT_MAX_FEATURES  # one expert alone exceeds the joint fit: per expert
+    assert working_bytes(big, keep, "refit") == 4 * keep * inter * (inter + hidden) + 8 * (3 * inter**2 + 2 * inter * hidden)
+    assert working_bytes(view, keep, "none") == 0
+
+
 def test_stats_on_streamed_model_equal_in_memory(tmp_path):
     """Observers read expert weights of offloaded layers: statistics equal the in-memory run."""
     from moecompress.stats import collect_stats

@@ -102,8 +102,9 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
         # offloaded and edited weights of a streamed model; removed below
         work = folder / ".moecompress-work" if opts.streamed and (repair != "none" or info.kind != "experts") else None
         working = 0
-        if work is not None:
-            working = _repair_bytes(source, keep, repair) if info.kind == "experts" else _edit_bytes(source, dtype)
+        if opts.streamed:
+            working = (_experts_working_bytes(source, method, keep, repair, dtype, method_options)
+                       if info.kind == "experts" else _edit_bytes(source, dtype))
         lm = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
                         max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
                         gpu_working_bytes=working)
@@ -138,11 +139,30 @@ def _repair_mode(opts: PruneOptions, kind: str, wants_tokens: bool, source, stor
     return "refit" if wants_tokens or "calib" in opts.model_fields_set else "none"
 
 
-def _repair_bytes(source, keep: int, repair: str) -> int:
+def _experts_working_bytes(source, method: str, keep: int, repair: str, dtype, method_options: dict) -> int:
+    """GPU bytes a streamed expert prune holds besides the streamed weights and accelerate's room
+    for one onloaded layer, at the larger of its two steps: NAEE's cached Gram matrices and
+    working tensors (when it selects: ``naee``, or ``auto`` above the top-k); the repair's
+    accumulators and solve (``repair.working_bytes``) beside the pruned block it builds at the
+    layer (keep / E of an original block)."""
+    from ..checkpoint import parse_dtype
     from ..repair import working_bytes
     from ..surgery import meta_view
+    from .auto import auto_rule
+    from .naee import working_bytes as naee_bytes
 
-    return working_bytes(meta_view(source.config), keep, repair)
+    view = meta_view(source.config)
+    layer = view.layers[0]
+    selection = 0
+    if method == "naee" or (method == "auto" and auto_rule(keep, layer.top_k) == "naee"):
+        selection = naee_bytes(layer.num_experts, layer.hidden_size, method_options)
+    repair_bytes = 0
+    if repair != "none":
+        dt = parse_dtype(dtype) if isinstance(dtype, str) and dtype != "auto" else None
+        size = (dt or source.stored_dtype or torch.float32).itemsize
+        block = max(sum(p.numel() for p in x.block.parameters()) for x in view) * size
+        repair_bytes = block * keep // max(layer.num_experts, 1) + working_bytes(view, keep, repair)
+    return max(selection, repair_bytes)
 
 
 def _edit_bytes(source, dtype) -> int:

@@ -71,6 +71,16 @@ _GRAM_BUDGET = 1 << 29  # bytes of cached Gram matrices per layer (caps the toke
 _WORK_ELEMENTS = 1 << 24
 
 
+def working_bytes(num_experts: int, hidden: int, options: dict | None = None) -> int:
+    """GPU bytes NAEE holds for a streamed layer besides the layer and the batch's activations:
+    the cached tokens (inputs, routing weights, logits) with their Gram matrices, and the
+    working tensors (``_WORK_ELEMENTS``, about 8 alive at once)."""
+    opts = {**DEFAULTS, **(options or {})}
+    E = num_experts
+    tokens = min(int(opts["naee_tokens"]), max(1, _GRAM_BUDGET // (4 * E * E)))
+    return tokens * 4 * (E * E + hidden + 2 * E) + 8 * 4 * _WORK_ELEMENTS
+
+
 def _work_elements(model) -> int:
     """The working-tensor size for ``model``: the streamed / CPU size, or on a GPU holding the
     model, up to 1/256 of the GPU's memory (a property of the device, not of its free memory
