@@ -190,10 +190,12 @@ def cast_floating_weights(model, dtype: torch.dtype) -> None:
 # weights get the rest, less the stage's own working set): see _load_model.
 ACTIVATION_SHARE = 0.3
 # Bytes per token and per element of a decoder layer's active width (below) at the peak of the
-# prune's layer passes, streamed: measured 140 KB per token on the OLMoE-1B-7B shape (active
-# width 32,768; GPU peak 2.56, 3.26, 4.39, 6.53 GiB at 8, 16, 32, 64 sequences of 512 tokens under
-# a 4 GiB cap, docs/benchmarks.md "Session 11"), rounded up.
-_BYTES_PER_ACTIVE_ELEMENT = 5
+# prune's layer passes, streamed. Measured (docs/benchmarks.md, "Session 11"): about 140 KB per
+# token on the OLMoE-1B-7B shape (active width 32,768, so 4.3 bytes; GPU peak 2.56, 3.26, 4.39,
+# 6.53 GiB at 8, 16, 32, 64 sequences of 512 tokens under a 4 GiB cap) and about 131 KB on the
+# Qwen3-30B-A3B shape (width 27,778, 4.7 bytes; 5.57 GiB at 27 sequences under 6 GiB). 6 leaves
+# a margin of 1.3-1.4x on both, for the shapes not measured.
+_BYTES_PER_ACTIVE_ELEMENT = 6
 
 
 def activation_bytes_per_token(config) -> int:
