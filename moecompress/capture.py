@@ -281,13 +281,17 @@ class LayerCursor:
             self.advance(through - 1, progress=progress, description=description)  # two layers are never held
         start = self.state()
         with resident(self.layers[through]) if hold and alone else contextlib.nullcontext():
-            self.advance(through, observers, progress=progress, description=description)
+            # the observed run's outputs are replaced by the edited run's (or, after the last
+            # recorded layer, never used): not stored, which streamed saves a copy to the CPU
+            self.advance(through, observers, progress=progress, description=description, discard_outputs=True)
             yield
-            if through < self.until:  # the last recorded layer's outputs are never used
+            if through < self.until:
                 self.restore(start)
                 self.advance(through, progress=progress, description=f"{description}: edited outputs")
 
     def state(self) -> tuple[int, list[torch.Tensor]]:
+        if self.hidden is None:
+            raise RuntimeError("the cursor's last outputs were discarded: restore a state first")
         return self.position, list(self.hidden)
 
     def restore(self, state: tuple[int, list[torch.Tensor]]) -> None:
@@ -296,9 +300,13 @@ class LayerCursor:
 
     @torch.no_grad()
     def advance(self, through: int, observers: Iterable[Observer] = (), *, progress: bool = False,
-                description: str = "calibrating") -> None:
-        """Run decoder layers ``position..through`` on every batch; observers see their MoE layers."""
+                description: str = "calibrating", discard_outputs: bool = False) -> None:
+        """Run decoder layers ``position..through`` on every batch; observers see their MoE layers.
+        ``discard_outputs``: layer ``through``'s outputs are not kept (the caller restores an
+        earlier :meth:`state` before advancing again)."""
         observers = list(observers)
+        if self.hidden is None:
+            raise RuntimeError("the cursor's last outputs were discarded: restore a state before advancing")
         if not self.position <= through <= self.until:
             raise ValueError(f"cannot advance from layer {self.position} through {through} (recorded up to {self.until})")
         with _observing(self.view, observers), _bar(progress) as bar:
@@ -319,9 +327,12 @@ class LayerCursor:
                         for obs in observers:
                             if hasattr(obs, "layer_output"):
                                 obs.layer_output(i, b, out)
-                        self.hidden[b] = moved(out, self.store)
+                        if not (discard_outputs and i == through):
+                            self.hidden[b] = moved(out, self.store)
                         bar.advance(task)
         self.position = through + 1
+        if discard_outputs:
+            self.hidden = None
         self._copies_done()
 
     def _copies_done(self) -> None:

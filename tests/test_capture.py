@@ -150,3 +150,44 @@ def test_streamed_naee_brings_each_layer_over_once_and_chooses_as_in_memory(tmp_
     for li in want.scores:
         torch.testing.assert_close(torch.tensor(got.scores[li]), torch.tensor(want.scores[li]), rtol=1e-5, atol=1e-9)
     assert all(p.device.type == "meta" for layer in view for p in layer.experts.parameters())  # let go after
+
+
+def test_editing_keeps_only_the_edited_runs_outputs(monkeypatch):
+    """``LayerCursor.editing`` runs a layer observed, lets the block edit it, then runs it again:
+    only the second run's outputs are stored (a streamed cursor copies each to CPU memory), and
+    they are what a plain advance of the edited layer gives. A cursor whose outputs were just
+    discarded refuses to advance or to give its state until one is restored."""
+    from moecompress import capture
+
+    def tensors(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return 1
+        if isinstance(obj, (tuple, list)):
+            return sum(tensors(o) for o in obj)
+        return sum(tensors(o) for o in obj.values()) if isinstance(obj, dict) else 0
+
+    model = tiny_model("qwen3_moe")
+    view = moe_view(model)
+    moves = []
+    real = capture.moved
+    monkeypatch.setattr(capture, "moved", lambda t, d: moves.append(t) or real(t, d))
+    cursor = capture.LayerCursor(model, tokens(N, S), batch_size=BATCH, view=view)
+    before = cursor.state()
+    # per batch, the observed run moves its inputs and arguments to the device, and nothing back
+    inputs = sum(1 + tensors(args) for args in cursor.args[0])
+    moves.clear()
+    with cursor.editing(0, [_Record()]):
+        assert len(moves) == inputs
+        with pytest.raises(RuntimeError, match="restore a state"):
+            cursor.advance(1)
+        with pytest.raises(RuntimeError, match="restore a state"):
+            cursor.state()
+        with torch.no_grad():
+            view[0].down_proj.mul_(0.5)
+        moves.clear()
+    assert len(moves) == inputs + len(cursor.hidden)  # the edited run: and its outputs into the store
+    got = list(cursor.hidden)
+    cursor.restore(before)
+    cursor.advance(0)
+    for a, b in zip(got, cursor.hidden):
+        assert torch.equal(a, b)
