@@ -154,12 +154,9 @@ def tune_layer(layer: MoELayer, pairs: TunePairs, *, epochs: int = DEFAULT_EPOCH
 def plot_tuning(record: dict, path) -> None:
     """``repair_tuning.png``: per layer, the held-out loss of each epoch relative to the closed
     form's (epoch 0), the kept epoch marked: where the tuning helped, and where it stopped."""
-    import matplotlib
+    from .plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for li, entry in sorted(record.get("layers", {}).items(), key=lambda kv: int(kv[0])):
         tune = entry.get("tune") or {}
         losses = tune.get("heldout_loss") or tune.get("train_loss") or []
@@ -177,5 +174,4 @@ def plot_tuning(record: dict, path) -> None:
     if len(record.get("layers", {})) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
-    plt.close(fig)
+    save_png(fig, path, dpi=100)

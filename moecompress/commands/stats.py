@@ -74,11 +74,12 @@ def register(app: typer.Typer) -> None:
         opts: StatsOptions = None,
     ) -> None:
         """Collect per-layer, per-expert routing statistics (counts, REAP, EAN, EASY-EP, TCESS, super experts, SRP/SCH...)."""
-        from ..stats.api import plot_usage, require_matplotlib, stats_for_checkpoint
+        from ..plotting import pyplot
+        from ..stats.api import plot_usage, stats_for_checkpoint
 
         with user_errors():
             if plot is not None:
-                require_matplotlib()  # fail before the long run, not after
+                pyplot()  # fail before the long run, not after
             stats = stats_for_checkpoint(model, output, options=opts)
             if plot is not None:
                 plot_usage(stats, plot)

@@ -13,11 +13,9 @@ def write_curve(folder: Path, state, stages: list[str]) -> None:
 
 
 def plot_curve(data: dict, path: Path) -> None:
-    import matplotlib
+    from ..plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = data["steps"]
     evals = data["eval"]
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
@@ -44,5 +42,4 @@ def plot_curve(data: dict, path: Path) -> None:
         ax2.legend()
         ax2.set_title("held-out perplexity")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)

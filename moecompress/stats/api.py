@@ -80,7 +80,9 @@ def default_batch_size(seq_len: int, n: int, *, on_gpu: bool) -> int:
 
 def plot_usage(stats: Stats, path: str | os.PathLike, stat: str = "count") -> Path:
     """Per-layer expert-usage heatmap (share of each layer's ``stat`` per expert) as PNG."""
-    plt = require_matplotlib()
+    from ..plotting import pyplot, save_png
+
+    plt = pyplot()
     layers = stats.layers
     rows = []
     for li in layers:
@@ -95,19 +97,7 @@ def plot_usage(stats: Stats, path: str | os.PathLike, stat: str = "count") -> Pa
     ax.set_title(f"{Path(str(title)).name or title}: share of top-k {stat} per expert", fontsize=9)
     fig.colorbar(im, ax=ax, label="share of layer")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
+    path = save_png(fig, path)
     return path
 
-
-def require_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MoECompressError("--plot needs matplotlib: pip install 'moecompress[plot]' (or pip install matplotlib)") from None
-    return plt
 

@@ -1,0 +1,32 @@
+"""Pictures (PNG) the stages write beside their JSON: one place that sets matplotlib up.
+
+matplotlib draws off-screen (the Agg backend: no display on the machines that compress), and
+PNGs are written without the ``Software`` stamp so that the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import MoECompressError
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or a one-line error saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoECompressError("drawing the PNG needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def save_png(fig, path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` (PNG, no version stamp) and close it."""
+    plt = pyplot()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return path
