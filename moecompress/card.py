@@ -15,6 +15,7 @@ from typing import Any
 
 from .checkpoint import RECORD_FILE
 from .errors import MoECompressError
+from .plotting import PICTURES
 
 EVAL_FILES = ("eval.json", "moecompress_eval.json")
 TAGS = ["moecompress", "moe", "mixture-of-experts", "compressed"]
@@ -147,6 +148,12 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, *, base_mo
         note = settings_line(eval_result)
         if note:
             body += [f"_{note[0].upper()}{note[1:]}._", ""]
+
+    pictures = [(f, caption) for f, caption in PICTURES.items() if (folder / f).is_file()]
+    if pictures:
+        body += ["## Pictures", ""]
+        for f, caption in pictures:
+            body += [f"![{f}]({f})", "", caption, ""]
 
     body += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              f'model = AutoModelForCausalLM.from_pretrained("{repo_id or name}", dtype="auto")',

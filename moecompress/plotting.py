@@ -10,6 +10,13 @@ from pathlib import Path
 
 from .errors import MoECompressError
 
+# The pictures a stage leaves in its output folder, with what the model card says under each.
+PICTURES = {
+    "bit_map.png": "The width of every expert weight, layer by layer (quantize's allocation).",
+    "repair_tuning.png": "Block-wise tuning: each layer's held-out loss per epoch, relative to the closed-form re-fit.",
+    "loss_curve.png": "Distillation: the loss per optimizer step, and the evaluations.",
+}
+
 
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend, or a one-line error saying how to install it."""

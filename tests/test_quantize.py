@@ -205,6 +205,7 @@ def test_mixed_layer_widths_pack_each_layer_by_its_group(calib_ckpt):
     assert sorted({v[0] for v in res.widths.values()}) == [4, 8]
     rec = json.loads((out / "moecompress.json").read_text())
     assert rec["loads_in"]["transformers"].startswith("no")
+    assert rec["bit_map"] == "bit_map.png" and (out / "bit_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     sd = load_file(out / "model.safetensors")
     import re
@@ -296,3 +297,24 @@ def test_scales_are_stored_in_the_checkpoint_dtype(tmp_path):
     assert res.scale_bits == 16 and res.average_bits == pytest.approx(4 + 16 / 8)
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
         assert f.get_slice("model.layers.1.mlp.experts.0.up_proj.weight_scale").get_dtype() == "BF16"
+
+
+def test_bit_map_gives_each_width_its_own_colour_and_the_same_bytes_twice(tmp_path):
+    """bit_map.png (written by quantize when an allocation chose the widths): every expert's cell
+    holds the index of its width among those used (bits ascending, then fp8); the picture has no
+    version stamp, so the same widths give the same bytes."""
+    from moecompress.quantize.bitmap import plot_bit_map, width_grid
+
+    widths = {3: [8, "fp8", 2, 2], 1: [4, 4, 16, 8]}
+    layers, kinds, grid = width_grid(widths)
+    assert layers == [1, 3] and kinds == [2, 4, 8, 16, "fp8"]
+    assert grid == [[1, 1, 3, 2], [2, 4, 0, 0]]
+    a, b = plot_bit_map(widths, tmp_path / "a.png"), plot_bit_map(widths, tmp_path / "b.png")
+    assert a.read_bytes() == b.read_bytes() and b"matplotlib" not in a.read_bytes()
+
+
+def test_uniform_quantize_draws_no_bit_map(calib_ckpt):
+    out = calib_ckpt / "uniform_nomap"
+    quantize_checkpoint(calib_ckpt / "tiny", out, quantizer="rtn", scheme="w8a16", group_size=8, progress=False)
+    assert not (out / "bit_map.png").exists()
+    assert "bit_map" not in json.loads((out / "moecompress.json").read_text())

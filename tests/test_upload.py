@@ -50,6 +50,18 @@ def test_card_contains_recipe_and_table(compressed):
     assert "experts per MoE layer: 8" in text
 
 
+def test_card_shows_the_pictures_in_the_folder(compressed):
+    """A stage's PNG in the output folder (plotting.PICTURES) appears in the card with its caption;
+    a folder without one gets no Pictures section."""
+    from moecompress.plotting import PICTURES
+
+    assert "## Pictures" not in str(build_card(compressed))
+    (compressed / "bit_map.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    text = str(build_card(compressed))
+    assert "## Pictures" in text and "![bit_map.png](bit_map.png)" in text and PICTURES["bit_map.png"] in text
+    assert "loss_curve.png" not in text
+
+
 def test_dry_run_writes_card_and_lists_files(compressed, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     res = runner.invoke(app, ["upload", str(compressed), "me/tiny", "--dry-run", "--json", "-"])

@@ -59,3 +59,7 @@ def show_result(result, model, output, *, wrote: bool = True) -> None:
     console.print(f"{data['average_bits']:.3f} bits per expert weight (weights {result.average_width:.3f} + scales"
                   f"{sym}); experts {data['expert_bytes'] / 2**20:.2f} MiB; {f'wrote {output} ' if wrote else ''}"
                   f"in {result.seconds:.1f} s", highlight=False)
+    if wrote and result.options.get("granularity", "uniform") != "uniform":
+        from ..quantize.bitmap import BIT_MAP
+
+        console.print(f"bit map: {Path(output) / BIT_MAP}", highlight=False)

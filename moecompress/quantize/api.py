@@ -344,6 +344,13 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, 
                                 progress=progress, store_dtype=source.stored_dtype)
         record = {"stage": "quantize", "method": opts.effective_quantizer, "seed": opts.seed,
                   "parameters": result.options, **result.to_dict(with_time=False)}
+        if opts.granularity != "uniform":  # an allocation chose the widths: a picture of where they went
+            from .bitmap import BIT_MAP, plot_bit_map
+
+            plot_bit_map(result.widths, folder / BIT_MAP,
+                         title=f"{opts.granularity} widths ({opts.allocation}), {result.average_bits:.3f} bits per "
+                               "expert weight with scales")
+            record["bit_map"] = BIT_MAP
         if opts.format == "compressed-tensors":
             from .formats import write_compressed_tensors
 
