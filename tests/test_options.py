@@ -100,3 +100,19 @@ def test_every_implemented_stage_has_a_cli_command_and_a_library_function():
         _command_for(STAGE_OPTIONS[stage])
         assert _library_for(stage).options_model is STAGE_OPTIONS[stage]
     assert set(STAGES) <= set(STAGE_OPTIONS)
+
+
+@pytest.mark.parametrize("given, want", [("2,3,4,8", [2, 3, 4, 8]), (" 8, 2 ,4", [2, 4, 8]), ("[2, 4]", [2, 4]),
+                                         ([4, 2, 4], [2, 4]), ("2,x", None), ("2;4", None), ("2,,4", None),
+                                         ("", None), ("9", None), ("0,4", None)])
+def test_quantize_candidates_are_read_whole_or_refused(given, want):
+    """Every item of --candidates must be a width from 1 to 8: '2,x' is refused, not read as [2]."""
+    from pydantic import ValidationError
+
+    from moecompress.options import QuantizeOptions
+
+    if want is None:
+        with pytest.raises(ValidationError, match="candidate widths must be integers from 1 to 8"):
+            QuantizeOptions(candidates=given)
+    else:
+        assert QuantizeOptions(candidates=given).candidates == want

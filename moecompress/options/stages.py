@@ -188,11 +188,14 @@ class QuantizeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, Outp
     @field_validator("candidates", mode="before")
     @classmethod
     def _candidates(cls, v):
-        import re
-
-        items = [int(x) for x in re.findall(r"-?\d+", v)] if isinstance(v, str) else [int(x) for x in v]
+        bad = ValueError("candidate widths must be integers from 1 to 8, comma-separated, e.g. 2,3,4,8")
+        parts = [x.strip() for x in v.strip().strip("[]").split(",")] if isinstance(v, str) else list(v)
+        try:  # every item a width: "2,x" or "2;4" is refused, not read as 2
+            items = [int(x) for x in parts]
+        except (TypeError, ValueError):
+            raise bad from None
         if not items or any(not 1 <= b <= 8 for b in items):
-            raise ValueError("candidate widths must be integers from 1 to 8, e.g. 2,3,4,8")
+            raise bad
         return sorted(set(items))
 
     @field_validator("non_expert_bits")
