@@ -362,6 +362,7 @@ def main() -> None:
     if a.calib is None or a.tokenizer_from is None:
         ap.error("--calib and --tokenizer-from are required")
     skip = set(filter(None, a.skip.split(",")))
+    progress = progress_writer(a.json)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     src = a.work / a.name
     outs = a.out_work or a.work
@@ -380,7 +381,7 @@ def main() -> None:
     res["read_Bps"] = read_rate(src)
     res["write_Bps"] = write_rate(outs / "probe", res["input_bytes"] // 2)
     res["matmul_flops"] = matmul_rate(dev)
-    print(json.dumps(res, indent=1), flush=True)
+    progress(res)
 
     if "stats" not in skip:
         model = load_model(src, dtype="bfloat16", device=dev)
@@ -401,7 +402,7 @@ def main() -> None:
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
-        print(json.dumps(res, indent=1), flush=True)
+        progress(res)
 
     if "stream" not in skip:
         if dev == "cuda":
@@ -429,7 +430,7 @@ def main() -> None:
         if dev == "cuda":
             torch.cuda.empty_cache()
         shutil.rmtree(outs / "offload", ignore_errors=True)
-        print(json.dumps(res, indent=1), flush=True)
+        progress(res)
 
     from moecompress.prune import prune_checkpoint
 
@@ -468,7 +469,7 @@ def main() -> None:
         res.update(prune_s=row["s"], output_bytes=row["output_bytes"], floor_s=row["floor_s"],
                    prune_vs_floor=row["vs_floor"], floor_parts_s=row["floor_parts_s"], prune_method=row["method"],
                    prune_phases=row["phases"])
-        print(json.dumps(res, indent=1), flush=True)
+        progress(res)
     if "surgery" not in skip:
         # shard surgery (the writer of local safetensors): in GPU memory, then streamed under the cap;
         # each repair mode of --repairs ("default": none given, as the CLI runs)
@@ -482,10 +483,20 @@ def main() -> None:
                             f"{key}_vs_floor": row["vs_floor"], f"{key}_peak_gpu_GiB": row["peak_gpu_GiB"],
                             f"{key}_floor_s": row["floor_s"], f"{key}_method": row["method"],
                             f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
-                print(json.dumps(res, indent=1), flush=True)
+                progress(res)
     print("SUMMARY", json.dumps(summary(res)), flush=True)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")
+
+
+def progress_writer(path: Path | None):
+    """Print the results so far, and rewrite ``--json`` with them: a run stopped part-way (a device
+    call's time limit) keeps what it measured."""
+    def write(res: dict) -> None:
+        print(json.dumps(res, indent=1), flush=True)
+        if path is not None:
+            path.write_text(json.dumps(res, indent=1) + "\n")
+    return write
 
 
 def summary(res: dict) -> dict:

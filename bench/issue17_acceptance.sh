@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 17's measurements on one GPU machine, in two parts that each fit one 10-minute device call
+# (times from session 11 on an H200; a fresh machine adds about a minute to start):
+#
+#   bash bench/issue17_acceptance.sh olmoe CALIB TOKENIZER_DIR   # ~3.5 min: the default prune of the
+#        OLMoE-1B-7B shape in GPU memory and streamed under 4 GiB (bench/scale.py), then DeepSeek-V3's
+#        default per layer on 3 layers, extrapolated with those rates
+#   bash bench/issue17_acceptance.sh qwen30 CALIB TOKENIZER_DIR  # ~5.5 min: the Qwen3-30B-A3B shape's
+#        default prune streamed under 4 GiB (its 61 GB checkpoint written to a RAM disk first)
+#
+# CALIB: calibration text (the testbed's calib_mix.txt); TOKENIZER_DIR: a folder with a tokenizer
+# (the testbed's qwen3moe). Each part writes its JSON to $OUT (default .) as it goes, so a call that
+# runs out of time keeps what it measured. Needs the package importable (PYTHONPATH) and, for
+# qwen30, root for the tmpfs mount.
+#
+# Disk: the 64 GB device disk holds the Qwen3-30B output (32 GB) and the weights offloaded past the
+# CPU cap; --max-cpu-memory 40GiB leaves about 20 GB of those (32GiB left too little), and the
+# 61 GB input sits on the RAM disk (72G of the machine's 128 GiB).
+set -euo pipefail
+part=${1:?olmoe or qwen30}
+calib=${2:?calibration text}
+tok=${3:?tokenizer folder}
+out=${OUT:-.}
+here=$(cd "$(dirname "$0")" && pwd)
+case "$part" in
+  olmoe)
+    python3 "$here/scale.py" olmoe-1b-7b --work /tmp/scale --calib "$calib" --tokenizer-from "$tok" \
+        --skip stats,stream,prune --repairs default --json "$out/scale_olmoe_default.json" | grep SUMMARY
+    python3 "$here/scale.py" deepseek-v3 --naee-layers 3 --with-repair --rates-from "$out/scale_olmoe_default.json" \
+        --json "$out/naee_deepseek_v3_default.json" | grep SUMMARY
+    ;;
+  qwen30)
+    mountpoint -q /mnt/ram || { mkdir -p /mnt/ram && mount -t tmpfs -o size=72G tmpfs /mnt/ram; }
+    rm -rf /tmp/scale30
+    python3 "$here/scale.py" qwen3-30b-a3b --work /mnt/ram --out-work /tmp/scale30 --calib "$calib" \
+        --tokenizer-from "$tok" --repairs default --skip stats,stream,prune,surgery_memory \
+        --max-gpu-memory 4GiB --max-cpu-memory 40GiB --json "$out/scale_qwen3-30b-a3b_default_stream.json" | grep SUMMARY
+    ;;
+  *) echo "unknown part '$part': olmoe or qwen30" >&2; exit 2 ;;
+esac
