@@ -200,6 +200,9 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
         groups = {li: {j: parts for j in range(keep)} for li in result.kept}
         # With shard surgery, the output is written beside the re-fit: a layer's tensors as soon
         # as it is final (docs/benchmarks.md, "Session 9"); the record and the rest follow it.
+        # It writes result.kept only: a checkpoint that stores MTP layers (whose experts are chosen
+        # after, below) never gets here, _repair_mode turns the repair off for it.
+        assert not stored_mtp, "the repair is off for checkpoints with stored MTP layers (_repair_mode)"
         published = PublishedReplacements(groups) if surgery else None
         alongside = SurgeryAlongside(lambda: prune_checkpoint_files(source.folder, folder, result.kept, replace=published,
                                                                     drop_mtp=opts.mtp == "drop"),
