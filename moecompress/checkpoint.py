@@ -228,6 +228,16 @@ def streamed_batch_size(config, max_gpu_memory: str | None, seq_len: int, n: int
     return max(1, min(n, int(cap * ACTIVATION_SHARE) // max(per_sequence, 1)))
 
 
+def largest_block_bytes(view, config, dtype: str | torch.dtype | None = None) -> int:
+    """Bytes of the largest MoE block of ``view`` (a :func:`arch.meta_view` of ``config``) in
+    ``dtype`` (a name; "auto" or None: the checkpoint's): what a stage that builds a new block
+    beside a streamed model's weights holds on the GPU (keep / E of it for a pruned or merged one)."""
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else parse_dtype(dtype)
+    size = (dtype or stored_dtype(config) or torch.float32).itemsize
+    return max(sum(p.numel() for p in layer.block.parameters()) for layer in view) * size
+
+
 def largest_layer_bytes(config, dtype: torch.dtype | None = None) -> int:
     """Bytes of the largest decoder layer's weights in ``dtype`` (default: the checkpoint's):
     what a streamed model onloads at once, and accelerate keeps room for on the GPU."""

@@ -31,15 +31,12 @@ def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto", 
     room for a layer) left less weights budget than one layer, and accelerate then silently
     placed every weight on the CPU (peak 0.19 GiB, the merge computed on the CPU), which
     ``load_model`` now refuses."""
-    from ..checkpoint import parse_dtype, stored_dtype
+    from ..checkpoint import largest_block_bytes
     from ..surgery import meta_view
     from ..refit import peak_accumulator_bytes
 
     view = meta_view(config)
-    dt = parse_dtype(dtype) if dtype != "auto" else None
-    size = (dt or stored_dtype(config) or torch.float32).itemsize
-    block = max(sum(p.numel() for p in layer.block.parameters()) for layer in view) * size
-    merged = block * keep // max(view.layers[0].num_experts, 1)
+    merged = largest_block_bytes(view, config, dtype) * keep // max(view.layers[0].num_experts, 1)
     if repair is not None:
         from ..repair import working_bytes
 

@@ -145,7 +145,7 @@ def _experts_working_bytes(source, method: str, keep: int, repair: str, dtype, m
     working tensors (when it selects: ``naee``, or ``auto`` above the top-k); the repair's
     accumulators and solve (``repair.working_bytes``) beside the pruned block it builds at the
     layer (keep / E of an original block)."""
-    from ..checkpoint import parse_dtype
+    from ..checkpoint import largest_block_bytes
     from ..repair import working_bytes
     from ..surgery import meta_view
     from .auto import auto_rule
@@ -158,9 +158,7 @@ def _experts_working_bytes(source, method: str, keep: int, repair: str, dtype, m
         selection = naee_bytes(layer.num_experts, layer.hidden_size, method_options)
     repair_bytes = 0
     if repair != "none":
-        dt = parse_dtype(dtype) if isinstance(dtype, str) and dtype != "auto" else None
-        size = (dt or source.stored_dtype or torch.float32).itemsize
-        block = max(sum(p.numel() for p in x.block.parameters()) for x in view) * size
+        block = largest_block_bytes(view, source.config, dtype)
         repair_bytes = block * keep // max(layer.num_experts, 1) + working_bytes(view, keep, repair)
     return max(selection, repair_bytes)
 
@@ -169,12 +167,10 @@ def _edit_bytes(source, dtype) -> int:
     """GPU bytes fine-grained pruning holds besides the streamed weights and accelerate's room
     for one onloaded layer: the edited copy of an MoE block (HEAPr's smaller tensors, STUN's
     kept experts, are built while the original is onloaded), at most one block."""
-    from ..checkpoint import parse_dtype
+    from ..checkpoint import largest_block_bytes
     from ..surgery import meta_view
 
-    dt = parse_dtype(dtype) if isinstance(dtype, str) and dtype != "auto" else None
-    size = (dt or source.stored_dtype or torch.float32).itemsize
-    return max(sum(p.numel() for p in layer.block.parameters()) for layer in meta_view(source.config)) * size
+    return largest_block_bytes(meta_view(source.config), source.config, dtype)
 
 
 def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options, record,
