@@ -62,14 +62,24 @@ def replace_blocks(model, plan: MergePlan, method: Method, router: str = "domina
         li = source.layer_idx
         block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], method, router)
         if folder is not None:
-            offload_block(block, folder / f"merged-layer-{li}.safetensors", module_execution_device(source.block))
+            offload_block(block, _block_file(folder, li), module_execution_device(source.block))
         if keep_originals:
             originals[li] = source.block
         setattr(decoder_layers[li], view.spec.moe_block, block)
-    grouped = view.stays_grouped(plan.dominant)  # read before the view sees the merged blocks
-    keep = len(next(iter(plan.dominant.values())))
-    moe_view(model)._set_config_num_experts(keep, grouped=grouped)  # config (and grouped-routing fields)
+    _follow_count(model, view, plan)
     return originals
+
+
+def _follow_count(model, view, plan: MergePlan) -> None:
+    """The config (and grouped-routing fields) follow the new expert count; ``view`` is read from
+    before the blocks were swapped (whether the kept experts stay grouped)."""
+    grouped = view.stays_grouped(plan.dominant)
+    moe_view(model)._set_config_num_experts(len(next(iter(plan.dominant.values()))), grouped=grouped)
+
+
+def _block_file(folder: Path, layer_idx: int) -> Path:
+    """Where a streamed model's new block of layer ``layer_idx`` is written."""
+    return folder / f"merged-layer-{layer_idx}.safetensors"
 
 
 class DeferredBlocks:
@@ -111,7 +121,7 @@ class DeferredBlocks:
             return
         shell, device = self.built.pop(layer_idx)
         if self.keep if keep is None else keep:
-            offload_block(shell, self.folder / f"merged-layer-{layer_idx}.safetensors", device)
+            offload_block(shell, _block_file(self.folder, layer_idx), device)
         else:
             for name, _ in list(shell.named_parameters()):
                 set_module_tensor_to_device(shell, name, "meta")
@@ -146,8 +156,7 @@ def defer_blocks(model, plan: MergePlan, method: Method, router: str = "dominant
         pending[li] = (source, shell)
         originals[li] = source.block
         setattr(decoder_layers[li], view.spec.moe_block, shell)
-    grouped = view.stays_grouped(plan.dominant)
-    moe_view(model)._set_config_num_experts(len(next(iter(plan.dominant.values()))), grouped=grouped)
+    _follow_count(model, view, plan)
     return originals, DeferredBlocks(pending, plan, method, router, folder, keep)
 
 
