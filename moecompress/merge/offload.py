@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import aligned
-from ..onload import HOOK_ATTRIBUTES, module_execution_device, onloaded
+from ..onload import HOOK_ATTRIBUTES, is_streamed, module_execution_device, onloaded
 from ..shardwriter import DTYPE_NAMES, tensor_bytes
 
 
@@ -142,9 +142,7 @@ def offload_folder_for(model, folder: str | os.PathLike | None) -> Path | None:
     """Where a stage's new or edited blocks go: ``folder`` if given; for a streamed (offloaded)
     model a new temporary folder, deleted with the model; None (in memory) otherwise."""
     if folder is None:
-        from accelerate.utils import has_offloaded_params
-
-        if not any(has_offloaded_params(m) for m in model.modules()):
+        if not is_streamed(model):
             return None
         folder = tempfile.mkdtemp(prefix="moecompress-offload-")
         weakref.finalize(model, shutil.rmtree, folder, True)  # lives as long as the model
