@@ -10,11 +10,13 @@ from pathlib import Path
 
 from .errors import MoECompressError
 
-# The pictures a stage leaves in its output folder, with what the model card says under each.
+# The pictures a stage leaves in its output folder (the writers use these names), with what the
+# model card says under each.
+BIT_MAP, REPAIR_TUNING, LOSS_CURVE = "bit_map.png", "repair_tuning.png", "loss_curve.png"
 PICTURES = {
-    "bit_map.png": "The width of every expert weight, layer by layer (quantize's allocation).",
-    "repair_tuning.png": "Block-wise tuning: each layer's held-out loss per epoch, relative to the closed-form re-fit.",
-    "loss_curve.png": "Distillation: the loss per optimizer step, and the evaluations.",
+    BIT_MAP: "The width of every expert weight, layer by layer (quantize's allocation).",
+    REPAIR_TUNING: "Block-wise tuning: each layer's held-out loss per epoch, relative to the closed-form re-fit.",
+    LOSS_CURVE: "Distillation: the loss per optimizer step, and the evaluations.",
 }
 
 

@@ -60,6 +60,6 @@ def show_result(result, model, output, *, wrote: bool = True) -> None:
                   f"{sym}); experts {data['expert_bytes'] / 2**20:.2f} MiB; {f'wrote {output} ' if wrote else ''}"
                   f"in {result.seconds:.1f} s", highlight=False)
     if wrote and result.options.get("granularity", "uniform") != "uniform":
-        from ..quantize.bitmap import BIT_MAP
+        from ..plotting import BIT_MAP
 
         console.print(f"bit map: {Path(output) / BIT_MAP}", highlight=False)

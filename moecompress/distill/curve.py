@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..plotting import LOSS_CURVE
+
 
 def write_curve(folder: Path, state, stages: list[str]) -> None:
     data = {"stages": stages, "steps": state.curve, "eval": state.evals}
     (folder / "loss_curve.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    plot_curve(data, folder / "loss_curve.png")
+    plot_curve(data, folder / LOSS_CURVE)
 
 
 def plot_curve(data: dict, path: Path) -> None:

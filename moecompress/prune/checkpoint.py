@@ -214,8 +214,9 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
                 published.publish_rest(moe_view(lm))
         if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
             from ..blocktune import plot_tuning
+            from ..plotting import REPAIR_TUNING
 
-            plot_tuning(result.info["repair"], folder / "repair_tuning.png")
+            plot_tuning(result.info["repair"], folder / REPAIR_TUNING)
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
     mtp_kept = {}

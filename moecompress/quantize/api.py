@@ -345,7 +345,8 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, 
         record = {"stage": "quantize", "method": opts.effective_quantizer, "seed": opts.seed,
                   "parameters": result.options, **result.to_dict(with_time=False)}
         if opts.granularity != "uniform":  # an allocation chose the widths: a picture of where they went
-            from .bitmap import BIT_MAP, plot_bit_map
+            from ..plotting import BIT_MAP
+            from .bitmap import plot_bit_map
 
             plot_bit_map(result.widths, folder / BIT_MAP,
                          title=f"{opts.granularity} widths ({opts.allocation}), {result.average_bits:.3f} bits per "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BIT_MAP = "bit_map.png"  # a key of plotting.PICTURES (the model card shows it)
-
 
 def width_grid(widths: dict[int, list]) -> tuple[list[int], list, list[list[int]]]:
     """(layers ascending, the widths that occur in order: bits ascending then "fp8", and per
