@@ -49,7 +49,7 @@ from moecompress.capture import LayerCursor, _end_batch, _observing, _to, moved 
 from moecompress.checkpoint import load_model, save_model  # noqa: E402
 from moecompress.evaluate.perplexity import load_text_tokens  # noqa: E402
 from moecompress.prune.api import plan_experts  # noqa: E402
-from moecompress.prune.naee import _GRAM_BUDGET, DEFAULTS, LayerCache, _choose  # noqa: E402
+from moecompress.prune.naee import DEFAULTS, LayerCache, _choose, cached_tokens  # noqa: E402
 from moecompress.refit import JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver  # noqa: E402
 from moecompress.repair import (DEFAULT_TARGET, EXPERT_RIDGE, JOINT_RIDGE, REPAIR_TARGETS, OriginalStream,  # noqa: E402
                                 selection_and_repair_tokens)
@@ -67,7 +67,7 @@ def fused_prune(model, keep: int, sel_tokens: torch.Tensor, rep_tokens: torch.Te
     assert torch.equal(rep_tokens[:n_sel], sel_tokens) and n_sel % batch_size == 0, "selection batches must align"
     sel_batches = n_sel // batch_size
     E = view.layers[0].num_experts
-    per_batch = max(1, math.ceil(min(DEFAULTS["naee_tokens"], max(1, _GRAM_BUDGET // (4 * E * E))) / sel_batches))
+    per_batch = max(1, math.ceil(cached_tokens(E, DEFAULTS["naee_tokens"]) / sel_batches))
     cursor = LayerCursor(model, rep_tokens, batch_size=batch_size, view=view)
     last = view.layers[-1].layer_idx
     stream = OriginalStream(model, view, originals, rep_tokens, batch_size=batch_size, until=last)

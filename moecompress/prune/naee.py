@@ -71,13 +71,19 @@ _GRAM_BUDGET = 1 << 29  # bytes of cached Gram matrices per layer (caps the toke
 _WORK_ELEMENTS = 1 << 24
 
 
+def cached_tokens(num_experts: int, naee_tokens: int) -> int:
+    """Tokens a layer's cache holds: ``naee_tokens``, capped so that their Gram matrices
+    (E x E float32 each) stay within ``_GRAM_BUDGET``."""
+    return min(int(naee_tokens), max(1, _GRAM_BUDGET // (4 * num_experts * num_experts)))
+
+
 def working_bytes(num_experts: int, hidden: int, options: dict | None = None) -> int:
     """GPU bytes NAEE holds for a streamed layer besides the layer and the batch's activations:
     the cached tokens (inputs, routing weights, logits) with their Gram matrices, and the
     working tensors (``_WORK_ELEMENTS``, about 8 alive at once)."""
     opts = {**DEFAULTS, **(options or {})}
     E = num_experts
-    tokens = min(int(opts["naee_tokens"]), max(1, _GRAM_BUDGET // (4 * E * E)))
+    tokens = cached_tokens(E, opts["naee_tokens"])
     return tokens * 4 * (E * E + hidden + 2 * E) + 8 * 4 * _WORK_ELEMENTS
 
 
@@ -265,7 +271,7 @@ def naee_select(sel: Selection) -> Plan:
     view, keep = sel.view, sel.keep
     E = view.layers[0].num_experts
     chunks = batches_of(sel.tokens, sel.batch_size)
-    max_tokens = min(int(opts["naee_tokens"]), max(1, _GRAM_BUDGET // (4 * E * E)))
+    max_tokens = cached_tokens(E, opts["naee_tokens"])
     per_batch = max(1, math.ceil(max_tokens / len(chunks)))
     kept, scores, info = {}, {}, {"layers": {}}
     # Redrawn after each step rather than by a background thread competing with torch's CPU threads.
