@@ -119,3 +119,99 @@ def test_search_exhaustive_and_beam_in_rounds():
     kept, err, how = search(batched(lambda s: 0.0), 6, 3, set(), max_combinations=0, beam=2)
     assert kept == [0, 1, 2] and err == 0.0
     assert calls[1] == torch.Size([9, 4])  # {0..4} and {0,1,2,3,5} minus one: 9 distinct sets
+
+
+INCREMENTAL = [f for f in FAMILIES if moe_view(tiny_model(f)).layers[0].removal_effect]
+
+
+def _removal_sets(parent):
+    return torch.stack([torch.cat([parent[:j], parent[j + 1:]]) for j in range(parent.numel())])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", INCREMENTAL)
+@torch.no_grad()
+def test_incremental_rounds_equal_routing_every_candidate(family, dtype):
+    """A round of the beam by the incremental rule (the router run for the parent set and, per
+    token, for the sets without one of its selected experts) == every candidate set routed by
+    the router's own code. In bf16 the logits tie often (8 bits of mantissa): tied tokens are
+    routed in full, so the rule still matches to the rounding of a weight."""
+    model = tiny_model(family).to(dtype)
+    view = moe_view(model)
+    layer = view.layers[-1]
+    cache = LayerCache(layer, per_batch=10_000, seed=0)
+    run_calibration(model, tokens(8, 32), [cache], batch_size=2, view=view, progress=False)
+    errors = cache.errors()
+    E, effect = layer.num_experts, layer.removal_effect
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for m in (E, E - 1, E - 2, 4, 3):
+        parent = torch.randperm(E, generator=g)[:m].sort().values
+        fast = errors.removals(parent, effect)
+        if fast is None:  # sets that may route in groups: every candidate is routed (DeepSeek, GLM)
+            assert errors.routers._groups(m) > 1 or errors.routers._groups(m - 1) > 1
+            continue
+        ref = errors(_removal_sets(parent))
+        assert fast == pytest.approx(ref, rel=1e-4 if dtype == torch.bfloat16 else 1e-6, abs=1e-9 * float(ref.max()))
+        checked += 1
+    assert checked >= 1
+
+
+def test_incremental_rule_is_checked_against_the_router_before_use(monkeypatch):
+    """A wrong rule (OLMoE without norm_topk_prob said to leave the weights alone) is caught on
+    the widest round, which is scored with the router's own code, and is not used: the kept
+    sets are those of routing every candidate set."""
+    import moecompress.arch.view as view_module
+    from moecompress.prune import plan_pruning
+
+    def plan():
+        model = tiny_model("olmoe")
+        model.config.norm_topk_prob = False
+        for layer in moe_view(model):
+            layer.router.norm_topk_prob = False
+        return plan_pruning(model, keep=3, method="naee", tokens=tokens(4, 16), batch_size=2,
+                            naee_max_combinations=0)[0]
+
+    right = plan()
+    assert {r["incremental"] for r in right.info["layers"].values()} == {"softmax"}
+    monkeypatch.setattr(view_module.MoELayer, "removal_effect", property(lambda self: "none"))
+    wrong = plan()
+    assert {r["incremental"] for r in wrong.info["layers"].values()} == {None}
+    monkeypatch.setattr(view_module.MoELayer, "removal_effect", property(lambda self: None))
+    routed = plan()
+    assert wrong.kept == routed.kept == right.kept
+    for li, rec in routed.info["layers"].items():
+        assert right.info["layers"][li]["relative_error"] == pytest.approx(rec["relative_error"], rel=1e-6)
+        assert right.info["layers"][li]["evaluated_sets"] == rec["evaluated_sets"]
+
+
+def test_search_by_removals_equals_search_by_sets():
+    """The beam fed whole rounds (each parent without each expert) picks what it picks when fed
+    the candidate sets, beam > 1 included (a set reached from two parents counted once)."""
+    import itertools
+
+    def pairwise(s):
+        return sum(abs(a - b) % 3 for a, b in itertools.combinations(s, 2)) + (0 if 7 in s else 5) + 0.01 * sum(s)
+
+    class BySets:
+        def __init__(self):
+            self.evaluated = 0
+
+        def __call__(self, sets):
+            self.evaluated += sets.shape[0]
+            return torch.tensor([pairwise(s) for s in sets.tolist()], dtype=torch.float64)
+
+    class ByRemovals(BySets):
+        def removals(self, parents):
+            return torch.stack([self.__call__(_removal_sets(p)) for p in parents]).reshape(parents.shape)
+
+        def __call__(self, sets):  # the rounds' own calls are not counted
+            return torch.tensor([pairwise(s) for s in sets.tolist()], dtype=torch.float64)
+
+        def note_evaluated(self, n):
+            self.evaluated += n
+
+    for beam in (1, 2, 3):
+        a, b = BySets(), ByRemovals()
+        assert search(a, 9, 3, {4}, max_combinations=0, beam=beam) == search(b, 9, 3, {4}, max_combinations=0, beam=beam)
+        assert a.evaluated == b.evaluated

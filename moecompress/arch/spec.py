@@ -51,5 +51,12 @@ class FamilySpec:
     group_fields: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
     # Experts a group needs for its group score: DeepSeek-V3 / GLM-4.5 sum each group's top 2.
     min_group_size: int = 1
+    # What removing an expert that a token did not select does to that token's routing (NAEE's
+    # incremental search, prune/naee.py): "none": nothing (softmax over the top-k, a renormalised
+    # top-k, per-expert sigmoid scores); "softmax": the selection stays and the weights, a softmax
+    # over all experts, grow by 1 / (1 - p_removed); "norm_topk": "none" when the config's
+    # norm_topk_field is true, else "softmax". None: the selection itself may change (a bias
+    # added after a softmax, sparsemixer): every candidate set is routed by the router's code.
+    removal_effect: Literal["none", "softmax", "norm_topk"] | None = None
     # Config fields that decide which layers are dense, reported by `info`.
     dense_layer_fields: tuple[str, ...] = field(default_factory=tuple)

@@ -80,6 +80,23 @@ class MoELayer:
     def hidden_size(self) -> int:
         return self.router.weight.shape[1]
 
+    # ----- routing rules (declared in the spec, resolved with the config) ---------------
+    @property
+    def removal_effect(self) -> str | None:
+        """What removing an expert a token did not select does to its routing: "none",
+        "softmax" or None (unknown: see ``FamilySpec.removal_effect``)."""
+        effect = self.spec.removal_effect
+        if effect == "norm_topk":
+            return "none" if getattr(self.model.config, self.spec.norm_topk_field, False) else "softmax"
+        return effect
+
+    @property
+    def routed_scaling(self) -> float:
+        """The constant the routing weights are multiplied by (``scaling_field``; 1 without)."""
+        field = self.spec.scaling_field
+        value = getattr(self.model.config, field, None) if field else None
+        return float(value) if value is not None else 1.0
+
     @property
     def intermediate_size(self) -> int:
         return self.down_proj.shape[2]
@@ -150,11 +167,12 @@ class MoELayer:
         probs = torch.sigmoid(logits) if self.spec.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
         return Routing(logits=logits, probs=probs, topk_idx=idx, topk_weight=weight.float())
 
-    def topk_from_router_output(self, out) -> tuple[torch.Tensor, torch.Tensor]:
-        """(topk_idx, topk_weight as float32) of a router output: the routing decision alone,
-        without :meth:`routing_from_router_output`'s probabilities over all experts."""
+    def topk_from_router_output(self, out, *, as_float32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_idx, topk_weight as float32, or in the router's own dtype) of a router output:
+        the routing decision alone, without :meth:`routing_from_router_output`'s probabilities
+        over all experts."""
         _, idx, weight = self._router_decisions(out)
-        return idx, weight.float()
+        return idx, weight.float() if as_float32 else weight
 
     def _router_decisions(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.spec.router_output == "scores_logits":  # Llama-4

@@ -29,6 +29,21 @@ How it is computed here:
   ``naee_max_combinations``, else backward elimination (drop, one at a time, the expert whose
   removal increases the error least) keeping the ``naee_beam`` best sets at every step. Ties
   go to the lexicographically first set.
+* Incremental rounds (``SubsetErrors.removals``): a round of the beam scores the sets S - {j}
+  for every j of a kept set S. For a token that did not select j, S - {j} routes as S does
+  wherever removing an unselected expert leaves the selection alone (top-k of per-expert
+  scores), and its weights either stay (softmax over the top-k, renormalised top-k, sigmoid:
+  ``removal_effect`` "none") or, a softmax over all experts without renormalisation, grow by
+  1 / (1 - p_j) (``"softmax"``; the error is then e_t + 2 delta^T G_t d_t + delta^T G_t delta
+  on the k selected experts). So the router runs once over the T tokens for S and once over the
+  T k rows of S minus one selected expert, instead of over the T m rows of every candidate. A
+  token whose lowest selected logit ties with an unselected one (bf16 logits tie often) is
+  routed for every candidate, since the router's choice among tied experts may move with the
+  row's layout. The rule is declared per family (``FamilySpec.removal_effect``; none for a bias
+  added after a softmax, sparsemixer, Llama-4's input scaling, and sets that route in groups)
+  and checked before use: the widest round (the scores) is computed both ways and must agree
+  to 1e-4, else the layer scores every candidate set with the router (``incremental`` in the
+  record). Equal to the router's own code up to the rounding of a weight to the router's dtype.
 * Layer-wise sequential, as in the paper: layer l's tokens are collected while layers < l
   already route among their kept experts (router hooks; weights untouched). The calibration
   activations are carried from layer to layer (``capture.LayerCursor``): each layer runs once
@@ -43,6 +58,10 @@ Cost per layer (E experts, K kept, beam B, T cached tokens, hidden H, expert wid
   the errors: O(B T E^4) flops, O(B T E^3) memory traffic, E - K + 1 host synchronisations.
   No expert runs during the search. (The per-set search it replaced ran the router on the
   T hidden states per set, T m H flops each, and one small kernel sequence per set.)
+  With the incremental rule a round from m kept sets costs B router passes over T (k + 1)
+  rows of width m (instead of B m T rows) and about 2 B (k + 1) T E^2 flops (instead of
+  2 B m T E^2): O(B T k E (E - K)) memory traffic and O(B T k E^2 (E - K)) flops over the
+  search, the widest round (the scores) still O(T E^3) by the router.
 * Exhaustive: C(E', K') sets of K experts, each T K^2 + 2 T E^2 flops, in blocks of tokens.
 Measured: docs/benchmarks.md ("Scale and streaming"), bench/naee_complexity.py on the CPU.
 """
@@ -151,6 +170,7 @@ class SubsetErrors:
         self.routers = SubsetRouters(layer)
         self.work_elements = work_elements
         self.evaluated = 0
+        self.tied_tokens = self.round_tokens = 0  # incremental rounds: tokens routed in full for a tie, of all
 
     def total(self) -> float:
         """||F(X)||^2 (routed part): the error of keeping no expert."""
@@ -183,6 +203,76 @@ class SubsetErrors:
             err += torch.bmm(d, self.gram[t0:t1]).mul_(d).sum(dim=(0, 2), dtype=torch.float64)
         return err.cpu()
 
+    @torch.no_grad()
+    def removals(self, parent: torch.Tensor, form: str) -> torch.Tensor | None:
+        """Errors (float64, CPU) [m] of the sets ``parent`` [m] (ascending) without each of its
+        experts, by the incremental rule (module docstring, "Incremental rounds"): the layer's
+        router runs on the T tokens for ``parent`` and, per token, only for the k sets without
+        one of the experts it selected. ``form`` says how a token's weights change when an
+        expert it did not select goes (``MoELayer.removal_effect``): ``none``, or ``softmax`` (they
+        grow by 1 / (1 - p_j)).
+        None where the rule does not apply (sets that may route in groups, or sets of one expert)."""
+        m = parent.numel()
+        T, E = self.w.shape
+        if m - 1 < 2 or self.routers._groups(m) > 1 or self.routers._groups(m - 1) > 1:
+            return None
+        parent = parent.to(self.w.device)
+        pos_of = torch.full((E,), -1, dtype=torch.long, device=self.w.device)
+        pos_of[parent] = torch.arange(m, device=self.w.device)
+        step = max(1, self.work_elements // (max(1, self.layer.top_k) * E))  # d [t, k, E] per block
+        out = torch.zeros(m, dtype=torch.float64, device=self.w.device)
+        for t0 in range(0, T, step):
+            out += self._removals_block(parent, form, pos_of, t0, min(T, t0 + step))
+        return out.cpu()
+
+    def _removals_block(self, parent: torch.Tensor, form: str, pos_of: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        w, gram, logits = self.w[t0:t1], self.gram[t0:t1], self.logits[t0:t1]
+        t, E = w.shape
+        idx, weight = (v[:, 0] for v in self.routers.route(logits, parent.unsqueeze(0)))  # [t, k] among parent
+        drop = pos_of[idx]  # [t, k]: the selected experts' positions in parent
+        d = w.clone().scatter_add_(1, idx, weight.neg())  # the parent's d = w - w'_S
+        # a token that selected j: routed again by the router's own code, on the parent without j
+        rows = torch.cat([d.unsqueeze(1), self._without(parent, drop, w, logits)], dim=1)  # [t, 1 + k, E]
+        g = torch.bmm(rows, gram)  # d^T G_t for all of a token's rows in one product (G symmetric)
+        g_k = g[:, 0].gather(1, idx).double() if form == "softmax" else None
+        quad = g.mul_(rows).sum(dim=2, dtype=torch.float64)  # [t, 1 + k]: d^T G_t d
+        err = quad[:, 0]  # each token's error under the parent
+        if form == "none":  # a token that did not select j is routed the same without j
+            per = err.unsqueeze(1).expand(t, parent.numel())
+        else:  # softmax over the set: without j, the selected weights c p_i / (1 - p_j), rounded as the router does
+            p = torch.softmax(logits.index_select(1, parent).float(), dim=1)  # [t, m]
+            grown = (self.layer.routed_scaling * p.gather(1, drop).unsqueeze(1) / (1 - p).unsqueeze(2))
+            delta = (weight.unsqueeze(1) - grown.to(self.routers.weight_dtype).float()).double()  # [t, m, k]: d' - d on K
+            k = idx.shape[1]
+            gram_kk = gram.gather(1, idx.unsqueeze(2).expand(t, k, E)).gather(2, idx.unsqueeze(1).expand(t, k, k))
+            per = err.unsqueeze(1) + 2 * (delta * g_k.unsqueeze(1)).sum(dim=2) + torch.einsum(
+                "tjk,tkl,tjl->tj", delta, gram_kk.double(), delta)
+        # (the selected positions of a row are distinct: a scatter, then a sum over tokens, is deterministic)
+        per = per.scatter(1, drop, quad[:, 1:])
+        # A token whose lowest selected logit ties with (or, a bias choosing, lies below) an unselected
+        # one: which of the tied experts the router takes may move with the row's layout, so every
+        # set without one of its experts is routed by the router's own code.
+        z = logits.index_select(1, parent)
+        chosen = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, drop, True)
+        tied = torch.nonzero(z.masked_fill(~chosen, float("inf")).amin(dim=1)
+                             <= z.masked_fill(chosen, float("-inf")).amax(dim=1)).flatten()
+        m = parent.numel()
+        self.tied_tokens += tied.numel()
+        self.round_tokens += t
+        step = max(1, self.work_elements // (m * E))
+        for i in range(0, tied.numel(), step):
+            r = tied[i : i + step]
+            rows = self._without(parent, torch.arange(m, device=r.device).expand(r.numel(), m), w[r], logits[r])
+            per[r] = torch.bmm(rows, gram[r]).mul_(rows).sum(dim=2, dtype=torch.float64)
+        return per.sum(dim=0)
+
+    def _without(self, parent: torch.Tensor, drop: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[t, r, E]: each token's d = w - w' in the parent set without ``parent[drop[t, c]]``,
+        routed by the router's own code (``SubsetRouters.route_without``)."""
+        t, E = w.shape
+        idx, weight = self.routers.route_without(logits, parent, drop)
+        return w.unsqueeze(1).expand(t, drop.shape[1], E).contiguous().scatter_add_(2, idx, weight.neg())
+
     def _routed_one(self, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         idx = keep.cpu()
         return route_subset(self.layer, sub_router(self.layer, idx), idx, x).dense_weights(self.layer.num_experts)
@@ -195,19 +285,56 @@ def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int
     # Per-expert score: the error caused by removing that expert alone (higher = keep).
     singles = torch.tensor([[f for f in range(E) if f != e] for e in range(E)], dtype=torch.long).reshape(E, E - 1)
     scores = errors(singles)
-    known = {tuple(s): float(v) for s, v in zip(singles.tolist(), scores)}
-
-    def error(sets: torch.Tensor) -> torch.Tensor:
-        if sets.shape[1] == E - 1:  # sets of E - 1 experts are the score sets, already known
-            return torch.tensor([known[tuple(s)] for s in sets.tolist()], dtype=torch.float64)
-        return errors(sets)
-
-    best, err, how = search(error, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]),
+    rounds = _Rounds(errors, singles, scores)
+    best, err, how = search(rounds, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]),
                             groups)
     total = errors.total()
     record = {"relative_error": err / total if total > 0 else 0.0, "search": how, "tokens": int(errors.w.shape[0]),
-              "evaluated_sets": errors.evaluated}
+              "evaluated_sets": errors.evaluated, "incremental": rounds.form,
+              "tied_share": round(errors.tied_tokens / errors.round_tokens, 4) if errors.round_tokens else None}
     return best, scores, record
+
+
+# Agreement asked of the incremental rule with the router's own code on the widest round: float32
+# rounding of each token's error is ~1e-7 of it; a rule that does not describe the router misses
+# whole tokens' contributions.
+_INCREMENTAL_RTOL = 1e-4
+
+
+class _Rounds:
+    """The search's errors for one layer: sets of E - 1 experts from the scores (computed with
+    the router's own code on every set); the later rounds of the beam by the incremental rule
+    (``SubsetErrors.removals``) with the weight form that reproduces the scores, if one does."""
+
+    def __init__(self, errors: SubsetErrors, singles: torch.Tensor, scores: torch.Tensor):
+        self.errors = errors
+        self.num_experts = singles.shape[0]
+        self.known = {tuple(s): float(v) for s, v in zip(singles.tolist(), scores)}
+        self.form = self._certified_form(scores)
+
+    def _certified_form(self, scores: torch.Tensor) -> str | None:
+        E = scores.shape[0]
+        full = torch.arange(E)
+        tol = _INCREMENTAL_RTOL * scores.abs() + 1e-6 * max(float(scores.abs().max()), self.errors.total(), 1e-30)
+        form = self.errors.layer.removal_effect
+        got = self.errors.removals(full, form) if form is not None else None
+        return form if got is not None and bool(((got - scores).abs() <= tol).all()) else None
+
+    def __call__(self, sets: torch.Tensor) -> torch.Tensor:
+        if sets.shape[1] == self.num_experts - 1:  # sets of E - 1 experts are the score sets, already known
+            return torch.tensor([self.known[tuple(s)] for s in sets.tolist()], dtype=torch.float64)
+        return self.errors(sets)
+
+    def removals(self, parents: torch.Tensor) -> torch.Tensor | None:
+        """[b, m] errors of each parent set without each of its experts, or None (score the
+        candidates one set each, with ``__call__``)."""
+        if self.form is None or parents.shape[1] == self.num_experts:
+            return None
+        rows = [self.errors.removals(p, self.form) for p in parents]
+        return None if any(r is None for r in rows) else torch.stack(rows)
+
+    def note_evaluated(self, n: int) -> None:
+        self.errors.evaluated += n
 
 
 def search(errors, num_experts: int, keep: int, protected: set[int], max_combinations: int,
@@ -215,6 +342,9 @@ def search(errors, num_experts: int, keep: int, protected: set[int], max_combina
     """The kept set minimising the error: exhaustive when small enough, else beam search by
     backward elimination. ``errors(sets)`` takes a [C, m] tensor of kept sets (ascending rows,
     all of one size) and returns their C errors; every round of the search is one call.
+    An ``errors`` that also has ``removals(parents)`` ([b, m] errors of each parent set without
+    each of its experts, or None) and ``note_evaluated(n)`` gets each beam round as one such call
+    (``_Rounds``: NAEE's incremental rounds); the sets and their order are the same.
     Returns (kept ascending, its error, "exhaustive"|"beam"). With ``groups`` > 1 only sets
     that keep keep / groups experts of every contiguous group of experts are candidates
     (grouped routing, see ``Selection.groups``).
@@ -247,8 +377,17 @@ def search(errors, num_experts: int, keep: int, protected: set[int], max_combina
             removable &= _group_counts(frontier, size, groups).gather(1, frontier // size) > quota
         drop = ~torch.eye(m, dtype=torch.bool)  # row j: every position but j
         cands = frontier[:, None, :].expand(-1, m, -1)[:, drop].reshape(-1, m, m - 1)  # [b, m, m-1]
-        cands = torch.unique(cands[removable], dim=0)  # sorted lexicographically, like sorted(set(...))
-        errs = errors(cands)
+        by_removal = getattr(errors, "removals", lambda _: None)(frontier)  # [b, m] or None
+        # sorted lexicographically, like sorted(set(...)); a set reached from two parents once
+        cands, inverse = torch.unique(cands[removable], dim=0, return_inverse=True)
+        if by_removal is None:
+            errs = errors(cands)
+        else:  # each set's error from its first parent
+            flat = by_removal[removable]
+            first = torch.full((cands.shape[0],), flat.shape[0], dtype=torch.long)
+            first.scatter_reduce_(0, inverse, torch.arange(flat.shape[0]), reduce="amin")
+            errs = flat[first]
+            errors.note_evaluated(cands.shape[0])
         order = torch.sort(errs, stable=True).indices  # ties: lexicographic order kept
         frontier = cands[order[:beam]]
         best_err = float(errs[order[0]])

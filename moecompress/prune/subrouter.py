@@ -97,6 +97,7 @@ class SubsetRouters:
         with onloaded(layer.router):  # a streamed router's per-expert tensors, full width
             self.expert_tensors = {p: t.detach().reshape(-1).clone() for p, t in layer.router_expert_tensors.items()}
         self._templates: dict[tuple[int, bool], nn.Module] = {}
+        self.weight_dtype = torch.float32  # of the routing weights the router returned last
 
     def _template(self, sets: torch.Tensor) -> nn.Module:
         """The router for sets like ``sets[0]`` (m experts; grouped or not, :func:`sub_router`'s
@@ -104,7 +105,7 @@ class SubsetRouters:
         m = sets.shape[1]
         key = (m, self._grouped(sets[:1]).item())
         if key not in self._templates:
-            if len(self._templates) > 2:  # a search goes down in size: keep the latest
+            if len(self._templates) > 4:  # a search goes down in size (m and m - 1 per round): keep the latest
                 self._templates.clear()
             r = sub_router(self.layer, sets[0].tolist())
             r.weight = nn.Parameter(torch.eye(m, dtype=r.weight.dtype, device=r.weight.device), requires_grad=False)
@@ -114,12 +115,17 @@ class SubsetRouters:
             self._templates[key] = r
         return self._templates[key]
 
+    def _groups(self, m: int) -> int:
+        """Routing groups a set of m experts may keep (1: it routes among its experts plainly)."""
+        layer = self.layer
+        return balanced_groups(layer.model.config, layer.spec, layer.num_experts, m) if _group_attrs(layer.router)[0] else 1
+
     def _grouped(self, sets: torch.Tensor) -> torch.Tensor:
         """[C] bool: whether each (ascending) set keeps grouped routing, as :func:`stays_grouped`
         decides for one set: the same number of experts from every group."""
         layer = self.layer
         E, m = layer.num_experts, sets.shape[1]
-        n_group = balanced_groups(layer.model.config, layer.spec, E, m) if _group_attrs(layer.router)[0] else 1
+        n_group = self._groups(m)
         if n_group <= 1:
             return torch.zeros(sets.shape[0], dtype=torch.bool)
         counts = torch.zeros(sets.shape[0], n_group, dtype=torch.long, device=sets.device)
@@ -153,21 +159,61 @@ class SubsetRouters:
         r = self._template(sets)
         dtype, dev = r.weight.dtype, r.weight.device
         sets = sets.to(dev)
-        for path in self.layer.spec.router_expert_tensors:
-            old = operator.attrgetter(path)(r)
-            if path == "bias":
-                new = torch.zeros_like(old)
-            else:  # row t * C + c holds set c's values
-                new = self.expert_tensors[path].to(dev)[sets].to(old.dtype).expand(T, C, m).reshape(T * C, m)
-            _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+        # row t * C + c holds set c's values
+        self._per_row_tensors(r, lambda t: t[sets].expand(T, C, m).reshape(T * C, m))
         # row t * C + c: logits[t, S_c] (index_select: the same copy as logits[:, sets], one kernel)
         rows = logits.to(dev).index_select(1, sets.reshape(-1)).to(dtype).view(T * C, m)
         with _exact_float32_matmul():
-            idx, weight = self.layer.topk_from_router_output(r(rows))
+            idx, weight = self.layer.topk_from_router_output(r(rows), as_float32=False)
+        self.weight_dtype = weight.dtype  # what the router rounds its weights to
+        weight = weight.float()
         k = idx.shape[1]
         offset = torch.arange(0, C * m, m, device=dev).view(1, C, 1)
         glob = sets.reshape(-1).take(idx.view(T, C, k) + offset)  # local expert index -> the layer's numbering
         return glob, weight.view(T, C, k)
+
+    def _per_row_tensors(self, r: nn.Module, rows_of) -> None:
+        """The template's per-expert router tensors as per-row [R, m] tensors, ``rows_of`` mapping
+        a full-width tensor [E] to the rows' values; the linear's own bias (inside the logits) 0."""
+        dev = r.weight.device
+        for path in self.layer.spec.router_expert_tensors:
+            old = operator.attrgetter(path)(r)
+            new = torch.zeros_like(old) if path == "bias" else rows_of(self.expert_tensors[path].to(dev)).to(old.dtype)
+            _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+
+    @torch.no_grad()
+    def route_without(self, logits: torch.Tensor, parent: torch.Tensor,
+                      drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per token t and column c of ``drop`` [T, r] (positions in ``parent``): the routing of
+        token t in the layer pruned to ``parent`` [m] (ascending) without ``parent[drop[t, c]]``.
+        Top-k experts (the layer's numbering) and weights (float32), both [T, r, k]. One router
+        call over T * r rows of m - 1 experts, as :meth:`route` for one set per row. None where
+        :meth:`route` would refuse (sets of one expert) or the sets route in groups (their kind
+        may differ from row to row)."""
+        m = parent.numel()
+        T, r = drop.shape
+        if m - 1 < 2:
+            return None
+        if self._groups(m - 1) > 1:
+            return None
+        tpl = self._template(parent[1:].unsqueeze(0))  # the router for m - 1 experts, not grouped
+        dtype, dev = tpl.weight.dtype, tpl.weight.device
+        parent, drop = parent.to(dev), drop.to(dev)
+        # row (t, c): positions 0..m-1 of parent but drop[t, c] (a gather: no boolean mask to compact)
+        ar = torch.arange(m - 1, device=dev)
+        kept = (ar + (ar >= drop.unsqueeze(2)).long())  # [T, r, m - 1]
+
+        def rows_of(values: torch.Tensor) -> torch.Tensor:  # [T, m] per token -> [T * r, m - 1]
+            return values.unsqueeze(1).expand(T, r, m).gather(2, kept).view(T * r, m - 1)
+
+        self._per_row_tensors(tpl, lambda t: rows_of(t[parent].expand(T, m)))
+        rows = rows_of(logits.to(dev).index_select(1, parent).to(dtype))
+        with _exact_float32_matmul():
+            idx, weight = self.layer.topk_from_router_output(tpl(rows))
+        k = idx.shape[1]
+        local = idx.view(T, r, k)
+        pos = local + (local >= drop.unsqueeze(2)).long()  # position in the row's set -> position in parent
+        return parent[pos], weight.view(T, r, k)
 
 
 def route_subset(layer: MoELayer, router: nn.Module, keep: torch.Tensor, x: torch.Tensor) -> Routing:

@@ -10,4 +10,5 @@ SPEC = FamilySpec(
     norm_topk_field="norm_topk_prob",
     group_fields=("n_group", "topk_group"),
     dense_layer_fields=("first_k_dense_replace",),
+    removal_effect="softmax",
 )

@@ -13,4 +13,5 @@ SPEC = FamilySpec(
     group_fields=("n_group", "topk_group"),
     min_group_size=2,
     dense_layer_fields=("first_k_dense_replace",),
+    removal_effect="none",
 )

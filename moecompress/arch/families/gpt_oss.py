@@ -12,4 +12,5 @@ SPEC = FamilySpec(
     down_layout="in_out",
     activation="gpt_oss_swiglu",
     intermediate_field="intermediate_size",
+    removal_effect="none",
 )

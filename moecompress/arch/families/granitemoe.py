@@ -8,4 +8,5 @@ SPEC = FamilySpec(
     moe_block="block_sparse_moe",
     router="router",
     intermediate_field="intermediate_size",
+    removal_effect="none",
 )

@@ -6,4 +6,5 @@ SPEC = FamilySpec(
     model_types=("mixtral",),
     num_experts_field="num_local_experts",
     intermediate_field="intermediate_size",
+    removal_effect="none",
 )

@@ -7,4 +7,5 @@ SPEC = FamilySpec(
     num_experts_field="num_experts",
     intermediate_field="intermediate_size",
     norm_topk_field="norm_topk_prob",
+    removal_effect="norm_topk",
 )

@@ -9,4 +9,5 @@ SPEC = FamilySpec(
     shared_expert_gate="shared_expert_gate",
     norm_topk_field="norm_topk_prob",
     dense_layer_fields=("decoder_sparse_step", "mlp_only_layers"),
+    removal_effect="norm_topk",
 )

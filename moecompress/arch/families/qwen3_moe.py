@@ -7,4 +7,5 @@ SPEC = FamilySpec(
     num_experts_field="num_local_experts",
     norm_topk_field="norm_topk_prob",
     dense_layer_fields=("decoder_sparse_step", "mlp_only_layers"),
+    removal_effect="norm_topk",
 )
