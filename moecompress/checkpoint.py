@@ -113,7 +113,7 @@ def load_model(
 def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_folder, gpu_working_bytes):
     from transformers import AutoModelForCausalLM
 
-    from .arch import family_for_config
+    from .arch import family_for_config, meta_view
     from .formats import dequantized_loading, partial_fp8_blocks
     from .integrity import require_sound_input
 
@@ -136,15 +136,20 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
             # observers' workspace (measured: stats peak 3.24-3.68 GiB under 4 GiB on the
             # OLMoE-1B-7B shape), plus the stage's own working set, so that the *peak* stays
             # under the cap. Of the weights' share accelerate keeps room for the largest
-            # decoder layer (the one onloaded at a time); if that room is missing it places
-            # every weight on the CPU and the whole run computes there, so refuse instead.
+            # decoder layer (the one onloaded at a time) and places the modules in order from
+            # the input embeddings; if the embeddings do not fit beside that room, no weight
+            # lands on the GPU, accelerate makes the CPU the execution device and the whole run
+            # computes there (measured: the Qwen3-30B-A3B shape under 4 GiB, GPU idle for
+            # 9 minutes, docs/benchmarks.md "Session 12"), so refuse instead.
             weights = int(gpu * (1 - ACTIVATION_SHARE)) - int(gpu_working_bytes)
-            layer = largest_layer_bytes(config, dt if isinstance(dt, torch.dtype) else None)
-            if weights < layer * 1.1:
-                need = (layer * 1.1 + gpu_working_bytes) / (1 - ACTIVATION_SHARE)
+            shapes = meta_view(config)  # one weightless model for both sizes
+            layer = largest_layer_bytes(config, dt if isinstance(dt, torch.dtype) else None, view=shapes)
+            first = first_module_bytes(config, dt if isinstance(dt, torch.dtype) else None, view=shapes)
+            if weights < layer * 1.1 + first:
+                need = (layer * 1.1 + first + gpu_working_bytes) / (1 - ACTIVATION_SHARE)
                 raise MoECompressError(
                     f"--max-gpu-memory {max_gpu_memory or '(the whole GPU)'} is too small: one decoder layer takes "
-                    f"{layer / 2**30:.2f} GiB on the GPU while it runs"
+                    f"{layer / 2**30:.2f} GiB on the GPU while it runs, the input embeddings {first / 2**30:.2f} GiB"
                     + (f", this stage {gpu_working_bytes / 2**30:.2f} GiB besides" if gpu_working_bytes else "")
                     + f", and 30% stays for activations; give at least {math.ceil(need / 2**28) / 4:g}GiB")
             max_memory[0] = weights
@@ -164,6 +169,8 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
     if kwargs.get("offload_folder") and own_folder:
         # the offloaded weights live as long as the model: delete them with it
         weakref.finalize(model, shutil.rmtree, kwargs["offload_folder"], True)
+    if "max_memory" in kwargs and 0 in kwargs["max_memory"]:
+        _require_gpu_execution(model, kwargs, own_folder)
     require_sound_input(source_folder(src), allow_nonfinite=load_policy().allow_nonfinite)  # before any weight is used
     model.eval()
     model.requires_grad_(False)
@@ -238,14 +245,41 @@ def largest_block_bytes(view, config, dtype: str | torch.dtype | None = None) ->
     return max(sum(p.numel() for p in layer.block.parameters()) for layer in view) * size
 
 
-def largest_layer_bytes(config, dtype: torch.dtype | None = None) -> int:
+def _require_gpu_execution(model, kwargs: dict, own_folder: bool) -> None:
+    """A model streamed onto the GPU must compute there. accelerate makes the CPU the execution
+    device when no weight at all was placed on the GPU; the check before loading predicts that
+    from the embeddings' size, and this catches any placement it did not predict."""
+    from .capture import execution_device
+
+    if execution_device(model).type == "cuda":
+        return
+    if own_folder:
+        shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
+    raise MoECompressError("the GPU cap left no weight on the GPU, so the model would compute on the CPU; "
+                           "give a larger --max-gpu-memory")
+
+
+def first_module_bytes(config, dtype: torch.dtype | None = None, view=None) -> int:
+    """Bytes of the input embeddings in ``dtype`` (default: the checkpoint's), with an output
+    head tied to them: the first weights accelerate places, which must fit on the GPU beside
+    the room for one decoder layer for the GPU to be the execution device."""
+    from .arch import meta_view
+
+    model = (view or meta_view(config)).model
+    size = (dtype or stored_dtype(config) or torch.float32).itemsize
+    embed = model.get_input_embeddings().weight
+    tied = getattr(config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
+    return embed.numel() * size * (2 if tied else 1)
+
+
+def largest_layer_bytes(config, dtype: torch.dtype | None = None, view=None) -> int:
     """Bytes of the largest decoder layer's weights in ``dtype`` (default: the checkpoint's):
     what a streamed model onloads at once, and accelerate keeps room for on the GPU."""
     import operator
 
     from .arch import meta_view
 
-    view = meta_view(config)
+    view = view or meta_view(config)
     size = (dtype or stored_dtype(config) or torch.float32).itemsize
     layers = operator.attrgetter(view.spec.layers_path)(view.model)
     return max(sum(p.numel() for p in layer.parameters()) for layer in layers) * size

@@ -108,6 +108,31 @@ def test_gpu_cap_below_one_layer_is_refused_before_loading(tmp_path, monkeypatch
     assert "this stage" in str(e.value)
 
 
+def test_gpu_cap_without_room_for_the_embeddings_is_refused(tmp_path, monkeypatch):
+    """accelerate places modules in order from the input embeddings, beside the room it keeps
+    for one decoder layer: a cap whose weights' share holds the layer but not the embeddings
+    too would leave every weight on the CPU, which then becomes the execution device (the
+    Qwen3-30B-A3B shape under 4 GiB computed on the CPU). Refused, naming the embeddings; and a
+    model that computes on the CPU anyway is refused after loading."""
+    from moecompress.checkpoint import (ACTIVATION_SHARE, _require_gpu_execution, first_module_bytes,
+                                        largest_layer_bytes)
+    from moecompress.errors import MoECompressError
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    cfg = model.config
+    first = first_module_bytes(cfg, torch.float32)
+    assert first == model.get_input_embeddings().weight.numel() * 4 * (2 if cfg.tie_word_embeddings else 1)
+    layer = largest_layer_bytes(cfg, torch.float32)
+    assert 1.15 * layer < 1.1 * layer + first  # the cap below holds the layer but not the embeddings too
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    just_the_layer = int(1.15 * layer / (1 - ACTIVATION_SHARE))  # one layer x 1.1 fits, the embeddings do not
+    with pytest.raises(MoECompressError, match=r"the input embeddings .* give at least"):
+        load_model(tmp_path / "src", dtype="float32", max_gpu_memory=str(just_the_layer))
+    with pytest.raises(MoECompressError, match="compute on the CPU"):
+        _require_gpu_execution(model, {"offload_folder": str(tmp_path / "none")}, own_folder=False)
+
+
 def test_streamed_batch_fills_the_caps_activation_share(monkeypatch):
     """A prune streamed onto a GPU takes as many sequences per batch as 30% of the cap holds at
     the widest decoder layer's active width (attention, top-k of E routed experts, shared) x 6
