@@ -247,6 +247,23 @@ def naee_layers(a) -> dict:
         kernels["prof"] = prof  # summarised after the run, so that no layer's time includes it
         return out
 
+    every = None
+    if a.compare_routed:  # the same selection with every candidate set routed (the incremental rule off)
+        from moecompress.arch.view import MoELayer
+
+        rule = MoELayer.removal_effect
+        MoELayer.removal_effect = property(lambda self: None)
+        naee._choose = clocked(choose, "search (routed)")
+        try:
+            sync()
+            t = time.perf_counter()
+            routed_plan, _ = plan_pruning(model, keep=E // 2, method="naee", tokens=tokens, batch_size=a.batch_size)
+            sync()
+            every = {"naee_total_s": time.perf_counter() - t, "kept": routed_plan.kept,
+                      "search_s": [d for label, d, _ in marks if label == "search (routed)"]}
+        finally:
+            MoELayer.removal_effect, naee._choose = rule, choose
+        marks.clear()
     naee._choose, naee.LayerCache.observe = search, clocked(observe, "observe")
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -291,6 +308,10 @@ def naee_layers(a) -> dict:
             "sort_by": key, "search_s": [d for label, d, _ in marks if label == "search"][1],
             "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key, 0) / 1e3,
                      "cpu_total_ms": e.cpu_time_total / 1e3} for e in rows]}
+    if every is not None:
+        res["routed_every_candidate"] = {"naee_total_s": every["naee_total_s"], "search_s": every["search_s"],
+                                         "kept_equal": every["kept"] == plan.kept,
+                                         "layers_differing": [li for li in plan.kept if plan.kept[li] != every["kept"][li]]}
     if repair:
         res["repair"] = repair
         res["repair_full_model_s"] = repair["repair_s_per_layer"] * moe_layers
@@ -342,6 +363,9 @@ def main() -> None:
                     help="also time streamed stats batch by batch (the schedule before layer-by-layer streaming)")
     ap.add_argument("--skip", default="",
                     help="comma list of parts to skip: stats,stream,prune,surgery (both of: surgery_memory,surgery_streamed)")
+    ap.add_argument("--compare-routed", action="store_true",
+                    help="with --naee-layers: first select with every candidate set routed (NAEE's incremental "
+                         "rule off): its time and whether the kept sets are equal")
     ap.add_argument("--naee-layers", type=int, default=0,
                     help="only time NAEE per MoE layer on this many layers built in GPU memory (a shape too large "
                          "to write); with --rates-from JSON for the full model's floor")
