@@ -157,6 +157,30 @@ def test_incremental_rounds_equal_routing_every_candidate(family, dtype):
     assert checked >= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+@torch.no_grad()
+def test_incremental_rounds_with_a_correction_bias(family, dtype):
+    """Ungrouped sigmoid routers with a correction bias (GLM-4.5-Air, Kimi-K2): a token's top-k
+    is by sigmoid(z) + b, not by its logits. The tie check ranks by that score, so the rule's
+    rounds equal the routed ones with almost no token routed in full (by the logits, 60-78% of
+    tokens were)."""
+    model = tiny_model(family, n_group=1, topk_group=1, n_routed_experts=16, num_experts_per_tok=4).to(dtype)
+    view = moe_view(model)
+    layer = view.layers[-1]
+    assert layer.router_expert_tensors["e_score_correction_bias"].abs().max() > 0.05
+    cache = LayerCache(layer, per_batch=10_000, seed=0)
+    run_calibration(model, tokens(8, 32), [cache], batch_size=2, view=view, progress=False)
+    errors = cache.errors()
+    g = torch.Generator().manual_seed(0)
+    for m in (16, 15, 10, 6):
+        parent = torch.randperm(16, generator=g)[:m].sort().values
+        fast = errors.removals(parent, layer.removal_effect)
+        ref = errors(_removal_sets(parent))
+        assert fast == pytest.approx(ref, rel=1e-6, abs=1e-9 * float(ref.max()))
+    assert errors.tied_tokens <= 0.02 * errors.round_tokens
+
+
 def test_incremental_rule_is_checked_against_the_router_before_use(monkeypatch):
     """A wrong rule (OLMoE without norm_topk_prob said to leave the weights alone) is caught on
     the widest round, which is scored with the router's own code, and is not used: the kept

@@ -37,9 +37,9 @@ How it is computed here:
   1 / (1 - p_j) (``"softmax"``; the error is then e_t + 2 delta^T G_t d_t + delta^T G_t delta
   on the k selected experts). So the router runs once over the T tokens for S and once over the
   T k rows of S minus one selected expert, instead of over the T m rows of every candidate. A
-  token whose lowest selected logit ties with an unselected one (bf16 logits tie often) is
-  routed for every candidate, since the router's choice among tied experts may move with the
-  row's layout. The rule is declared per family (``FamilySpec.removal_effect``; none for a bias
+  token whose lowest selected score ties with an unselected one (bf16 logits tie often; the
+  score is the logit, or sigmoid(z) + b with a correction bias) is routed for every candidate,
+  since the router's choice among tied experts may move with the row's layout. The rule is declared per family (``FamilySpec.removal_effect``; none for a bias
   added after a softmax, sparsemixer, Llama-4's input scaling, and sets that route in groups)
   and checked before use: the widest round (the scores) is computed both ways and must agree
   to 1e-4, else the layer scores every candidate set with the router (``incremental`` in the
@@ -249,10 +249,10 @@ class SubsetErrors:
                 "tjk,tkl,tjl->tj", delta, gram_kk.double(), delta)
         # (the selected positions of a row are distinct: a scatter, then a sum over tokens, is deterministic)
         per = per.scatter(1, drop, quad[:, 1:])
-        # A token whose lowest selected logit ties with (or, a bias choosing, lies below) an unselected
-        # one: which of the tied experts the router takes may move with the row's layout, so every
-        # set without one of its experts is routed by the router's own code.
-        z = logits.index_select(1, parent)
+        # A token whose lowest selected score (what the router ranks by) ties with, or lies below, an
+        # unselected one: which of the tied experts the router takes may move with the row's layout,
+        # so every set without one of its experts is routed by the router's own code.
+        z = self.routers.choice_scores(logits, parent)
         chosen = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, drop, True)
         tied = torch.nonzero(z.masked_fill(~chosen, float("inf")).amin(dim=1)
                              <= z.masked_fill(chosen, float("-inf")).amax(dim=1)).flatten()

@@ -181,6 +181,17 @@ class SubsetRouters:
             new = torch.zeros_like(old) if path == "bias" else rows_of(self.expert_tensors[path].to(dev)).to(old.dtype)
             _set_path(r, path, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
 
+    def choice_scores(self, logits: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+        """[T, m]: what the router ranks ``parent``'s experts by for a token's top-k: the
+        logits, or for per-expert sigmoid scores with a correction bias (DeepSeek-V3, GLM-4.5,
+        Kimi-K2) sigmoid(z) + b in float32, as those routers compute it. (A bias added to a
+        softmax over the set, ERNIE's, changes with the set: no incremental rule for it.)"""
+        z = logits.index_select(1, parent.to(logits.device))
+        corrections = [t for path, t in self.expert_tensors.items() if path != "bias"]  # "bias": inside the logits
+        if not corrections or self.layer.spec.scoring != "sigmoid":
+            return z
+        return torch.sigmoid(z.float()) + corrections[0].to(z.device)[parent.to(z.device)].float()
+
     @torch.no_grad()
     def route_without(self, logits: torch.Tensor, parent: torch.Tensor,
                       drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
