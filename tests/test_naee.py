@@ -181,6 +181,29 @@ def test_incremental_rounds_with_a_correction_bias(family, dtype):
     assert errors.tied_tokens <= 0.02 * errors.round_tokens
 
 
+def test_grouped_layers_use_the_rule_on_rounds_that_route_plainly(monkeypatch):
+    """DeepSeek-V3's full set routes in groups, so the scores cannot check the rule: the first
+    round whose sets route plainly is routed for every set as well and checks it, and the later
+    plain rounds use it. The same kept sets, errors and counts as routing every set."""
+    import moecompress.arch.view as view_module
+    from moecompress.prune import plan_pruning
+
+    def plan():
+        model = tiny_model("deepseek_v3", n_group=4, topk_group=2)  # 8 experts: only the full set routes in groups
+        return plan_pruning(model, keep=3, method="naee", tokens=tokens(4, 16), batch_size=2,
+                            naee_max_combinations=0)[0]
+
+    ruled = plan()
+    assert {r["incremental"] for r in ruled.info["layers"].values()} == {"none"}
+    monkeypatch.setattr(view_module.MoELayer, "removal_effect", property(lambda self: None))
+    routed = plan()
+    assert {r["incremental"] for r in routed.info["layers"].values()} == {None}
+    assert ruled.kept == routed.kept
+    for li, rec in routed.info["layers"].items():
+        assert ruled.info["layers"][li]["relative_error"] == pytest.approx(rec["relative_error"], rel=1e-6)
+        assert ruled.info["layers"][li]["evaluated_sets"] == rec["evaluated_sets"]
+
+
 def test_incremental_rule_is_checked_against_the_router_before_use(monkeypatch):
     """A wrong rule (OLMoE without norm_topk_prob said to leave the weights alone) is caught on
     the widest round, which is scored with the router's own code, and is not used: the kept

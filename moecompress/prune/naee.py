@@ -40,9 +40,10 @@ How it is computed here:
   token whose lowest selected score ties with an unselected one (bf16 logits tie often; the
   score is the logit, or sigmoid(z) + b with a correction bias) is routed for every candidate,
   since the router's choice among tied experts may move with the row's layout. The rule is declared per family (``FamilySpec.removal_effect``; none for a bias
-  added after a softmax, sparsemixer, Llama-4's input scaling, and sets that route in groups)
-  and checked before use: the widest round (the scores) is computed both ways and must agree
-  to 1e-4, else the layer scores every candidate set with the router (``incremental`` in the
+  added after a softmax, sparsemixer, Llama-4's input scaling; and rounds whose sets may route
+  in groups) and checked before use: the widest round (the scores; where the full set routes in
+  groups, the first round whose sets route plainly) is computed both ways and must agree to
+  1e-4, else the layer scores every candidate set with the router (``incremental`` in the
   record). Equal to the router's own code up to the rounding of a weight to the router's dtype.
 * Layer-wise sequential, as in the paper: layer l's tokens are collected while layers < l
   already route among their kept experts (router hooks; weights untouched). The calibration
@@ -304,21 +305,25 @@ _INCREMENTAL_RTOL = 1e-4
 class _Rounds:
     """The search's errors for one layer: sets of E - 1 experts from the scores (computed with
     the router's own code on every set); the later rounds of the beam by the incremental rule
-    (``SubsetErrors.removals``) with the weight form that reproduces the scores, if one does."""
+    (``SubsetErrors.removals``) once it has reproduced a round routed for every set: the
+    scores, or, where the full set routes in groups (DeepSeek-V3), the first round whose sets
+    route plainly, which is then routed for every set too."""
 
     def __init__(self, errors: SubsetErrors, singles: torch.Tensor, scores: torch.Tensor):
         self.errors = errors
         self.num_experts = singles.shape[0]
         self.known = {tuple(s): float(v) for s, v in zip(singles.tolist(), scores)}
-        self.form = self._certified_form(scores)
+        self.rule = errors.layer.removal_effect  # declared by the family; None: route every set
+        self.form: str | None = None  # the rule, once checked
+        full = torch.arange(self.num_experts)
+        got = errors.removals(full, self.rule) if self.rule is not None else None
+        if got is not None:
+            self._check(got, scores)
+        self.checked = got is not None or self.rule is None
 
-    def _certified_form(self, scores: torch.Tensor) -> str | None:
-        E = scores.shape[0]
-        full = torch.arange(E)
-        tol = _INCREMENTAL_RTOL * scores.abs() + 1e-6 * max(float(scores.abs().max()), self.errors.total(), 1e-30)
-        form = self.errors.layer.removal_effect
-        got = self.errors.removals(full, form) if form is not None else None
-        return form if got is not None and bool(((got - scores).abs() <= tol).all()) else None
+    def _check(self, got: torch.Tensor, routed: torch.Tensor) -> None:
+        tol = _INCREMENTAL_RTOL * routed.abs() + 1e-6 * max(float(routed.abs().max()), self.errors.total(), 1e-30)
+        self.form = self.rule if bool(((got - routed).abs() <= tol).all()) else None
 
     def __call__(self, sets: torch.Tensor) -> torch.Tensor:
         if sets.shape[1] == self.num_experts - 1:  # sets of E - 1 experts are the score sets, already known
@@ -328,10 +333,22 @@ class _Rounds:
     def removals(self, parents: torch.Tensor) -> torch.Tensor | None:
         """[b, m] errors of each parent set without each of its experts, or None (score the
         candidates one set each, with ``__call__``)."""
-        if self.form is None or parents.shape[1] == self.num_experts:
+        if parents.shape[1] == self.num_experts or (self.checked and self.form is None):
             return None
-        rows = [self.errors.removals(p, self.form) for p in parents]
-        return None if any(r is None for r in rows) else torch.stack(rows)
+        rows = [self.errors.removals(p, self.form or self.rule) for p in parents]
+        if any(r is None for r in rows):
+            return None
+        if self.checked:
+            return torch.stack(rows)
+        # the first round the rule applies to: routed for every set as well, and the rule kept if equal
+        m = parents.shape[1]
+        every = parents[:, None, :].expand(-1, m, -1)[:, ~torch.eye(m, dtype=torch.bool)].reshape(-1, m - 1)
+        counted = self.errors.evaluated
+        routed = self.errors(every).view(-1, m)
+        self.errors.evaluated = counted  # the search counts the round's distinct sets
+        self._check(torch.stack(rows), routed)
+        self.checked = True
+        return routed
 
     def note_evaluated(self, n: int) -> None:
         self.errors.evaluated += n
