@@ -9,6 +9,9 @@
 #        default prune streamed under 4.5 GiB (its 61 GB checkpoint written to a RAM disk first). Under
 #        4 GiB its embeddings do not fit beside the room for one layer and NAEE's reserve: accelerate
 #        then computes on the CPU, which load_model now refuses ("give at least 4.25GiB")
+#   bash bench/issue17_acceptance.sh search CALIB TOKENIZER_DIR  # ~2.5 min: NAEE's search per layer on
+#        3 layers of the OLMoE, Qwen3-30B and DeepSeek-V3 shapes, each also with every candidate routed
+#        (the incremental rule off), kept sets compared (CALIB and TOKENIZER_DIR unused)
 #
 # CALIB: calibration text (the testbed's calib_mix.txt); TOKENIZER_DIR: a folder with a tokenizer
 # (the testbed's qwen3moe). Each part writes its JSON to $OUT (default .) as it goes, so a call that
@@ -19,7 +22,7 @@
 # CPU cap; --max-cpu-memory 40GiB leaves about 20 GB of those (32GiB left too little), and the
 # 61 GB input sits on the RAM disk (72G of the machine's 128 GiB).
 set -euo pipefail
-part=${1:?olmoe or qwen30}
+part=${1:?olmoe, qwen30 or search}
 calib=${2:?calibration text}
 tok=${3:?tokenizer folder}
 out=${OUT:-.}
@@ -38,5 +41,10 @@ case "$part" in
         --tokenizer-from "$tok" --repairs default --skip stats,stream,prune,surgery_memory \
         --max-gpu-memory 4.5GiB --max-cpu-memory 40GiB --json "$out/scale_qwen3-30b-a3b_default_stream.json" | grep SUMMARY
     ;;
-  *) echo "unknown part '$part': olmoe or qwen30" >&2; exit 2 ;;
+  search)
+    for m in olmoe-1b-7b qwen3-30b-a3b deepseek-v3; do
+      python3 "$here/scale.py" "$m" --naee-layers 3 --compare-routed --json "$out/naee_${m}_incremental.json" | grep SUMMARY
+    done
+    ;;
+  *) echo "unknown part '$part': olmoe, qwen30 or search" >&2; exit 2 ;;
 esac
