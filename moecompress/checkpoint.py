@@ -327,6 +327,21 @@ def _align_cpu_weights(model) -> None:
                     h.weights_map = _AlignedWeights(weights)
 
 
+def require_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse, before the work starts, an output whose ``need`` bytes (plus 1% and 16 MiB for
+    headers, config, tokenizer and card) do not fit in the free space of the file system of
+    ``folder`` (where it is written): found at the end of a long run, a full disk costs the
+    user the whole run. The message names the file system's mount point (``folder`` itself is
+    a temporary folder the user never chose)."""
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.01 + (16 << 20):
+        mount = Path(folder).resolve()
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        raise MoECompressError(f"{what} needs about {need / 1e9:.2f} GB and the file system at {mount} has "
+                               f"{free / 1e9:.2f} GB free; free space there or choose another output folder")
+
+
 def _available_cpu_memory() -> int:
     try:
         import psutil

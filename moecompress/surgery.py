@@ -403,6 +403,41 @@ def _plan_layer(plan: dict, li: int, kept: list[int], old_roles: dict[str, KeyRo
             plan[key] = []  # removed expert
 
 
+def _surgery_plan(src: Path, keep: dict[int, list[int]], drop_mtp: bool):
+    """(plan, the pruned meta view, the stored MTP layers, the quantization method) of pruning
+    ``src`` to ``keep``: where every routed-expert and router key of the input goes."""
+    config = load_config(src)
+    old = meta_view(config)
+    new_config = type(config).from_dict(config.to_dict())
+    new = meta_view(new_config)
+    new.keep_experts({layer.layer_idx: list(keep[layer.layer_idx]) for layer in new})  # meta: shapes and config
+    stored_mtp = set(mtp.stored_layers(src, config))
+    if drop_mtp:
+        new.model.config.num_nextn_predict_layers = 0
+    elif stored_mtp - set(keep):
+        raise ValueError(f"the checkpoint stores MTP layer(s) {sorted(stored_mtp - set(keep))}: give their kept experts "
+                         "(mtp.kept_by_own_router) or drop them")
+    plan = _plan(old, new, {li: k for li, k in keep.items() if li in old.moe_layer_indices or
+                            (li in stored_mtp and not drop_mtp)})
+    return plan, new, stored_mtp, formats.quant_method(config)
+
+
+def pruned_tensor_bytes(src: Path, keep: int, *, drop_mtp: bool = False) -> int:
+    """Bytes of the tensors :func:`prune_checkpoint_files` writes when every MoE (and stored
+    MTP) layer keeps ``keep`` experts: the shapes depend on the count only, so they come from
+    the shard headers with any ``keep`` experts, before anything is chosen or read."""
+    config = load_config(src)
+    layers = meta_view(config).moe_layer_indices + sorted(mtp.stored_layers(src, config))
+    plan, _, stored_mtp, method = _surgery_plan(src, {li: list(range(keep)) for li in layers}, drop_mtp)
+    total = 0
+    for shard in _input_shards(src):
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():
+                if not (drop_mtp and mtp.layer_of(key) in stored_mtp):
+                    total += sum(_entry(f, key, target).nbytes for target in _targets(plan, key, method))
+    return total
+
+
 def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], progress=None, *,
                            replace: Mapping[int, Mapping[int, Mapping[str, torch.Tensor]]] | None = None,
                            drop_mtp: bool = False) -> None:
@@ -426,20 +461,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     ``keep`` too (their own choice: ``mtp.kept_by_own_router``), or ``drop_mtp``: their tensors
     are left out and ``num_nextn_predict_layers`` becomes 0.
     """
-    config = load_config(src)
-    old = meta_view(config)
-    new_config = type(config).from_dict(config.to_dict())
-    new = meta_view(new_config)
-    new.keep_experts({layer.layer_idx: list(keep[layer.layer_idx]) for layer in new})  # meta: shapes and config
-    stored_mtp = set(mtp.stored_layers(src, config))
-    if drop_mtp:
-        new.model.config.num_nextn_predict_layers = 0
-    elif stored_mtp - set(keep):
-        raise ValueError(f"the checkpoint stores MTP layer(s) {sorted(stored_mtp - set(keep))}: give their kept experts "
-                         "(mtp.kept_by_own_router) or drop them")
-    plan = _plan(old, new, {li: k for li, k in keep.items() if li in old.moe_layer_indices or
-                            (li in stored_mtp and not drop_mtp)})
-    method = formats.quant_method(config)
+    plan, new, stored_mtp, method = _surgery_plan(src, keep, drop_mtp)
     if replace is not None and method is not None:
         raise ValueError(f"replacing experts of a {method} checkpoint by surgery would store new weights with old "
                          "scales; stages that rewrite weights save a dequantized (bf16) model instead")

@@ -444,3 +444,52 @@ def test_prune_with_repair_writes_beside_the_refit_what_it_writes_after_it(calib
     a, s = saved_tensors(tmp_path / "beside"), saved_tensors(tmp_path / "beside_streamed")
     for k in a:
         torch.testing.assert_close(s[k], a[k], rtol=1e-2, atol=1e-3)  # streamed: rounding of equal sums
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_pruned_size_is_known_before_any_work(family, tmp_path):
+    """The surgery's output size depends on the kept count only: from the shard headers, it is
+    the tensor bytes the surgery writes (the files add only their headers)."""
+    from moecompress.arch import meta_view
+    from moecompress.checkpoint import load_config
+    from moecompress.surgery import pruned_tensor_bytes
+    from moecompress.testing import tiny_checkpoint
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_checkpoint(src, family)
+    out.mkdir()
+    layers = meta_view(load_config(src)).moe_layer_indices
+    prune_checkpoint_files(src, out, {li: [0, 2, 3, 5] for li in layers})
+    written = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as g:
+            written += sum(g.get_tensor(k).numel() * g.get_tensor(k).element_size() for k in g.keys())
+    assert pruned_tensor_bytes(src, 4) == written
+
+
+@pytest.mark.parametrize("stage", ["prune", "merge"])
+def test_prune_is_refused_when_the_output_cannot_fit(stage, tmp_path, monkeypatch):
+    """A disk too small for the pruned (merged) checkpoint is found before the model loads, not
+    at the end of the run: one line, nothing written."""
+    import shutil
+    from collections import namedtuple
+
+    import moecompress.checkpoint as ckpt
+    from moecompress.errors import MoECompressError
+    from moecompress.prune import prune_checkpoint
+    from moecompress.testing import tiny_checkpoint
+
+    src = tmp_path / "src"
+    tiny_checkpoint(src, "qwen3_moe")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1 << 20))
+    monkeypatch.setattr(ckpt, "load_model", lambda *a, **k: pytest.fail("loaded before the space check"))
+    with pytest.raises(MoECompressError, match=r"the (pruned|merged) checkpoint needs about .* GB free"):
+        if stage == "prune":
+            prune_checkpoint(src, tmp_path / "out", keep=4, method="random", progress=False)
+        else:
+            from moecompress.merge import merge_checkpoint
+
+            merge_checkpoint(src, tmp_path / "out", keep=4, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]

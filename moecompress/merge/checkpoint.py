@@ -82,7 +82,8 @@ def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     checkpoints are merged in memory and saved with ``save_pretrained``; streaming refuses them.
     """
     from ..calibration import load_calibration
-    from ..checkpoint import compute_dtype, copy_tokenizer, load_model, output_folder, save_model, write_record
+    from ..checkpoint import (compute_dtype, copy_tokenizer, load_model, output_folder, require_free_space, save_model,
+                              write_record)
     from ..device import place
     from ..formats import quant_method
     from ..source import open_source
@@ -106,6 +107,11 @@ def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
 
     stored_mtp = _check_mtp(source, source.config, opts.mtp, opts.calib)
     with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
+        if source.shards and quant_method(source.config) is None:  # written by surgery: its size is known now
+            from ..surgery import pruned_tensor_bytes
+
+            require_free_space(folder, pruned_tensor_bytes(source.folder, keep, drop_mtp=opts.mtp == "drop"),
+                               "the merged checkpoint")
         from ..stats import Stats
 
         stats_obj = Stats.load(stats) if stats is not None else None

@@ -62,7 +62,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     for every kind. Options are those of :class:`~moecompress.options.PruneOptions`.
     """
     from ..calibration import load_calibration
-    from ..checkpoint import compute_dtype, load_model, output_folder
+    from ..checkpoint import compute_dtype, load_model, output_folder, require_free_space
     from ..device import place
     from ..source import open_source
 
@@ -91,6 +91,11 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     repair = _repair_mode(opts, info.kind, wants_tokens, source, stored_mtp)
     wants_tokens = wants_tokens or repair != "none"  # the repair re-fits on the calibration text
     with output_folder(output, overwrite=opts.overwrite, source=source, check=True) as folder:
+        if info.kind == "experts" and source.shards:  # the surgery's output size is known before any work
+            from ..surgery import pruned_tensor_bytes
+
+            require_free_space(folder, pruned_tensor_bytes(source.folder, keep, drop_mtp=opts.mtp == "drop"),
+                               "the pruned checkpoint")
         tokens = repair_tokens = None
         if repair != "none":  # the re-fit reads more of the text than the selection (repair.REPAIR_SEQUENCES)
             from ..repair import selection_and_repair_tokens
