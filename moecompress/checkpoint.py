@@ -153,7 +153,7 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
                     + (f", this stage {gpu_working_bytes / 2**30:.2f} GiB besides" if gpu_working_bytes else "")
                     + f", and 30% stays for activations; give at least {math.ceil(need / 2**28) / 4:g}GiB")
             max_memory[0] = weights
-        max_memory["cpu"] = parse_memory(max_cpu_memory) if max_cpu_memory else _available_cpu_memory()
+        max_memory["cpu"] = _cpu_cap(max_cpu_memory) if max_cpu_memory else _available_cpu_memory()
         own_folder = offload_folder is None
         if own_folder:
             offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
@@ -340,6 +340,22 @@ def require_free_space(folder: Path, need: int, what: str) -> None:
             mount = mount.parent
         raise MoECompressError(f"{what} needs about {need / 1e9:.2f} GB and the file system at {mount} has "
                                f"{free / 1e9:.2f} GB free; free space there or choose another output folder")
+
+
+def _cpu_cap(max_cpu_memory: str) -> int:
+    """``--max-cpu-memory`` in bytes; refused above the machine's memory, where accelerate would
+    keep more weights in memory than there is and the system would kill the run without a word."""
+    cap = parse_memory(max_cpu_memory)
+    try:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        return cap
+    if cap > total:
+        raise MoECompressError(f"--max-cpu-memory {max_cpu_memory} is more than this machine's memory "
+                               f"({total / 2**30:.1f} GiB); give at most {int(total * 0.8 / 2**30)}GiB")
+    return cap
 
 
 def _available_cpu_memory() -> int:

@@ -133,6 +133,24 @@ def test_gpu_cap_without_room_for_the_embeddings_is_refused(tmp_path, monkeypatc
         _require_gpu_execution(model, {"offload_folder": str(tmp_path / "none")}, own_folder=False)
 
 
+def test_cpu_cap_above_the_machines_memory_is_refused(tmp_path, monkeypatch):
+    """A --max-cpu-memory above the machine's memory would let accelerate keep more weights in
+    memory than there is (the system kills the run, no message): refused before loading."""
+    from collections import namedtuple
+
+    import psutil
+
+    from moecompress.errors import MoECompressError
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    memory = namedtuple("memory", "total available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(8 * 2**30, 6 * 2**30))
+    with pytest.raises(MoECompressError, match=r"more than this machine's memory \(8.0 GiB\); give at most 6GiB"):
+        load_model(tmp_path / "src", dtype="float32", max_cpu_memory="64GiB")
+    assert load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB") is not None  # below: streamed
+
+
 def test_streamed_batch_fills_the_caps_activation_share(monkeypatch):
     """A prune streamed onto a GPU takes as many sequences per batch as 30% of the cap holds at
     the widest decoder layer's active width (attention, top-k of E routed experts, shared) x 6
