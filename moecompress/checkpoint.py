@@ -131,7 +131,11 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
     if max_gpu_memory is not None or max_cpu_memory is not None:
         max_memory: dict = {}
         if torch.cuda.is_available():
-            gpu = parse_memory(max_gpu_memory) if max_gpu_memory else torch.cuda.get_device_properties(0).total_memory
+            total = _gpu_memory()
+            gpu = parse_memory(max_gpu_memory) if max_gpu_memory else total
+            if total is not None and gpu > total:  # accelerate would place more than the GPU holds: out of memory later
+                raise MoECompressError(f"--max-gpu-memory {max_gpu_memory} is more than the GPU's memory "
+                                       f"({total / 2**30:.1f} GiB); give at most {int(total / 2**30)}GiB")
             # accelerate budgets weights only; keep 30% of the cap for activations and the
             # observers' workspace (measured: stats peak 3.24-3.68 GiB under 4 GiB on the
             # OLMoE-1B-7B shape), plus the stage's own working set, so that the *peak* stays
@@ -340,6 +344,14 @@ def require_free_space(folder: Path, need: int, what: str) -> None:
             mount = mount.parent
         raise MoECompressError(f"{what} needs about {need / 1e9:.2f} GB and the file system at {mount} has "
                                f"{free / 1e9:.2f} GB free; free space there or choose another output folder")
+
+
+def _gpu_memory() -> int | None:
+    """The first GPU's memory in bytes (None where torch cannot tell)."""
+    try:
+        return torch.cuda.get_device_properties(0).total_memory
+    except (RuntimeError, AssertionError):
+        return None
 
 
 def _cpu_cap(max_cpu_memory: str) -> int:

@@ -151,6 +151,19 @@ def test_cpu_cap_above_the_machines_memory_is_refused(tmp_path, monkeypatch):
     assert load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB") is not None  # below: streamed
 
 
+def test_gpu_cap_above_the_gpus_memory_is_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from moecompress.errors import MoECompressError
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * 2**30))
+    with pytest.raises(MoECompressError, match=r"more than the GPU's memory \(16.0 GiB\); give at most 16GiB"):
+        load_model(tmp_path / "src", dtype="float32", max_gpu_memory="80GiB")
+
+
 def test_streamed_batch_fills_the_caps_activation_share(monkeypatch):
     """A prune streamed onto a GPU takes as many sequences per batch as 30% of the cap holds at
     the widest decoder layer's active width (attention, top-k of E routed experts, shared) x 6
