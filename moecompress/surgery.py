@@ -403,15 +403,18 @@ def _plan_layer(plan: dict, li: int, kept: list[int], old_roles: dict[str, KeyRo
             plan[key] = []  # removed expert
 
 
-def _surgery_plan(src: Path, keep: dict[int, list[int]], drop_mtp: bool):
+def _surgery_plan(src: Path, keep: dict[int, list[int]] | int, drop_mtp: bool):
     """(plan, the pruned meta view, the stored MTP layers, the quantization method) of pruning
-    ``src`` to ``keep``: where every routed-expert and router key of the input goes."""
+    ``src`` to ``keep`` (per layer, or a count: the first ``keep`` experts of every MoE and
+    stored MTP layer, for shapes only): where every routed-expert and router key goes."""
     config = load_config(src)
     old = meta_view(config)
+    stored_mtp = set(mtp.stored_layers(src, config))
+    if isinstance(keep, int):
+        keep = {li: list(range(keep)) for li in [*old.moe_layer_indices, *sorted(stored_mtp)]}
     new_config = type(config).from_dict(config.to_dict())
     new = meta_view(new_config)
     new.keep_experts({layer.layer_idx: list(keep[layer.layer_idx]) for layer in new})  # meta: shapes and config
-    stored_mtp = set(mtp.stored_layers(src, config))
     if drop_mtp:
         new.model.config.num_nextn_predict_layers = 0
     elif stored_mtp - set(keep):
@@ -426,9 +429,7 @@ def pruned_tensor_bytes(src: Path, keep: int, *, drop_mtp: bool = False) -> int:
     """Bytes of the tensors :func:`prune_checkpoint_files` writes when every MoE (and stored
     MTP) layer keeps ``keep`` experts: the shapes depend on the count only, so they come from
     the shard headers with any ``keep`` experts, before anything is chosen or read."""
-    config = load_config(src)
-    layers = meta_view(config).moe_layer_indices + sorted(mtp.stored_layers(src, config))
-    plan, _, stored_mtp, method = _surgery_plan(src, {li: list(range(keep)) for li in layers}, drop_mtp)
+    plan, _, stored_mtp, method = _surgery_plan(src, keep, drop_mtp)
     total = 0
     for shard in _input_shards(src):
         with safe_open(shard, framework="pt") as f:
