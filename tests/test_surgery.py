@@ -269,11 +269,12 @@ def test_stats_on_streamed_model_equal_in_memory(tmp_path):
         torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("method", ["frequency", "naee", "stun"])
+@pytest.mark.parametrize("method", ["frequency", "naee", "naee-beam", "stun"])
 def test_prune_cli_streamed_equals_in_memory(method, tmp_path):
     """`prune --max-cpu-memory` (streamed, disk offload) writes the same checkpoint bytes, also
-    with NAEE, whose candidate routers are copies of offloaded routers, and STUN, which reads
-    the router and expert weights of each (onloaded) layer."""
+    with NAEE, whose candidate routers are copies of offloaded routers (exhaustive, and the beam
+    with its incremental rounds), and STUN, which reads the router and expert weights of each
+    (onloaded) layer."""
     from typer.testing import CliRunner
 
     from moecompress.cli import app
@@ -281,13 +282,18 @@ def test_prune_cli_streamed_equals_in_memory(method, tmp_path):
 
     tiny_checkpoint(tmp_path / "src", "qwen3_moe")
     (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
-    common = ["prune", str(tmp_path / "src"), "--keep", "4", "--method", method, "--calib", str(tmp_path / "t.txt"),
-              "-n", "4", "--seq-len", "32", "--dtype", "float32"]
+    beam = ["--naee-max-combinations", "1"] if method == "naee-beam" else []  # C(8, 4) = 70 sets: beam
+    common = ["prune", str(tmp_path / "src"), "--keep", "4", "--method", method.removesuffix("-beam"), "--calib",
+              str(tmp_path / "t.txt"), "-n", "4", "--seq-len", "32", "--dtype", "float32", *beam]
     runner = CliRunner()
     assert runner.invoke(app, [*common, "-o", str(tmp_path / "mem")]).exit_code == 0
     res = runner.invoke(app, [*common, "-o", str(tmp_path / "streamed"), "--max-cpu-memory", "40KB"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "mem" / "model.safetensors").read_bytes() == (tmp_path / "streamed" / "model.safetensors").read_bytes()
+    if beam:  # the rounds went by the incremental rule in both
+        for run in ("mem", "streamed"):
+            layers = json.loads((tmp_path / run / "moecompress.json").read_text())["info"]["layers"]
+            assert {v["incremental"] for v in layers.values()} == {"none"}, run
 
 
 def _assert_same_tensors(folder_a, folder_b):
