@@ -15,6 +15,19 @@ from moecompress.testing import TINY_CONFIGS, tiny_model  # noqa: E402
 FAMILIES = sorted(TINY_CONFIGS)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """What the library puts in the system's temporary folder (upload dry runs' staging
+    folders, which they keep by design; offload folders) goes under pytest's own base folder,
+    which pytest prunes, instead of accumulating in /tmp run after run."""
+    import tempfile
+
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("system-tmp"))
+    yield
+    tempfile.tempdir = previous
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
