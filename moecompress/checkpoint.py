@@ -234,7 +234,7 @@ def streamed_batch_size(config, max_gpu_memory: str | None, seq_len: int, n: int
     """Sequences per batch for a model streamed onto the GPU: as many as the cap's activation
     share (``ACTIVATION_SHARE``) holds at ``activation_bytes_per_token``, 1 to ``n``. The cap is
     ``max_gpu_memory``, or the GPU's memory without one, as in ``load_model``."""
-    cap = parse_memory(max_gpu_memory) if max_gpu_memory else torch.cuda.get_device_properties(0).total_memory
+    cap = parse_memory(max_gpu_memory) if max_gpu_memory else _gpu_memory()
     per_sequence = activation_bytes_per_token(config) * max(seq_len, 1)
     return max(1, min(n, int(cap * ACTIVATION_SHARE) // max(per_sequence, 1)))
 

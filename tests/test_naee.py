@@ -9,7 +9,7 @@ import torch
 
 from moecompress.arch import moe_view
 from moecompress.capture import run_calibration
-from moecompress.prune.naee import LayerCache, expert_gram, search
+from moecompress.prune.naee import LayerCache, expert_gram, removal_sets, search
 from moecompress.prune.subrouter import SubsetRouters, route_subset, sub_router
 from moecompress.testing import TINY_CONFIGS, tiny_model, tokens
 
@@ -125,7 +125,10 @@ INCREMENTAL = [f for f in FAMILIES if moe_view(tiny_model(f)).layers[0].removal_
 
 
 def _removal_sets(parent):
-    return torch.stack([torch.cat([parent[:j], parent[j + 1:]]) for j in range(parent.numel())])
+    sets = removal_sets(parent.unsqueeze(0))[0]
+    # position j dropped, as a per-set loop would build it
+    assert torch.equal(sets, torch.stack([torch.cat([parent[:j], parent[j + 1:]]) for j in range(parent.numel())]))
+    return sets
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

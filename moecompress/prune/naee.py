@@ -39,9 +39,10 @@ How it is computed here:
   T k rows of S minus one selected expert, instead of over the T m rows of every candidate. A
   token whose lowest selected score ties with an unselected one (bf16 logits tie often; the
   score is the logit, or sigmoid(z) + b with a correction bias) is routed for every candidate,
-  since the router's choice among tied experts may move with the row's layout. The rule is declared per family (``FamilySpec.removal_effect``; none for a bias
-  added after a softmax, sparsemixer, Llama-4's input scaling; and rounds whose sets may route
-  in groups) and checked before use: the widest round (the scores; where the full set routes in
+  since the router's choice among tied experts may move with the row's layout. The rule is
+  declared per family (``FamilySpec.removal_effect``; none for a bias added after a softmax,
+  sparsemixer, Llama-4's input scaling; and rounds whose sets may route in groups) and checked
+  before use: the widest round (the scores; where the full set routes in
   groups, the first round whose sets route plainly) is computed both ways and must agree to
   1e-4, else the layer scores every candidate set with the router (``incremental`` in the
   record). Equal to the router's own code up to the rounding of a weight to the router's dtype.
@@ -286,10 +287,10 @@ def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int
     # Per-expert score: the error caused by removing that expert alone (higher = keep).
     singles = torch.tensor([[f for f in range(E) if f != e] for e in range(E)], dtype=torch.long).reshape(E, E - 1)
     scores = errors(singles)
-    rounds = _Rounds(errors, singles, scores)
+    total = errors.total()
+    rounds = _Rounds(errors, singles, scores, total)
     best, err, how = search(rounds, E, keep, protected, int(opts["naee_max_combinations"]), int(opts["naee_beam"]),
                             groups)
-    total = errors.total()
     record = {"relative_error": err / total if total > 0 else 0.0, "search": how, "tokens": int(errors.w.shape[0]),
               "evaluated_sets": errors.evaluated, "incremental": rounds.form,
               "tied_share": round(errors.tied_tokens / errors.round_tokens, 4) if errors.round_tokens else None}
@@ -309,8 +310,9 @@ class _Rounds:
     scores, or, where the full set routes in groups (DeepSeek-V3), the first round whose sets
     route plainly, which is then routed for every set too."""
 
-    def __init__(self, errors: SubsetErrors, singles: torch.Tensor, scores: torch.Tensor):
+    def __init__(self, errors: SubsetErrors, singles: torch.Tensor, scores: torch.Tensor, total: float):
         self.errors = errors
+        self.total = total  # ||F(X)||^2, the scale of the check's tolerance
         self.num_experts = singles.shape[0]
         self.known = {tuple(s): float(v) for s, v in zip(singles.tolist(), scores)}
         self.rule = errors.layer.removal_effect  # declared by the family; None: route every set
@@ -322,7 +324,7 @@ class _Rounds:
         self.checked = got is not None or self.rule is None
 
     def _check(self, got: torch.Tensor, routed: torch.Tensor) -> None:
-        tol = _INCREMENTAL_RTOL * routed.abs() + 1e-6 * max(float(routed.abs().max()), self.errors.total(), 1e-30)
+        tol = _INCREMENTAL_RTOL * routed.abs() + 1e-6 * max(float(routed.abs().max()), self.total, 1e-30)
         self.form = self.rule if bool(((got - routed).abs() <= tol).all()) else None
 
     def __call__(self, sets: torch.Tensor) -> torch.Tensor:
@@ -342,9 +344,8 @@ class _Rounds:
             return torch.stack(rows)
         # the first round the rule applies to: routed for every set as well, and the rule kept if equal
         m = parents.shape[1]
-        every = parents[:, None, :].expand(-1, m, -1)[:, ~torch.eye(m, dtype=torch.bool)].reshape(-1, m - 1)
         counted = self.errors.evaluated
-        routed = self.errors(every).view(-1, m)
+        routed = self.errors(removal_sets(parents).reshape(-1, m - 1)).view(-1, m)
         self.errors.evaluated = counted  # the search counts the round's distinct sets
         self._check(torch.stack(rows), routed)
         self.checked = True
@@ -352,6 +353,13 @@ class _Rounds:
 
     def note_evaluated(self, n: int) -> None:
         self.errors.evaluated += n
+
+
+def removal_sets(parents: torch.Tensor) -> torch.Tensor:
+    """[b, m, m - 1]: each set of ``parents`` [b, m] without each of its experts, in position
+    order (ascending rows stay ascending)."""
+    b, m = parents.shape
+    return parents[:, None, :].expand(b, m, m)[:, ~torch.eye(m, dtype=torch.bool)].reshape(b, m, m - 1)
 
 
 def search(errors, num_experts: int, keep: int, protected: set[int], max_combinations: int,
@@ -388,12 +396,10 @@ def search(errors, num_experts: int, keep: int, protected: set[int], max_combina
     frontier = torch.arange(num_experts).unsqueeze(0)  # [b, m] kept sets, ascending rows
     best_err = None
     while frontier.shape[1] > keep:
-        m = frontier.shape[1]
         removable = is_free[frontier]  # [b, m]: position j may go (unprotected ...
         if groups > 1:  # ... and its group stays above the quota)
             removable &= _group_counts(frontier, size, groups).gather(1, frontier // size) > quota
-        drop = ~torch.eye(m, dtype=torch.bool)  # row j: every position but j
-        cands = frontier[:, None, :].expand(-1, m, -1)[:, drop].reshape(-1, m, m - 1)  # [b, m, m-1]
+        cands = removal_sets(frontier)  # [b, m, m-1]
         by_removal = getattr(errors, "removals", lambda _: None)(frontier)  # [b, m] or None
         # sorted lexicographically, like sorted(set(...)); a set reached from two parents once
         cands, inverse = torch.unique(cands[removable], dim=0, return_inverse=True)
