@@ -194,19 +194,17 @@ class SubsetRouters:
 
     @torch.no_grad()
     def route_without(self, logits: torch.Tensor, parent: torch.Tensor,
-                      drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                      drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token t and column c of ``drop`` [T, r] (positions in ``parent``): the routing of
         token t in the layer pruned to ``parent`` [m] (ascending) without ``parent[drop[t, c]]``.
         Top-k experts (the layer's numbering) and weights (float32), both [T, r, k]. One router
-        call over T * r rows of m - 1 experts, as :meth:`route` for one set per row. None where
-        :meth:`route` would refuse (sets of one expert) or the sets route in groups (their kind
-        may differ from row to row)."""
+        call over T * r rows of m - 1 experts, as :meth:`route` for one set per row. Not for
+        sets of one expert (which :meth:`route` refuses) nor sets that may route in groups (their
+        kind may differ from row to row): ``SubsetErrors.removals`` never asks for them."""
         m = parent.numel()
         T, r = drop.shape
-        if m - 1 < 2:
-            return None
-        if self._groups(m - 1) > 1:
-            return None
+        if m - 1 < 2 or self._groups(m - 1) > 1:
+            raise ValueError(f"route_without: sets of {m - 1} experts route alone or in groups; route them one by one")
         tpl = self._template(parent[1:].unsqueeze(0))  # the router for m - 1 experts, not grouped
         dtype, dev = tpl.weight.dtype, tpl.weight.device
         parent, drop = parent.to(dev), drop.to(dev)
