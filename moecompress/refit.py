@@ -31,6 +31,7 @@ in-memory run re-fit the same way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 
@@ -95,6 +96,42 @@ def ridge_solve(gram: torch.Tensor, lam: torch.Tensor, rhs: torch.Tensor) -> tor
     return torch.linalg.solve(a, rhs.double())
 
 
+# On CUDA, the re-fit's normal equations (F^T F and F^T e, float32) are accumulated with TF32
+# products: inputs rounded to 10 mantissa bits, sums in float32. The features are the bf16 model's
+# expert activations (8 mantissa bits, exact in TF32) times a float32 routing weight, so the
+# rounding is one relative 2^-11 per product of a feature, unbiased, averaged over thousands of
+# tokens in every entry, and far below the ridge (1e-2 or 1e-1 of the mean diagonal) and the bf16
+# rounding of the corrected weights. Measured on an H200 (docs/benchmarks.md, "Session 13",
+# bench/refit_precision.py): the testbed's re-fitted prunes have the same perplexities to 0.001
+# either way, jointly and per expert. Why: float32 runs at a tenth of TF32's rate on tensor cores,
+# and a DeepSeek-V3-shape layer's right-hand sides alone are about 1 TFLOP per 4k-token batch
+# (the per-expert observation of the OLMoE shape, launch-bound then, did not move). The CPU has no
+# TF32: unchanged there.
+TF32_ACCUMULATION = True
+
+
+@contextlib.contextmanager
+def accumulation_precision(device: torch.device):
+    """Float32 matrix products on ``device`` in TF32 while active (CUDA and ``TF32_ACCUMULATION``)."""
+    if device.type != "cuda" or not TF32_ACCUMULATION:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; allow_tf32 is deprecated there
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    try:
+        if new_api:
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
 def routed_slots(topk_idx: torch.Tensor, num_experts: int):
     """Per routed expert ``c`` (ascending): the tokens that chose it and in which top-k slot,
     as ``(topk_idx == c).nonzero(as_tuple=True)`` gives them (row-major order), from one stable
@@ -157,7 +194,8 @@ class RefitObserver:
         resid = self._residual(layer, x, y)
         feats = []
         for c, tok, feat, share in expert_features(layer, x, routing):
-            self.gram[li][c] += feat.T @ feat
+            with accumulation_precision(feat.device):
+                self.gram[li][c] += feat.T @ feat
             feats.append((c, tok, feat, share))
             self.tokens[li][c] += tok.numel()
         self._right_hand_side(li, feats, resid, x, y)
@@ -193,7 +231,8 @@ class RefitObserver:
 
     def _accumulate(self, li: int, feats, resid: torch.Tensor) -> None:
         for c, tok, feat, share in feats:
-            self.rhs[li][c] += feat.T @ (resid[tok] * share[:, None])
+            with accumulation_precision(feat.device):
+                self.rhs[li][c] += feat.T @ (resid[tok] * share[:, None])
 
     def _stream_residual(self, layer_idx: int, batch: int, out: torch.Tensor, layer_resid: torch.Tensor) -> torch.Tensor:
         """The target residual [T, H] (float32): e = h_orig - h, the original model's hidden states
@@ -275,11 +314,13 @@ class JointRefitObserver(RefitObserver):
         for c, tok, feat, _ in expert_features(layer, x, routing):
             feats[tok, c * inter:(c + 1) * inter] = feat
             self.tokens[li][c] += tok.numel()
-        self.gram[li] += feats.T @ feats
+        with accumulation_precision(feats.device):
+            self.gram[li] += feats.T @ feats
         self._right_hand_side(li, feats, resid, x, y)
 
     def _accumulate(self, li: int, feats: torch.Tensor, resid: torch.Tensor) -> None:
-        self.rhs[li] += feats.T @ resid
+        with accumulation_precision(feats.device):
+            self.rhs[li] += feats.T @ resid
 
     @torch.no_grad()
     def apply(self, layer: MoELayer, ridge: float) -> None:

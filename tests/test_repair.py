@@ -326,6 +326,22 @@ def test_routed_slots_equal_the_per_expert_nonzero():
     assert got == ref
 
 
+def test_tf32_accumulation_is_scoped_to_cuda_and_restored():
+    """The re-fit's TF32 products: set only for a CUDA device, only inside, and put back as found."""
+    from moecompress import refit
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with refit.accumulation_precision(torch.device("cpu")):
+        assert matmul.fp32_precision == before
+    with refit.accumulation_precision(torch.device("cuda")):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), refit.accumulation_precision(torch.device("cuda")):
+        raise RuntimeError("restored on an error too")
+    assert matmul.fp32_precision == before
+
+
 def test_ridge_solve_equals_lu_and_reads_the_lower_triangle():
     from moecompress.refit import ridge_solve
 
