@@ -326,6 +326,77 @@ def test_routed_slots_equal_the_per_expert_nonzero():
     assert got == ref
 
 
+def test_expert_blocks_pad_little_and_cover_every_routed_expert():
+    """Brute force over random counts: the blocks are consecutive, disjoint, cover exactly the
+    experts with tokens, and each block's padded rows respect the row cap (or hold one expert)
+    and the padding bound; a block is not cut where its next expert would have fitted."""
+    from moecompress.refit import BLOCK_PADDING, block_width, expert_blocks
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        num = int(torch.randint(1, 40, (1,), generator=g))
+        counts = torch.randint(0, 60, (num,), generator=g)
+        counts[torch.rand(num, generator=g) < 0.2] = 0
+        counts = counts.tolist()
+        max_rows = int(torch.randint(1, 400, (1,), generator=g))
+        blocks = expert_blocks(counts, max_rows)
+        covered = [e for e0, e1 in blocks for e in range(e0, e1)]
+        assert covered == [e for e, n in enumerate(counts) if n], (counts, blocks)
+        for e0, e1 in blocks:
+            padded, rows = (e1 - e0) * block_width(max(counts[e0:e1])), sum(counts[e0:e1])
+            assert e1 - e0 == 1 or (padded <= max_rows and padded <= BLOCK_PADDING * rows)
+            if e1 < num and counts[e1]:  # the next expert would break a bound
+                wider = (e1 + 1 - e0) * block_width(max(counts[e0:e1 + 1]))
+                assert wider > max_rows or wider > BLOCK_PADDING * (rows + counts[e1])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "deepseek_v3", "llama4_text", "gpt_oss"])
+@pytest.mark.parametrize("work", [1, 1 << 25])
+@pytest.mark.parametrize("stream", [False, True])
+def test_block_features_accumulate_the_per_expert_normal_equations(family, work, stream, monkeypatch):
+    """The per-expert re-fit's normal equations from batched blocks of experts (padded) equal the
+    per-expert products of ``expert_features``: one expert per block (``work`` 1) and blocks of
+    every expert, padded; Llama-4 scales the input, GPT-OSS has expert biases (padding stays 0).
+    With a stream target the features wait, packed, for the decoder layer's output."""
+    from moecompress import refit
+    from moecompress.refit import RefitObserver, expert_features
+
+    model, originals = pruned_with_originals(family, KEPT)
+    layer, calls = _first_layer_traffic(model, tokens(3, 12))
+    monkeypatch.setattr(refit, "BLOCK_WORK_ELEMENTS", work)
+    monkeypatch.setattr(refit, "BLOCK_PADDING", 100.0)  # wide blocks: padding certain
+    li = layer.layer_idx
+    gen = torch.Generator().manual_seed(1)
+    targets = [torch.randn(1, x.shape[0], x.shape[1], generator=gen) for x, _, _ in calls]  # h_orig per batch
+    outs = [torch.randn(1, x.shape[0], x.shape[1], generator=gen) for x, _, _ in calls]  # the decoder layer's h
+    obs = RefitObserver({li: originals[li]}, {li: targets} if stream else None, stream_weight=1.0)
+    gram = torch.zeros(layer.num_experts, layer.intermediate_size, layer.intermediate_size, dtype=torch.float64)
+    rhs = torch.zeros(layer.num_experts, layer.intermediate_size, layer.hidden_size, dtype=torch.float64)
+    seen = torch.zeros(layer.num_experts, dtype=torch.long)
+    padded = 0
+    with torch.no_grad():
+        for batch, (x, routing, y) in enumerate(calls):
+            obs.observe(layer, x, routing, y)
+            obs.layer_output(li, batch, outs[batch])
+            for b in refit.expert_feature_blocks(layer, x, routing):
+                padded += b.feat.shape[0] * b.feat.shape[1] - int(b.counts.sum())
+                packed = b.packed()  # held for a stream target: the routed rows only, padded again exactly
+                assert packed.feat.shape[0] == int(b.counts.sum()) and torch.equal(packed.unpacked(), b.feat)
+            resid = (block_output(originals[li], x) - y).double()
+            if stream:
+                resid = (targets[batch] - outs[batch]).reshape(resid.shape).double()
+            for c, tok, feat, share in expert_features(layer, x, routing):
+                f = feat.double()
+                gram[c] += f.T @ f
+                rhs[c] += f.T @ (resid[tok] * share[:, None].double())
+                seen[c] += tok.numel()
+    assert padded > 0 or work == 1, (family, padded)  # wide blocks do pad here
+    assert torch.equal(obs.tokens[li], seen)
+    scale = gram.abs().max()
+    assert float((obs.gram[li].double() - gram).abs().max()) <= 1e-5 * float(scale), family
+    assert float((obs.rhs[li].double() - rhs).abs().max()) <= 1e-5 * float(rhs.abs().max()), family
+
+
 def test_tf32_accumulation_is_scoped_to_cuda_and_restored():
     """The re-fit's TF32 products: set only for a CUDA device, only inside, and put back as found."""
     from moecompress import refit

@@ -237,8 +237,9 @@ def test_streamed_prune_reserves_its_larger_step_on_the_gpu(tmp_path, monkeypatc
 def test_repair_working_bytes_count_the_float64_solve():
     """The repair's GPU working set: float32 accumulators of all kept experts, plus one float64
     solve (system, factor, inverse: 3 n^2; right-hand sides and product: 2 n H) of n unknowns:
-    every kept expert's at once in the joint fit, one expert's in the per-expert fit."""
-    from moecompress.refit import JOINT_MAX_FEATURES
+    every kept expert's at once in the joint fit, one expert's in the per-expert fit, which also
+    holds one block of experts' transient features (``refit.block_working_bytes``)."""
+    from moecompress.refit import BLOCK_WORK_ELEMENTS, JOINT_MAX_FEATURES
     from moecompress.repair import working_bytes
 
     view = moe_view(tiny_model("qwen3_moe"))
@@ -250,7 +251,9 @@ def test_repair_working_bytes_count_the_float64_solve():
     assert working_bytes(view, keep, "refit") == 4 * (n * n + n * hidden) + 8 * (3 * n * n + 2 * n * hidden)
     big = moe_view(tiny_model("qwen3_moe", moe_intermediate_size=JOINT_MAX_FEATURES))
     inter = JOINT_MAX_FEATURES  # one expert alone exceeds the joint fit: per expert
-    assert working_bytes(big, keep, "refit") == 4 * keep * inter * (inter + hidden) + 8 * (3 * inter**2 + 2 * inter * hidden)
+    block = BLOCK_WORK_ELEMENTS // (hidden + inter) * (2 * hidden + 6 * inter + 8 * inter + 8 * hidden)
+    assert working_bytes(big, keep, "refit") == (4 * keep * inter * (inter + hidden) + 8 * (3 * inter**2 + 2 * inter * hidden)
+                                                 + block)
     assert working_bytes(view, keep, "none") == 0
 
 

@@ -208,19 +208,26 @@ class MoELayer:
         db = self.expert_biases[2]
         return y + db[e] if db is not None else y
 
-    def experts_forward(self, x: torch.Tensor, e0: int = 0, e1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts e0..e1-1 (n of them, all by default) in one batched computation: down-proj
-        input [n, C, I] and unweighted output [n, C, H], for x [n, C, H] (each expert its own
-        rows, e.g. its routed tokens padded) or x [C, H] (every expert on the same rows)."""
+    def experts_hidden(self, x: torch.Tensor, e0: int = 0, e1: int | None = None) -> torch.Tensor:
+        """Down-projection inputs [n, C, I] of experts e0..e1-1 (n of them, all by default) in one
+        batched computation, for x [n, C, H] (each expert its own rows, e.g. its routed tokens
+        padded) or x [C, H] (every expert on the same rows)."""
         e1 = self.num_experts if e1 is None else e1
         if x.dim() == 2:  # (bmm, not matmul's broadcasting, which may copy the strided weight views)
             x = x.expand(e1 - e0, -1, -1)
-        gb, ub, db = self.expert_biases
+        gb, ub, _ = self.expert_biases
         g = torch.bmm(x, self.gate_proj[e0:e1].transpose(1, 2))
         u = torch.bmm(x, self.up_proj[e0:e1].transpose(1, 2))
         if gb is not None:
             g, u = g + gb[e0:e1, None, :], u + ub[e0:e1, None, :]
-        h = self._act(g, u)
+        return self._act(g, u)
+
+    def experts_forward(self, x: torch.Tensor, e0: int = 0, e1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts e0..e1-1 in one batched computation (``experts_hidden``'s rows): down-proj
+        input [n, C, I] and unweighted output [n, C, H]."""
+        e1 = self.num_experts if e1 is None else e1
+        h = self.experts_hidden(x, e0, e1)
+        db = self.expert_biases[2]
         out = torch.bmm(h, self.down_proj[e0:e1].transpose(1, 2))
         if db is not None:
             out = out + db[e0:e1, None, :]
