@@ -23,6 +23,7 @@ parts, shard-surgery write; nested phases are inside their parents).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -184,6 +185,21 @@ def peak_gpu_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def profile_tables(prof, dev: str, top: int = 25) -> dict:
+    """torch.profiler's summary: the device's busy time, the top ``top`` entries by self
+    device time (kernels) and by self CPU time (operators, Python overhead shows as their count)."""
+    events = prof.key_averages()
+    out = {}
+    if dev == "cuda":
+        out["device_busy_s"] = sum(e.self_device_time_total for e in events) / 1e6
+        rows = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+        out["top_device"] = [{"name": e.key[:120], "calls": e.count, "self_ms": e.self_device_time_total / 1e3}
+                             for e in rows]
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out["top_cpu"] = [{"name": e.key[:120], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in rows]
+    return out
+
+
 def naee_layers(a) -> dict:
     """NAEE's time per MoE layer on a shape too large to write (DeepSeek-V3): its first
     ``--naee-layers`` layers, all MoE, built in GPU memory with random weights, pruned to half
@@ -282,9 +298,16 @@ def naee_layers(a) -> dict:
         # the default re-fit reads the selection's sequences continued to REPAIR_SEQUENCES
         more = max(0, REPAIR_SEQUENCES - a.n)
         rtokens = torch.cat([tokens, torch.randint(3, 8192, (more, a.seq_len), generator=torch.Generator().manual_seed(1))])
-        with phases() as ph:
-            rec, repair_s = timed(lambda: prune_and_repair(model, plan.kept, rtokens, batch_size=a.batch_size,
-                                                           progress=False))
+        run = lambda: prune_and_repair(model, plan.kept, rtokens, batch_size=a.batch_size, progress=False)  # noqa: E731
+        profiler = contextlib.nullcontext()
+        if a.profile_repair:  # (the re-fit's time is then the profiled one's: no copy of the model for a second run)
+            from torch.profiler import ProfilerActivity, profile
+
+            profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else []))
+        with phases() as ph, profiler as prof:
+            rec, repair_s = timed(run)
+        if a.profile_repair:
+            kernels["repair"] = prof
         repair = {"repair_s": repair_s, "repair_s_per_layer": repair_s / a.naee_layers, "phases": ph.report(),
                   "repair_sequences": int(rtokens.shape[0]), "target": rec.get("target"),
                   "peak_gpu_GiB": peak_gpu_gib(), "refit": sorted({v.get("refit") for v in rec["layers"].values()})}
@@ -301,13 +324,15 @@ def naee_layers(a) -> dict:
     per = sorted(per_layer[1:] or per_layer)[len(per_layer[1:] or per_layer) // 2]  # median, first layer warms up
     res["naee_s_per_layer_median"] = per
     res["naee_full_model_s"] = per * moe_layers
-    if kernels:
+    if "prof" in kernels:
         key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
         rows = sorted(kernels["prof"].key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:30]
         res["search_profile_layer_1"] = {
             "sort_by": key, "search_s": [d for label, d, _ in marks if label == "search"][1],
             "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key, 0) / 1e3,
                      "cpu_total_ms": e.cpu_time_total / 1e3} for e in rows]}
+    if "repair" in kernels:
+        res["repair_profile"] = {"note": "repair_s above was measured under the profiler", **profile_tables(kernels["repair"], dev)}
     if every is not None:
         res["routed_every_candidate"] = {"naee_total_s": every["naee_total_s"], "search_s": every["search_s"],
                                          "kept_equal": every["kept"] == plan.kept,
@@ -374,6 +399,9 @@ def main() -> None:
                     help="with --naee-layers: also time the default's re-fit (--repair refit) of the pruned layers")
     ap.add_argument("--profile-search", action="store_true",
                     help="with --naee-layers: torch.profiler's top kernels of the second layer's search, in the JSON")
+    ap.add_argument("--profile-repair", action="store_true",
+                    help="with --naee-layers --with-repair: the re-fit once more under torch.profiler (device "
+                         "busy time, top kernels and operators), in the JSON")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
