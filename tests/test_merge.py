@@ -589,9 +589,9 @@ def test_run_calibration_stops_after_a_layer():
 def test_streamed_working_bytes_counts_the_merged_block_and_the_accumulators():
     """What a streamed merge reserves on the GPU besides the streamed weights and the room
     ``load_model`` keeps for one onloaded layer: one merged block (keep/E of an original one)
-    and the re-fit accumulators held at once."""
+    and the re-fit accumulators held at once, with one block of experts' features."""
     from moecompress.merge.checkpoint import streamed_working_bytes
-    from moecompress.refit import accumulator_bytes
+    from moecompress.refit import accumulator_bytes, block_working_bytes
 
     model = tiny_model("qwen3_moe")
     view = moe_view(model)
@@ -601,7 +601,7 @@ def test_streamed_working_bytes_counts_the_merged_block_and_the_accumulators():
     accum = sum(accumulator_bytes(x) for x in view) * keep // layer.num_experts  # all fit the default budget
     assert streamed_working_bytes(model.config, keep, refit=False, dtype="float32") == block * keep // layer.num_experts
     assert streamed_working_bytes(model.config, keep, refit=True, dtype="float32") == \
-        block * keep // layer.num_experts + accum
+        block * keep // layer.num_experts + accum + block_working_bytes(layer.hidden_size, layer.intermediate_size)
     from moecompress.repair import working_bytes
 
     for mode in ("refit", "refit+tune"):  # --repair replaces the re-fit: its own working set is reserved

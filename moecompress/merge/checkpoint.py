@@ -22,7 +22,8 @@ def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto", 
     """GPU bytes a streamed merge holds besides what ``load_model`` already budgets (resident
     weights and room for one onloaded decoder layer): the merged block, built while the
     original is onloaded and, in the re-fit, onloaded with the original block that serves as
-    its reference, and the re-fit's accumulators of a layer group; with ``repair`` (``--repair``,
+    its reference, and the re-fit's accumulators of a layer group with one block of experts'
+    features (``refit.block_working_bytes``); with ``repair`` (``--repair``,
     which replaces that re-fit) what the repair holds instead (``repair.working_bytes``: one
     layer's accumulators, and for ``refit+tune`` the tuned block's float32 copy and optimiser).
 
@@ -33,7 +34,7 @@ def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto", 
     ``load_model`` now refuses."""
     from ..checkpoint import largest_block_bytes
     from ..surgery import meta_view
-    from ..refit import peak_accumulator_bytes
+    from ..refit import block_working_bytes, peak_accumulator_bytes
 
     view = meta_view(config)
     merged = largest_block_bytes(view, config, dtype) * keep // max(view.layers[0].num_experts, 1)
@@ -41,7 +42,10 @@ def streamed_working_bytes(config, keep: int, refit: bool, dtype: str = "auto", 
         from ..repair import working_bytes
 
         return merged + working_bytes(view, keep, repair)
-    return merged + (peak_accumulator_bytes(view, keep) if refit else 0)
+    if not refit:
+        return merged
+    layer = view.layers[0]  # the re-fit's accumulators, and one block of experts' transient features
+    return merged + peak_accumulator_bytes(view, keep) + block_working_bytes(layer.hidden_size, layer.intermediate_size)
 
 
 def merged_replacements(model, result: MergeResult) -> ModelReplacements:
