@@ -133,13 +133,28 @@ def accumulation_precision(device: torch.device):
             matmul.allow_tf32 = before
 
 
+def slots_by_expert(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat top-k slots (t * k + j) sorted by expert, each expert's in row-major order (one
+    stable sort), and the slots per expert [E], both on ``topk_idx``'s device."""
+    flat = topk_idx.reshape(-1)
+    return torch.sort(flat, stable=True).indices, torch.bincount(flat, minlength=num_experts)
+
+
+def residual_shares(weights: torch.Tensor) -> torch.Tensor:
+    """[T, k] each selected expert's share of a token's residual, ``a / sum(a)`` (1 / k where
+    a token's weights sum to 0)."""
+    w = weights.float()
+    total = w.sum(1, keepdim=True)
+    safe = torch.where(total != 0, total, torch.ones_like(total))
+    return torch.where(total != 0, w / safe, 1.0 / w.shape[1])
+
+
 def routed_slots(topk_idx: torch.Tensor, num_experts: int):
     """Per routed expert ``c`` (ascending): the tokens that chose it and in which top-k slot,
     as ``(topk_idx == c).nonzero(as_tuple=True)`` gives them (row-major order), from one stable
     sort and one host sync for all experts instead of a sync per expert."""
-    flat = topk_idx.reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    order, counts = slots_by_expert(topk_idx, num_experts)
+    counts = counts.tolist()
     tok_all, pos_all = order // topk_idx.shape[1], order % topk_idx.shape[1]
     start = 0
     for c, n in enumerate(counts):
@@ -152,9 +167,7 @@ def expert_features(layer: MoELayer, x: torch.Tensor, routing: Routing):
     """Per routed expert ``c``: its tokens, the features ``F = a * h_c(x)`` [n, I] of the re-fit
     (``h_c(a * x)`` for Llama-4) and each token's residual share ``a / sum(a)`` [n]."""
     w = routing.topk_weight.float()
-    total = w.sum(1, keepdim=True)
-    safe = torch.where(total != 0, total, torch.ones_like(total))
-    share = torch.where(total != 0, w / safe, 1.0 / w.shape[1])
+    share = residual_shares(w)
     for c, tok, pos in routed_slots(routing.topk_idx, layer.num_experts):
         a = w[tok, pos]
         xc = x[tok]
@@ -189,12 +202,11 @@ def block_width(rows: int) -> int:
     return -(-rows // m) * m
 
 
-def expert_blocks(counts: list[int], max_rows: int, padding: float | None = None) -> list[tuple[int, int]]:
+def expert_blocks(counts: list[int], max_rows: int) -> list[tuple[int, int]]:
     """Consecutive experts ``[e0, e1)`` with routed tokens, grouped so that one batched product
-    serves each group: its experts' rows padded to the group's largest count stay within
-    ``max_rows`` (or one expert) and within ``padding`` times the rows routed. Experts that no
-    token chose are in no group."""
-    padding = BLOCK_PADDING if padding is None else padding
+    serves each group: its experts' rows padded to the group's largest count (``block_width``)
+    stay within ``max_rows`` (or one expert) and within ``BLOCK_PADDING`` times the rows routed.
+    Experts that no token chose are in no group."""
     blocks, e, num = [], 0, len(counts)
     while e < num:
         if counts[e] == 0:
@@ -204,7 +216,7 @@ def expert_blocks(counts: list[int], max_rows: int, padding: float | None = None
         while e1 < num and counts[e1] > 0:
             w = max(widest, counts[e1])
             padded = (e1 + 1 - e) * block_width(w)
-            if padded > max_rows or padded > padding * (rows + counts[e1]):
+            if padded > max_rows or padded > BLOCK_PADDING * (rows + counts[e1]):
                 break
             widest, rows, e1 = w, rows + counts[e1], e1 + 1
         blocks.append((e, e1))
@@ -240,29 +252,25 @@ class FeatureBlock(NamedTuple):
         return full.view(*self.tok.shape, -1)
 
 
-def expert_feature_blocks(layer: MoELayer, x: torch.Tensor, routing: Routing, work_elements: int | None = None):
+def expert_feature_blocks(layer: MoELayer, x: torch.Tensor, routing: Routing):
     """``expert_features`` computed for groups of experts at once (``expert_blocks``): each
     group's gate/up products are one batched product and its accumulations one more, instead of
     a handful of small kernels per expert, which on a GPU left the re-fit waiting on launches
     (128-256 experts per layer). The same rows as ``expert_features``, padded with zeros."""
     w = routing.topk_weight.float()
-    total = w.sum(1, keepdim=True)
-    safe = torch.where(total != 0, total, torch.ones_like(total))
-    share = torch.where(total != 0, w / safe, 1.0 / w.shape[1])
+    share = residual_shares(w)
     k = routing.topk_idx.shape[1]
-    flat = routing.topk_idx.reshape(-1)
-    order = torch.sort(flat, stable=True).indices  # slots by expert, each expert's in row-major order
-    on_device = torch.bincount(flat, minlength=layer.num_experts)
+    order, on_device = slots_by_expert(routing.topk_idx, layer.num_experts)
+    dev = order.device
     counts = on_device.tolist()  # the one host sync per batch: nothing below copies to the device
     # (a copy from host memory would wait for the device: a sync per block)
     starts = on_device.cumsum(0) - on_device
-    work_elements = BLOCK_WORK_ELEMENTS if work_elements is None else work_elements
-    max_rows = max(1, work_elements // (layer.hidden_size + layer.intermediate_size))
+    max_rows = max(1, BLOCK_WORK_ELEMENTS // (layer.hidden_size + layer.intermediate_size))
     for e0, e1 in expert_blocks(counts, max_rows):
         width = block_width(max(counts[e0:e1]))
-        rows = torch.arange(width, device=flat.device)
-        valid = rows[None, :] < on_device[e0:e1, None]  # [n, width]
-        at = starts[e0:e1, None] + rows[None, :]
+        column = torch.arange(width, device=dev)
+        valid = column[None, :] < on_device[e0:e1, None]  # [n, width]
+        at = starts[e0:e1, None] + column[None, :]
         slot = order[torch.where(valid, at, at[:, :1])]  # padding: the expert's first slot again
         tok, pos = slot // k, slot % k
         a = torch.where(valid, w[tok, pos], 0.0)
@@ -273,10 +281,9 @@ def expert_feature_blocks(layer: MoELayer, x: torch.Tensor, routing: Routing, wo
             h = layer.experts_hidden(xs, e0, e1).float() * a[..., None]
         feat = torch.where(valid[..., None], h, 0.0)
         routed = sum(counts[e0:e1])  # known on the host: no sync for the sizes below
-        local = torch.repeat_interleave(torch.arange(e1 - e0, device=flat.device), on_device[e0:e1],
-                                        output_size=routed)
+        local = torch.repeat_interleave(torch.arange(e1 - e0, device=dev), on_device[e0:e1], output_size=routed)
         first = starts[e0:e1] - starts[e0]
-        rows = local * width + torch.arange(routed, device=flat.device) - first[local]
+        rows = local * width + torch.arange(routed, device=dev) - first[local]
         yield FeatureBlock(e0, e1, tok, feat, torch.where(valid, share[tok, pos], 0.0), torch.tensor(counts[e0:e1]),
                            rows)
 
