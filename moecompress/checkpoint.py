@@ -86,6 +86,7 @@ def load_model(
     gpu_working_bytes: int = 0,
     trust_remote_code: bool | None = None,
     allow_nonfinite: bool | None = None,
+    layer_ahead: bool = False,
 ):
     """Load a causal LM for compression (eval mode, no grad needed).
 
@@ -102,15 +103,22 @@ def load_model(
     model's; memory stays under the caps. ``gpu_working_bytes`` is what the stage itself holds
     on the GPU besides activations (e.g. merging: an onloaded original and merged layer and the
     re-fit's accumulators); it is taken from the weights' share of the cap.
+
+    ``layer_ahead``: where it applies (``layerload.eligible``: in GPU memory, an unquantized
+    local safetensors checkpoint), the decoder layers load in a background thread while the
+    caller computes on the first ones; each layer's forward waits for its weights, and the caller
+    calls ``layerload.finish(model)`` before reading weights any other way.
     """
     changes = {k: v for k, v in (("trust_remote_code", trust_remote_code), ("allow_nonfinite", allow_nonfinite))
                if v is not None}
     with loading_policy(**changes):
         return _load_model(src, dtype, device, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
-                           offload_folder=offload_folder, gpu_working_bytes=gpu_working_bytes)
+                           offload_folder=offload_folder, gpu_working_bytes=gpu_working_bytes, layer_ahead=layer_ahead)
 
 
-def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_folder, gpu_working_bytes):
+def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_folder, gpu_working_bytes,
+                layer_ahead=False):
+    from . import layerload
     from transformers import AutoModelForCausalLM
 
     from .arch import family_for_config, meta_view
@@ -128,7 +136,19 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
     # Quantized checkpoints (FP8 blocks, MXFP4) compute dequantized: see formats.py.
     quantized = dequantized_loading(config)
     kwargs: dict = {"device_map": device}
-    if max_gpu_memory is not None or max_cpu_memory is not None:
+    streamed = max_gpu_memory is not None or max_cpu_memory is not None
+    folder = source_folder(src)
+    if layer_ahead and layerload.eligible(folder, device, quantized, streamed, trust_remote_code()):
+        try:
+            model = layerload.load(source, folder, dtype=dt, device=device or "cpu",
+                                   check_values=not load_policy().allow_nonfinite)
+        except (OSError, ValueError) as e:
+            raise MoECompressError(load_error("cannot load", src, e)) from None
+        if model is not None:  # the file scan goes on; each layer's values are checked as it loads
+            model.eval()
+            model.requires_grad_(False)
+            return model
+    if streamed:
         max_memory: dict = {}
         if torch.cuda.is_available():
             total = _gpu_memory()

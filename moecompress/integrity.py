@@ -211,16 +211,13 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
     while the load reads them, instead of one full read before the load (on the OLMoE-1B-7B
     shape in GPU memory, 9.7 s from a cold disk, then 3.0 s to load from the page cache,
     docs/benchmarks.md). No weight is used before the verdict, and a bad input still ends the
-    command with this one-line error and nothing written."""
+    command with this one-line error and nothing written. A model whose layers load in the
+    background (``layerload``) takes the scan over: it checks each layer's values as they load
+    (:func:`take_over_scan`)."""
     if folder is None:
         return
     folder = Path(folder)
-    try:  # the files as they are now (a rewritten checkpoint is checked again)
-        stamp = tuple(sorted(filter(None, (_file_stamp(p) for p in folder.iterdir()
-                                           if p.name.endswith((".safetensors", ".json"))))))
-    except OSError:
-        stamp = ()
-    key = (str(folder.resolve()), stamp, allow_nonfinite)
+    key = _scan_key(folder, allow_nonfinite)
     if key in _checked:
         return
     scan = _scans.get(key)
@@ -242,6 +239,38 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
 
 
 _scans: dict[tuple, Background] = {}  # started, not yet waited for
+
+
+def _scan_key(folder: Path, allow_nonfinite: bool) -> tuple:
+    try:  # the files as they are now (a rewritten checkpoint is checked again)
+        stamp = tuple(sorted(filter(None, (_file_stamp(p) for p in folder.iterdir()
+                                           if p.name.endswith((".safetensors", ".json"))))))
+    except OSError:
+        stamp = ()
+    return str(folder.resolve()), stamp, allow_nonfinite
+
+
+def take_over_scan(folder: str | os.PathLike, *, allow_nonfinite: bool = False):
+    """Stop the background value scan of ``folder`` (if one runs): the caller checks every value
+    itself as it loads them (``layerload``, on the device: the scan's page faults and slices
+    would hold the interpreter's lock beside the computation). Returns ``done()``, to call once
+    every tensor was found finite, after which :func:`require_sound_input` passes without a scan."""
+    folder = Path(folder)
+    key = _scan_key(folder, allow_nonfinite)
+    scan = _scans.pop(key, None)
+    if scan is not None:
+        scan.stop.set()
+    return lambda: _checked.add(key)
+
+
+def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """key -> (first byte, end) of each tensor's data in the safetensors file ``path`` (whose
+    header :func:`read_header` has checked)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in meta.items()
+            if k != "__metadata__"}
 
 
 _LINE_BREAKS = str.maketrans("", "", "\n\r\t")  # removed: the whitespace check_text accepts besides printables

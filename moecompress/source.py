@@ -144,6 +144,10 @@ class Source:
         return int(getattr(self.config, self.family.num_experts_field))
 
     @property
+    def top_k(self) -> int:
+        return int(getattr(self.config, self.family.top_k_field))
+
+    @property
     def folder(self) -> Path | None:
         """The local folder (a Hub id's cached snapshot, looked up again until it exists:
         loading the model downloads it)."""

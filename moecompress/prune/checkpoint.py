@@ -18,7 +18,7 @@ import torch
 
 from ..errors import MoECompressError
 from ..options import PruneOptions, library_function
-from .api import METHOD_OPTIONS, PruneResult, _check_data, _check_mtp, _needs_stats, plan_experts, prune_experts, resolve_keep
+from .api import METHOD_OPTIONS, PruneResult, _check_data, _check_mtp, _needs_stats, plan_experts, resolve_keep
 from .registry import effective_method, registry
 
 _FINE_ONLY = (("sparsity", "--sparsity"), ("nm", "--nm"), ("stun_expert_ratio", "--stun-expert-ratio"),
@@ -112,7 +112,8 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
                        if info.kind == "experts" else _edit_bytes(source, dtype))
         lm = load_model(source, dtype=dtype, device=opts.device, max_gpu_memory=opts.max_gpu_memory,
                         max_cpu_memory=opts.max_cpu_memory, offload_folder=work / "offload" if work else None,
-                        gpu_working_bytes=working)
+                        gpu_working_bytes=working,
+                        layer_ahead=info.kind == "experts" and _selects_by_layers(source, method, keep))
         record = {"stage": "prune", "method": method, "kind": info.kind, "seed": opts.seed,
                   "parameters": {**opts.recorded(), "num_experts_before": source.num_experts, "repair": repair}}
         if info.kind == "experts":
@@ -142,6 +143,14 @@ def _repair_mode(opts: PruneOptions, kind: str, wants_tokens: bool, source, stor
     if opts.repair is not None:
         return opts.repair
     return "refit" if wants_tokens or "calib" in opts.model_fields_set else "none"
+
+
+def _selects_by_layers(source, method: str, keep: int) -> bool:
+    """Whether the selection reads the weights only by running the layers in order (NAEE), so
+    that layers can still be loading while it works on the first (``layerload``)."""
+    from .auto import auto_rule
+
+    return method == "naee" or (method == "auto" and auto_rule(keep, source.top_k) == "naee")
 
 
 def _experts_working_bytes(source, method: str, keep: int, repair: str, dtype, method_options: dict) -> int:
@@ -180,6 +189,7 @@ def _edit_bytes(source, dtype) -> int:
 
 def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, method_options, record,
                    progress, stored_mtp, repair="none", work=None, repair_tokens=None) -> PruneResult:
+    from .. import layerload
     from ..arch import moe_view
     from ..checkpoint import copy_tokenizer, save_model, write_record
     from ..stats import Stats
@@ -187,10 +197,12 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
 
     stats = Stats.load(opts.stats) if opts.stats is not None else None
     surgery = bool(source.shards)
-    prune = plan_experts if surgery or repair != "none" else prune_experts
-    result = prune(lm, keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
-                   protect_super_experts=opts.protect_super_experts, batch_size=batch_size, progress=progress,
-                   **method_options)
+    result = plan_experts(lm, keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
+                          protect_super_experts=opts.protect_super_experts, batch_size=batch_size,
+                          progress=progress, **method_options)
+    layerload.finish(lm)  # the layers the selection did not run are loaded too, before any is edited
+    if not surgery and repair == "none":
+        moe_view(lm).keep_experts(result.kept)
     result.kind = "experts"
     alongside = None
     if repair != "none":  # moecompress/repair.py: re-fit the kept experts to the original layers
