@@ -42,7 +42,6 @@ from torch import nn
 
 from .errors import MoECompressError
 
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 ON_CPU = False  # in GPU memory only by default (tests turn it on for the CPU)
 SWITCH_INTERVAL = 1e-4  # seconds, while layers load (LayerLoad.__init__)
 READ_AHEAD = 2  # layers read into the page cache ahead of the loading
@@ -59,15 +58,18 @@ def eligible(folder: Path | None, device, quantized: dict, streamed: bool, remot
     return torch.device(device or "cpu").type == "cuda" or ON_CPU
 
 
-def _keys_by_layer(folder: Path, num_layers: int) -> tuple[dict[int, dict[str, tuple[Path, str]]], dict[str, tuple[Path, str]]]:
-    """The checkpoint's tensors (file, key) per decoder layer, and the others."""
+def _keys_by_layer(folder: Path, layers_path: str,
+                   num_layers: int) -> tuple[dict[int, dict[str, tuple[Path, str]]], dict[str, tuple[Path, str]]]:
+    """The checkpoint's tensors (file, key) per decoder layer (stored under the model's own
+    ``layers_path``: another module's ``layers``, a vision tower's, is not one), and the others."""
     from .integrity import check_shards
 
+    pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
     layers: dict[int, dict[str, tuple[Path, str]]] = {i: {} for i in range(num_layers)}
     rest: dict[str, tuple[Path, str]] = {}
     for name, header in check_shards(folder).items():
         for key in header:
-            m = _LAYER_KEY.search(key)
+            m = pattern.match(key)
             i = int(m.group(1)) if m else None
             (layers[i] if i is not None and i < num_layers else rest)[key] = (folder / name, key)
     return layers, rest
@@ -302,10 +304,11 @@ def load(source, folder: Path, *, dtype, device: str, check_values: bool):
     from .integrity import first_nonfinite_tensor, take_over_scan
 
     config = AutoConfig.from_pretrained(source)
-    num_layers = config.get_text_config().num_hidden_layers
-    layer_keys, rest = _keys_by_layer(Path(folder), num_layers)
+    spec = family_for_config(config)
+    layer_keys, rest = _keys_by_layer(Path(folder), spec.layers_path,
+                                     config.get_text_config().num_hidden_layers)
     if not all(layer_keys.values()):
-        return None  # not the usual layout: the caller loads it whole
+        return None  # not the layout this model names its layers by: the caller loads it whole
     rest_slices = _Slices(rest)
     try:
         state = {k: s[...] for k, s in rest_slices.items()}
@@ -323,7 +326,6 @@ def load(source, folder: Path, *, dtype, device: str, check_values: bool):
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, dtype=dtype,
                                                                           device_map=device, state_dict=state)
     del state
-    spec = family_for_config(model.config)
     _loads[model] = LayerLoad(model, spec.layers_path, model.get_submodule(spec.layers_path), layer_keys,
                               Path(folder), torch.device(device), check_values, on_done=scanned)
     return model

@@ -169,3 +169,12 @@ def test_the_file_scan_is_taken_over(tmp_path, monkeypatch):
     done()
     integrity.require_sound_input(tmp_path)  # passes without starting a scan
     assert len(scans) == 1
+
+
+def test_a_checkpoint_named_otherwise_is_loaded_whole(tmp_path, on_cpu):
+    """Layer tensors stored under another prefix than the model's own path: not split by layer."""
+    tiny_checkpoint(tmp_path, "qwen3_moe")
+    (path,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(path)
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    assert layerload.load(tmp_path, tmp_path, dtype=torch.float32, device="cpu", check_values=True) is None
