@@ -134,6 +134,9 @@ class phases:
 
     def __init__(self, table=PHASES):
         self.table, self.seconds, self.calls, self._undo = table, {}, {}, []
+        # (phase left, GiB) each time leaving a phase finds a new GPU peak: the innermost phase
+        # around the peak is the first listed at the final figure (nested phases leave first)
+        self.new_peaks: list[tuple[str, float]] = []
 
     def __enter__(self):
         import importlib
@@ -170,6 +173,10 @@ class phases:
                 sync()
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
                 self.calls[label] = self.calls.get(label, 0) + 1
+                if torch.cuda.is_available():
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                    if not self.new_peaks or peak > self.new_peaks[-1][1]:
+                        self.new_peaks.append((label, round(peak, 4)))
         return run
 
     def __exit__(self, *exc):
@@ -178,7 +185,10 @@ class phases:
         self._undo.clear()
 
     def report(self) -> dict:
-        return {label: {"s": round(v, 3), "calls": self.calls[label]} for label, v in self.seconds.items()}
+        out = {label: {"s": round(v, 3), "calls": self.calls[label]} for label, v in self.seconds.items()}
+        if self.new_peaks:
+            out["gpu peak, first seen leaving"] = self.new_peaks[-12:]
+        return out
 
 
 def peak_gpu_gib() -> float:
@@ -557,8 +567,11 @@ def summary(res: dict) -> dict:
     out = {}
     for k, v in res.items():
         if k.endswith("_phases"):
-            top = sorted(v.items(), key=lambda kv: -kv[1]["s"])[:4]
+            timed = [(label, p) for label, p in v.items() if isinstance(p, dict)]
+            top = sorted(timed, key=lambda kv: -kv[1]["s"])[:4]
             out[k] = {label: p["s"] for label, p in top}
+            if "gpu peak, first seen leaving" in v:
+                out[k]["gpu peak, first seen leaving"] = v["gpu peak, first seen leaving"][-1]
         elif isinstance(v, float) and (k.endswith(("_s", "_vs_floor", "_GiB")) or "vs_floor" in k or "median" in k):
             out[k] = round(v, 3)
     if "repair" in res and isinstance(res["repair"], dict):
