@@ -118,9 +118,9 @@ def load_model(
 
 def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_folder, gpu_working_bytes,
                 layer_ahead=False):
-    from . import layerload
     from transformers import AutoModelForCausalLM
 
+    from . import layerload
     from .arch import family_for_config, meta_view
     from .formats import dequantized_loading, partial_fp8_blocks
     from .integrity import require_sound_input
@@ -144,7 +144,7 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
                                    check_values=not load_policy().allow_nonfinite)
         except (OSError, ValueError) as e:
             raise MoECompressError(load_error("cannot load", src, e)) from None
-        if model is not None:  # the file scan goes on; each layer's values are checked as it loads
+        if model is not None:  # each layer's values are checked as it loads (the file scan is taken over)
             model.eval()
             model.requires_grad_(False)
             return model

@@ -58,21 +58,23 @@ def eligible(folder: Path | None, device, quantized: dict, streamed: bool, remot
     return torch.device(device or "cpu").type == "cuda" or ON_CPU
 
 
-def _keys_by_layer(folder: Path, layers_path: str,
-                   num_layers: int) -> tuple[dict[int, dict[str, tuple[Path, str]]], dict[str, tuple[Path, str]]]:
+def _keys_by_layer(folder: Path, layers_path: str, num_layers: int) -> tuple[dict, dict, dict]:
     """The checkpoint's tensors (file, key) per decoder layer (stored under the model's own
-    ``layers_path``: another module's ``layers``, a vision tower's, is not one), and the others."""
+    ``layers_path``: another module's ``layers``, a vision tower's, is not one); those of layers
+    past the model's (multi-token-prediction layers, which transformers does not load); the others."""
     from .integrity import check_shards
 
     pattern = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
     layers: dict[int, dict[str, tuple[Path, str]]] = {i: {} for i in range(num_layers)}
+    beyond: dict[str, tuple[Path, str]] = {}
     rest: dict[str, tuple[Path, str]] = {}
     for name, header in check_shards(folder).items():
         for key in header:
             m = pattern.match(key)
             i = int(m.group(1)) if m else None
-            (layers[i] if i is not None and i < num_layers else rest)[key] = (folder / name, key)
-    return layers, rest
+            group = rest if i is None else layers[i] if i < num_layers else beyond
+            group[key] = (folder / name, key)
+    return layers, beyond, rest
 
 
 class _Slices(dict):
@@ -97,7 +99,7 @@ class LayerLoad:
     """The background loading of one model's decoder layers (module docstring)."""
 
     def __init__(self, model: nn.Module, layers_path: str, layers: nn.ModuleList, layer_keys: dict, folder: Path,
-                 device: torch.device, check_values: bool, on_done=None):
+                 device: torch.device, check_values: bool, beyond: dict | None = None, on_done=None):
         from .background import Background
 
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -106,6 +108,7 @@ class LayerLoad:
         self.config, self.base_model_prefix = model.config, model.base_model_prefix
         self.mapping = get_model_conversion_mapping(model, None, None)
         self.folder, self.device, self.check_values = folder, device, check_values
+        self.beyond = beyond or {}  # tensors of layers past the model's: not loaded, still checked
         self.layers_path, self.on_done = layers_path, on_done  # on_done: called once every layer loaded and passed
         # The layer modules themselves, held now: the model's list may hold stand-ins for a while
         # (capture.LayerCursor records the layers' inputs by swapping them), and the loading must
@@ -200,6 +203,10 @@ class LayerLoad:
                 if stop.is_set():
                     raise InterruptedError("layer loading stopped")
                 self._load_layer(i, layer_keys[i], convert_and_load_state_dict_in_model, config)
+            bad = _first_nonfinite_stored(self.beyond) if self.check_values and self.beyond else None
+            if bad is not None:
+                raise MoECompressError(f"input weight '{bad}' holds NaN or Inf (in '{self.folder}'); the checkpoint "
+                                       "is damaged: re-download it, or pass --allow-nonfinite to proceed anyway")
             if self.on_done is not None:
                 self.on_done()
         finally:
@@ -305,8 +312,8 @@ def load(source, folder: Path, *, dtype, device: str, check_values: bool):
 
     config = AutoConfig.from_pretrained(source)
     spec = family_for_config(config)
-    layer_keys, rest = _keys_by_layer(Path(folder), spec.layers_path,
-                                     config.get_text_config().num_hidden_layers)
+    layer_keys, beyond, rest = _keys_by_layer(Path(folder), spec.layers_path,
+                                             config.get_text_config().num_hidden_layers)
     if not all(layer_keys.values()):
         return None  # not the layout this model names its layers by: the caller loads it whole
     rest_slices = _Slices(rest)
@@ -327,7 +334,7 @@ def load(source, folder: Path, *, dtype, device: str, check_values: bool):
                                                                           device_map=device, state_dict=state)
     del state
     _loads[model] = LayerLoad(model, spec.layers_path, model.get_submodule(spec.layers_path), layer_keys,
-                              Path(folder), torch.device(device), check_values, on_done=scanned)
+                              Path(folder), torch.device(device), check_values, beyond=beyond, on_done=scanned)
     return model
 
 

@@ -178,3 +178,20 @@ def test_a_checkpoint_named_otherwise_is_loaded_whole(tmp_path, on_cpu):
     tensors = load_file(path)
     save_file({k.removeprefix("model."): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
     assert layerload.load(tmp_path, tmp_path, dtype=torch.float32, device="cpu", check_values=True) is None
+
+
+def test_layers_past_the_model_are_not_loaded_but_checked(tmp_path, on_cpu):
+    """A multi-token-prediction layer (stored past num_hidden_layers, not loaded by transformers)
+    is not read before the model is built; its values are still checked."""
+    from moecompress.testing import with_mtp_layer
+
+    tiny_checkpoint(tmp_path / "src", "deepseek_v3")
+    with_mtp_layer(tmp_path / "src")
+    model = _load(tmp_path / "src")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    _damage(tmp_path / "src", "layers.3.")  # the MTP layer (the model has 3)
+    model = layerload.load(tmp_path / "src", tmp_path / "src", dtype=torch.float32, device="cpu", check_values=True)
+    with pytest.raises(MoECompressError, match=r"'model\.layers\.3\..*' holds NaN or Inf"):
+        layerload.finish(model)
