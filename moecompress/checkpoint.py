@@ -130,14 +130,14 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
     config = load_config(src)
     family_for_config(config)  # refuse non-MoE / unknown families before loading weights
     source = resolve_source(src)
+    folder = source_folder(src)
     # shards checked now; the NaN/Inf scan reads the files while from_pretrained does (below)
-    require_sound_input(source_folder(src), allow_nonfinite=load_policy().allow_nonfinite, wait=False)
+    require_sound_input(folder, allow_nonfinite=load_policy().allow_nonfinite, wait=False)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     # Quantized checkpoints (FP8 blocks, MXFP4) compute dequantized: see formats.py.
     quantized = dequantized_loading(config)
     kwargs: dict = {"device_map": device}
     streamed = max_gpu_memory is not None or max_cpu_memory is not None
-    folder = source_folder(src)
     if layer_ahead and layerload.eligible(folder, device, quantized, streamed, trust_remote_code()):
         try:
             model = layerload.load(source, folder, dtype=dt, device=device or "cpu",

@@ -43,6 +43,17 @@ _checked: set[tuple] = set()
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) of a safetensors file; ``MoECompressError`` naming the file if the
     header is unreadable or the file is not exactly as long as its header says."""
+    return {k: (dt, shape) for k, (dt, shape, _) in _read_tensors(path).items()}
+
+
+def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """key -> (first byte, end) of each tensor's data in the safetensors file ``path`` (checked
+    as :func:`read_header` checks it)."""
+    return {k: span for k, (_, _, span) in _read_tensors(path).items()}
+
+
+def _read_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+    """key -> (dtype, shape, (first byte, end) in the file), the header checked (read_header)."""
     hint = "re-download or re-copy it"
     try:
         size = path.stat().st_size
@@ -77,7 +88,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if dt in _ITEMSIZE and dt != "F4" and (e - b) != numel * _ITEMSIZE[dt]:
             raise MoECompressError(f"weight file '{path}' is corrupt: tensor '{k}' has {e - b} bytes for shape "
                                    f"{list(shape)} {dt}; {hint}")
-    return {k: (dt, shape) for k, (dt, shape, _) in tensors.items()}
+    return {k: (dt, shape, (8 + n + b, 8 + n + e)) for k, (dt, shape, (b, e)) in tensors.items()}
 
 
 def check_shards(folder: str | os.PathLike) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
@@ -233,9 +244,14 @@ def require_sound_input(folder: str | os.PathLike | None, *, allow_nonfinite: bo
     del _scans[key]
     bad = scan.result()
     if bad is not None:
-        raise MoECompressError(f"input weight '{bad}' holds NaN or Inf (in '{folder}'); the checkpoint is "
-                               "damaged: re-download it, or pass --allow-nonfinite to proceed anyway")
+        raise nonfinite_input(bad, folder)
     _checked.add(key)
+
+
+def nonfinite_input(key: str, folder: str | os.PathLike) -> MoECompressError:
+    """The one-line error for an input tensor ``key`` of ``folder`` holding NaN or Inf."""
+    return MoECompressError(f"input weight '{key}' holds NaN or Inf (in '{folder}'); the checkpoint is damaged: "
+                            "re-download it, or pass --allow-nonfinite to proceed anyway")
 
 
 _scans: dict[tuple, Background] = {}  # started, not yet waited for
@@ -261,16 +277,6 @@ def take_over_scan(folder: str | os.PathLike, *, allow_nonfinite: bool = False):
     if scan is not None:
         scan.stop.set()
     return lambda: _checked.add(key)
-
-
-def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
-    """key -> (first byte, end) of each tensor's data in the safetensors file ``path`` (whose
-    header :func:`read_header` has checked)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in meta.items()
-            if k != "__metadata__"}
 
 
 _LINE_BREAKS = str.maketrans("", "", "\n\r\t")  # removed: the whitespace check_text accepts besides printables

@@ -17,9 +17,10 @@ pre-hook on each decoder layer waits until that layer is loaded; code that reads
 than by running layers calls :func:`finish` first.
 
 Soundness: each layer's loaded tensors are checked for NaN/Inf on their device before the layer
-is released (the guarantee of the file scan, ``integrity.require_sound_input``: no weight is
-used before its verdict; the file scan still runs and is still waited for before an output is
-committed). A load that fails (a missing or misshapen tensor, NaN/Inf, a read error) raises its
+is released, the tensors outside the layers before the model is built, and the stored tensors
+transformers does not load (unexpected keys, layers past the model's) where they are stored: the
+guarantee of the file scan (``integrity.require_sound_input``: no weight is used before its
+verdict), which this takes over (``integrity.take_over_scan``). A load that fails (a missing or misshapen tensor, NaN/Inf, a read error) raises its
 one-line error in the computing thread at the first layer it did not release.
 
 Used only where nothing needs the whole model before its layers run: in GPU memory (not
@@ -100,9 +101,9 @@ class LayerLoad:
 
     def __init__(self, model: nn.Module, layers_path: str, layers: nn.ModuleList, layer_keys: dict, folder: Path,
                  device: torch.device, check_values: bool, beyond: dict | None = None, on_done=None):
-        from .background import Background
-
         from transformers.conversion_mapping import get_model_conversion_mapping
+
+        from .background import Background
 
         # not the model itself: it is the key of ``_loads`` (weak), which this must not keep alive
         self.config, self.base_model_prefix = model.config, model.base_model_prefix
@@ -195,6 +196,8 @@ class LayerLoad:
 
         config = LoadStateDictConfig(pretrained_model_name_or_path=str(self.folder), device_map={"": self.device},
                                      dtype=None, weight_mapping=self.mapping)
+        from .integrity import nonfinite_input
+
         try:
             for i in range(len(self.layers)):
                 while not self._read[i].wait(0.05):
@@ -205,8 +208,7 @@ class LayerLoad:
                 self._load_layer(i, layer_keys[i], convert_and_load_state_dict_in_model, config)
             bad = _first_nonfinite_stored(self.beyond) if self.check_values and self.beyond else None
             if bad is not None:
-                raise MoECompressError(f"input weight '{bad}' holds NaN or Inf (in '{self.folder}'); the checkpoint "
-                                       "is damaged: re-download it, or pass --allow-nonfinite to proceed anyway")
+                raise nonfinite_input(bad, self.folder)
             if self.on_done is not None:
                 self.on_done()
         finally:
@@ -225,8 +227,7 @@ class LayerLoad:
         self._ready[i].set()
 
     def _check_layer(self, i: int, info, shell: nn.Module, keys: dict) -> None:
-        prefix = f"{self.layers_path}.{i}."
-        missing = sorted(k for k in info.missing_keys if k.startswith(prefix))
+        missing = sorted(info.missing_keys)  # the shell holds layer i only
         mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info.mismatched_keys)
         errors = list(getattr(info, "conversion_errors", {}) or {}) + list(getattr(info, "error_msgs", []) or [])
         if missing or mismatched or errors:
@@ -235,14 +236,13 @@ class LayerLoad:
             raise MoECompressError(f"cannot load decoder layer {i} of '{self.folder}': {what}; "
                                    "pass a complete checkpoint of this model")
         if self.check_values:
-            from .integrity import first_nonfinite_tensor
+            from .integrity import first_nonfinite_tensor, nonfinite_input
 
             bad = first_nonfinite_tensor(shell.state_dict())
             if bad is None and info.unexpected_keys:  # tensors transformers did not load: their stored values
                 bad = _first_nonfinite_stored(keys)
             if bad is not None:
-                raise MoECompressError(f"input weight '{bad}' holds NaN or Inf (in '{self.folder}'); the checkpoint "
-                                       "is damaged: re-download it, or pass --allow-nonfinite to proceed anyway")
+                raise nonfinite_input(bad, self.folder)
 
 
 def _merged(parts: list[tuple[int, int]], gap: int = 1 << 20) -> list[tuple[int, int]]:
@@ -308,7 +308,7 @@ def load(source, folder: Path, *, dtype, device: str, check_values: bool):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from .arch import family_for_config
-    from .integrity import first_nonfinite_tensor, take_over_scan
+    from .integrity import first_nonfinite_tensor, nonfinite_input, take_over_scan
 
     config = AutoConfig.from_pretrained(source)
     spec = family_for_config(config)
@@ -326,8 +326,7 @@ def load(source, folder: Path, *, dtype, device: str, check_values: bool):
         scanned = take_over_scan(folder)
         bad = first_nonfinite_tensor(state)  # everything outside the layers, as stored (the embeddings run first)
         if bad is not None:
-            raise MoECompressError(f"input weight '{bad}' holds NaN or Inf (in '{folder}'); the checkpoint is damaged: "
-                                   "re-download it, or pass --allow-nonfinite to proceed anyway")
+            raise nonfinite_input(bad, folder)
     with _quiet_transformers():
         # given a state dict, transformers takes the config, not the folder (it reads no weight file)
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, dtype=dtype,

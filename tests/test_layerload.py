@@ -195,3 +195,15 @@ def test_layers_past_the_model_are_not_loaded_but_checked(tmp_path, on_cpu):
     model = layerload.load(tmp_path / "src", tmp_path / "src", dtype=torch.float32, device="cpu", check_values=True)
     with pytest.raises(MoECompressError, match=r"'model\.layers\.3\..*' holds NaN or Inf"):
         layerload.finish(model)
+
+
+def test_tensor_spans_are_the_stored_bytes(tmp_path):
+    """The read-ahead reads each tensor's bytes where integrity.tensor_spans says they are."""
+    from moecompress.integrity import tensor_spans
+
+    tiny_checkpoint(tmp_path, "olmoe")
+    (path,) = tmp_path.glob("*.safetensors")
+    raw = path.read_bytes()
+    for key, t in load_file(path).items():
+        start, end = tensor_spans(path)[key]
+        assert raw[start:end] == t.contiguous().view(torch.uint8).numpy().tobytes(), key
