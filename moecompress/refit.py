@@ -44,11 +44,28 @@ from .capture import LayerCursor, moved
 from .onload import onloaded
 
 
-def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """[T, H] output of an MoE block module on tokens ``x`` [T, H]."""
-    out = block(x[None])
-    out = out[0] if isinstance(out, tuple) else out
-    return out.reshape(-1, x.shape[-1])
+def block_output(block: nn.Module, x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
+    """[T, H] output of an MoE block module on tokens ``x`` [T, H], ``max_tokens`` at a time
+    (``block_tokens``): the block's own forward holds a few rows per routed token (gathered
+    inputs, gate/up, activation, outputs), and it runs while the pruned layer's pass holds its
+    own, so unsliced it took a streamed Qwen3-30B-shape prune past its GPU cap (docs/benchmarks.md,
+    "Session 15"). The tokens are independent: the slices' outputs are the whole batch's rows."""
+    def run(xs: torch.Tensor) -> torch.Tensor:
+        out = block(xs[None])
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(-1, x.shape[-1])
+
+    if max_tokens is None or x.shape[0] <= max_tokens:
+        return run(x)
+    return torch.cat([run(xs) for xs in x.split(max_tokens)])
+
+
+def block_tokens(layer: MoELayer) -> int:
+    """Tokens of one ``block_output`` slice: their routed rows (``top_k`` per token) within a
+    feature block's (``BLOCK_WORK_ELEMENTS``), whose transient the stages' GPU reserve counts
+    (``block_working_bytes``) and which is freed before the features are computed."""
+    rows = max(1, BLOCK_WORK_ELEMENTS // (layer.hidden_size + layer.intermediate_size))
+    return max(1, rows // max(layer.top_k, 1))
 
 
 ACCUMULATOR_BUDGET = 1 << 30  # bytes of re-fit accumulators held at once (one layer at least)
@@ -381,7 +398,7 @@ class RefitObserver:
     def _residual(self, layer: MoELayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """e = y_orig - y [T, H] (float32); adds to the layer's error and reference sums."""
         li = layer.layer_idx
-        y_orig = block_output(self.originals[li], x).float()
+        y_orig = block_output(self.originals[li], x, block_tokens(layer)).float()
         resid = y_orig - y.float()
         shared = layer.shared_forward(x)
         routed_orig = y_orig - shared.float() if shared is not None else y_orig

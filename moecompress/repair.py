@@ -82,8 +82,8 @@ from .capture import LayerCursor
 from .errors import MoECompressError
 from .onload import is_streamed, onloaded, resident
 from .options.groups import RepairOptions
-from .refit import (JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, block_working_bytes,
-                    routed_slots)
+from .refit import (JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, block_tokens,
+                    block_working_bytes, routed_slots)
 
 REPAIR_MODES = ("none", "refit", "refit+router", "refit+tune")
 ROUTER_CHANGING_MODES = ("refit+router", "refit+tune")  # they change the kept router rows: surgery writes them
@@ -218,7 +218,7 @@ class RouterObserver:
                 return
             self.A = torch.zeros(S, H, S, H, dtype=torch.float32, device=x.device)
             self.b = torch.zeros(S, H, dtype=torch.float32, device=x.device)
-        resid = (block_output(self.original, x) - y).float()
+        resid = (block_output(self.original, x, block_tokens(layer)) - y).float()
         shared = layer.shared_forward(x)
         routed = y.float() - (shared.float() if shared is not None else 0.0)
         self.err += float(resid.double().square().sum())

@@ -397,6 +397,23 @@ def test_block_features_accumulate_the_per_expert_normal_equations(family, work,
     assert float((obs.rhs[li].double() - rhs).abs().max()) <= 1e-5 * float(rhs.abs().max()), family
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "llama4_text", "gpt_oss"])
+def test_block_output_in_slices_equals_the_whole_batch(family):
+    """The original block run a few tokens at a time (bounding its transient under a GPU cap)
+    gives the whole batch's rows; a slice's routed rows stay within a feature block's."""
+    from moecompress.refit import BLOCK_WORK_ELEMENTS, block_tokens
+
+    model, originals = pruned_with_originals(family, KEPT)
+    layer, calls = _first_layer_traffic(model, tokens(3, 12))
+    block = originals[layer.layer_idx]
+    x = torch.cat([c[0] for c in calls])
+    whole = block_output(block, x)
+    for n in (1, 5, x.shape[0] - 1):
+        assert torch.allclose(block_output(block, x, n), whole, rtol=1e-5, atol=1e-6), (family, n)
+    assert torch.equal(block_output(block, x, x.shape[0]), whole)
+    assert block_tokens(layer) * layer.top_k * (layer.hidden_size + layer.intermediate_size) <= BLOCK_WORK_ELEMENTS
+
+
 def test_tf32_accumulation_is_scoped_to_cuda_and_restored():
     """The re-fit's TF32 products: set only for a CUDA device, only inside, and put back as found."""
     from moecompress import refit
