@@ -31,7 +31,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 case "$part" in
   olmoe)
     python3 "$here/scale.py" olmoe-1b-7b --work /tmp/scale --calib "$calib" --tokenizer-from "$tok" \
-        --skip stats,stream,prune --repairs default --repair-after-selection-too --json "$out/scale_olmoe_default.json" | grep SUMMARY
+        --skip stats,stream,prune --repairs default --json "$out/scale_olmoe_default.json" | grep SUMMARY
     python3 "$here/scale.py" deepseek-v3 --naee-layers 3 --with-repair --rates-from "$out/scale_olmoe_default.json" \
         --json "$out/naee_deepseek_v3_default.json" | grep SUMMARY
     ;;

@@ -116,8 +116,6 @@ PHASES = (
     ("moecompress.capture.LayerCursor", "__init__", "calibration: record layer-0 inputs"),
     ("moecompress.repair", "prune_and_repair", "repair"),
     ("moecompress.merge.api", "replace_blocks", "repair: build the pruned blocks"),
-    ("moecompress.repair.PruneAndRepairBeside", "chosen", "repair beside the selection (in select)"),
-    ("moecompress.merge.blocks.ProgressiveBlocks", "build", "repair: build a pruned block at its layer (in memory)"),
     ("moecompress.merge.blocks.DeferredBlocks", "build", "repair: build a pruned block at its layer (streamed)"),
     ("moecompress.merge.blocks.DeferredBlocks", "done", "repair: hand a final pruned block back (streamed)"),
     ("moecompress.repair.OriginalStream", "after", "repair: original stream"),
@@ -398,9 +396,6 @@ def main() -> None:
                          "calibration text, as the CLI runs), none, refit, refit+router")
     ap.add_argument("--old-schedule-too", action="store_true",
                     help="also time streamed stats batch by batch (the schedule before layer-by-layer streaming)")
-    ap.add_argument("--repair-after-selection-too", action="store_true",
-                    help="also prune in memory with the re-fit after the whole selection (REPAIR_BESIDE_SELECTION "
-                         "off: the schedule before session 15)")
     ap.add_argument("--skip", default="",
                     help="comma list of parts to skip: stats,stream,prune,surgery (both of: surgery_memory,surgery_streamed)")
     ap.add_argument("--compare-routed", action="store_true",
@@ -540,16 +535,9 @@ def main() -> None:
     if "surgery" not in skip:
         # shard surgery (the writer of local safetensors): in GPU memory, then streamed under the cap;
         # each repair mode of --repairs ("default": none given, as the CLI runs)
-        runs = [("surgery", None), ("surgery_streamed", a.max_gpu_memory)]
-        if a.repair_after_selection_too:  # in memory, the re-fit after the whole selection (before session 15)
-            runs.insert(1, ("surgery_after_selection", None))
-        for label, cap in runs:
-            if {"surgery_streamed": "surgery_streamed", "surgery": "surgery_memory",
-                    "surgery_after_selection": "surgery_memory"}[label] in skip:
+        for label, cap in (("surgery", None), ("surgery_streamed", a.max_gpu_memory)):
+            if {"surgery_streamed": "surgery_streamed", "surgery": "surgery_memory"}[label] in skip:
                 continue
-            import moecompress.prune.checkpoint as prune_ckpt
-
-            prune_ckpt.REPAIR_BESIDE_SELECTION = label != "surgery_after_selection"
             for repair in repairs:
                 key = f"prune_{label}" + ("" if repair == "default" else f"_repair_{repair}")
                 row = prune_run(outs / f"{a.name}-{label}", cap, repair, None if cap else dev)

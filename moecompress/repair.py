@@ -283,65 +283,35 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     weights are final, while they are onloaded (a surgery running beside: ``surgery.SurgeryAlongside``).
     ``blocks`` (``merge.blocks.DeferredBlocks``): the compressed blocks are built as their layer's
     turn comes (``build``) and handed back when final (``done``)."""
-    steps = LayerwiseRepair(model, original, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge,
-                            batch_size=batch_size, progress=progress, joint=joint, target=target,
-                            tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed, on_layer_done=on_layer_done,
-                            blocks=blocks)
-    for li in steps.layer_indices:
-        steps.step(li)
-    return steps.record
+    from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, TunePairs, trainable_parameters, tune_layer
+    from .merge.offload import write_back  # merge imports this package's refit: imported here
 
-
-class LayerwiseRepair:
-    """:func:`repair`'s work a layer at a time, in order (``step``): a caller that learns the
-    layers' compressed blocks one after the other (the expert prune beside NAEE's selection:
-    ``prune_and_repair_beside``) repairs each as soon as it is known."""
-
-    @torch.no_grad()
-    def __init__(self, model, original, tokens: torch.Tensor, *, mode: str, ridge: float | None,
-                 router_ridge: float | None, batch_size: int, progress: bool, joint: bool, target: str,
-                 tune_epochs: int | None, tune_lr: float | None, seed: int, on_layer_done, blocks):
-        from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR
-
-        check_mode(mode, target)
-        self.mode, self.ridge, self.joint, self.target, self.seed = mode, ridge, joint, target, seed
-        self.router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
-        self.tune = mode == "refit+tune"
-        self.tune_epochs = DEFAULT_EPOCHS if tune_epochs is None else tune_epochs
-        self.tune_lr = DEFAULT_LR if tune_lr is None else tune_lr
-        self.progress, self.on_layer_done, self.blocks = progress, on_layer_done, blocks
-        self.record = {"mode": mode, "ridge": ridge,
-                       "router_ridge": self.router_ridge if mode == "refit+router" else None,
-                       "target": {"both": "original residual stream and layer output, equally",
-                                  "stream": "original residual stream", "layer": "original layer output"}[target],
-                       "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
-        if self.tune:
-            self.record["tune"] = {"method": "block-wise tuning (EBFT), Adam", "epochs": self.tune_epochs,
-                                   "lr": self.tune_lr, "seed": seed}
-        self.layer_indices: list[int] = []
-        if mode == "none":
-            return
-        self.originals = _original_blocks(model, original)
-        self.view = moe_view(model)
-        self.layer_indices = [layer.layer_idx for layer in self.view if layer.layer_idx in self.originals]
-        if not self.layer_indices:
-            return
-        self.decoder_layers = operator.attrgetter(self.view.spec.layers_path)(model)
-        # Per layer: observe for the router fit, re-fit the router; observe again (new routing) for
-        # the down projections, re-fit them; run the layer once more for the next layer's inputs.
-        last = self.layer_indices[-1]
-        self.cursor = LayerCursor(model, tokens, batch_size=batch_size, view=self.view, until=last)
-        self.stream = (OriginalStream(model, self.view, self.originals, tokens, batch_size=batch_size, until=last)
-                       if REPAIR_TARGETS[target] > 0 else None)
-
-    @torch.no_grad()
-    def step(self, li: int) -> None:
-        """Repair MoE layer ``li`` (the next in order)."""
-        from .blocktune import TunePairs, trainable_parameters, tune_layer
-        from .merge.offload import write_back  # merge imports this package's refit: imported here
-
-        originals, cursor, stream, progress = self.originals, self.cursor, self.stream, self.progress
-        layer = self.view.layer(li)
+    check_mode(mode, target)
+    router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
+    tune = mode == "refit+tune"
+    tune_epochs = DEFAULT_EPOCHS if tune_epochs is None else tune_epochs
+    tune_lr = DEFAULT_LR if tune_lr is None else tune_lr
+    record = {"mode": mode, "ridge": ridge,
+              "router_ridge": router_ridge if mode == "refit+router" else None,
+              "target": {"both": "original residual stream and layer output, equally", "stream": "original residual stream",
+                         "layer": "original layer output"}[target],
+              "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
+    if tune:
+        record["tune"] = {"method": "block-wise tuning (EBFT), Adam", "epochs": tune_epochs, "lr": tune_lr, "seed": seed}
+    if mode == "none":
+        return record
+    originals = _original_blocks(model, original)
+    view = moe_view(model)
+    layers = [layer for layer in view if layer.layer_idx in originals]
+    if not layers:
+        return record
+    # Per layer: observe for the router fit, re-fit the router; observe again (new routing) for
+    # the down projections, re-fit them; run the layer once more for the next layer's inputs.
+    cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=layers[-1].layer_idx)
+    stream = (OriginalStream(model, view, originals, tokens, batch_size=batch_size, until=layers[-1].layer_idx)
+              if REPAIR_TARGETS[target] > 0 else None)
+    for layer in layers:
+        li = layer.layer_idx
         entry = {}
         with contextlib.ExitStack() as hold:  # closed early below; on an error, on leaving
             # streamed, the original goes to the GPU once for its stream pass, a deferred block's build
@@ -349,92 +319,43 @@ class LayerwiseRepair:
             hold.enter_context(resident(originals[li]))
             # the original stream first: it runs the original block, so a deferred block is built after it
             targets = {li: stream.after(li)} if stream is not None else None
-            if self.blocks is not None:
-                self.blocks.build(li)
-                layer.block = getattr(self.decoder_layers[li], self.view.spec.moe_block)  # built in place or swapped
-            if self.mode == "refit+router":
+            if blocks is not None:
+                blocks.build(li)
+            if mode == "refit+router":
                 start = cursor.state()
                 router_obs = RouterObserver(li, originals[li])
                 cursor.advance(li, [router_obs], progress=progress, description=f"repair: router of layer {li}")
                 with onloaded(layer.block):
-                    entry = router_obs.apply(layer, self.router_ridge)
+                    entry = router_obs.apply(layer, router_ridge)
                     write_back(layer.block, [layer.router_weight])
                 if router_obs.relative_error() is not None:
                     entry["relative_error"] = router_obs.relative_error()
                 cursor.restore(start)
-            fit_jointly = self.joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
-            pairs = TunePairs(cursor.store) if self.tune else None
+            fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
+            pairs = TunePairs(cursor.store) if tune else None
             down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
-                                                                            REPAIR_TARGETS[self.target], pairs)
+                                                                            REPAIR_TARGETS[target], pairs)
             with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
                 hold.close()  # observed: the original is not needed for the solve and the edited pass
                 with onloaded(layer.block):
-                    lam = self.ridge if self.ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
+                    lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
                     down.apply(layer, lam)
                     edits = [layer.down_proj]
-                    if self.tune:
-                        entry["tune"] = tune_layer(layer, pairs, epochs=self.tune_epochs, lr=self.tune_lr,
-                                                   seed=self.seed + li, device=cursor.device, progress=progress)
+                    if tune:
+                        entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
+                                                   device=cursor.device, progress=progress)
                         edits += list(trainable_parameters(layer).values())
                     write_back(layer.block, edits)
-                    if self.on_layer_done is not None:
-                        self.on_layer_done(layer)
+                    if on_layer_done is not None:
+                        on_layer_done(layer)
                 entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
                     down.relative_error(li)
                 entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
                 entry["ridge"] = lam
-            if self.blocks is not None:
-                self.blocks.done(li)
-        self.record["layers"][li] = entry
-
-
-class PruneAndRepairBeside:
-    """:func:`prune_and_repair` for kept experts that become known a layer at a time: a model in
-    memory whose selection (NAEE) calls :meth:`chosen` as each layer's set is final, and whose
-    layers are then pruned and re-fitted at once, in order, while the selection goes on to the
-    next layer (``merge.blocks.ProgressiveBlocks``). The selection runs on the input model, so
-    it sees each later layer unchanged; its own routing hooks on a chosen layer are gone before
-    :meth:`chosen` (the original stream runs that layer's original block). The same blocks,
-    re-fits and record as :func:`prune_and_repair` after the whole selection: the GPU works on
-    the re-fit while the later layers are still being read from the disk (``layerload``) instead
-    of after the last one. :meth:`finish` repairs the layers the selection did not report."""
-
-    def __init__(self, model, keep: int, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,
-                 ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
-                 progress: bool = True, target: str = DEFAULT_TARGET, tune_epochs: int | None = None,
-                 tune_lr: float | None = None, seed: int = 0, on_layer_done=None):
-        from .merge.api import METHODS, MergePlan
-        from .merge.blocks import ProgressiveBlocks
-
-        if is_streamed(model):
-            raise ValueError("PruneAndRepairBeside is for a model in memory; a streamed one uses prune_and_repair")
-        view = moe_view(model)
-        self.plan = MergePlan(clusters={}, dominant={},
-                              frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
-        grouped = view.num_groups > 1 and view.balanced_groups(keep) > 1
-        self.blocks = ProgressiveBlocks(model, self.plan, METHODS["average"], "dominant", keep, grouped)
-        self.steps = LayerwiseRepair(model, {layer.layer_idx: layer.block for layer in view}, tokens, mode=mode,
-                                     ridge=ridge, router_ridge=router_ridge, batch_size=batch_size, progress=progress,
-                                     joint=True, target=target, tune_epochs=tune_epochs, tune_lr=tune_lr, seed=seed,
-                                     on_layer_done=on_layer_done, blocks=self.blocks)
-        self.todo = list(self.steps.layer_indices)
-
-    def chosen(self, layer_idx: int, kept: list[int]) -> None:
-        """Layer ``layer_idx`` keeps ``kept``: repair every layer whose set is now known, in order."""
-        self.plan.clusters[layer_idx] = [[e] for e in kept]
-        self.plan.dominant[layer_idx] = list(kept)
-        while self.todo and self.todo[0] in self.plan.dominant:
-            self.steps.step(self.todo.pop(0))
-
-    def finish(self, kept: dict[int, list[int]]) -> dict:
-        """Every layer's kept experts (the selection's plan): the layers not reported yet are
-        repaired, the config follows the new count. Returns the repair's record."""
-        for li in sorted(kept):
-            if li not in self.plan.dominant:
-                self.chosen(li, kept[li])
-        assert not self.todo, f"layers {self.todo} were never chosen"
-        self.blocks.finish()
-        return self.steps.record
+            if blocks is not None:
+                blocks.done(li)
+        record["layers"][li] = entry
+    return record
 
 
 def working_bytes(view, keep: int, mode: str) -> int:

@@ -171,18 +171,6 @@ class Cancelled(Exception):
     """The work a surgery ran beside stopped; the surgery stops too."""
 
 
-class LateKept(dict):
-    """``keep`` for a surgery that starts before the kept experts are chosen (the expert prune
-    beside NAEE's selection, ``prune.checkpoint``): ``count`` per layer, known up front, plans
-    the output's names and shapes; each layer's list is added before that layer's replacements
-    are published, and the surgery reads it only after waiting for them. Every kept expert must
-    be replaced (a per-expert input tensor would come from the wrong expert otherwise)."""
-
-    def __init__(self, count: int):
-        super().__init__()
-        self.count = count
-
-
 class PublishedReplacements:
     """``replace`` for a surgery that runs beside the work producing the replacements (the
     re-fit, a layer at a time; :class:`SurgeryAlongside`): ``groups`` as for
@@ -474,11 +462,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     ``keep`` too (their own choice: ``mtp.kept_by_own_router``), or ``drop_mtp``: their tensors
     are left out and ``num_nextn_predict_layers`` becomes 0.
     """
-    late = isinstance(keep, LateKept)
-    plan, new, stored_mtp, method = _surgery_plan(src, keep.count if late else keep, drop_mtp)
-    if late and (replace is None or method is not None or (stored_mtp and not drop_mtp)):
-        raise ValueError("kept experts that come late need every kept expert replaced, an unquantized input and no "
-                         "stored MTP layers")
+    plan, new, stored_mtp, method = _surgery_plan(src, keep, drop_mtp)
     if replace is not None and method is not None:
         raise ValueError(f"replacing experts of a {method} checkpoint by surgery would store new weights with old "
                          "scales; stages that rewrite weights save a dequantized (bf16) model instead")
@@ -516,7 +500,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
                     for e in entries:
                         if getattr(replace, "cancelled", False):
                             raise Cancelled()
-                        t = _output_tensor(f, *jobs[e.name], replacements, keep if late else None)
+                        t = _output_tensor(f, *jobs[e.name], replacements)
                         # scanned here, in memory: the output check need not read the file
                         finite = finite and first_nonfinite_tensor({e.name: t}) is None
                         w.write(e.name, t)
@@ -531,8 +515,6 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     if (src / SHARD_INDEX).exists():
         index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / SHARD_INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
-    if late:  # the config follows the kept experts (whether grouped routing stays), known now
-        new = _surgery_plan(src, dict(keep), drop_mtp)[1]
     new.model.config.save_pretrained(out)
     for extra in ("generation_config.json",):
         if (src / extra).exists():
@@ -570,14 +552,7 @@ def _entry(f, key: str, target: _Target) -> Entry:
     return Entry(target.key, sl.get_dtype(), tuple(shape))
 
 
-def _output_tensor(f, key: str, target: _Target, replacements: _Replacements,
-                   late: LateKept | None = None) -> torch.Tensor:
-    if late is not None and target.layer >= 0:  # planned from the count: bound to the kept experts now
-        pieces = replacements.of(target.layer)  # waits for the layer, whose kept experts are known by then
-        if target.index is not None:
-            target = dataclasses.replace(target, index=torch.as_tensor(late[target.layer], dtype=torch.long))
-        elif target.expert is not None and target.k0 not in pieces.get(target.expert, {}):
-            raise ValueError(f"{key}: a kept expert of a layer whose kept experts come late was not replaced")
+def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) -> torch.Tensor:
     if target.expert is not None:  # per-expert key: the replacement, or the input tensor
         piece = replacements.of(target.layer).get(target.expert, {}).get(target.k0)
         if piece is None:

@@ -281,14 +281,6 @@ class MoELayer:
         if self.top_k > n:
             self.set_top_k(n)
 
-    def route_ungrouped(self) -> None:
-        """One expert group for this layer's modules (the config's fields are the model's:
-        ``MoEModel._set_config_num_experts``): group selection becomes a no-op."""
-        for mod in (self.router, self.block):
-            for name in ("num_group", "n_group", "topk_group"):
-                if hasattr(mod, name):
-                    setattr(mod, name, 1)
-
     def set_top_k(self, k: int) -> None:
         for mod in (self.block, self.router, self.experts):
             if hasattr(mod, "top_k"):

@@ -7,8 +7,6 @@ cluster (a cluster of one expert is that expert, which is how pruning with repai
 * :func:`defer_blocks` — the same swap, each block built only when a layer-wise stage reaches
   its layer (:class:`DeferredBlocks`): a streamed model's new blocks never make a round trip
   through the disk while that stage uses them.
-* :class:`ProgressiveBlocks` — in memory, each block built when its clusters become known (a
-  layer at a time) and its layer's turn comes.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import set_module_tensor_to_device
 
-from ..arch import MoELayer, moe_view, stays_grouped
+from ..arch import MoELayer, moe_view
 from ..onload import detached_copy, module_execution_device, onloaded
 from .align import match_neurons, member_permutations
 from .combine import ExpertWeights, member_weights, merge_weights
@@ -136,48 +134,6 @@ class DeferredBlocks:
         for li in sorted(self.pending):
             self.build(li)
             self.done(li, keep=True)
-
-
-class ProgressiveBlocks:
-    """New blocks of a model held in memory, each built when its layer's clusters are in
-    ``plan`` (the caller fills them a layer at a time) and a layer-wise stage reaches it
-    (``build``). Until then the model runs its original block there, so a stage still working
-    on the later layers (NAEE's selection beside the re-fit: ``repair.PruneAndRepairBeside``)
-    sees the input model. ``grouped``: whether grouped routing stays meaningful with the kept
-    experts (known before they are: ``arch.balanced_groups``); else each new block routes
-    ungrouped at once, as :func:`replace_blocks`' do after the config follows the count.
-    ``finish()`` builds the layers not reached and makes the config follow the new count."""
-
-    def __init__(self, model, plan: "MergePlan", method: "Method", router: str, count: int, grouped: bool):
-        view = moe_view(model)
-        self.model, self.plan, self.method, self.router = model, plan, method, router
-        self.count, self.grouped = count, grouped
-        self.sources = {layer.layer_idx: layer for layer in view}  # over the original blocks
-        self.decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
-        self.attr = view.spec.moe_block
-        self.pending = set(self.sources)
-
-    @torch.no_grad()
-    def build(self, layer_idx: int) -> None:
-        if layer_idx not in self.pending:
-            return
-        source, li, plan = self.sources[layer_idx], layer_idx, self.plan
-        if stays_grouped(self.model.config, source.spec, source.num_experts, plan.dominant[li]) != self.grouped:
-            raise RuntimeError(f"layer {li}'s kept experts {plan.dominant[li]} do not keep the routing groups as "
-                               "predicted (every group the same number)")
-        block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], self.method, self.router)
-        setattr(self.decoder_layers[li], self.attr, block)
-        if not self.grouped:
-            MoELayer(source.model, source.spec, li, block).route_ungrouped()
-        self.pending.discard(li)
-
-    def done(self, layer_idx: int) -> None:
-        """Nothing to hand back: the block stays in the model."""
-
-    def finish(self) -> None:
-        for li in sorted(self.pending):
-            self.build(li)
-        moe_view(self.model)._set_config_num_experts(self.count, grouped=self.grouped)
 
 
 def defer_blocks(model, plan: MergePlan, method: Method, router: str = "dominant",

@@ -128,11 +128,6 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     return result
 
 
-# In memory, NAEE's layers are pruned and re-fitted as each is chosen (_prune_and_repair_beside);
-# False: after the whole selection, as streamed (the tests compare the two; bench/scale.py times both).
-REPAIR_BESIDE_SELECTION = True
-
-
 def _repair_mode(opts: PruneOptions, kind: str, wants_tokens: bool, source, stored_mtp) -> str:
     """--repair, or by default: refit when the calibration text is read anyway (a method or the
     MTP router needs it) or was given, else none. Whole-expert methods only; not for a quantized
@@ -196,16 +191,12 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
                    progress, stored_mtp, repair="none", work=None, repair_tokens=None) -> PruneResult:
     from .. import layerload
     from ..arch import moe_view
+    from ..checkpoint import copy_tokenizer, save_model, write_record
     from ..stats import Stats
     from ..surgery import prune_checkpoint_files
 
     stats = Stats.load(opts.stats) if opts.stats is not None else None
     surgery = bool(source.shards)
-    if REPAIR_BESIDE_SELECTION and repair != "none" and not opts.streamed and _selects_by_layers(source, method, keep):
-        result = _prune_and_repair_beside(source, folder, lm, opts, method, keep, tokens, batch_size, method_options,
-                                          stats, progress, repair, repair_tokens, surgery)
-        return _finish_experts(source, folder, lm, opts, result, record, stored_mtp, tokens, batch_size, surgery,
-                               written=True)
     result = plan_experts(lm, keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
                           protect_super_experts=opts.protect_super_experts, batch_size=batch_size,
                           progress=progress, **method_options)
@@ -215,10 +206,11 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     result.kind = "experts"
     alongside = None
     if repair != "none":  # moecompress/repair.py: re-fit the kept experts to the original layers
-        from ..repair import prune_and_repair
+        from ..repair import ROUTER_CHANGING_MODES, prune_and_repair
         from ..surgery import PublishedReplacements, SurgeryAlongside
 
-        groups = _repair_groups(lm, keep, repair)
+        parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
+        groups = {li: {j: parts for j in range(keep)} for li in result.kept}
         # With shard surgery, the output is written beside the re-fit: a layer's tensors as soon
         # as it is final (docs/benchmarks.md, "Session 9"); the record and the rest follow it.
         # It writes result.kept only: a checkpoint that stores MTP layers (whose experts are chosen
@@ -237,92 +229,24 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
                 keep_model=not surgery)  # with the surgery, the model is not run again: its re-fitted layers are published
             if published is not None:
                 published.publish_rest(moe_view(lm))
-        _plot_tuning(result, folder, repair)
-    return _finish_experts(source, folder, lm, opts, result, record, stored_mtp, tokens, batch_size, surgery,
-                           written=alongside is not None)
+        if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
+            from ..blocktune import plot_tuning
+            from ..plotting import REPAIR_TUNING
 
-
-def _plot_tuning(result, folder, repair: str) -> None:
-    if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
-        from ..blocktune import plot_tuning
-        from ..plotting import REPAIR_TUNING
-
-        plot_tuning(result.info["repair"], folder / REPAIR_TUNING)
-
-
-def _repair_groups(lm, keep: int, repair: str) -> dict:
-    """What the re-fit replaces per MoE layer and kept position: the experts (and the router)."""
-    from ..arch import moe_view
-    from ..repair import ROUTER_CHANGING_MODES
-
-    parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
-    return {li: {j: parts for j in range(keep)} for li in moe_view(lm).moe_layer_indices}
-
-
-def _prune_and_repair_beside(source, folder, lm, opts, method, keep, tokens, batch_size, method_options, stats,
-                             progress, repair, repair_tokens, surgery):
-    """The expert prune with NAEE's selection in memory: each layer pruned and re-fitted as
-    soon as NAEE has chosen its experts (``repair.PruneAndRepairBeside``), while NAEE goes on
-    with the next layer and the later layers still load (``layerload``); the shard surgery
-    writes beside it from the start (``surgery.LateKept``). The same output as the selection
-    followed by the re-fit (tests/test_prune.py), in about the larger of the read and the
-    compute instead of the selection's time plus the re-fit's (docs/benchmarks.md, "Session 15")."""
-    from .. import layerload
-    from ..arch import moe_view
-    from ..repair import PruneAndRepairBeside
-    from ..surgery import LateKept, PublishedReplacements, SurgeryAlongside, prune_checkpoint_files
-
-    late = LateKept(keep)
-    published = PublishedReplacements(_repair_groups(lm, keep, repair)) if surgery else None
-    alongside = SurgeryAlongside(lambda: prune_checkpoint_files(source.folder, folder, late, replace=published,
-                                                                drop_mtp=opts.mtp == "drop"),
-                                 published) if surgery else None
-    with alongside or contextlib.nullcontext():
-        # one progress bar (the selection's): a second live display inside it is refused by rich
-        beside = PruneAndRepairBeside(lm, keep, repair_tokens, mode=repair, ridge=opts.repair_ridge,
-                                      router_ridge=opts.router_ridge, batch_size=batch_size, progress=False,
-                                      target=opts.repair_target, tune_epochs=opts.tune_epochs, tune_lr=opts.tune_lr,
-                                      seed=opts.seed, on_layer_done=published.publish if published else None)
-
-        def chosen(li: int, kept: list[int]) -> None:
-            late[li] = list(kept)  # before the layer is published: the surgery reads it after
-            beside.chosen(li, kept)
-
-        result = plan_experts(lm, keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
-                              protect_super_experts=opts.protect_super_experts, batch_size=batch_size,
-                              progress=progress, on_layer=chosen, **method_options)
-        layerload.finish(lm)
-        late.update({li: list(k) for li, k in result.kept.items()})
-        result.info["repair"] = beside.finish(result.kept)
-        if published is not None:
-            published.publish_rest(moe_view(lm))
-    result.kind = "experts"
-    result.info["repair_beside_selection"] = True
-    _plot_tuning(result, folder, repair)
-    return result
-
-
-def _finish_experts(source, folder, lm, opts, result, record, stored_mtp, tokens, batch_size, surgery,
-                    written: bool) -> PruneResult:
-    """The record, the MTP layers' experts and the output (``written``: the shard surgery
-    already wrote the tensors beside the re-fit)."""
-    from ..checkpoint import copy_tokenizer, save_model, write_record
-    from ..surgery import prune_checkpoint_files
-
+            plot_tuning(result.info["repair"], folder / REPAIR_TUNING)
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
     mtp_kept = {}
     if surgery and stored_mtp and opts.mtp == "prune":
         from ..mtp import kept_by_own_router
 
-        mtp_kept, counts = kept_by_own_router(lm, source.folder, source.config, tokens, result.keep,
-                                             batch_size=batch_size)
+        mtp_kept, counts = kept_by_own_router(lm, source.folder, source.config, tokens, keep, batch_size=batch_size)
         record["mtp"] = {"mode": "prune", "rule": "own router top-k frequency", "kept_experts": mtp_kept,
                          "counts": counts}
     elif stored_mtp and surgery:
         record["mtp"] = {"mode": "drop", "layers": stored_mtp}
     if surgery:
-        if not written:
+        if alongside is None:  # else written beside the re-fit (above)
             prune_checkpoint_files(source.folder, folder, {**result.kept, **mtp_kept}, drop_mtp=opts.mtp == "drop")
         del lm
         copy_tokenizer(source, folder)

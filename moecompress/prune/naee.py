@@ -452,11 +452,6 @@ def naee_select(sel: Selection) -> Plan:
                                                                sel.protected.get(li, set()), opts, sel.groups)
                 kept[li] = best
                 pruned_so_far.add(layer, best)
-            # the cursor never runs layer li again: its routing hook goes, so the layer is the
-            # input's for whoever is told it is chosen (the re-fit's original stream runs it)
-            pruned_so_far.discard(li)
-            if sel.on_layer is not None:
-                sel.on_layer(li, best)
             progress.advance(task, len(chunks))
             progress.refresh()
     info["options"] = opts

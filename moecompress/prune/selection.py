@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -28,9 +27,6 @@ class Selection:
     # contiguous groups and every group keeps keep / groups of them (as llm-compressor's REAP
     # does), so n_group stays valid; 1 = no constraint (MoEModel.balanced_groups decides).
     groups: int = 1
-    # Told ``(layer_idx, kept)`` as each layer's kept set is final, by a method that chooses a
-    # layer at a time (NAEE): the expert prune re-fits that layer at once (repair.PruneAndRepairBeside).
-    on_layer: Callable[[int, list[int]], None] | None = None
 
     def group_of(self, num_experts: int) -> list[range]:
         size = num_experts // self.groups
