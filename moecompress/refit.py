@@ -309,8 +309,12 @@ class RefitObserver:
     """Accumulates the normal equations of the re-fit, per merged layer and expert."""
 
     def __init__(self, originals: dict[int, nn.Module], stream: dict[int, list[torch.Tensor]] | None = None,
-                 stream_weight: float = 1.0, pairs=None):
+                 stream_weight: float = 1.0, pairs=None, sliced: bool = True):
         self.originals = originals  # layer_idx -> the unmerged MoE block (detached from the model); only these are observed
+        # the original block runs block_tokens(layer) tokens at a time (a GPU cap's reserve counts
+        # that), or with ``sliced`` off (a model in memory: no cap) on the whole batch, which on
+        # the OLMoE-1B-7B shape took 1.0 s instead of 2.0-2.2 s (docs/benchmarks.md, "Session 15")
+        self.sliced = sliced
         # layer_idx -> per batch, the original model's hidden states after that decoder layer:
         # where given, the target is the original residual stream (moecompress/repair.py), mixed
         # with the layer's own residual as stream_weight * e_stream + (1 - stream_weight) * e_layer,
@@ -398,7 +402,7 @@ class RefitObserver:
     def _residual(self, layer: MoELayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """e = y_orig - y [T, H] (float32); adds to the layer's error and reference sums."""
         li = layer.layer_idx
-        y_orig = block_output(self.originals[li], x, block_tokens(layer)).float()
+        y_orig = block_output(self.originals[li], x, block_tokens(layer) if self.sliced else None).float()
         resid = y_orig - y.float()
         shared = layer.shared_forward(x)
         routed_orig = y_orig - shared.float() if shared is not None else y_orig

@@ -189,8 +189,9 @@ def weight_form(routing: Routing, tol: float = 1e-3) -> tuple[str, float] | None
 class RouterObserver:
     """Accumulates the Gauss-Newton normal equations of one layer's kept router rows."""
 
-    def __init__(self, layer_idx: int, original: nn.Module):
+    def __init__(self, layer_idx: int, original: nn.Module, sliced: bool = True):
         self.layer_idx, self.original = layer_idx, original
+        self.sliced = sliced  # the original block on block_tokens at a time (refit.RefitObserver)
         self.A: torch.Tensor | None = None  # [S, H, S, H]
         self.b: torch.Tensor | None = None  # [S, H]
         self.skip: str | None = None
@@ -218,7 +219,7 @@ class RouterObserver:
                 return
             self.A = torch.zeros(S, H, S, H, dtype=torch.float32, device=x.device)
             self.b = torch.zeros(S, H, dtype=torch.float32, device=x.device)
-        resid = (block_output(self.original, x, block_tokens(layer)) - y).float()
+        resid = (block_output(self.original, x, block_tokens(layer) if self.sliced else None) - y).float()
         shared = layer.shared_forward(x)
         routed = y.float() - (shared.float() if shared is not None else 0.0)
         self.err += float(resid.double().square().sum())
@@ -305,6 +306,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     layers = [layer for layer in view if layer.layer_idx in originals]
     if not layers:
         return record
+    streamed = is_streamed(model)  # the original block in slices of the batch under a GPU cap only
     # Per layer: observe for the router fit, re-fit the router; observe again (new routing) for
     # the down projections, re-fit them; run the layer once more for the next layer's inputs.
     cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=layers[-1].layer_idx)
@@ -323,7 +325,7 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
                 blocks.build(li)
             if mode == "refit+router":
                 start = cursor.state()
-                router_obs = RouterObserver(li, originals[li])
+                router_obs = RouterObserver(li, originals[li], sliced=streamed)
                 cursor.advance(li, [router_obs], progress=progress, description=f"repair: router of layer {li}")
                 with onloaded(layer.block):
                     entry = router_obs.apply(layer, router_ridge)
@@ -334,7 +336,8 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
             fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
             pairs = TunePairs(cursor.store) if tune else None
             down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
-                                                                            REPAIR_TARGETS[target], pairs)
+                                                                            REPAIR_TARGETS[target], pairs,
+                                                                            sliced=streamed)
             with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
                 hold.close()  # observed: the original is not needed for the solve and the edited pass
                 with onloaded(layer.block):

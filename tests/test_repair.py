@@ -414,6 +414,27 @@ def test_block_output_in_slices_equals_the_whole_batch(family):
     assert block_tokens(layer) * layer.top_k * (layer.hidden_size + layer.intermediate_size) <= BLOCK_WORK_ELEMENTS
 
 
+def test_the_original_block_is_sliced_under_a_gpu_cap_only(monkeypatch):
+    """A streamed model's re-fit runs the original block ``block_tokens`` at a time (its
+    transient within the reserve); a model in memory runs it on the whole batch (faster)."""
+    from moecompress import refit
+    from moecompress.refit import RefitObserver, block_tokens
+
+    seen = []
+    whole = refit.block_output
+    monkeypatch.setattr(refit, "block_output", lambda block, x, max_tokens=None: seen.append(max_tokens) or
+                        whole(block, x, max_tokens))
+    model, originals = pruned_with_originals("qwen3_moe", KEPT)
+    repair(model, originals, tokens(2, 12), mode="refit", progress=False)
+    assert seen and set(seen) == {None}  # in memory
+    layer, calls = _first_layer_traffic(model, tokens(2, 12))
+    seen.clear()
+    obs = RefitObserver({layer.layer_idx: originals[layer.layer_idx]})  # the default: sliced
+    for x, routing, y in calls:
+        obs.observe(layer, x, routing, y)
+    assert set(seen) == {block_tokens(layer)}
+
+
 def test_tf32_accumulation_is_scoped_to_cuda_and_restored():
     """The re-fit's TF32 products: set only for a CUDA device, only inside, and put back as found."""
     from moecompress import refit
