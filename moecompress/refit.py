@@ -41,7 +41,7 @@ from torch import nn
 
 from .arch import MoELayer, MoEModel, Routing, moe_view
 from .capture import LayerCursor, moved
-from .onload import onloaded
+from .onload import is_streamed, onloaded
 
 
 def block_output(block: nn.Module, x: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
@@ -523,8 +523,9 @@ def refit_to_original(model, originals: dict[int, nn.Module], tokens: torch.Tens
     # The calibration activations move through the model a layer at a time: each group is
     # observed, re-fitted, then run again with its new weights for the next group.
     cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=groups[-1][-1].layer_idx)
+    streamed = is_streamed(model)  # the original block in slices of the batch under a GPU cap only
     for i, group in enumerate(groups):
-        obs = RefitObserver({layer.layer_idx: originals[layer.layer_idx] for layer in group})
+        obs = RefitObserver({layer.layer_idx: originals[layer.layer_idx] for layer in group}, sliced=streamed)
         label = "least-squares re-fit" + (f" (layers {group[0].layer_idx}-{group[-1].layer_idx}, group {i + 1}/{len(groups)})"
                                           if len(groups) > 1 else "")
         with cursor.editing(group[-1].layer_idx, [obs], progress=progress, description=label):
