@@ -64,8 +64,7 @@ def block_tokens(layer: MoELayer) -> int:
     """Tokens of one ``block_output`` slice: their routed rows (``top_k`` per token) within a
     feature block's (``BLOCK_WORK_ELEMENTS``), whose transient the stages' GPU reserve counts
     (``block_working_bytes``) and which is freed before the features are computed."""
-    rows = max(1, BLOCK_WORK_ELEMENTS // (layer.hidden_size + layer.intermediate_size))
-    return max(1, rows // max(layer.top_k, 1))
+    return max(1, block_rows(layer.hidden_size, layer.intermediate_size) // max(layer.top_k, 1))
 
 
 ACCUMULATOR_BUDGET = 1 << 30  # bytes of re-fit accumulators held at once (one layer at least)
@@ -206,11 +205,15 @@ BLOCK_PADDING = 2.0  # a block's padded rows at most this many times its routed 
 BLOCK_ROW_MULTIPLE = 256  # a block's width rounded up to a multiple of this
 
 
+def block_rows(hidden: int, inter: int) -> int:
+    """Rows of one block at most (padded rows of its experts; ``BLOCK_WORK_ELEMENTS``)."""
+    return max(1, BLOCK_WORK_ELEMENTS // (hidden + inter))
+
+
 def block_working_bytes(hidden: int, inter: int) -> int:
     """Transient bytes of one block at most: per padded row its gathered input (bf16), gate, up
     and activation (bf16), features (two float32 copies) and gathered, scaled residual (float32)."""
-    rows = max(1, BLOCK_WORK_ELEMENTS // (hidden + inter))
-    return rows * (10 * hidden + 14 * inter)
+    return block_rows(hidden, inter) * (10 * hidden + 14 * inter)
 
 
 def block_width(rows: int) -> int:
@@ -282,8 +285,7 @@ def expert_feature_blocks(layer: MoELayer, x: torch.Tensor, routing: Routing):
     counts = on_device.tolist()  # the one host sync per batch: nothing below copies to the device
     # (a copy from host memory would wait for the device: a sync per block)
     starts = on_device.cumsum(0) - on_device
-    max_rows = max(1, BLOCK_WORK_ELEMENTS // (layer.hidden_size + layer.intermediate_size))
-    for e0, e1 in expert_blocks(counts, max_rows):
+    for e0, e1 in expert_blocks(counts, block_rows(layer.hidden_size, layer.intermediate_size)):
         width = block_width(max(counts[e0:e1]))
         column = torch.arange(width, device=dev)
         valid = column[None, :] < on_device[e0:e1, None]  # [n, width]
