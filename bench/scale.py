@@ -168,7 +168,8 @@ class phases:
             sync()
             t = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                with torch.profiler.record_function(label):  # (a profiler's ranges: profile_tables)
+                    return fn(*args, **kwargs)
             finally:
                 sync()
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
@@ -195,18 +196,60 @@ def peak_gpu_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def profile_tables(prof, dev: str, top: int = 25) -> dict:
-    """torch.profiler's summary: the device's busy time, the top ``top`` entries by self
-    device time (kernels) and by self CPU time (operators, Python overhead shows as their count)."""
+def profile_tables(prof, dev: str, top: int = 25, trace: Path | None = None) -> dict:
+    """torch.profiler's summary: the device's busy time (the union of its kernels' intervals,
+    not a sum of the operators' and kernels' rows, which counts each kernel twice) against the
+    profiled span, per phase of ``PHASES`` (their ``record_function`` ranges) its host time
+    against the device time of the kernels it launched, the top ``top`` kernels by device time
+    and operators by host time (Python overhead shows as their count). ``trace``: also a
+    gzipped Chrome trace there."""
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
     out = {}
-    if dev == "cuda":
-        out["device_busy_s"] = sum(e.self_device_time_total for e in events) / 1e6
-        rows = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
-        out["top_device"] = [{"name": e.key[:120], "calls": e.count, "self_ms": e.self_device_time_total / 1e3}
-                             for e in rows]
+    raw = prof.events()
+    labels = {label for _, _, label in PHASES}
+    # (a phase's range shows on the device too, as an annotation spanning its kernels: not a kernel)
+    kernels = [e for e in raw if e.device_type == DeviceType.CUDA and e.name not in labels
+               and not getattr(e, "is_user_annotation", False)]
+    if kernels:
+        spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+        busy, (lo, hi) = 0.0, spans[0]
+        for a, b in spans[1:]:
+            if a > hi:
+                busy, lo, hi = busy + hi - lo, a, b
+            else:
+                hi = max(hi, b)
+        busy += hi - lo
+        cpu = [e for e in raw if e.device_type == DeviceType.CPU]
+        span = max(e.time_range.end for e in cpu + kernels) - min(e.time_range.start for e in cpu + kernels)
+        out.update(device_busy_s=busy / 1e6, profiled_span_s=span / 1e6, device_busy_share=busy / span,
+                   kernel_launches=len(kernels))
+        by_name: dict = {}
+        for e in kernels:
+            n, t = by_name.get(e.name, (0, 0.0))
+            by_name[e.name] = (n + 1, t + e.time_range.elapsed_us())
+        out["top_kernels"] = [{"name": k[:120], "calls": n, "ms": t / 1e3}
+                              for k, (n, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
+    phase_rows: dict = {}
+    for e in raw:  # a phase's host time against the device time of the kernels launched inside it
+        if e.device_type == DeviceType.CPU and e.name in labels:
+            row = phase_rows.setdefault(e.name, {"calls": 0, "host_ms": 0.0, "device_ms": 0.0})
+            row["calls"] += 1
+            row["host_ms"] += e.time_range.elapsed_us() / 1e3
+            row["device_ms"] += e.device_time_total / 1e3
+    out["phases"] = phase_rows
     rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     out["top_cpu"] = [{"name": e.key[:120], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in rows]
+    if trace is not None:
+        import gzip
+
+        tmp = trace.with_suffix("")
+        prof.export_chrome_trace(str(tmp))
+        with open(tmp, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.unlink()
+        out["trace"] = str(trace)
     return out
 
 
@@ -334,15 +377,15 @@ def naee_layers(a) -> dict:
     per = sorted(per_layer[1:] or per_layer)[len(per_layer[1:] or per_layer) // 2]  # median, first layer warms up
     res["naee_s_per_layer_median"] = per
     res["naee_full_model_s"] = per * moe_layers
+    if a.trace_dir:
+        a.trace_dir.mkdir(parents=True, exist_ok=True)
+    trace = (lambda name: a.trace_dir / name if a.trace_dir else None)
     if "prof" in kernels:
-        key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
-        rows = sorted(kernels["prof"].key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:30]
-        res["search_profile_layer_1"] = {
-            "sort_by": key, "search_s": [d for label, d, _ in marks if label == "search"][1],
-            "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key, 0) / 1e3,
-                     "cpu_total_ms": e.cpu_time_total / 1e3} for e in rows]}
+        res["search_profile_layer_1"] = {"search_s": [d for label, d, _ in marks if label == "search"][1],
+                                         **profile_tables(kernels["prof"], dev, trace=trace("search_layer1.json.gz"))}
     if "repair" in kernels:
-        res["repair_profile"] = {"note": "repair_s above was measured under the profiler", **profile_tables(kernels["repair"], dev)}
+        res["repair_profile"] = {"note": "repair_s above was measured under the profiler",
+                                 **profile_tables(kernels["repair"], dev, trace=trace("repair.json.gz"))}
     if every is not None:
         res["routed_every_candidate"] = {"naee_total_s": every["naee_total_s"], "search_s": every["search_s"],
                                          "kept_equal": every["kept"] == plan.kept,
@@ -412,6 +455,9 @@ def main() -> None:
     ap.add_argument("--profile-repair", action="store_true",
                     help="with --naee-layers --with-repair: the re-fit once more under torch.profiler (device "
                          "busy time, top kernels and operators), in the JSON")
+    ap.add_argument("--unclocked-too", action="store_true",
+                    help="time each prune once more without the phases (their synchronisations): the headline time")
+    ap.add_argument("--trace-dir", type=Path, help="with --profile-*: gzipped Chrome traces written there")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
@@ -511,10 +557,16 @@ def main() -> None:
             kw["batch_size"] = a.prune_batch_size
         if cap:
             kw["max_cpu_memory"] = a.max_cpu_memory
+        run = lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,  # noqa: E731
+                                       seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
+                                       device=device, progress=False, overwrite=True, **kw)
+        unclocked = None
+        if a.unclocked_too:  # the product as a user runs it: no phase's synchronisations
+            _, unclocked = timed(run)
+            shutil.rmtree(out, ignore_errors=True)
+            drop_cache(src)
         with phases() as ph:
-            result, t = timed(lambda: prune_checkpoint(src, out, ratio=0.5, method=a.method, calib=a.calib, n=a.n,
-                                                       seq_len=a.seq_len, dtype="bfloat16", max_gpu_memory=cap,
-                                                       device=device, progress=False, overwrite=True, **kw))
+            result, t = timed(run)
         out_bytes = folder_bytes(out)
         parts = {"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
                  "forward": fwd_flops / res["matmul_flops"]}
@@ -523,6 +575,8 @@ def main() -> None:
         row = {"s": t, "vs_floor": t / floor, "floor_s": floor, "floor_parts_s": parts, "output_bytes": out_bytes,
                "peak_gpu_GiB": peak_gpu_gib(), "method": a.method + (f" ({auto})" if auto else ""),
                "repair": (result.info.get("repair") or {}).get("mode", "none"), "phases": ph.report()}
+        if unclocked is not None:
+            row.update(s=unclocked, vs_floor=unclocked / floor, s_clocked=t)
         shutil.rmtree(out, ignore_errors=True)
         return row
 
@@ -545,6 +599,8 @@ def main() -> None:
                             f"{key}_vs_floor": row["vs_floor"], f"{key}_peak_gpu_GiB": row["peak_gpu_GiB"],
                             f"{key}_floor_s": row["floor_s"], f"{key}_method": row["method"],
                             f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
+                if "s_clocked" in row:  # the headline is then the run without the phases' synchronisations
+                    res[f"{key}_s_clocked"] = row["s_clocked"]
                 progress(res)
     print("SUMMARY", json.dumps(summary(res)), flush=True)
     if a.json:
