@@ -203,11 +203,27 @@ def expert_features(layer: MoELayer, x: torch.Tensor, routing: Routing):
 BLOCK_WORK_ELEMENTS = 1 << 25  # rows x (hidden + intermediate) of one block (working_bytes counts it)
 BLOCK_PADDING = 2.0  # a block's padded rows at most this many times its routed rows
 BLOCK_ROW_MULTIPLE = 256  # a block's width rounded up to a multiple of this
+# Without a GPU cap (a model in GPU memory) a block may hold up to 1/256 of the GPU's memory in
+# elements, at most this many (about 11 bytes per element: 3 GiB). On the OLMoE-1B-7B shape a
+# batch's 32 kept experts then take 2 blocks instead of 18: the observation had kept the GPU
+# busy for 8 of its 28 ms per batch, the rest spent launching 18 blocks' kernels (session 16).
+UNCAPPED_BLOCK_ELEMENTS = 1 << 28
 
 
-def block_rows(hidden: int, inter: int) -> int:
-    """Rows of one block at most (padded rows of its experts; ``BLOCK_WORK_ELEMENTS``)."""
-    return max(1, BLOCK_WORK_ELEMENTS // (hidden + inter))
+def block_rows(hidden: int, inter: int, elements: int | None = None) -> int:
+    """Rows of one block at most (padded rows of its experts; ``elements`` of working tensors,
+    ``BLOCK_WORK_ELEMENTS`` by default: what a GPU cap's reserve counts)."""
+    return max(1, (BLOCK_WORK_ELEMENTS if elements is None else elements) // (hidden + inter))
+
+
+def uncapped_block_elements(device: torch.device) -> int:
+    """A block's working elements where no GPU cap bounds them: ``BLOCK_WORK_ELEMENTS`` off a
+    GPU, else up to 1/256 of the GPU's memory (a property of the device, not of its free
+    memory at the time: the same inputs give the same blocks) and ``UNCAPPED_BLOCK_ELEMENTS``."""
+    if device.type != "cuda":
+        return BLOCK_WORK_ELEMENTS
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(BLOCK_WORK_ELEMENTS, min(UNCAPPED_BLOCK_ELEMENTS, total // 256))
 
 
 def block_working_bytes(hidden: int, inter: int) -> int:
@@ -272,10 +288,11 @@ class FeatureBlock(NamedTuple):
         return full.view(*self.tok.shape, -1)
 
 
-def expert_feature_blocks(layer: MoELayer, x: torch.Tensor, routing: Routing):
-    """``expert_features`` computed for groups of experts at once (``expert_blocks``): each
-    group's gate/up products are one batched product and its accumulations one more, instead of
-    a handful of small kernels per expert, which on a GPU left the re-fit waiting on launches
+def expert_feature_blocks(layer: MoELayer, x: torch.Tensor, routing: Routing, elements: int | None = None):
+    """``expert_features`` computed for groups of experts at once (``expert_blocks``, each
+    within ``elements`` working elements, by default ``BLOCK_WORK_ELEMENTS``): each group's
+    gate/up products are one batched product and its accumulations one more, instead of a
+    handful of small kernels per expert, which on a GPU left the re-fit waiting on launches
     (128-256 experts per layer). The same rows as ``expert_features``, padded with zeros."""
     w = routing.topk_weight.float()
     share = residual_shares(w)
@@ -285,7 +302,7 @@ def expert_feature_blocks(layer: MoELayer, x: torch.Tensor, routing: Routing):
     counts = on_device.tolist()  # the one host sync per batch: nothing below copies to the device
     # (a copy from host memory would wait for the device: a sync per block)
     starts = on_device.cumsum(0) - on_device
-    for e0, e1 in expert_blocks(counts, block_rows(layer.hidden_size, layer.intermediate_size)):
+    for e0, e1 in expert_blocks(counts, block_rows(layer.hidden_size, layer.intermediate_size, elements)):
         width = block_width(max(counts[e0:e1]))
         column = torch.arange(width, device=dev)
         valid = column[None, :] < on_device[e0:e1, None]  # [n, width]
@@ -313,9 +330,10 @@ class RefitObserver:
     def __init__(self, originals: dict[int, nn.Module], stream: dict[int, list[torch.Tensor]] | None = None,
                  stream_weight: float = 1.0, pairs=None, sliced: bool = True):
         self.originals = originals  # layer_idx -> the unmerged MoE block (detached from the model); only these are observed
-        # the original block runs block_tokens(layer) tokens at a time (a GPU cap's reserve counts
-        # that), or with ``sliced`` off (a model in memory: no cap) on the whole batch, which on
-        # the OLMoE-1B-7B shape took 1.0 s instead of 2.0-2.2 s (docs/benchmarks.md, "Session 15")
+        # the original block runs block_tokens(layer) tokens at a time and the features go in
+        # blocks of BLOCK_WORK_ELEMENTS (a GPU cap's reserve counts both), or with ``sliced`` off
+        # (a model in memory: no cap) on the whole batch, which on the OLMoE-1B-7B shape took 1.0 s
+        # instead of 2.0-2.2 s (docs/benchmarks.md, "Session 15"), and in uncapped_block_elements
         self.sliced = sliced
         # layer_idx -> per batch, the original model's hidden states after that decoder layer:
         # where given, the target is the original residual stream (moecompress/repair.py), mixed
@@ -341,7 +359,8 @@ class RefitObserver:
             return
         self._begin(layer, x.device)
         resid = self._residual(layer, x, y)
-        feats = list(expert_feature_blocks(layer, x, routing))
+        elements = BLOCK_WORK_ELEMENTS if self.sliced else uncapped_block_elements(x.device)
+        feats = list(expert_feature_blocks(layer, x, routing, elements))
         for b in feats:
             with accumulation_precision(b.feat.device):
                 self.gram[li][b.e0:b.e1].baddbmm_(b.feat.transpose(1, 2), b.feat)

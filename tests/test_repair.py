@@ -560,3 +560,36 @@ def test_streamed_prune_without_repair_still_builds_every_block(tmp_path):
     probe = tokens(2, 9, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(streamed(probe).logits, in_memory(probe).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_grow_without_a_gpu_cap_only(monkeypatch):
+    """Without a cap the feature blocks hold up to 1/256 of the GPU's memory (at most
+    ``UNCAPPED_BLOCK_ELEMENTS``; off a GPU the capped size), and an uncapped observer's normal
+    equations are the capped one's: the blocks only group the experts' products."""
+    from types import SimpleNamespace
+
+    from moecompress import refit
+    from moecompress.refit import BLOCK_WORK_ELEMENTS, UNCAPPED_BLOCK_ELEMENTS, RefitObserver
+
+    assert refit.uncapped_block_elements(torch.device("cpu")) == BLOCK_WORK_ELEMENTS
+    cases = ((24 << 30, (24 << 30) // 256), (141 << 30, UNCAPPED_BLOCK_ELEMENTS), (1 << 30, BLOCK_WORK_ELEMENTS))
+    for memory, want in cases:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev, m=memory: SimpleNamespace(total_memory=m))
+        assert refit.uncapped_block_elements(torch.device("cuda", 0)) == want
+    model, originals = pruned_with_originals("qwen3_moe", KEPT)
+    layer, calls = _first_layer_traffic(model, tokens(3, 12))
+    li = layer.layer_idx
+    sizes = []
+    blocks = refit.expert_feature_blocks
+    monkeypatch.setattr(refit, "expert_feature_blocks", lambda *a: sizes.append(a[3]) or blocks(*a))
+    monkeypatch.setattr(refit, "uncapped_block_elements", lambda dev: 1)  # one expert per block: unlike the capped
+    capped, uncapped = RefitObserver({li: originals[li]}), RefitObserver({li: originals[li]}, sliced=False)
+    with torch.no_grad():
+        for x, routing, y in calls:
+            capped.observe(layer, x, routing, y)
+            uncapped.observe(layer, x, routing, y)
+    assert set(sizes) == {BLOCK_WORK_ELEMENTS, 1}
+    assert torch.equal(capped.tokens[li], uncapped.tokens[li])
+    for acc in ("gram", "rhs"):
+        a, b = getattr(capped, acc)[li], getattr(uncapped, acc)[li]
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max())), acc
