@@ -160,6 +160,45 @@ def test_incremental_rounds_equal_routing_every_candidate(family, dtype):
     assert checked >= 1
 
 
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+@torch.no_grad()
+def test_tied_tokens_in_a_fixed_room_or_counted_give_the_same_round(family, monkeypatch):
+    """A round routes its tied tokens in a room of fixed size, so that nothing waits for their
+    count: the same errors and tie counts as routing them in as many rows as they are, and a
+    round whose tied tokens overflow the room is computed again with the count read."""
+    import moecompress.prune.naee as naee
+
+    model = tiny_model(family, num_experts=32, num_experts_per_tok=4).to(torch.bfloat16)  # bf16 logits: ties
+    view = moe_view(model)
+    layer = view.layers[-1]
+    cache = LayerCache(layer, per_batch=10_000, seed=0)
+    run_calibration(model, tokens(8, 32), [cache], batch_size=2, view=view, progress=False)
+    E, effect = layer.num_experts, layer.removal_effect
+    parents = [torch.arange(E)] + [torch.randperm(E, generator=torch.Generator().manual_seed(s))[:E - 2].sort().values
+                                   for s in range(3)]
+
+    def rounds():
+        errors = cache.errors()
+        got = [errors.removals(p, effect) for p in parents]
+        return got, errors.tied_tokens, errors.round_tokens
+
+    def counted(self, parent, form, pos_of, t0, t1, ties=None):  # the tied tokens' count read: no room
+        return block(self, parent, form, pos_of, t0, t1)
+
+    block = naee.SubsetErrors._removals_block
+    roomy, tight = rounds(), None
+    monkeypatch.setattr(naee, "_TIED_ROOM", 0.0)
+    monkeypatch.setattr(naee, "_TIED_MIN_ROOM", 1)  # every round with 2 tied tokens or more: computed again
+    tight = rounds()
+    monkeypatch.setattr(naee.SubsetErrors, "_removals_block", counted)
+    exact = rounds()
+    assert exact[1] >= 2, exact[1:]  # tied tokens: a round with 2 or more overflows the tight room
+    for got in (roomy, tight):
+        assert got[1:] == exact[1:]
+        for a, b in zip(got[0], exact[0]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
 @torch.no_grad()

@@ -70,6 +70,7 @@ Measured: docs/benchmarks.md ("Scale and streaming"), bench/naee_complexity.py o
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -223,11 +224,29 @@ class SubsetErrors:
         pos_of[parent] = torch.arange(m, device=self.w.device)
         step = max(1, self.work_elements // (max(1, self.layer.top_k) * E))  # d [t, k, E] per block
         out = torch.zeros(m, dtype=torch.float64, device=self.w.device)
+        # tied tokens; blocks with too many (or None: their count read, where the device lacks nonzero_static)
+        ties = torch.zeros(2, dtype=torch.float64, device=self.w.device) if _static_nonzero(self.w.device) else None
+        counted = self.round_tokens
+        for t0 in range(0, T, step):
+            out += self._removals_block(parent, form, pos_of, t0, min(T, t0 + step), ties)
+        if ties is None:
+            return out.cpu()
+        got = torch.cat([out, ties]).cpu()  # the round's one wait for the device
+        if got[m + 1] == 0:
+            self.tied_tokens += int(got[m])
+            return got[:m]
+        out.zero_()  # a block had more tied tokens than its room: the round again, the tied tokens counted
+        self.round_tokens = counted
         for t0 in range(0, T, step):
             out += self._removals_block(parent, form, pos_of, t0, min(T, t0 + step))
         return out.cpu()
 
-    def _removals_block(self, parent: torch.Tensor, form: str, pos_of: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    def _removals_block(self, parent: torch.Tensor, form: str, pos_of: torch.Tensor, t0: int, t1: int,
+                        ties: torch.Tensor | None = None) -> torch.Tensor:
+        """The errors [m] of ``parent`` without each of its experts on tokens t0..t1. With ``ties``
+        (on the device: tied tokens so far, blocks whose tied tokens exceeded their room) the
+        tied tokens are routed in a room of fixed size (``_TIED_ROOM``), so that nothing waits for
+        the device; without, in as many rows as they are (the count read from the device)."""
         w, gram, logits = self.w[t0:t1], self.gram[t0:t1], self.logits[t0:t1]
         t, E = w.shape
         idx, weight = (v[:, 0] for v in self.routers.route(logits, parent.unsqueeze(0)))  # [t, k] among parent
@@ -247,8 +266,10 @@ class SubsetErrors:
             delta = (weight.unsqueeze(1) - grown.to(self.routers.weight_dtype).float()).double()  # [t, m, k]: d' - d on K
             k = idx.shape[1]
             gram_kk = gram.gather(1, idx.unsqueeze(2).expand(t, k, E)).gather(2, idx.unsqueeze(1).expand(t, k, k))
-            per = err.unsqueeze(1) + 2 * (delta * g_k.unsqueeze(1)).sum(dim=2) + torch.einsum(
-                "tjk,tkl,tjl->tj", delta, gram_kk.double(), delta)
+            # delta^T G_KK delta per token and set: one batched product (an einsum of the three
+            # took ~28 small kernels a round on a GPU)
+            per = err.unsqueeze(1) + 2 * (delta * g_k.unsqueeze(1)).sum(dim=2) + torch.bmm(
+                delta, gram_kk.double()).mul_(delta).sum(dim=2)
         # (the selected positions of a row are distinct: a scatter, then a sum over tokens, is deterministic)
         per = per.scatter(1, drop, quad[:, 1:])
         # A token whose lowest selected score (what the router ranks by) ties with, or lies below, an
@@ -256,17 +277,26 @@ class SubsetErrors:
         # so every set without one of its experts is routed by the router's own code.
         z = self.routers.choice_scores(logits, parent)
         chosen = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, drop, True)
-        tied = torch.nonzero(z.masked_fill(~chosen, float("inf")).amin(dim=1)
-                             <= z.masked_fill(chosen, float("-inf")).amax(dim=1)).flatten()
+        is_tied = (z.masked_fill(~chosen, float("inf")).amin(dim=1) <= z.masked_fill(chosen, float("-inf")).amax(dim=1))
         m = parent.numel()
-        self.tied_tokens += tied.numel()
         self.round_tokens += t
         step = max(1, self.work_elements // (m * E))
-        for i in range(0, tied.numel(), step):
-            r = tied[i : i + step]
-            rows = self._without(parent, torch.arange(m, device=r.device).expand(r.numel(), m), w[r], logits[r])
-            per[r] = torch.bmm(rows, gram[r]).mul_(rows).sum(dim=2, dtype=torch.float64)
-        return per.sum(dim=0)
+        if ties is None:
+            tied = torch.nonzero(is_tied).flatten()
+            self.tied_tokens += tied.numel()
+            rows_of = tied
+        else:  # a fixed room; its spare places name row t, where their results are dropped
+            room = max(_TIED_MIN_ROOM, math.ceil(_TIED_ROOM * t))
+            count = is_tied.sum()
+            ties += torch.stack([count.double(), (count > room).double()])
+            rows_of = torch.nonzero_static(is_tied, size=room, fill_value=t).flatten()
+            per = torch.cat([per, per.new_zeros(1, m)])
+        for i in range(0, rows_of.numel(), step):
+            r = rows_of[i : i + step]
+            at = r.clamp(max=t - 1)  # (a spare place computes on a real row)
+            rows = self._without(parent, torch.arange(m, device=r.device).expand(r.numel(), m), w[at], logits[at])
+            per[r] = torch.bmm(rows, gram[at]).mul_(rows).sum(dim=2, dtype=torch.float64)
+        return per[:t].sum(dim=0)
 
     def _without(self, parent: torch.Tensor, drop: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """[t, r, E]: each token's d = w - w' in the parent set without ``parent[drop[t, c]]``,
@@ -295,6 +325,23 @@ def _choose(layer: MoELayer, errors: SubsetErrors, keep: int, protected: set[int
               "evaluated_sets": errors.evaluated, "incremental": rounds.form,
               "tied_share": round(errors.tied_tokens / errors.round_tokens, 4) if errors.round_tokens else None}
     return best, scores, record
+
+
+# Tied tokens of a block routed in full without waiting for their count: a room of this share of
+# the block's tokens (3.0-6.3% were tied on the published shapes; a round whose block has more is
+# computed again with the count read), at least _TIED_MIN_ROOM rows.
+_TIED_ROOM = 0.125
+_TIED_MIN_ROOM = 64
+
+
+@functools.cache
+def _static_nonzero(device: torch.device) -> bool:
+    """Whether ``torch.nonzero_static`` runs on ``device`` (on CUDA only in later torch 2.x)."""
+    try:
+        torch.nonzero_static(torch.ones(2, dtype=torch.bool, device=device), size=1)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 # Agreement asked of the incremental rule with the router's own code on the widest round: float32
@@ -402,7 +449,11 @@ def search(errors, num_experts: int, keep: int, protected: set[int], max_combina
         cands = removal_sets(frontier)  # [b, m, m-1]
         by_removal = getattr(errors, "removals", lambda _: None)(frontier)  # [b, m] or None
         # sorted lexicographically, like sorted(set(...)); a set reached from two parents once
-        cands, inverse = torch.unique(cands[removable], dim=0, return_inverse=True)
+        if frontier.shape[0] == 1:  # one parent's sets are distinct, in descending order by position
+            cands = cands[removable].flip(0)
+            inverse = torch.arange(cands.shape[0] - 1, -1, -1)
+        else:
+            cands, inverse = torch.unique(cands[removable], dim=0, return_inverse=True)
         if by_removal is None:
             errs = errors(cands)
         else:  # each set's error from its first parent

@@ -107,7 +107,9 @@ class SubsetRouters:
         if key not in self._templates:
             if len(self._templates) > 4:  # a search goes down in size (m and m - 1 per round): keep the latest
                 self._templates.clear()
-            r = sub_router(self.layer, sets[0].tolist())
+            # which m experts an ungrouped template is cut for does not matter (its weight and per-expert
+            # tensors are replaced): the first m, not the set, whose values a GPU would wait to give
+            r = sub_router(self.layer, sets[0].tolist() if key[1] else list(range(m)))
             r.weight = nn.Parameter(torch.eye(m, dtype=r.weight.dtype, device=r.weight.device), requires_grad=False)
             for attr in ("hidden_dim", "in_features"):  # the router's input width is now m
                 if hasattr(r, attr):
