@@ -105,12 +105,19 @@ def ridge_solve(gram: torch.Tensor, lam: torch.Tensor, rhs: torch.Tensor) -> tor
     H 2048), 4.2 ms instead of 10.7 ms for DeepSeek-V3's (2048, 7168), results within 6e-15 of
     LU's (relative). The system is positive definite, so the inverse's error is of order
     cond * eps in float64, far below the rounding of the weights it corrects. Where the
-    factorisation fails (no ridge and a singular Gram matrix), LU as before."""
-    a = gram.double() + torch.diag(lam.double())
+    factorisation fails (no ridge and a singular Gram matrix), LU as before. Batched over
+    leading dimensions (``gram`` [..., n, n], ``lam`` [..., n], ``rhs`` [..., n, H]), with one
+    wait for the device for the factorisations' status."""
+    a = gram.double() + torch.diag_embed(lam.double())
     factor, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
+    failed = info != 0
+    if not bool(failed.any()):
         return torch.cholesky_inverse(factor) @ rhs.double()
-    return torch.linalg.solve(a, rhs.double())
+    if a.dim() == 2:
+        return torch.linalg.solve(a, rhs.double())
+    out = torch.cholesky_inverse(factor) @ rhs.double()
+    out[failed] = torch.linalg.solve(a[failed], rhs.double()[failed])
+    return out
 
 
 # On CUDA, the re-fit's normal equations (F^T F and F^T e, float32) are accumulated with TF32
@@ -441,15 +448,20 @@ class RefitObserver:
         li = layer.layer_idx
         if li not in self.gram:
             return
-        for c in range(layer.num_experts):
-            if int(self.tokens[li][c]) == 0:
-                continue  # never routed on the calibration tokens: nothing to fit
-            g = self.gram[li][c].double()
-            lam = ridge * float(g.diagonal().mean()) + 1e-12
-            delta = ridge_solve(g, torch.full((g.shape[0],), lam, dtype=g.dtype, device=g.device),
-                                self.rhs[li][c])  # [I, H] = dD^T
-            down = layer.down_proj[c]
-            down.copy_((down.double() + delta.T.to(down.device)).to(down.dtype))
+        fitted = [c for c in range(layer.num_experts) if int(self.tokens[li][c]) > 0]  # (never routed: nothing to fit)
+        # all experts' systems in one batched solve in GPU memory (one wait for the device, not two
+        # per expert: 53 ms a layer of the OLMoE-1B-7B shape), one at a time under a GPU cap, whose
+        # reserve counts one expert's float64 solve (repair.working_bytes)
+        chunk = 1 if self.sliced else max(1, len(fitted))
+        for i in range(0, len(fitted), chunk):
+            experts = fitted[i:i + chunk]
+            at = torch.tensor(experts, device=self.gram[li].device)
+            g = self.gram[li].index_select(0, at).double()
+            lam = ridge * g.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-12
+            delta = ridge_solve(g, lam.expand(-1, g.shape[-1]), self.rhs[li].index_select(0, at))  # [n, I, H] = dD^T
+            for j, c in enumerate(experts):
+                down = layer.down_proj[c]
+                down.copy_((down.double() + delta[j].T.to(down.device)).to(down.dtype))
 
     def relative_error(self, layer_idx: int) -> float | None:
         """||y_orig - y_merged||^2 / ||routed y_orig||^2 over the calibration tokens (before the re-fit)."""

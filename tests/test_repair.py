@@ -465,6 +465,37 @@ def test_ridge_solve_equals_lu_and_reads_the_lower_triangle():
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # no Cholesky factor: solved by LU as before
     torch.testing.assert_close(ridge_solve(indefinite, torch.zeros(2), torch.ones(2, 1)),
                                torch.linalg.solve(indefinite.double(), torch.ones(2, 1).double()))
+    # batched: each system as alone, the one without a Cholesky factor by LU
+    f2 = torch.randn(40, 2, generator=gen, dtype=torch.float64)
+    gs = torch.stack([(f2.T @ f2).float(), indefinite, torch.eye(2)])
+    lams, rhss = torch.tensor([[0.1, 0.1], [0.0, 0.0], [1.0, 1.0]]), torch.randn(3, 2, 5, generator=gen)
+    got = ridge_solve(gs, lams, rhss)
+    for i in range(3):
+        torch.testing.assert_close(got[i], ridge_solve(gs[i], lams[i], rhss[i]), rtol=1e-12, atol=1e-12)
+
+
+def test_per_expert_solve_batched_in_memory_equals_one_at_a_time():
+    """In GPU memory the per-expert systems are solved in one batch; under a cap one at a time
+    (the reserve counts one): the same corrections."""
+    from moecompress.refit import RefitObserver
+
+    model, originals = pruned_with_originals("qwen3_moe", KEPT)
+    layer, calls = _first_layer_traffic(model, tokens(3, 12))
+    li = layer.layer_idx
+    obs = RefitObserver({li: originals[li]})
+    with torch.no_grad():
+        for x, routing, y in calls:
+            obs.observe(layer, x, routing, y)
+    before = layer.down_proj.detach().clone()
+    fits = []
+    for sliced in (True, False):
+        obs.sliced = sliced
+        with torch.no_grad():
+            layer.down_proj.copy_(before)
+            obs.apply(layer, 1e-2)
+        fits.append(layer.down_proj.detach().clone())
+    assert not torch.equal(fits[0], before)
+    torch.testing.assert_close(fits[0], fits[1], rtol=1e-6, atol=1e-7)
 
 
 def test_repair_targets_are_the_options_choices():
