@@ -68,6 +68,7 @@ def block_tokens(layer: MoELayer) -> int:
 
 
 ACCUMULATOR_BUDGET = 1 << 30  # bytes of re-fit accumulators held at once (one layer at least)
+SOLVE_BUDGET = 1 << 31  # float64 bytes of the per-expert solves batched at once without a GPU cap (one expert at least)
 
 
 def accumulator_bytes(layer: MoELayer) -> int:
@@ -449,10 +450,12 @@ class RefitObserver:
         if li not in self.gram:
             return
         fitted = [c for c in range(layer.num_experts) if int(self.tokens[li][c]) > 0]  # (never routed: nothing to fit)
-        # all experts' systems in one batched solve in GPU memory (one wait for the device, not two
-        # per expert: 53 ms a layer of the OLMoE-1B-7B shape), one at a time under a GPU cap, whose
-        # reserve counts one expert's float64 solve (repair.working_bytes)
-        chunk = 1 if self.sliced else max(1, len(fitted))
+        # the experts' systems in batches of SOLVE_BUDGET bytes in GPU memory (one wait for the device
+        # a batch, not two per expert: 53 ms a layer of the OLMoE-1B-7B shape, all 32 experts in one
+        # batch), one at a time under a GPU cap, whose reserve counts one expert's float64 solve
+        # (repair.working_bytes)
+        inter, hidden = layer.intermediate_size, layer.hidden_size
+        chunk = 1 if self.sliced else max(1, SOLVE_BUDGET // (8 * (3 * inter * inter + 2 * inter * hidden)))
         for i in range(0, len(fitted), chunk):
             experts = fitted[i:i + chunk]
             at = torch.tensor(experts, device=self.gram[li].device)

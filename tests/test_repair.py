@@ -474,9 +474,10 @@ def test_ridge_solve_equals_lu_and_reads_the_lower_triangle():
         torch.testing.assert_close(got[i], ridge_solve(gs[i], lams[i], rhss[i]), rtol=1e-12, atol=1e-12)
 
 
-def test_per_expert_solve_batched_in_memory_equals_one_at_a_time():
-    """In GPU memory the per-expert systems are solved in one batch; under a cap one at a time
-    (the reserve counts one): the same corrections."""
+def test_per_expert_solve_batched_in_memory_equals_one_at_a_time(monkeypatch):
+    """In GPU memory the per-expert systems are solved in batches (of ``SOLVE_BUDGET`` bytes);
+    under a cap one at a time (the reserve counts one): the same corrections."""
+    from moecompress import refit
     from moecompress.refit import RefitObserver
 
     model, originals = pruned_with_originals("qwen3_moe", KEPT)
@@ -488,14 +489,17 @@ def test_per_expert_solve_batched_in_memory_equals_one_at_a_time():
             obs.observe(layer, x, routing, y)
     before = layer.down_proj.detach().clone()
     fits = []
-    for sliced in (True, False):
+    one = 8 * (3 * layer.intermediate_size ** 2 + 2 * layer.intermediate_size * layer.hidden_size)
+    for sliced, budget in ((True, refit.SOLVE_BUDGET), (False, refit.SOLVE_BUDGET), (False, 2 * one + 1)):
         obs.sliced = sliced
+        monkeypatch.setattr(refit, "SOLVE_BUDGET", budget)  # (the last: two experts a batch)
         with torch.no_grad():
             layer.down_proj.copy_(before)
             obs.apply(layer, 1e-2)
         fits.append(layer.down_proj.detach().clone())
     assert not torch.equal(fits[0], before)
-    torch.testing.assert_close(fits[0], fits[1], rtol=1e-6, atol=1e-7)
+    for fit in fits[1:]:
+        torch.testing.assert_close(fits[0], fit, rtol=1e-6, atol=1e-7)
 
 
 def test_repair_targets_are_the_options_choices():
