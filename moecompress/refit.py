@@ -341,7 +341,7 @@ class RefitObserver:
         # the original block runs block_tokens(layer) tokens at a time and the features go in
         # blocks of BLOCK_WORK_ELEMENTS (a GPU cap's reserve counts both), or with ``sliced`` off
         # (a model in memory: no cap) on the whole batch, which on the OLMoE-1B-7B shape took 1.0 s
-        # instead of 2.0-2.2 s (docs/benchmarks.md, "Session 15"), and in uncapped_block_elements
+        # instead of 2.0-2.2 s (docs/benchmarks.md, "Session 15"), with blocks of uncapped_block_elements
         self.sliced = sliced
         # layer_idx -> per batch, the original model's hidden states after that decoder layer:
         # where given, the target is the original residual stream (moecompress/repair.py), mixed
@@ -458,10 +458,13 @@ class RefitObserver:
         chunk = 1 if self.sliced else max(1, SOLVE_BUDGET // (8 * (3 * inter * inter + 2 * inter * hidden)))
         for i in range(0, len(fitted), chunk):
             experts = fitted[i:i + chunk]
-            at = torch.tensor(experts, device=self.gram[li].device)
-            g = self.gram[li].index_select(0, at).double()
+            # consecutive experts (the usual case) as a slice: an index list copied from host memory
+            # would make the host wait for the device once more
+            at = (slice(experts[0], experts[-1] + 1) if experts[-1] - experts[0] == len(experts) - 1
+                  else torch.tensor(experts, device=self.gram[li].device))
+            g = self.gram[li][at].double()
             lam = ridge * g.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-12
-            delta = ridge_solve(g, lam.expand(-1, g.shape[-1]), self.rhs[li].index_select(0, at))  # [n, I, H] = dD^T
+            delta = ridge_solve(g, lam.expand(-1, g.shape[-1]), self.rhs[li][at])  # [n, I, H] = dD^T
             for j, c in enumerate(experts):
                 down = layer.down_proj[c]
                 down.copy_((down.double() + delta[j].T.to(down.device)).to(down.dtype))

@@ -500,6 +500,13 @@ def test_per_expert_solve_batched_in_memory_equals_one_at_a_time(monkeypatch):
     assert not torch.equal(fits[0], before)
     for fit in fits[1:]:
         torch.testing.assert_close(fits[0], fit, rtol=1e-6, atol=1e-7)
+    obs.tokens[li][1] = 0  # an expert no token chose: left as it is, the others fitted around the gap
+    with torch.no_grad():
+        layer.down_proj.copy_(before)
+        obs.apply(layer, 1e-2)
+    assert torch.equal(layer.down_proj[1], before[1])
+    others = [c for c in range(layer.num_experts) if c != 1]
+    torch.testing.assert_close(layer.down_proj[others], fits[0][others], rtol=1e-6, atol=1e-7)
 
 
 def test_repair_targets_are_the_options_choices():
