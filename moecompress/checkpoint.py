@@ -181,6 +181,20 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
         own_folder = offload_folder is None
         if own_folder:
             offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
+        # found mid-load, a full disk costs the load's time and the message is the OS's
+        offload = offloaded_bytes(config, dt if isinstance(dt, torch.dtype) else None, max_memory,
+                                  view=shapes if torch.cuda.is_available() else None)
+        if offload:
+            where = Path(offload_folder).absolute()
+            while not where.exists() and where != where.parent:  # a folder given may not exist yet
+                where = where.parent
+            try:
+                require_free_space(where, offload, "offloading the weights beyond the memory caps",
+                                   "free space there, set TMPDIR to a larger disk, or raise --max-cpu-memory")
+            except MoECompressError:
+                if own_folder:
+                    shutil.rmtree(offload_folder, ignore_errors=True)
+                raise
         kwargs = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload_folder)}
     try:
         with partial_fp8_blocks(config):
@@ -351,19 +365,31 @@ def _align_cpu_weights(model) -> None:
                     h.weights_map = _AlignedWeights(weights)
 
 
-def require_free_space(folder: Path, need: int, what: str) -> None:
+def require_free_space(folder: Path, need: int, what: str,
+                       advice: str = "free space there or choose another output folder") -> None:
     """Refuse, before the work starts, an output whose ``need`` bytes (plus 1% and 16 MiB for
     headers, config, tokenizer and card) do not fit in the free space of the file system of
     ``folder`` (where it is written): found at the end of a long run, a full disk costs the
     user the whole run. The message names the file system's mount point (``folder`` itself is
-    a temporary folder the user never chose)."""
+    a temporary folder the user never chose) and ends with ``advice``."""
     free = shutil.disk_usage(folder).free
     if free < need * 1.01 + (16 << 20):
         mount = Path(folder).resolve()
         while not os.path.ismount(mount) and mount != mount.parent:
             mount = mount.parent
         raise MoECompressError(f"{what} needs about {need / 1e9:.2f} GB and the file system at {mount} has "
-                               f"{free / 1e9:.2f} GB free; free space there or choose another output folder")
+                               f"{free / 1e9:.2f} GB free; {advice}")
+
+
+def offloaded_bytes(config, dtype: torch.dtype | None, max_memory: dict, view=None) -> int:
+    """Weight bytes that cannot stay within ``max_memory`` (accelerate's caps: GPU 0 and the CPU)
+    and go to the offload folder: at least the model's weights in ``dtype`` beyond the caps
+    (accelerate places whole modules, so it may offload a little more)."""
+    from .arch import meta_view
+
+    view = view or meta_view(config)
+    size = (dtype or stored_dtype(config) or torch.float32).itemsize
+    return max(0, sum(p.numel() for p in view.model.parameters()) * size - sum(max_memory.values()))
 
 
 def _gpu_memory() -> int | None:

@@ -191,3 +191,34 @@ def test_editing_keeps_only_the_edited_runs_outputs(monkeypatch):
     cursor.advance(0)
     for a, b in zip(got, cursor.hidden):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("own_folder", [True, False])
+def test_a_streamed_load_is_refused_when_the_offload_cannot_fit(tmp_path, monkeypatch, own_folder):
+    """The weights beyond the memory caps go to the offload folder: a disk too small for them is
+    found before loading (one line naming the remedy), and a folder of our own is removed."""
+    import shutil
+    import tempfile
+    from collections import namedtuple
+
+    from moecompress.checkpoint import offloaded_bytes
+    from moecompress.errors import MoECompressError
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    assert offloaded_bytes(model.config, torch.float32, {"cpu": 30_000}) == weights - 30_000
+    assert offloaded_bytes(model.config, torch.float32, {"cpu": 2 * weights}) == 0
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    # (measured where the folder will be: a folder given need not exist yet)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path) and usage(1 << 40, 1 << 40, weights // 4))
+    mine = tmp_path / "mine"
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: str(mine.mkdir() or mine))
+    folder = None if own_folder else tmp_path / "off"
+    with pytest.raises(MoECompressError, match=r"offloading the weights beyond the memory caps needs about .* raise "
+                                               r"--max-cpu-memory"):
+        load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=folder)
+    assert not mine.exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 40))
+    assert is_streamed(load_model(tmp_path / "src", dtype="float32", max_cpu_memory="30KB", offload_folder=folder))
