@@ -285,21 +285,34 @@ class _Shell(nn.Module):
         node.add_module(last, nn.ModuleDict({str(i): layer}))
 
 
+_quiet_lock = threading.Lock()
+_quiet_state: dict = {"depth": 0, "level": None, "bars": False}
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers' loading report lists the keys left for later (the layers), and its progress
-    bar would be drawn once per layer: neither is the user's concern."""
+    bar would be drawn once per layer: neither is the user's concern. Its verbosity is the
+    process's, and loader threads enter this beside the main thread: the first to enter saves
+    the user's settings and the last to leave puts them back (saved and restored by each, two
+    overlapping entries could leave the user's verbosity at ERROR)."""
     from transformers.utils import logging as hf_logging
 
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity(logging.ERROR)
-    hf_logging.disable_progress_bar()
+    with _quiet_lock:
+        if _quiet_state["depth"] == 0:
+            _quiet_state.update(level=hf_logging.get_verbosity(), bars=hf_logging.is_progress_bar_enabled())
+            hf_logging.set_verbosity(logging.ERROR)
+            hf_logging.disable_progress_bar()
+        _quiet_state["depth"] += 1
     try:
         yield
     finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+        with _quiet_lock:
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                hf_logging.set_verbosity(_quiet_state["level"])
+                if _quiet_state["bars"]:
+                    hf_logging.enable_progress_bar()
 
 
 def load(source, folder: Path, *, dtype, device: str, check_values: bool):

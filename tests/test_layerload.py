@@ -207,3 +207,26 @@ def test_tensor_spans_are_the_stored_bytes(tmp_path):
     for key, t in load_file(path).items():
         start, end = tensor_spans(path)[key]
         assert raw[start:end] == t.contiguous().view(torch.uint8).numpy().tobytes(), key
+
+
+def test_overlapping_quiet_loads_give_the_users_verbosity_back():
+    """The loader threads quiet transformers beside the main thread: entries that overlap (the
+    first leaving before the second) leave the user's verbosity and progress bars as they were."""
+    from transformers.utils import logging as hf_logging
+
+    from moecompress.layerload import _quiet_transformers
+
+    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_info()
+    try:
+        first, second = _quiet_transformers(), _quiet_transformers()
+        first.__enter__()
+        second.__enter__()
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        first.__exit__(None, None, None)
+        assert hf_logging.get_verbosity() == hf_logging.ERROR  # the second is still loading
+        second.__exit__(None, None, None)
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert hf_logging.is_progress_bar_enabled() == bars
+    finally:
+        hf_logging.set_verbosity(before)
