@@ -182,8 +182,7 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
         if own_folder:
             offload_folder = tempfile.mkdtemp(prefix="moecompress-offload-")
         # found mid-load, a full disk costs the load's time and the message is the OS's
-        offload = offloaded_bytes(config, dt if isinstance(dt, torch.dtype) else None, max_memory,
-                                  view=shapes if torch.cuda.is_available() else None)
+        offload = offloaded_bytes(config, dtype, max_memory)
         if offload:
             where = Path(offload_folder).absolute()
             while not where.exists() and where != where.parent:  # a folder given may not exist yet
@@ -381,15 +380,14 @@ def require_free_space(folder: Path, need: int, what: str,
                                f"{free / 1e9:.2f} GB free; {advice}")
 
 
-def offloaded_bytes(config, dtype: torch.dtype | None, max_memory: dict, view=None) -> int:
+def offloaded_bytes(config, dtype: str | torch.dtype, max_memory: dict) -> int:
     """Weight bytes that cannot stay within ``max_memory`` (accelerate's caps: GPU 0 and the CPU)
-    and go to the offload folder: at least the model's weights in ``dtype`` beyond the caps
-    (accelerate places whole modules, so it may offload a little more)."""
-    from .arch import meta_view
+    and go to the offload folder: at least the model's weights in the compute ``dtype`` beyond
+    the caps (``device.model_bytes``: a quantized checkpoint loads dequantized; accelerate places
+    whole modules, so it may offload a little more)."""
+    from .device import model_bytes
 
-    view = view or meta_view(config)
-    size = (dtype or stored_dtype(config) or torch.float32).itemsize
-    return max(0, sum(p.numel() for p in view.model.parameters()) * size - sum(max_memory.values()))
+    return max(0, model_bytes(config, dtype) - sum(max_memory.values()))
 
 
 def _gpu_memory() -> int | None:
