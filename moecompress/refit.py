@@ -97,6 +97,12 @@ def peak_accumulator_bytes(view: MoEModel, keep: int) -> int:
     return max(min(ACCUMULATOR_BUDGET, sum(sizes)), max(sizes, default=0))
 
 
+def solve_bytes(unknowns: int, hidden: int) -> int:
+    """Float64 bytes of one ``ridge_solve`` of ``unknowns`` features and ``hidden`` right-hand
+    sides: the system, its Cholesky factor and inverse, the right-hand sides and their product."""
+    return 8 * (3 * unknowns * unknowns + 2 * unknowns * hidden)
+
+
 def ridge_solve(gram: torch.Tensor, lam: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``(G + diag(lam))^-1 rhs`` in float64, for a Gram matrix ``G`` (symmetric positive
     semi-definite; its lower triangle is read) and a ridge ``lam > 0``: the inverse from the
@@ -454,8 +460,7 @@ class RefitObserver:
         # a batch, not two per expert: 53 ms a layer of the OLMoE-1B-7B shape, all 32 experts in one
         # batch), one at a time under a GPU cap, whose reserve counts one expert's float64 solve
         # (repair.working_bytes)
-        inter, hidden = layer.intermediate_size, layer.hidden_size
-        chunk = 1 if self.sliced else max(1, SOLVE_BUDGET // (8 * (3 * inter * inter + 2 * inter * hidden)))
+        chunk = 1 if self.sliced else max(1, SOLVE_BUDGET // solve_bytes(layer.intermediate_size, layer.hidden_size))
         for i in range(0, len(fitted), chunk):
             experts = fitted[i:i + chunk]
             # consecutive experts (the usual case) as a slice: an index list copied from host memory

@@ -83,7 +83,7 @@ from .errors import MoECompressError
 from .onload import is_streamed, onloaded, resident
 from .options.groups import RepairOptions
 from .refit import (JOINT_MAX_FEATURES, JointRefitObserver, RefitObserver, block_output, block_tokens,
-                    block_working_bytes, routed_slots)
+                    block_working_bytes, routed_slots, solve_bytes)
 
 REPAIR_MODES = ("none", "refit", "refit+router", "refit+tune")
 ROUTER_CHANGING_MODES = ("refit+router", "refit+tune")  # they change the kept router rows: surgery writes them
@@ -373,7 +373,7 @@ def working_bytes(view, keep: int, mode: str) -> int:
     joint = keep * inter <= JOINT_MAX_FEATURES
     n = keep * inter if joint else inter  # unknowns per solve
     down = 4 * ((keep * inter) ** 2 + keep * inter * hidden if joint else keep * inter * (inter + hidden))
-    down += 8 * (3 * n * n + 2 * n * hidden)
+    down += solve_bytes(n, hidden)
     if not joint:  # observed in blocks of experts
         down += block_working_bytes(hidden, inter)
     router = 4 * (keep * hidden) ** 2 if mode == "refit+router" and keep * hidden <= ROUTER_MAX_UNKNOWNS else 0
