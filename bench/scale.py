@@ -50,6 +50,18 @@ def drop_cache(folder: Path) -> None:
                 os.close(fd)
 
 
+def folder_digest(folder: Path) -> str:
+    """sha256 of a folder's safetensors files, in name order (are two outputs the same bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 26):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -459,6 +471,10 @@ def main() -> None:
                     help="time each prune once more without the phases (their synchronisations), before the "
                          "clocked run (first, the default) or after it: the headline time")
     ap.add_argument("--trace-dir", type=Path, help="with --profile-*: gzipped Chrome traces written there")
+    ap.add_argument("--refit-after-too", action="store_true",
+                    help="with the surgery runs: one more unclocked prune that re-fits after the whole selection "
+                         "(the schedule before session 17: NAEE's on_layer off), its time, and whether its bytes "
+                         "equal the default's")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
@@ -572,6 +588,18 @@ def main() -> None:
         out_bytes = folder_bytes(out)
         if a.unclocked_too == "second":  # (which of the two is the process's first prune: order or clocks)
             unclocked = unclocked_run()
+        after = None
+        if a.refit_after_too:  # the same prune, every layer chosen before the first is re-fitted
+            import moecompress.prune.checkpoint as prune_module
+
+            digest = folder_digest(out)
+            real = prune_module.plan_experts
+            prune_module.plan_experts = lambda *args, on_layer=None, **kw: real(*args, **kw)
+            try:
+                after = {"s": unclocked_run()}
+            finally:
+                prune_module.plan_experts = real
+            after["same_bytes"] = folder_digest(out) == digest
         parts = {"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
                  "forward": fwd_flops / res["matmul_flops"]}
         floor = sum(parts.values())
@@ -581,6 +609,9 @@ def main() -> None:
                "repair": (result.info.get("repair") or {}).get("mode", "none"), "phases": ph.report()}
         if unclocked is not None:
             row.update(s=unclocked, vs_floor=unclocked / floor, s_clocked=t)
+        if after is not None:
+            row.update(refit_after_s=after["s"], refit_after_vs_floor=after["s"] / floor,
+                       refit_after_same_bytes=after["same_bytes"])
         shutil.rmtree(out, ignore_errors=True)
         return row
 
@@ -605,6 +636,9 @@ def main() -> None:
                             f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
                 if "s_clocked" in row:  # the headline is then the run without the phases' synchronisations
                     res[f"{key}_s_clocked"] = row["s_clocked"]
+                for k in ("refit_after_s", "refit_after_vs_floor", "refit_after_same_bytes"):
+                    if k in row:
+                        res[f"{key}_{k}"] = row[k]
                 progress(res)
     print("SUMMARY", json.dumps(summary(res)), flush=True)
     if a.json:

@@ -284,81 +284,112 @@ def repair(model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE, r
     weights are final, while they are onloaded (a surgery running beside: ``surgery.SurgeryAlongside``).
     ``blocks`` (``merge.blocks.DeferredBlocks``): the compressed blocks are built as their layer's
     turn comes (``build``) and handed back when final (``done``)."""
-    from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, TunePairs, trainable_parameters, tune_layer
-    from .merge.offload import write_back  # merge imports this package's refit: imported here
+    run = LayerRepair(model, original, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge,
+                      batch_size=batch_size, progress=progress, joint=joint, target=target, tune_epochs=tune_epochs,
+                      tune_lr=tune_lr, seed=seed, on_layer_done=on_layer_done, blocks=blocks)
+    for li in run.layer_indices:
+        run.step(li)
+    return run.record
 
-    check_mode(mode, target)
-    router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
-    tune = mode == "refit+tune"
-    tune_epochs = DEFAULT_EPOCHS if tune_epochs is None else tune_epochs
-    tune_lr = DEFAULT_LR if tune_lr is None else tune_lr
-    record = {"mode": mode, "ridge": ridge,
-              "router_ridge": router_ridge if mode == "refit+router" else None,
-              "target": {"both": "original residual stream and layer output, equally", "stream": "original residual stream",
-                         "layer": "original layer output"}[target],
-              "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
-    if tune:
-        record["tune"] = {"method": "block-wise tuning (EBFT), Adam", "epochs": tune_epochs, "lr": tune_lr, "seed": seed}
-    if mode == "none":
-        return record
-    originals = _original_blocks(model, original)
-    view = moe_view(model)
-    layers = [layer for layer in view if layer.layer_idx in originals]
-    if not layers:
-        return record
-    streamed = is_streamed(model)  # the original block in slices of the batch under a GPU cap only
-    # Per layer: observe for the router fit, re-fit the router; observe again (new routing) for
-    # the down projections, re-fit them; run the layer once more for the next layer's inputs.
-    cursor = LayerCursor(model, tokens, batch_size=batch_size, view=view, until=layers[-1].layer_idx)
-    stream = (OriginalStream(model, view, originals, tokens, batch_size=batch_size, until=layers[-1].layer_idx)
-              if REPAIR_TARGETS[target] > 0 else None)
-    for layer in layers:
-        li = layer.layer_idx
+
+class LayerRepair:
+    """:func:`repair` a layer at a time: ``step(li)`` for each MoE layer in order (it may be
+    called as soon as layer li is compressed, e.g. while later layers are still being chosen:
+    ``PruneRepair``); ``record`` is the record so far."""
+
+    @torch.no_grad()
+    def __init__(self, model, original, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,
+                 ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
+                 progress: bool = True, joint: bool = True, target: str = DEFAULT_TARGET,
+                 tune_epochs: int | None = None, tune_lr: float | None = None, seed: int = 0, on_layer_done=None,
+                 blocks=None):
+        from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR
+
+        check_mode(mode, target)
+        self.mode, self.ridge, self.joint, self.target, self.seed = mode, ridge, joint, target, seed
+        self.router_ridge = DEFAULT_ROUTER_RIDGE if router_ridge is None else router_ridge
+        self.tune_epochs = DEFAULT_EPOCHS if tune_epochs is None else tune_epochs
+        self.tune_lr = DEFAULT_LR if tune_lr is None else tune_lr
+        self.progress, self.on_layer_done, self.blocks = progress, on_layer_done, blocks
+        self.record = {"mode": mode, "ridge": ridge,
+                       "router_ridge": self.router_ridge if mode == "refit+router" else None,
+                       "target": {"both": "original residual stream and layer output, equally",
+                                  "stream": "original residual stream", "layer": "original layer output"}[target],
+                       "token_weighting": "uniform", "calibration_sequences": int(tokens.shape[0]), "layers": {}}
+        if mode == "refit+tune":
+            self.record["tune"] = {"method": "block-wise tuning (EBFT), Adam", "epochs": self.tune_epochs,
+                                   "lr": self.tune_lr, "seed": seed}
+        self.layer_indices: list[int] = []
+        if mode == "none":
+            return
+        self.originals = _original_blocks(model, original)
+        self.view = moe_view(model)
+        self.layers = {layer.layer_idx: layer for layer in self.view if layer.layer_idx in self.originals}
+        self.layer_indices = sorted(self.layers)
+        if not self.layers:
+            return
+        self.streamed = is_streamed(model)  # the original block in slices of the batch under a GPU cap only
+        last = self.layer_indices[-1]
+        self.cursor = LayerCursor(model, tokens, batch_size=batch_size, view=self.view, until=last)
+        self.stream = (OriginalStream(model, self.view, self.originals, tokens, batch_size=batch_size, until=last)
+                       if REPAIR_TARGETS[target] > 0 else None)
+
+    @torch.no_grad()
+    def step(self, li: int) -> None:
+        """Re-fit layer ``li`` (the layers before it are done); the cursors move past it.
+        Per layer: observe for the router fit, re-fit the router; observe again (new routing)
+        for the down projections, re-fit them; run the layer once more for the next layer's inputs."""
+        from .blocktune import TunePairs, trainable_parameters, tune_layer
+        from .merge.offload import write_back  # merge imports this package's refit: imported here
+
+        layer, originals, cursor, blocks = self.layers[li], self.originals, self.cursor, self.blocks
+        mode, progress, tune = self.mode, self.progress, self.mode == "refit+tune"
         entry = {}
         with contextlib.ExitStack() as hold:  # closed early below; on an error, on leaving
             # streamed, the original goes to the GPU once for its stream pass, a deferred block's build
             # and the observed pass (three onloads before); in memory this holds nothing
             hold.enter_context(resident(originals[li]))
             # the original stream first: it runs the original block, so a deferred block is built after it
-            targets = {li: stream.after(li)} if stream is not None else None
+            targets = {li: self.stream.after(li)} if self.stream is not None else None
             if blocks is not None:
-                blocks.build(li)
+                built = blocks.build(li)
+                if built is not None:  # swapped into the model: this view (and the cursors') take it
+                    layer.block = built
             if mode == "refit+router":
                 start = cursor.state()
-                router_obs = RouterObserver(li, originals[li], sliced=streamed)
+                router_obs = RouterObserver(li, originals[li], sliced=self.streamed)
                 cursor.advance(li, [router_obs], progress=progress, description=f"repair: router of layer {li}")
                 with onloaded(layer.block):
-                    entry = router_obs.apply(layer, router_ridge)
+                    entry = router_obs.apply(layer, self.router_ridge)
                     write_back(layer.block, [layer.router_weight])
                 if router_obs.relative_error() is not None:
                     entry["relative_error"] = router_obs.relative_error()
                 cursor.restore(start)
-            fit_jointly = joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
+            fit_jointly = self.joint and layer.num_experts * layer.intermediate_size <= JOINT_MAX_FEATURES
             pairs = TunePairs(cursor.store) if tune else None
             down = (JointRefitObserver if fit_jointly else RefitObserver)({li: originals[li]}, targets,
-                                                                            REPAIR_TARGETS[target], pairs,
-                                                                            sliced=streamed)
+                                                                            REPAIR_TARGETS[self.target], pairs,
+                                                                            sliced=self.streamed)
             with cursor.editing(li, [down], progress=progress, description=f"repair: down projections of layer {li}"):
                 hold.close()  # observed: the original is not needed for the solve and the edited pass
                 with onloaded(layer.block):
-                    lam = ridge if ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
+                    lam = self.ridge if self.ridge is not None else (JOINT_RIDGE if fit_jointly else EXPERT_RIDGE)
                     down.apply(layer, lam)
                     edits = [layer.down_proj]
                     if tune:
-                        entry["tune"] = tune_layer(layer, pairs, epochs=tune_epochs, lr=tune_lr, seed=seed + li,
-                                                   device=cursor.device, progress=progress)
+                        entry["tune"] = tune_layer(layer, pairs, epochs=self.tune_epochs, lr=self.tune_lr,
+                                                   seed=self.seed + li, device=cursor.device, progress=progress)
                         edits += list(trainable_parameters(layer).values())
                     write_back(layer.block, edits)
-                    if on_layer_done is not None:
-                        on_layer_done(layer)
+                    if self.on_layer_done is not None:
+                        self.on_layer_done(layer)
                 entry["relative_error_after_router" if "relative_error" in entry else "relative_error"] = \
                     down.relative_error(li)
                 entry["refit"] = "down_proj, joint" if fit_jointly else "down_proj, per expert"
                 entry["ridge"] = lam
             if blocks is not None:
                 blocks.done(li)
-        record["layers"][li] = entry
-    return record
+        self.record["layers"][li] = entry
 
 
 def working_bytes(view, keep: int, mode: str) -> int:
@@ -393,26 +424,72 @@ def prune_and_repair(model, kept: dict[int, list[int]], tokens: torch.Tensor, *,
                      tune_epochs: int | None = None, tune_lr: float | None = None, seed: int = 0,
                      on_layer_done=None, keep_model: bool = True) -> dict:
     """Keep ``kept[layer_idx]`` experts of every MoE layer of ``model`` (in place) and repair
-    the pruned layers against the original blocks. The pruned blocks are built one layer at a
-    time by the merge's block builder (a cluster of one expert is that expert). A streamed model
-    stays streamed: each pruned block is built when the repair reaches its layer and used from
-    the GPU, then written to ``offload_folder`` (``merge.blocks.defer_blocks``), or with
-    ``keep_model=False`` (the caller does not run the model afterwards: the shard surgery
-    writes the output) dropped. Returns the record."""
-    from .merge.api import METHODS, MergePlan, replace_blocks
-    from .merge.blocks import defer_blocks
+    the pruned layers against the original blocks (:class:`PruneRepair`, all layers chosen
+    already). Returns the record."""
+    run = PruneRepair(model, len(next(iter(kept.values()))), tokens, mode=mode, ridge=ridge,
+                      router_ridge=router_ridge, batch_size=batch_size, progress=progress,
+                      offload_folder=offload_folder, target=target, tune_epochs=tune_epochs, tune_lr=tune_lr,
+                      seed=seed, on_layer_done=on_layer_done, keep_model=keep_model,
+                      grouped=moe_view(model).stays_grouped(kept))
+    return run.finish(kept)
 
-    view = moe_view(model)
-    plan = MergePlan(clusters={li: [[e] for e in k] for li, k in kept.items()}, dominant=dict(kept),
-                     frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
-    blocks = None
-    if is_streamed(model):
-        originals, blocks = defer_blocks(model, plan, METHODS["average"], "dominant", offload_folder, keep=keep_model)
-    else:
-        originals = replace_blocks(model, plan, METHODS["average"], "dominant", offload_folder)
-    record = repair(model, originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge,
-                    batch_size=batch_size, progress=progress, target=target, tune_epochs=tune_epochs,
-                    tune_lr=tune_lr, seed=seed, on_layer_done=on_layer_done, blocks=blocks)
-    if blocks is not None:
-        blocks.finish()  # layers the repair did not reach (--repair none)
-    return record
+
+class PruneRepair:
+    """Prune and repair a layer at a time, as the kept experts of each layer become known:
+    ``chosen(li, kept)`` (a selection's ``on_layer``, in layer order) builds layer li's pruned
+    block and re-fits it at once, while later layers are still being chosen (their original
+    blocks and the config stay as they are until :meth:`finish`); ``finish(kept)`` prunes and
+    repairs the layers not given yet, makes the config follow, and returns the record.
+
+    The pruned blocks are built by the merge's block builder (a cluster of one expert is that
+    expert), one layer at a time (``merge.blocks.defer_blocks``). A streamed model stays
+    streamed: each pruned block is used from the GPU, then written to ``offload_folder``, or
+    with ``keep_model=False`` (the caller does not run the model afterwards: the shard surgery
+    writes the output) dropped; in memory, ``keep_model=False`` drops it too, once final
+    (``on_layer_done`` has it). ``grouped``: whether the kept experts keep grouped routing
+    (``MoEModel.balanced_groups(keep) > 1`` for a selection that keeps a quota per group).
+
+    Why a layer at a time: the selection (NAEE) reads the layers as they load
+    (``layerload``) and its work is bound by the host, the re-fit's by the GPU; re-fitting
+    each layer as soon as it is chosen runs the re-fit while later layers are still being
+    read, instead of after the whole selection (docs/benchmarks.md, "Session 17"). The values
+    are those of choosing every layer first: the selection and the re-fit run on their own
+    activations (``capture.LayerCursor``), and the re-fit of a layer reads only its kept set.
+    """
+
+    def __init__(self, model, keep: int, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,
+                 ridge: float | None = None, router_ridge: float | None = None, batch_size: int = 8,
+                 progress: bool = True, offload_folder=None, target: str = DEFAULT_TARGET,
+                 tune_epochs: int | None = None, tune_lr: float | None = None, seed: int = 0,
+                 on_layer_done=None, keep_model: bool = True, grouped: bool = False):
+        from .merge.api import METHODS, MergePlan
+        from .merge.blocks import defer_blocks
+
+        view = moe_view(model)
+        self.plan = MergePlan(clusters={}, dominant={},
+                              frequency={layer.layer_idx: torch.zeros(layer.num_experts) for layer in view})
+        self.keep = keep
+        self.originals, self.blocks = defer_blocks(model, self.plan, METHODS["average"], "dominant", offload_folder,
+                                                   keep=keep_model, grouped=grouped)
+        self.run = LayerRepair(model, self.originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge,
+                               batch_size=batch_size, progress=progress, target=target, tune_epochs=tune_epochs,
+                               tune_lr=tune_lr, seed=seed, on_layer_done=on_layer_done, blocks=self.blocks)
+        self.done: list[int] = []
+
+    def chosen(self, layer_idx: int, kept: list[int]) -> None:
+        if len(kept) != self.keep or (self.done and layer_idx <= self.done[-1]):
+            raise ValueError(f"layer {layer_idx}: {len(kept)} kept experts, after layers {self.done}")
+        self.plan.clusters[layer_idx] = [[e] for e in kept]
+        self.plan.dominant[layer_idx] = list(kept)
+        if layer_idx in self.run.layer_indices:  # else (--repair none) finish() builds it
+            self.run.step(layer_idx)
+        self.done.append(layer_idx)
+
+    def finish(self, kept: dict[int, list[int]]) -> dict:
+        for li in sorted(kept):
+            if li not in self.done:
+                self.chosen(li, kept[li])
+            elif self.plan.dominant[li] != list(kept[li]):
+                raise ValueError(f"layer {li} was re-fitted for other kept experts")
+        self.blocks.finish()  # layers the repair did not reach (--repair none); the config follows
+        return self.run.record

@@ -179,9 +179,12 @@ class PublishedReplacements:
     :meth:`get` waits until its layer is published (and its copies done), and :meth:`release`
     drops a layer once its last shard is written, so about one layer's parts are held at a time."""
 
-    def __init__(self, groups: dict[int, dict[int, set[str]]]):
+    def __init__(self, groups: dict[int, dict[int, set[str]]], kept: dict[int, list[int]] | None = None):
         self.groups = {li: {j: set(g) for j, g in d.items() if g} for li, d in groups.items()}
         self.layers = [li for li, d in self.groups.items() if d]
+        # filled by the worker as it chooses each layer's experts, before it publishes the layer: a
+        # surgery that starts before they are chosen (given their count) reads them here (kept)
+        self._kept = kept
         self._ready: dict[int, tuple[dict, object]] = {}
         self._published: set[int] = set()
         self._cond = threading.Condition()
@@ -232,6 +235,12 @@ class PublishedReplacements:
         if event is not None:
             event.synchronize()
         return parts
+
+    def kept(self, layer_idx: int) -> list[int]:
+        """Layer ``layer_idx``'s kept experts (asked for after :meth:`get` returned)."""
+        if self._kept is None or layer_idx not in self._kept:
+            raise ValueError(f"the kept experts of layer {layer_idx} were not given with its replacements")
+        return list(self._kept[layer_idx])
 
     def release(self, layer_idx: int) -> None:
         with self._cond:
@@ -344,10 +353,15 @@ class _Replacements:
     """The checkpoint-layout tensors of one layer's replacements at a time (shards list a
     layer's keys together, so each layer is converted about once per shard it spans)."""
 
-    def __init__(self, replace, keep: dict[int, list[int]], new: MoEModel):
+    def __init__(self, replace, keep: dict[int, list[int]] | int, new: MoEModel):
         self.replace, self.keep, self.new = replace, keep, new
         self.layer_idx: int | None = None
         self.pieces: dict[int, dict[str, torch.Tensor]] = {}
+
+    def kept(self, layer_idx: int) -> list[int]:
+        """Layer ``layer_idx``'s kept experts: given, or (a count was given) from the
+        replacements, once :meth:`of` has their layer."""
+        return self.keep[layer_idx] if isinstance(self.keep, dict) else self.replace.kept(layer_idx)
 
     def of(self, layer_idx: int) -> dict[int, dict[str, torch.Tensor]]:
         if self.replace is None:
@@ -355,7 +369,7 @@ class _Replacements:
         if layer_idx != self.layer_idx:
             self.layer_idx, self.pieces = layer_idx, {}
             given = self.replace.get(layer_idx) or {}
-            n = len(self.keep[layer_idx])
+            n = len(self.keep[layer_idx]) if isinstance(self.keep, dict) else self.keep
             bad = [j for j in given if not 0 <= j < n]
             if bad:
                 raise ValueError(f"replacements for experts {bad} of layer {layer_idx}, which keeps {n} (positions 0..{n - 1})")
@@ -439,12 +453,16 @@ def pruned_tensor_bytes(src: Path, keep: int, *, drop_mtp: bool = False) -> int:
     return total
 
 
-def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], progress=None, *,
+def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | int, progress=None, *,
                            replace: Mapping[int, Mapping[int, Mapping[str, torch.Tensor]]] | None = None,
                            drop_mtp: bool = False) -> None:
     """Write into ``out`` the shards and config of ``src`` with only ``keep[layer]`` experts.
 
     The kept count must be the same in every MoE layer (one config field describes it).
+    ``keep`` may be that count while the experts are still being chosen: then ``replace`` (a
+    :class:`PublishedReplacements` given the kept sets) replaces every expert part of every MoE
+    layer, and names each layer's kept experts (``kept``) when it publishes the layer: the
+    surgery plans the output from the count and slices each layer's router when it gets there.
 
     ``replace`` gives kept experts new weights: ``replace.get(layer_idx)`` is ``None`` or
     ``{j: parts}`` for kept position ``j`` (input expert ``keep[layer_idx][j]``), ``parts`` in
@@ -466,6 +484,12 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     if replace is not None and method is not None:
         raise ValueError(f"replacing experts of a {method} checkpoint by surgery would store new weights with old "
                          "scales; stages that rewrite weights save a dequantized (bf16) model instead")
+    later = isinstance(keep, int)  # the kept sets come with the replacements
+    if later and (stored_mtp and not drop_mtp or not isinstance(replace, PublishedReplacements)
+                  or set(replace.layers) != set(new.moe_layer_indices)
+                  or any(set(g) != set(range(keep)) or not {"experts"} <= set.intersection(*g.values())
+                         for g in replace.groups.values())):
+        raise ValueError("a kept count needs published replacements of every expert of every MoE layer")
     replacements = _Replacements(replace, keep, new)
 
     shards = _input_shards(src)
@@ -500,7 +524,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
                     for e in entries:
                         if getattr(replace, "cancelled", False):
                             raise Cancelled()
-                        t = _output_tensor(f, *jobs[e.name], replacements)
+                        t = _output_tensor(f, *jobs[e.name], replacements, later)
                         # scanned here, in memory: the output check need not read the file
                         finite = finite and first_nonfinite_tensor({e.name: t}) is None
                         w.write(e.name, t)
@@ -515,6 +539,8 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]], pro
     if (src / SHARD_INDEX).exists():
         index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / SHARD_INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+    if later:  # the config's grouped routing follows the kept sets, known by now
+        new = _surgery_plan(src, {li: replacements.kept(li) for li in new.moe_layer_indices}, drop_mtp)[1]
     new.model.config.save_pretrained(out)
     for extra in ("generation_config.json",):
         if (src / extra).exists():
@@ -552,18 +578,24 @@ def _entry(f, key: str, target: _Target) -> Entry:
     return Entry(target.key, sl.get_dtype(), tuple(shape))
 
 
-def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) -> torch.Tensor:
+def _output_tensor(f, key: str, target: _Target, replacements: _Replacements, later: bool = False) -> torch.Tensor:
+    """``later``: the plan was made from the kept count (``prune_checkpoint_files``): a per-expert
+    key's position holds a replacement, and a fused key is sliced to the layer's kept experts."""
     if target.expert is not None:  # per-expert key: the replacement, or the input tensor
         piece = replacements.of(target.layer).get(target.expert, {}).get(target.k0)
         if piece is None:
+            if later:
+                raise ValueError(f"no replacement for '{key}', planned from the kept count")
             return f.get_tensor(key)
         dtype = TORCH_DTYPES.get(f.get_slice(key).get_dtype()) or f.get_tensor(key).dtype
         return piece.to(dtype).contiguous()
     t = f.get_tensor(key)
     if target.index is None:
         return t
-    t = t.index_select(target.dim, target.index).contiguous()
-    for j, pieces in replacements.of(target.layer).items():
+    pieces_of = replacements.of(target.layer)  # waits for a published layer (and its kept set)
+    index = torch.tensor(replacements.kept(target.layer), dtype=torch.long) if later else target.index
+    t = t.index_select(target.dim, index).contiguous()
+    for j, pieces in pieces_of.items():
         if target.k0 in pieces:
             t.narrow(target.dim, j, 1).copy_(pieces[target.k0])
     return t

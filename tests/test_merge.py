@@ -464,7 +464,7 @@ def test_streamed_merge_with_repair_builds_each_block_at_its_layer(tmp_path):
 
     def spy(self, li):
         built.append(li)
-        build(self, li)
+        return build(self, li)
 
     blocks_module.DeferredBlocks.build = spy
     try:

@@ -547,7 +547,7 @@ def test_streamed_repair_builds_each_pruned_block_at_its_layer(tmp_path, keep_mo
 
     def spy(self, li):
         seen.append((li, sorted(p.name for p in folder.glob("*.safetensors"))))  # files written before layer li's build
-        build(self, li)
+        return build(self, li)
 
     def publish(layer):  # what the surgery beside reads: the final weights, while the layer is built
         published[layer.layer_idx] = layer.down_proj.detach().clone()
@@ -635,3 +635,49 @@ def test_blocks_grow_without_a_gpu_cap_only(monkeypatch):
     for acc in ("gram", "rhs"):
         a, b = getattr(capped, acc)[li], getattr(uncapped, acc)[li]
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max())), acc
+
+
+@pytest.mark.parametrize("model_type,keep,streamed", [("qwen3_moe", 5, False), ("mixtral", 4, False),
+                                                      ("deepseek_v3", 4, False), ("deepseek_v3", 5, False),
+                                                      ("olmoe", 5, True)])
+def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tmp_path, monkeypatch, model_type,
+                                                                              keep, streamed):
+    """The default prune re-fits each layer as soon as NAEE has chosen it (``Selection.on_layer``,
+    ``repair.PruneRepair``), while the surgery beside writes the output from the kept count: the
+    same files, config and record as choosing every layer first and re-fitting after. Families
+    with per-expert checkpoint keys (mixtral), grouped routing that stays (deepseek_v3 at 4 of
+    8) or falls back to one group (at 5), and a streamed model."""
+    from moecompress.prune import checkpoint as prune_module
+    from moecompress.prune.naee import LayerCache
+    from moecompress.repair import LayerRepair
+    from moecompress.testing import SAMPLE_TEXT, tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "src", model_type)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    kw = dict(method="naee", keep=keep, calib=str(tmp_path / "calib.txt"), n=4, seq_len=32, repair_n=6,
+              batch_size=2, progress=False, **({"max_cpu_memory": "40KB"} if streamed else {}))
+    events = []
+    step, cache = LayerRepair.step, LayerCache.__init__
+    monkeypatch.setattr(LayerRepair, "step", lambda self, li: events.append(("fit", li)) or step(self, li))
+    monkeypatch.setattr(LayerCache, "__init__", lambda self, layer, *a, **k: events.append(("choose", layer.layer_idx))
+                        or cache(self, layer, *a, **k))
+    each = prune_checkpoint(tmp_path / "src", tmp_path / "each", **kw)
+    layers = sorted(each.kept)
+    assert events == [(what, li) for li in layers for what in ("choose", "fit")]  # interleaved
+    events.clear()
+    real = prune_module.plan_experts
+    monkeypatch.setattr(prune_module, "plan_experts", lambda *a, on_layer=None, **k: real(*a, **k))
+    after = prune_checkpoint(tmp_path / "src", tmp_path / "after", **kw)
+    assert events == [("choose", li) for li in layers] + [("fit", li) for li in layers]
+    assert each.kept == after.kept
+    a, b = saved_tensors(tmp_path / "each"), saved_tensors(tmp_path / "after")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "each" / "config.json").read_text() == (tmp_path / "after" / "config.json").read_text()
+    records = [json.loads((tmp_path / d / "moecompress.json").read_text()) for d in ("each", "after")]
+    for r in records:
+        r.pop("seconds", None)
+        r.get("info", {}).pop("seconds", None)
+    assert records[0]["info"]["repair"] == records[1]["info"]["repair"]
+    assert records[0]["kept_experts"] == records[1]["kept_experts"]

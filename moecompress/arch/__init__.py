@@ -156,13 +156,7 @@ class MoEModel:
                 setattr(self.config, n_group_f, 1)
                 setattr(self.config, topk_group_f, 1)
                 for layer in self.layers:
-                    for mod in (layer.router, layer.block):
-                        if hasattr(mod, "num_group"):
-                            mod.num_group = 1
-                        if hasattr(mod, "n_group"):
-                            mod.n_group = 1
-                        if hasattr(mod, "topk_group"):
-                            mod.topk_group = 1
+                    layer.route_in_one_group()
 
     def set_top_k(self, k: int) -> None:
         setattr(self.config, self.spec.top_k_field, k)

@@ -286,6 +286,14 @@ class MoELayer:
             if hasattr(mod, "top_k"):
                 mod.top_k = k
 
+    def route_in_one_group(self) -> None:
+        """Grouped routing off in this layer's modules (one group: plain top-k over its experts);
+        the config's fields are the model's (``MoEModel._set_config_num_experts``)."""
+        for mod in (self.router, self.block):
+            for attr in ("num_group", "n_group", "topk_group"):
+                if hasattr(mod, attr):
+                    setattr(mod, attr, 1)
+
     @torch.no_grad()
     def set_expert(self, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Replace expert e's weights, given in the canonical layout."""

@@ -11,7 +11,6 @@ cluster (a cluster of one expert is that expert, which is how pruning with repai
 
 from __future__ import annotations
 
-import itertools
 import operator
 import os
 from pathlib import Path
@@ -83,81 +82,86 @@ def _block_file(folder: Path, layer_idx: int) -> Path:
 
 
 class DeferredBlocks:
-    """New blocks of a streamed model that wait as shells (the new shapes, every parameter on the
-    meta device) until a layer-wise stage reaches their layer. ``build(li)`` fills layer li's
-    shell from its onloaded original, on the execution device, without hooks: the layer's passes
-    and edits use it there, as they would use an onloaded block. ``done(li)`` then writes it to
-    its file and hooks it like :func:`replace_blocks`' blocks (``keep``), or, when the caller
-    will not run the model again (the shard surgery has the layer), drops its weights.
+    """New blocks that are built only when a layer-wise stage reaches their layer. Until then
+    the model holds the original block there. ``build(li)`` builds layer li's block from its
+    onloaded original (from ``plan.clusters[li]``, which may be filled just before), on the
+    execution device, without hooks, swaps it into the model and returns it: the layer's passes
+    and edits use it there, as they would use an onloaded block; a view made before the swap
+    must take it (``MoELayer.block``). ``done(li)`` then writes a streamed model's block to its
+    file and hooks it like :func:`replace_blocks`' blocks (``keep``), or, when the caller will
+    not run the model again (the shard surgery has the layer), drops its weights.
+    ``finish()`` builds what the stage did not reach and makes the config follow the new count.
 
     Why: built all at once up front (:func:`replace_blocks`), every new block of a streamed model
     is written to the disk before the stage starts and read back at each of its passes; on the
     OLMoE-1B-7B shape the building alone took 11.1 s of a 73.9 s default prune streamed under
-    4 GiB (docs/benchmarks.md, "Session 10")."""
+    4 GiB (docs/benchmarks.md, "Session 10"). And a prune that re-fits each layer as soon as its
+    experts are chosen (``repair.PruneRepair``) needs the original blocks of the layers after it
+    in place, and their config unchanged, while it chooses them: only the built blocks route
+    among their experts (``grouped`` false: in one group, as the config will say at the end)."""
 
-    def __init__(self, pending: dict, plan: "MergePlan", method: "Method", router: str, folder: Path, keep: bool):
-        self.pending, self.plan, self.method, self.router = pending, plan, method, router
-        self.folder, self.keep = folder, keep
+    def __init__(self, model, view, plan: "MergePlan", method: "Method", router: str, folder: Path | None,
+                 keep: bool, grouped: bool):
+        self.model, self.view, self.plan, self.method, self.router = model, view, plan, method, router
+        self.folder, self.keep, self.grouped = folder, keep, grouped
+        self.decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
+        self.pending = {layer.layer_idx: layer for layer in view}
         self.built: dict[int, tuple[torch.nn.Module, torch.device]] = {}
 
     @torch.no_grad()
-    def build(self, layer_idx: int) -> None:
+    def build(self, layer_idx: int) -> torch.nn.Module | None:
         if layer_idx not in self.pending:
-            return
-        source, shell = self.pending.pop(layer_idx)
+            return None
+        source = self.pending.pop(layer_idx)
         li, plan = layer_idx, self.plan
         block = _merged_block(source, plan.clusters[li], plan.dominant[li], plan.frequency[li], self.method, self.router)
-        device = module_execution_device(source.block)
-        # the shell is the module the model and its views already hold: filled, not replaced
-        for name, t in itertools.chain(block.named_parameters(), block.named_buffers()):
-            set_module_tensor_to_device(shell, name, device, value=t)
-        self.built[li] = (shell, device)
+        if not self.grouped:
+            MoELayer(source.model, source.spec, li, block).route_in_one_group()
+        setattr(self.decoder_layers[li], self.view.spec.moe_block, block)
+        self.built[li] = (block, module_execution_device(source.block))
+        return block
 
     @torch.no_grad()
     def done(self, layer_idx: int, keep: bool | None = None) -> None:
         """Layer ``layer_idx``'s block is final: written and hooked (``keep``, default the
-        builder's), or dropped."""
+        builder's; in memory it stays as it is), or dropped."""
         if layer_idx not in self.built:
             return
-        shell, device = self.built.pop(layer_idx)
+        block, device = self.built.pop(layer_idx)
         if self.keep if keep is None else keep:
-            offload_block(shell, _block_file(self.folder, layer_idx), device)
+            if self.folder is not None:
+                offload_block(block, _block_file(self.folder, layer_idx), device)
         else:
-            for name, _ in list(shell.named_parameters()):
-                set_module_tensor_to_device(shell, name, "meta")
+            for name, _ in list(block.named_parameters()):
+                set_module_tensor_to_device(block, name, "meta")
 
     def finish(self) -> None:
-        """Every layer the stage did not reach is built and written to its file (whatever
-        ``keep`` says: nothing has used it yet); any still built is finished."""
+        """Every layer the stage did not reach is built (and written to its file: nothing has used
+        it yet); any still built is finished; the config follows the new count."""
         for li in sorted(self.built):
             self.done(li)
         for li in sorted(self.pending):
             self.build(li)
             self.done(li, keep=True)
+        if self.view.stays_grouped(self.plan.dominant) != self.grouped:
+            raise AssertionError("the kept experts do not keep the grouping the blocks were built with")
+        _follow_count(self.model, self.view, self.plan)
 
 
 def defer_blocks(model, plan: MergePlan, method: Method, router: str = "dominant",
-                 offload_folder: str | os.PathLike | None = None, *, keep: bool = True
-                 ) -> tuple[dict[int, torch.nn.Module], DeferredBlocks]:
-    """:func:`replace_blocks` for a streamed model, each new block built when its layer's turn
-    comes (:class:`DeferredBlocks`); returns the original blocks and the deferred builder. The
-    caller calls ``build(li)`` before layer li runs, ``done(li)`` when it is final, and
-    ``finish()`` at the end. The config follows the new count at once."""
+                 offload_folder: str | os.PathLike | None = None, *, keep: bool = True,
+                 grouped: bool | None = None) -> tuple[dict[int, torch.nn.Module], DeferredBlocks]:
+    """:func:`replace_blocks`, each new block built when its layer's turn comes
+    (:class:`DeferredBlocks`); returns the original blocks and the deferred builder. The caller
+    calls ``build(li)`` before layer li runs, ``done(li)`` when it is final, and ``finish()`` at
+    the end. ``plan`` may be filled as the stage goes (``grouped``: whether the kept experts
+    will stay grouped, ``MoEModel.stays_grouped``; from the plan if not given). A model in
+    memory keeps its built blocks; a streamed one writes them to the offload folder (``keep``)."""
     view = moe_view(model)
     folder = offload_folder_for(model, offload_folder)
-    if folder is None and keep:
-        raise ValueError("defer_blocks keeps the built blocks on disk: give a streamed model or an offload_folder")
-    decoder_layers = operator.attrgetter(view.spec.layers_path)(model)
-    originals, pending = {}, {}
-    for source in view:
-        li = source.layer_idx
-        shell = detached_copy(source.block, skip=list(source.block.parameters()), share=[source.model.config])
-        MoELayer(source.model, source.spec, li, shell).keep_experts(plan.dominant[li])  # shapes only (meta)
-        pending[li] = (source, shell)
-        originals[li] = source.block
-        setattr(decoder_layers[li], view.spec.moe_block, shell)
-    _follow_count(model, view, plan)
-    return originals, DeferredBlocks(pending, plan, method, router, folder, keep)
+    grouped = view.stays_grouped(plan.dominant) if grouped is None else grouped
+    originals = {layer.layer_idx: layer.block for layer in view}
+    return originals, DeferredBlocks(model, view, plan, method, router, folder, keep, grouped)
 
 
 @torch.no_grad()

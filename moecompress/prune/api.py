@@ -169,9 +169,10 @@ def _check_mtp(src, config, mtp: str, calib) -> list[int]:
 # ----- library API -------------------------------------------------------------------------
 def plan_pruning(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torch.Tensor | None = None,
                  stats=None, seed: int = 0, protect_super_experts: bool = False, batch_size: int = 8,
-                 progress: bool = False, **options) -> tuple[Plan, dict[int, set[int]]]:
-    """Run ``method`` on ``model`` (unchanged) and return its plan and the protected experts.
-    ``keep`` may equal the expert count here (a no-op plan); the CLI refuses that."""
+                 progress: bool = False, on_layer=None, **options) -> tuple[Plan, dict[int, set[int]]]:
+    """Run ``method`` on ``model`` (unchanged, unless ``on_layer`` edits it) and return its plan
+    and the protected experts. ``keep`` may equal the expert count here (a no-op plan); the CLI
+    refuses that. ``on_layer(layer_idx, kept)``: see ``Selection.on_layer``."""
     check_method(method, options)
     view = moe_view(model)
     if not 1 <= keep <= view.num_experts:
@@ -186,7 +187,7 @@ def plan_pruning(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torc
     groups = view.balanced_groups(keep)
     protected = _protected(stats, view, keep, groups) if protect_super_experts else {}
     sel = Selection(model=model, view=view, keep=keep, tokens=tokens, stats=stats, seed=seed, protected=protected,
-                    batch_size=batch_size, progress=progress, options=options, groups=groups)
+                    batch_size=batch_size, progress=progress, options=options, groups=groups, on_layer=on_layer)
     plan = METHODS[method].select(sel)
     if groups > 1:
         plan.info["groups"] = {"n_group": groups, "kept_per_group": keep // groups}
@@ -211,13 +212,14 @@ def select_experts(model, tokens: torch.Tensor | None = None, *, keep: int, meth
 
 def plan_experts(model, *, keep: int, method: str = DEFAULT_METHOD, tokens: torch.Tensor | None = None,
                  stats=None, seed: int = 0, protect_super_experts: bool = False, batch_size: int = 8,
-                 progress: bool = False, **options) -> PruneResult:
-    """What :func:`prune_experts` would do, without editing ``model``."""
+                 progress: bool = False, on_layer=None, **options) -> PruneResult:
+    """What :func:`prune_experts` would do, without editing ``model`` (``on_layer``: see
+    ``Selection.on_layer``)."""
     start = time.perf_counter()
     num_experts = moe_view(model).num_experts
     plan, protected = plan_pruning(model, keep=keep, method=method, tokens=tokens, stats=stats, seed=seed,
                                    protect_super_experts=protect_super_experts, batch_size=batch_size,
-                                   progress=progress, **options)
+                                   progress=progress, on_layer=on_layer, **options)
     return PruneResult(method=method, num_experts=num_experts, keep=keep, kept=plan.kept,
                        scores={li: s.tolist() for li, s in plan.scores.items()},
                        protected={li: sorted(p) for li, p in protected.items()}, info=plan.info,

@@ -197,43 +197,18 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
 
     stats = Stats.load(opts.stats) if opts.stats is not None else None
     surgery = bool(source.shards)
-    result = plan_experts(lm, keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
-                          protect_super_experts=opts.protect_super_experts, batch_size=batch_size,
-                          progress=progress, **method_options)
-    layerload.finish(lm)  # the layers the selection did not run are loaded too, before any is edited
-    if not surgery and repair == "none":
-        moe_view(lm).keep_experts(result.kept)
+    select = dict(keep=keep, method=method, tokens=tokens, stats=stats, seed=opts.seed,
+                  protect_super_experts=opts.protect_super_experts, batch_size=batch_size, progress=progress,
+                  **method_options)
+    if repair == "none":
+        result = plan_experts(lm, **select)
+        layerload.finish(lm)  # the layers the selection did not run are loaded too, before any is edited
+        if not surgery:
+            moe_view(lm).keep_experts(result.kept)
+    else:
+        result = _select_and_repair(source, folder, lm, opts, keep, repair, select, surgery, stored_mtp, work,
+                                    repair_tokens, batch_size, progress)
     result.kind = "experts"
-    alongside = None
-    if repair != "none":  # moecompress/repair.py: re-fit the kept experts to the original layers
-        from ..repair import ROUTER_CHANGING_MODES, prune_and_repair
-        from ..surgery import PublishedReplacements, SurgeryAlongside
-
-        parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
-        groups = {li: {j: parts for j in range(keep)} for li in result.kept}
-        # With shard surgery, the output is written beside the re-fit: a layer's tensors as soon
-        # as it is final (docs/benchmarks.md, "Session 9"); the record and the rest follow it.
-        # It writes result.kept only: a checkpoint that stores MTP layers (whose experts are chosen
-        # after, below) never gets here, _repair_mode turns the repair off for it.
-        assert not stored_mtp, "the repair is off for checkpoints with stored MTP layers (_repair_mode)"
-        published = PublishedReplacements(groups) if surgery else None
-        alongside = SurgeryAlongside(lambda: prune_checkpoint_files(source.folder, folder, result.kept, replace=published,
-                                                                    drop_mtp=opts.mtp == "drop"),
-                                     published) if surgery else None
-        with alongside or contextlib.nullcontext():
-            result.info["repair"] = prune_and_repair(
-                lm, result.kept, repair_tokens, mode=repair, ridge=opts.repair_ridge, router_ridge=opts.router_ridge,
-                batch_size=batch_size, target=opts.repair_target, tune_epochs=opts.tune_epochs, tune_lr=opts.tune_lr,
-                seed=opts.seed, progress=progress, offload_folder=work / "pruned" if work else None,
-                on_layer_done=published.publish if published else None,
-                keep_model=not surgery)  # with the surgery, the model is not run again: its re-fitted layers are published
-            if published is not None:
-                published.publish_rest(moe_view(lm))
-        if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
-            from ..blocktune import plot_tuning
-            from ..plotting import REPAIR_TUNING
-
-            plot_tuning(result.info["repair"], folder / REPAIR_TUNING)
     record.update({"writer": "shard surgery" if surgery else "save_pretrained",
                    **{k: v for k, v in result.to_dict(with_time=False).items() if k not in ("method", "kind")}})
     mtp_kept = {}
@@ -246,7 +221,7 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     elif stored_mtp and surgery:
         record["mtp"] = {"mode": "drop", "layers": stored_mtp}
     if surgery:
-        if alongside is None:  # else written beside the re-fit (above)
+        if repair == "none":  # else written beside the re-fit (_select_and_repair)
             prune_checkpoint_files(source.folder, folder, {**result.kept, **mtp_kept}, drop_mtp=opts.mtp == "drop")
         del lm
         copy_tokenizer(source, folder)
@@ -255,6 +230,58 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
         if source.stored_dtype is not None and lm.dtype != source.stored_dtype:
             lm.to(source.stored_dtype)
         save_model(lm, folder, source=source, record=record)
+    return result
+
+
+def _select_and_repair(source, folder, lm, opts, keep, repair, select, surgery, stored_mtp, work, repair_tokens,
+                       batch_size, progress) -> PruneResult:
+    """Choose the kept experts and re-fit them (``repair.PruneRepair``), each layer as soon as it
+    is chosen by a method that chooses a layer at a time (NAEE: ``Selection.on_layer``), the
+    others after the selection. With shard surgery the output is written beside both: every
+    tensor the choice does not decide at once, then a layer's experts and router as soon as the
+    layer is final (docs/benchmarks.md, "Session 9" and "Session 17"); the record and the rest
+    follow it."""
+    from .. import layerload
+    from ..arch import moe_view
+    from ..blocktune import plot_tuning
+    from ..plotting import REPAIR_TUNING
+    from ..repair import ROUTER_CHANGING_MODES, PruneRepair
+    from ..surgery import PublishedReplacements, SurgeryAlongside, prune_checkpoint_files
+
+    # A checkpoint that stores MTP layers (whose experts are chosen after, from the kept sets)
+    # never gets here: _repair_mode turns the repair off for it.
+    assert not stored_mtp, "the repair is off for checkpoints with stored MTP layers (_repair_mode)"
+    view = moe_view(lm)
+    kept: dict[int, list[int]] = {}  # as the layers are chosen: the surgery slices each router by it
+    published = alongside = None
+    if surgery:
+        parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
+        published = PublishedReplacements({li: {j: parts for j in range(keep)} for li in view.moe_layer_indices},
+                                          kept)
+        alongside = SurgeryAlongside(lambda: prune_checkpoint_files(source.folder, folder, keep, replace=published,
+                                                                    drop_mtp=opts.mtp == "drop"), published)
+    with alongside or contextlib.nullcontext():
+        run = PruneRepair(lm, keep, repair_tokens, mode=repair, ridge=opts.repair_ridge, router_ridge=opts.router_ridge,
+                          batch_size=batch_size, target=opts.repair_target, tune_epochs=opts.tune_epochs,
+                          tune_lr=opts.tune_lr, seed=opts.seed, progress=False,
+                          offload_folder=work / "pruned" if work else None,
+                          on_layer_done=published.publish if published else None,
+                          keep_model=not surgery,  # with the surgery the model is not run again
+                          grouped=view.balanced_groups(keep) > 1)
+
+        def chosen(li: int, experts: list[int]) -> None:
+            kept[li] = experts
+            run.chosen(li, experts)
+
+        result = plan_experts(lm, on_layer=chosen, **select)
+        layerload.finish(lm)
+        kept.update(result.kept)
+        run.run.progress = progress  # the layers left (a method that chooses all at once) show their own bars
+        result.info["repair"] = run.finish(result.kept)
+        if published is not None:
+            published.publish_rest(moe_view(lm))
+    if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
+        plot_tuning(result.info["repair"], folder / REPAIR_TUNING)
     return result
 
 

@@ -494,15 +494,22 @@ def naee_select(sel: Selection) -> Plan:
     work = _work_elements(sel.model)
     with SubsetRouting() as pruned_so_far, progress:
         task = progress.add_task("naee", total=len(view) * len(chunks))
+        what = "naee" if sel.on_layer is None else "naee and re-fit"
         for layer in view:
             li = layer.layer_idx
-            progress.update(task, description=f"naee: layer {li}", refresh=True)
+            progress.update(task, description=f"{what}: layer {li}", refresh=True)
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li, work_elements=work)
             with cursor.editing(li, [cache], hold=True):  # layer li's tokens; on leaving, its outputs with only `best`
                 best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
                                                                sel.protected.get(li, set()), opts, sel.groups)
                 kept[li] = best
                 pruned_so_far.add(layer, best)
+            del cache  # its Gram matrices: freed before the caller works on the layer
+            # the cursor is past layer li for good: its routing hook has done its work, and the
+            # caller's edits of the layer (on_layer) must meet the original router
+            pruned_so_far.discard(li)
+            if sel.on_layer is not None:
+                sel.on_layer(li, best)
             progress.advance(task, len(chunks))
             progress.refresh()
     info["options"] = opts

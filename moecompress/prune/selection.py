@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,11 @@ class Selection:
     # contiguous groups and every group keeps keep / groups of them (as llm-compressor's REAP
     # does), so n_group stays valid; 1 = no constraint (MoEModel.balanced_groups decides).
     groups: int = 1
+    # Called as on_layer(layer_idx, kept) by a method that chooses a layer at a time, as soon as
+    # that layer's set is final and the method will not run the layer again (NAEE): the caller
+    # may then edit the layer (the prune's re-fit, beside the selection of the next layers).
+    # Methods that choose every layer at once do not call it.
+    on_layer: Callable[[int, list[int]], None] | None = None
 
     def group_of(self, num_experts: int) -> list[range]:
         size = num_experts // self.groups

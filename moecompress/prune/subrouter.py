@@ -274,6 +274,12 @@ class SubsetRouting:
 
         self._hooks[layer.layer_idx] = layer.router.register_forward_hook(hook)
 
+    def discard(self, layer_idx: int) -> None:
+        """Layer ``layer_idx`` routes among all its experts again."""
+        hook = self._hooks.pop(layer_idx, None)
+        if hook is not None:
+            hook.remove()
+
     def remove(self) -> None:
         for h in self._hooks.values():
             h.remove()
