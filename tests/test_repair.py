@@ -646,7 +646,12 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
     ``repair.PruneRepair``), while the surgery beside writes the output from the kept count: the
     same files, config and record as choosing every layer first and re-fitting after. Families
     with per-expert checkpoint keys (mixtral), grouped routing that stays (deepseek_v3 at 4 of
-    8) or falls back to one group (at 5), and a streamed model."""
+    8) or falls back to one group (at 5), and a streamed model, whose MoE blocks then go to the
+    GPU once per prune instead of twice (once for the selection, once for the re-fit)."""
+    import contextlib
+
+    import accelerate.utils
+
     from moecompress.prune import checkpoint as prune_module
     from moecompress.prune.naee import LayerCache
     from moecompress.repair import LayerRepair
@@ -656,7 +661,16 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
     kw = dict(method="naee", keep=keep, calib=str(tmp_path / "calib.txt"), n=4, seq_len=32, repair_n=6,
               batch_size=2, progress=False, **({"max_cpu_memory": "40KB"} if streamed else {}))
-    events = []
+    events, onloads = [], []
+    align = accelerate.utils.align_module_device
+
+    @contextlib.contextmanager
+    def counted(module, *a, **k):  # what onload.onloaded calls per offloaded module
+        onloads.append(type(module).__name__)
+        with align(module, *a, **k):
+            yield
+
+    monkeypatch.setattr(accelerate.utils, "align_module_device", counted)
     step, cache = LayerRepair.step, LayerCache.__init__
     monkeypatch.setattr(LayerRepair, "step", lambda self, li: events.append(("fit", li)) or step(self, li))
     monkeypatch.setattr(LayerCache, "__init__", lambda self, layer, *a, **k: events.append(("choose", layer.layer_idx))
@@ -664,11 +678,15 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
     each = prune_checkpoint(tmp_path / "src", tmp_path / "each", **kw)
     layers = sorted(each.kept)
     assert events == [(what, li) for li in layers for what in ("choose", "fit")]  # interleaved
+    experts_onloads = sum(name.endswith("Experts") for name in onloads)
+    assert experts_onloads == (len(layers) if streamed else 0)
     events.clear()
+    onloads.clear()
     real = prune_module.plan_experts
     monkeypatch.setattr(prune_module, "plan_experts", lambda *a, on_layer=None, **k: real(*a, **k))
     after = prune_checkpoint(tmp_path / "src", tmp_path / "after", **kw)
     assert events == [("choose", li) for li in layers] + [("fit", li) for li in layers]
+    assert sum(name.endswith("Experts") for name in onloads) == 2 * experts_onloads
     assert each.kept == after.kept
     a, b = saved_tensors(tmp_path / "each"), saved_tensors(tmp_path / "after")
     assert a.keys() == b.keys()

@@ -70,6 +70,7 @@ Measured: docs/benchmarks.md ("Scale and streaming"), bench/naee_complexity.py o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -79,7 +80,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..arch import MoELayer
 from ..capture import LayerCursor, batches_of, execution_device
 from ..errors import MoECompressError
-from ..onload import is_streamed
+from ..onload import is_streamed, resident
 from .selection import Plan, Selection
 from .subrouter import SubsetRouters, SubsetRouting, route_subset, sub_router
 
@@ -499,17 +500,25 @@ def naee_select(sel: Selection) -> Plan:
             li = layer.layer_idx
             progress.update(task, description=f"{what}: layer {li}", refresh=True)
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li, work_elements=work)
-            with cursor.editing(li, [cache], hold=True):  # layer li's tokens; on leaving, its outputs with only `best`
-                best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
-                                                               sel.protected.get(li, set()), opts, sel.groups)
-                kept[li] = best
-                pruned_so_far.add(layer, best)
-            del cache  # its Gram matrices: freed before the caller works on the layer
-            # the cursor is past layer li for good: its routing hook has done its work, and the
-            # caller's edits of the layer (on_layer) must meet the original router
-            pruned_so_far.discard(li)
-            if sel.on_layer is not None:
-                sel.on_layer(li, best)
+            # Streamed, with a caller that works on the layer next (the re-fit): the MoE block stays on
+            # the GPU from this selection's passes to the caller's, which would onload it again
+            # (resident: a no-op in memory; the cursor's hold below takes the rest of the layer). The
+            # dense layers before it run first, as the hold does: two layers are never held at once.
+            hold_block = sel.on_layer is not None
+            if hold_block and cursor.position < li:
+                cursor.advance(li - 1)
+            with resident(layer.block) if hold_block else contextlib.nullcontext():
+                with cursor.editing(li, [cache], hold=True):  # layer li's tokens; on leaving, its outputs with only `best`
+                    best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
+                                                                   sel.protected.get(li, set()), opts, sel.groups)
+                    kept[li] = best
+                    pruned_so_far.add(layer, best)
+                del cache  # its Gram matrices: freed before the caller works on the layer
+                # the cursor is past layer li for good: its routing hook has done its work, and the
+                # caller's edits of the layer (on_layer) must meet the original router
+                pruned_so_far.discard(li)
+                if sel.on_layer is not None:
+                    sel.on_layer(li, best)
             progress.advance(task, len(chunks))
             progress.refresh()
     info["options"] = opts
