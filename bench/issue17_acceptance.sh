@@ -4,9 +4,9 @@
 #
 #   bash bench/issue17_acceptance.sh olmoe CALIB TOKENIZER_DIR   # ~6 min: the default prune of the
 #        OLMoE-1B-7B shape in GPU memory and streamed under 4 GiB (bench/scale.py), each timed three times:
-#        first as a user runs it (the headline), then with the phases' clocks, then re-fitting after the
-#        whole selection (the schedule before session 17, its bytes compared); then DeepSeek-V3's default
-#        per layer on 3 layers, extrapolated with those rates
+#        first as a user runs it (the headline), then with the phases' clocks, then with the re-fit
+#        scheduled the other way (prune.checkpoint.refits_as_chosen; its bytes compared); then
+#        DeepSeek-V3's default per layer on 3 layers, extrapolated with those rates
 #   bash bench/issue17_acceptance.sh qwen30 CALIB TOKENIZER_DIR  # ~5.5 min: the Qwen3-30B-A3B shape's
 #        default prune streamed under 4.75 GiB (its 61 GB checkpoint written to a RAM disk first). Under
 #        4 GiB its embeddings do not fit beside the room for one layer and NAEE's reserve: accelerate
@@ -33,7 +33,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 case "$part" in
   olmoe)
     python3 "$here/scale.py" olmoe-1b-7b --work /tmp/scale --calib "$calib" --tokenizer-from "$tok" \
-        --skip stats,stream,prune --repairs default --unclocked-too --refit-after-too --json "$out/scale_olmoe_default.json" | grep SUMMARY
+        --skip stats,stream,prune --repairs default --unclocked-too --other-schedule-too --json "$out/scale_olmoe_default.json" | grep SUMMARY
     python3 "$here/scale.py" deepseek-v3 --naee-layers 3 --with-repair --rates-from "$out/scale_olmoe_default.json" \
         --json "$out/naee_deepseek_v3_default.json" | grep SUMMARY
     ;;

@@ -121,15 +121,18 @@ PHASES = (
     ("moecompress.integrity", "first_nonfinite", "input NaN/Inf scan"),
     ("moecompress.calibration", "load_calibration", "calibration text"),
     ("moecompress.checkpoint", "load_model", "load (includes the scan)"),
-    ("moecompress.prune.checkpoint", "plan_experts", "select"),
+    # since session 17 a streamed default's select includes the re-fit of each layer as it is chosen
+    ("moecompress.prune.checkpoint", "plan_experts", "select (streamed: + the re-fit, each layer as chosen)"),
     ("moecompress.prune.naee.LayerCache", "observe", "select: naee observe + Gram"),
     ("moecompress.prune.naee", "expert_gram", "select: naee Gram"),
     ("moecompress.prune.naee", "_choose", "select: naee search"),
     ("moecompress.capture.LayerCursor", "__init__", "calibration: record layer-0 inputs"),
     ("moecompress.repair", "prune_and_repair", "repair"),
+    ("moecompress.repair.LayerRepair", "step", "repair: one layer"),
+    ("moecompress.repair.PruneRepair", "finish", "repair: the layers left, the config"),
     ("moecompress.merge.api", "replace_blocks", "repair: build the pruned blocks"),
-    ("moecompress.merge.blocks.DeferredBlocks", "build", "repair: build a pruned block at its layer (streamed)"),
-    ("moecompress.merge.blocks.DeferredBlocks", "done", "repair: hand a final pruned block back (streamed)"),
+    ("moecompress.merge.blocks.DeferredBlocks", "build", "repair: build a pruned block at its layer"),
+    ("moecompress.merge.blocks.DeferredBlocks", "done", "repair: hand a final pruned block back"),
     ("moecompress.repair.OriginalStream", "after", "repair: original stream"),
     ("moecompress.capture.LayerCursor", "advance", "cursor: advance"),
     ("moecompress.refit", "block_output", "repair: original block on the pruned inputs"),
@@ -471,10 +474,10 @@ def main() -> None:
                     help="time each prune once more without the phases (their synchronisations), before the "
                          "clocked run (first, the default) or after it: the headline time")
     ap.add_argument("--trace-dir", type=Path, help="with --profile-*: gzipped Chrome traces written there")
-    ap.add_argument("--refit-after-too", action="store_true",
-                    help="with the surgery runs: one more unclocked prune that re-fits after the whole selection "
-                         "(the schedule before session 17: NAEE's on_layer off), its time, and whether its bytes "
-                         "equal the default's")
+    ap.add_argument("--other-schedule-too", action="store_true",
+                    help="with the surgery runs: one more unclocked prune with the other re-fit schedule than the "
+                         "default's (prune.checkpoint.refits_as_chosen: each layer as chosen in GPU memory, after "
+                         "the selection streamed), its time, and whether its bytes equal the default's")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
@@ -588,18 +591,18 @@ def main() -> None:
         out_bytes = folder_bytes(out)
         if a.unclocked_too == "second":  # (which of the two is the process's first prune: order or clocks)
             unclocked = unclocked_run()
-        after = None
-        if a.refit_after_too:  # the same prune, every layer chosen before the first is re-fitted
+        other = None
+        if a.other_schedule_too:  # the same prune, the re-fit scheduled the other way
             import moecompress.prune.checkpoint as prune_module
 
             digest = folder_digest(out)
-            real = prune_module.plan_experts
-            prune_module.plan_experts = lambda *args, on_layer=None, **kw: real(*args, **kw)
+            real = prune_module.refits_as_chosen
+            prune_module.refits_as_chosen = lambda lm: not real(lm)
             try:
-                after = {"s": unclocked_run()}
+                other = {"s": unclocked_run(), "schedule": "each layer as chosen" if cap is None else "after the selection"}
             finally:
-                prune_module.plan_experts = real
-            after["same_bytes"] = folder_digest(out) == digest
+                prune_module.refits_as_chosen = real
+            other["same_bytes"] = folder_digest(out) == digest
         parts = {"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
                  "forward": fwd_flops / res["matmul_flops"]}
         floor = sum(parts.values())
@@ -609,9 +612,9 @@ def main() -> None:
                "repair": (result.info.get("repair") or {}).get("mode", "none"), "phases": ph.report()}
         if unclocked is not None:
             row.update(s=unclocked, vs_floor=unclocked / floor, s_clocked=t)
-        if after is not None:
-            row.update(refit_after_s=after["s"], refit_after_vs_floor=after["s"] / floor,
-                       refit_after_same_bytes=after["same_bytes"])
+        if other is not None:
+            row.update(other_schedule=other["schedule"], other_schedule_s=other["s"],
+                       other_schedule_vs_floor=other["s"] / floor, other_schedule_same_bytes=other["same_bytes"])
         shutil.rmtree(out, ignore_errors=True)
         return row
 
@@ -636,7 +639,7 @@ def main() -> None:
                             f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
                 if "s_clocked" in row:  # the headline is then the run without the phases' synchronisations
                     res[f"{key}_s_clocked"] = row["s_clocked"]
-                for k in ("refit_after_s", "refit_after_vs_floor", "refit_after_same_bytes"):
+                for k in ("other_schedule", "other_schedule_s", "other_schedule_vs_floor", "other_schedule_same_bytes"):
                     if k in row:
                         res[f"{key}_{k}"] = row[k]
                 progress(res)

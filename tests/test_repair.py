@@ -642,12 +642,13 @@ def test_blocks_grow_without_a_gpu_cap_only(monkeypatch):
                                                       ("olmoe", 5, True)])
 def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tmp_path, monkeypatch, model_type,
                                                                               keep, streamed):
-    """The default prune re-fits each layer as soon as NAEE has chosen it (``Selection.on_layer``,
-    ``repair.PruneRepair``), while the surgery beside writes the output from the kept count: the
-    same files, config and record as choosing every layer first and re-fitting after. Families
-    with per-expert checkpoint keys (mixtral), grouped routing that stays (deepseek_v3 at 4 of
-    8) or falls back to one group (at 5), and a streamed model, whose MoE blocks then go to the
-    GPU once per prune instead of twice (once for the selection, once for the re-fit)."""
+    """A streamed default prune re-fits each layer as soon as NAEE has chosen it
+    (``Selection.on_layer``, ``repair.PruneRepair``), while the surgery beside writes the output
+    from the kept count: the same files, config and record as choosing every layer first and
+    re-fitting after (what a prune in memory does, ``refits_as_chosen``; forced here both ways).
+    Families with per-expert checkpoint keys (mixtral), grouped routing that stays (deepseek_v3 at
+    4 of 8) or falls back to one group (at 5), and a streamed model, whose MoE blocks then go to
+    the GPU once per prune instead of twice (once for the selection, once for the re-fit)."""
     import contextlib
 
     import accelerate.utils
@@ -675,6 +676,8 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
     monkeypatch.setattr(LayerRepair, "step", lambda self, li: events.append(("fit", li)) or step(self, li))
     monkeypatch.setattr(LayerCache, "__init__", lambda self, layer, *a, **k: events.append(("choose", layer.layer_idx))
                         or cache(self, layer, *a, **k))
+    if not streamed:  # (streamed: the default)
+        monkeypatch.setattr(prune_module, "refits_as_chosen", lambda lm: True)
     each = prune_checkpoint(tmp_path / "src", tmp_path / "each", **kw)
     layers = sorted(each.kept)
     assert events == [(what, li) for li in layers for what in ("choose", "fit")]  # interleaved
@@ -682,8 +685,7 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
     assert experts_onloads == (len(layers) if streamed else 0)
     events.clear()
     onloads.clear()
-    real = prune_module.plan_experts
-    monkeypatch.setattr(prune_module, "plan_experts", lambda *a, on_layer=None, **k: real(*a, **k))
+    monkeypatch.setattr(prune_module, "refits_as_chosen", lambda lm: False)  # (in memory: the default)
     after = prune_checkpoint(tmp_path / "src", tmp_path / "after", **kw)
     assert events == [("choose", li) for li in layers] + [("fit", li) for li in layers]
     assert sum(name.endswith("Experts") for name in onloads) == 2 * experts_onloads
@@ -699,3 +701,16 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
         r.get("info", {}).pop("seconds", None)
     assert records[0]["info"]["repair"] == records[1]["info"]["repair"]
     assert records[0]["kept_experts"] == records[1]["kept_experts"]
+
+
+def test_only_a_streamed_prune_refits_each_layer_as_chosen(tmp_path):
+    """In GPU memory the re-fit beside the layers' background loading was measured slower
+    (docs/benchmarks.md, "Session 15"): there the re-fit follows the whole selection."""
+    from moecompress.checkpoint import load_model
+    from moecompress.onload import is_streamed
+    from moecompress.prune.checkpoint import refits_as_chosen
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "src")
+    assert not refits_as_chosen(load_model(tmp_path / "src", dtype="float32"))
+    streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB", offload_folder=tmp_path / "off")
+    assert refits_as_chosen(streamed) == is_streamed(streamed)

@@ -233,54 +233,76 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     return result
 
 
+def refits_as_chosen(lm) -> bool:
+    """Whether the prune re-fits each layer as soon as it is chosen (``Selection.on_layer``), or
+    after the whole selection: as chosen for a streamed model only.
+
+    Streamed, the MoE block of a layer then goes to the GPU once for its selection and its
+    re-fit (``naee``: the selection holds it for the re-fit), where the re-fit after the
+    selection onloads every block a second time (docs/benchmarks.md, "Session 17"). In GPU
+    memory the layers load in the background while the selection runs (``layerload``), and the
+    re-fit beside those loads was measured slower (12.1 s instead of 10.0 s on the OLMoE shape):
+    the whole prune 22.0 s against 21.1 s re-fitting after the selection ("Session 15")."""
+    from ..onload import is_streamed
+
+    return is_streamed(lm)
+
+
 def _select_and_repair(source, folder, lm, opts, keep, repair, select, surgery, stored_mtp, work, repair_tokens,
                        batch_size, progress) -> PruneResult:
-    """Choose the kept experts and re-fit them (``repair.PruneRepair``), each layer as soon as it
-    is chosen by a method that chooses a layer at a time (NAEE: ``Selection.on_layer``), the
-    others after the selection. With shard surgery the output is written beside both: every
-    tensor the choice does not decide at once, then a layer's experts and router as soon as the
-    layer is final (docs/benchmarks.md, "Session 9" and "Session 17"); the record and the rest
-    follow it."""
+    """Choose the kept experts and re-fit them (``repair.PruneRepair``): each layer as soon as it
+    is chosen by a method that chooses a layer at a time (NAEE: ``Selection.on_layer``) where
+    :func:`refits_as_chosen`, else after the selection. With shard surgery the output is written
+    beside the re-fit: every tensor the choice does not decide first (from the kept count, when
+    the re-fit starts before every layer is chosen), then a layer's experts and router as soon as
+    the layer is final (docs/benchmarks.md, "Session 9"); the record and the rest follow it."""
     from .. import layerload
     from ..arch import moe_view
-    from ..blocktune import plot_tuning
-    from ..plotting import REPAIR_TUNING
     from ..repair import ROUTER_CHANGING_MODES, PruneRepair
     from ..surgery import PublishedReplacements, SurgeryAlongside, prune_checkpoint_files
 
     # A checkpoint that stores MTP layers (whose experts are chosen after, from the kept sets)
     # never gets here: _repair_mode turns the repair off for it.
     assert not stored_mtp, "the repair is off for checkpoints with stored MTP layers (_repair_mode)"
+    as_chosen = refits_as_chosen(lm)
+    result = None
+    if not as_chosen:
+        result = plan_experts(lm, **select)
+        layerload.finish(lm)  # the layers the selection did not run are loaded too, before any is edited
     view = moe_view(lm)
-    kept: dict[int, list[int]] = {}  # as the layers are chosen: the surgery slices each router by it
+    kept: dict[int, list[int]] = {} if as_chosen else dict(result.kept)  # the surgery slices each router by it
     published = alongside = None
     if surgery:
         parts = {"experts", "router"} if repair in ROUTER_CHANGING_MODES else {"experts"}
         published = PublishedReplacements({li: {j: parts for j in range(keep)} for li in view.moe_layer_indices},
                                           kept)
-        alongside = SurgeryAlongside(lambda: prune_checkpoint_files(source.folder, folder, keep, replace=published,
-                                                                    drop_mtp=opts.mtp == "drop"), published)
+        alongside = SurgeryAlongside(lambda: prune_checkpoint_files(source.folder, folder, keep if as_chosen else kept,
+                                                                    replace=published, drop_mtp=opts.mtp == "drop"),
+                                     published)
     with alongside or contextlib.nullcontext():
         run = PruneRepair(lm, keep, repair_tokens, mode=repair, ridge=opts.repair_ridge, router_ridge=opts.router_ridge,
                           batch_size=batch_size, target=opts.repair_target, tune_epochs=opts.tune_epochs,
-                          tune_lr=opts.tune_lr, seed=opts.seed, progress=False,
+                          tune_lr=opts.tune_lr, seed=opts.seed, progress=progress and not as_chosen,
                           offload_folder=work / "pruned" if work else None,
                           on_layer_done=published.publish if published else None,
                           keep_model=not surgery,  # with the surgery the model is not run again
                           grouped=view.balanced_groups(keep) > 1)
+        if as_chosen:
+            def chosen(li: int, experts: list[int]) -> None:
+                kept[li] = experts
+                run.chosen(li, experts)
 
-        def chosen(li: int, experts: list[int]) -> None:
-            kept[li] = experts
-            run.chosen(li, experts)
-
-        result = plan_experts(lm, on_layer=chosen, **select)
-        layerload.finish(lm)
-        kept.update(result.kept)
-        run.run.progress = progress  # the layers left (a method that chooses all at once) show their own bars
+            result = plan_experts(lm, on_layer=chosen, **select)  # its bar shows the re-fit's layers too
+            layerload.finish(lm)
+            kept.update(result.kept)
+            run.run.progress = progress  # layers left (a method that chooses all at once) show their own bars
         result.info["repair"] = run.finish(result.kept)
         if published is not None:
             published.publish_rest(moe_view(lm))
     if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture
+        from ..blocktune import plot_tuning
+        from ..plotting import REPAIR_TUNING
+
         plot_tuning(result.info["repair"], folder / REPAIR_TUNING)
     return result
 
