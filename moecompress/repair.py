@@ -471,18 +471,27 @@ class PruneRepair:
         self.keep = keep
         self.originals, self.blocks = defer_blocks(model, self.plan, METHODS["average"], "dominant", offload_folder,
                                                    keep=keep_model, grouped=grouped)
-        self.run = LayerRepair(model, self.originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge,
-                               batch_size=batch_size, progress=progress, target=target, tune_epochs=tune_epochs,
-                               tune_lr=tune_lr, seed=seed, on_layer_done=on_layer_done, blocks=self.blocks)
+        self.refit = LayerRepair(model, self.originals, tokens, mode=mode, ridge=ridge, router_ridge=router_ridge,
+                                 batch_size=batch_size, progress=progress, target=target, tune_epochs=tune_epochs,
+                                 tune_lr=tune_lr, seed=seed, on_layer_done=on_layer_done, blocks=self.blocks)
         self.done: list[int] = []
+
+    @property
+    def progress(self) -> bool:
+        """Whether the re-fit's passes show their own progress bars."""
+        return self.refit.progress
+
+    @progress.setter
+    def progress(self, on: bool) -> None:
+        self.refit.progress = on
 
     def chosen(self, layer_idx: int, kept: list[int]) -> None:
         if len(kept) != self.keep or (self.done and layer_idx <= self.done[-1]):
             raise ValueError(f"layer {layer_idx}: {len(kept)} kept experts, after layers {self.done}")
         self.plan.clusters[layer_idx] = [[e] for e in kept]
         self.plan.dominant[layer_idx] = list(kept)
-        if layer_idx in self.run.layer_indices:  # else (--repair none) finish() builds it
-            self.run.step(layer_idx)
+        if layer_idx in self.refit.layer_indices:  # else (--repair none) finish() builds it
+            self.refit.step(layer_idx)
         self.done.append(layer_idx)
 
     def finish(self, kept: dict[int, list[int]]) -> dict:
@@ -492,4 +501,4 @@ class PruneRepair:
             elif self.plan.dominant[li] != list(kept[li]):
                 raise ValueError(f"layer {li} was re-fitted for other kept experts")
         self.blocks.finish()  # layers the repair did not reach (--repair none); the config follows
-        return self.run.record
+        return self.refit.record

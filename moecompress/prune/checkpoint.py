@@ -295,7 +295,7 @@ def _select_and_repair(source, folder, lm, opts, keep, repair, select, surgery, 
             result = plan_experts(lm, on_layer=chosen, **select)  # its bar shows the re-fit's layers too
             layerload.finish(lm)
             kept.update(result.kept)
-            run.run.progress = progress  # layers left (a method that chooses all at once) show their own bars
+            run.progress = progress  # layers left (a method that chooses all at once) show their own bars
         result.info["repair"] = run.finish(result.kept)
         if published is not None:
             published.publish_rest(moe_view(lm))
