@@ -77,6 +77,18 @@ def _check_hub_source(source: Path | str) -> None:
                                "download it first or pass a local checkpoint folder")
 
 
+def _strict_config_errors() -> tuple[type[BaseException], ...]:
+    """huggingface_hub's validation errors of strict dataclasses (transformers 5's configs)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: configs are not validated
+        return ()
+    return (StrictDataclassError,)
+
+
+_STRICT_CONFIG_ERRORS = _strict_config_errors()
+
+
 def load_config(src: str | os.PathLike):
     if isinstance(src, Source):
         return src.config
@@ -91,6 +103,11 @@ def load_config(src: str | os.PathLike):
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code())
     except (OSError, ValueError) as e:
         raise MoECompressError(load_error("cannot read the config of", src, e)) from None
+    except _STRICT_CONFIG_ERRORS as e:  # transformers 5's config classes check their fields and shapes
+        cause = e.__cause__ or e
+        line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise MoECompressError(f"the config of '{src}' is not valid for its model type ({line}); fix its "
+                               "config.json or re-download the checkpoint") from None
 
 
 def stored_dtype(config) -> torch.dtype | None:

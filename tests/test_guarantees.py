@@ -68,6 +68,12 @@ def world(tmp_path_factory):
     shards[-1].unlink()
     shutil.copytree(tiny, root / "badjson")
     (root / "badjson" / "config.json").write_text("{not json")
+    # valid JSON that transformers' config class refuses (its fields are validated)
+    shutil.copytree(tiny, root / "badfield")
+    cfg = json.loads((root / "badfield" / "config.json").read_text())
+    (root / "badfield" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "wide"}))
+    shutil.copytree(tiny, root / "badlayers")
+    (root / "badlayers" / "config.json").write_text(json.dumps({**cfg, "layer_types": ["no_attention"]}))
     # a checkpoint whose config needs its own code; importing it writes a marker file
     rc = root / "remote"
     rc.mkdir()
@@ -90,6 +96,9 @@ def _cases():
         ("prune-model-is-file", ["prune", "{root}/calib.txt", "-o", "{root}/o", *P], 2, "is a file"),
         ("prune-no-config", ["prune", "{root}/notours", "-o", "{root}/o", *P], 2, "no config.json"),
         ("prune-bad-config-json", ["prune", "{root}/badjson", "-o", "{root}/o", *P], 2, "badjson"),
+        ("prune-config-bad-field", ["prune", "{root}/badfield", "-o", "{root}/o", *P], 2, "not valid for its model type"),
+        ("info-config-bad-field", ["info", "{root}/badfield"], 2, "hidden_size"),
+        ("check-config-bad-layers", ["check", "{root}/badlayers"], 2, "layer_types"),
         ("prune-truncated-shard", ["prune", "{root}/trunc", "-o", "{root}/o", *P], 2, "model.safetensors' is truncated"),
         ("eval-truncated-shard", ["eval", "{root}/trunc", "--ppl", "{root}/calib.txt", "--device", "cpu"], 2,
          "is truncated"),
