@@ -194,15 +194,32 @@ class Source:
         return load_record(self.location)
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        return load_tokenizer(self.location, self.name)
 
-        from .guards import trust_remote_code
 
-        try:
-            return AutoTokenizer.from_pretrained(self.location, trust_remote_code=trust_remote_code())
-        except (OSError, ValueError) as e:
-            raise MoECompressError(f"cannot load the tokenizer of '{self.name}': {first_line(e)}; "
-                                   "calibration needs the checkpoint's tokenizer files") from None
+# Text any real tokenizer turns into tokens (a tokenizer built without its files gives none).
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
+
+
+def load_tokenizer(location, name: str | None = None):
+    """The tokenizer of the checkpoint at ``location`` (a folder or a Hub id), or one line saying
+    why not. transformers 5 builds a tokenizer of the config's model type without any vocabulary
+    when the folder has no tokenizer files: it turns every text into no tokens, so that
+    calibration and perplexity would fail later with a message about the text. Refused here."""
+    from transformers import AutoTokenizer
+
+    from .guards import trust_remote_code
+
+    name = name or str(location)
+    hint = "copy tokenizer.json and tokenizer_config.json from the model it came from"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code())
+    except (OSError, ValueError) as e:
+        raise MoECompressError(f"cannot load the tokenizer of '{name}': {first_line(e)}; {hint}") from None
+    if not tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise MoECompressError(f"'{name}' has no usable tokenizer (it turns text into no tokens: its tokenizer files "
+                               f"are missing); {hint}")
+    return tokenizer
 
 
 def open_source(src: str | os.PathLike | Source) -> Source:

@@ -72,6 +72,10 @@ def world(tmp_path_factory):
     shutil.copytree(tiny, root / "badfield")
     cfg = json.loads((root / "badfield" / "config.json").read_text())
     (root / "badfield" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "wide"}))
+    shutil.copytree(tiny, root / "notok")  # no tokenizer files: transformers builds one without a vocabulary
+    for f in (root / "notok").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
     shutil.copytree(tiny, root / "badlayers")
     (root / "badlayers" / "config.json").write_text(json.dumps({**cfg, "layer_types": ["no_attention"]}))
     # a checkpoint whose config needs its own code; importing it writes a marker file
@@ -96,6 +100,9 @@ def _cases():
         ("prune-model-is-file", ["prune", "{root}/calib.txt", "-o", "{root}/o", *P], 2, "is a file"),
         ("prune-no-config", ["prune", "{root}/notours", "-o", "{root}/o", *P], 2, "no config.json"),
         ("prune-bad-config-json", ["prune", "{root}/badjson", "-o", "{root}/o", *P], 2, "badjson"),
+        ("prune-no-tokenizer", ["prune", "{root}/notok", "-o", "{root}/o", *P], 2, "no usable tokenizer"),
+        ("eval-no-tokenizer", ["eval", "{root}/notok", "--ppl", "{root}/calib.txt", "--device", "cpu"], 2,
+         "no tokenizer"),
         ("prune-config-bad-field", ["prune", "{root}/badfield", "-o", "{root}/o", *P], 2, "not valid for its model type"),
         ("info-config-bad-field", ["info", "{root}/badfield"], 2, "hidden_size"),
         ("check-config-bad-layers", ["check", "{root}/badlayers"], 2, "layer_types"),

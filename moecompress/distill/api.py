@@ -88,12 +88,13 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
     with the teacher out of memory.
     """
     from accelerate.utils import set_seed
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..calibration import load_sequences
     from ..checkpoint import load_model, output_folder, resolve_source, save_model, stored_dtype
+    from ..source import load_tokenizer
     from .curve import write_curve
-    from .data import BatchOrder, calibration_sample, data_hash
+    from .data import BatchOrder, calibration_sample
     from .expertwise import expert_wise_distill
 
     data = opts.data
@@ -112,7 +113,7 @@ def distill_checkpoint(student: str | os.PathLike, out: str | os.PathLike, *, op
         resume_from = found[-1]
     set_seed(opts.seed)
     device = str(accelerator.device)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(student))
+    tokenizer = load_tokenizer(resolve_source(student), str(student))
     tokens = load_sequences(tokenizer, data, opts.seq_len, opts.mode, opts.field)
     # The teacher computes in its stored dtype on a GPU (bf16 halves its memory), fp32 on the CPU;
     # the student's master weights are fp32 and mixed precision autocasts its forward.

@@ -31,18 +31,16 @@ __all__ = ["load_text_tokens", "perplexity", "windows", "compare_to_base", "kl_d
 
 
 def load_tokenizer(*sources: str | os.PathLike | None):
-    """The tokenizer of the first source that has one (None if none has)."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer of the first source that has a usable one (None if none has)."""
     from ..checkpoint import resolve_source
-    from ..guards import trust_remote_code
+    from ..source import load_tokenizer as checkpoint_tokenizer
 
     for src in sources:
         if src is None:
             continue
         try:
-            return AutoTokenizer.from_pretrained(resolve_source(src), trust_remote_code=trust_remote_code())
-        except (OSError, ValueError, TypeError, MoECompressError):
+            return checkpoint_tokenizer(resolve_source(src), str(src))
+        except (TypeError, MoECompressError):
             continue
     return None
 
