@@ -25,6 +25,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import MoECompressError
+
 FP8_SCALE = "weight_scale_inv"  # sibling of X.weight
 FP8_OPTIONAL = ("activation_scale", "input_scale")  # static activation scales some checkpoints add
 MXFP4_PARTS = ("_blocks", "_scales")  # suffixes of a fused tensor P
@@ -123,6 +125,22 @@ def _ct_shape(part: str, shape: tuple[int, ...], config, logical: str) -> tuple[
     if part == "ct_scale":
         return (out, inp // cols)
     return (math.ceil(out * bits / 32), inp // cols)  # ct_zero_point, packed along the rows
+
+DEQUANTIZED_METHODS = ("fp8", "mxfp4")  # what dequantized_loading loads as plain bf16 weights
+
+
+def require_rewritable(config, name, stage: str) -> None:
+    """A stage that writes new weights (merge, fine-grained pruning, distillation) computes on a
+    quantized input dequantized (:func:`dequantized_loading`) and saves bf16. Other quantized
+    formats (compressed-tensors, GPTQ, AWQ, ...) load in their own modules, whose save would
+    compress the new weights with the input's scales (transformers raised "Undefined Operation"
+    after the whole run): refused before any work, with what to do instead."""
+    method = quant_method(config)
+    if method is not None and method not in DEQUANTIZED_METHODS:
+        raise MoECompressError(f"'{name}' is quantized ({method}); {stage} writes new weights, which cannot keep "
+                               "its quantized format: run it on the checkpoint before quantization (then quantize "
+                               "the result), or prune whole experts, which keeps the stored format")
+
 
 def dequantized_loading(config) -> dict:
     """``from_pretrained`` keyword arguments that load a quantized checkpoint dequantized

@@ -85,6 +85,10 @@ def world(tmp_path_factory):
         "AutoConfig": "configuration_marker.MarkerConfig", "AutoModelForCausalLM": "configuration_marker.MarkerConfig"}}))
     (rc / "configuration_marker.py").write_text(MARKER_CODE)
     (root / "odd[bold]dir").mkdir()
+    # a compressed-tensors checkpoint (int4 experts, packed): stages that write new weights refuse it
+    from moecompress.quantize import quantize_checkpoint
+
+    quantize_checkpoint(tiny, root / "int4", scheme="w4a16", quantizer="rtn", progress=False)
     return root
 
 
@@ -103,6 +107,11 @@ def _cases():
         ("prune-no-tokenizer", ["prune", "{root}/notok", "-o", "{root}/o", *P], 2, "no usable tokenizer"),
         ("eval-no-tokenizer", ["eval", "{root}/notok", "--ppl", "{root}/calib.txt", "--device", "cpu"], 2,
          "no tokenizer"),
+        ("merge-compressed-tensors", ["merge", "{root}/int4", "-o", "{root}/o", *M], 2, "before quantization"),
+        ("prune-wanda-compressed-tensors", ["prune", "{root}/int4", "-o", "{root}/o", "--method", "wanda",
+                                            "--sparsity", "0.5", *S], 2, "compressed-tensors"),
+        ("distill-compressed-tensors", ["distill", "{root}/int4", "-o", "{root}/o", "--teacher", T, "--data",
+                                        "{root}/calib.txt", "--steps", "1", "--seq-len", "32"], 2, "before quantization"),
         ("prune-config-bad-field", ["prune", "{root}/badfield", "-o", "{root}/o", *P], 2, "not valid for its model type"),
         ("info-config-bad-field", ["info", "{root}/badfield"], 2, "hidden_size"),
         ("check-config-bad-layers", ["check", "{root}/badlayers"], 2, "layer_types"),

@@ -51,9 +51,11 @@ def _check_inputs(student, teacher, data, out, opts: DistillOptions) -> tuple[st
     from ..arch import family_for_config
     from ..calibration import check_source
     from ..checkpoint import load_config
+    from ..formats import require_rewritable
 
     s_cfg = load_config(student)
     family_for_config(s_cfg)
+    require_rewritable(s_cfg, student, "distillation")
     if teacher is None:
         if not opts.stages:
             raise MoECompressError("distillation needs a teacher: pass --teacher (the uncompressed model), or --stages "

@@ -89,12 +89,13 @@ def merge_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     from ..checkpoint import (compute_dtype, copy_tokenizer, load_model, output_folder, require_free_space, save_model,
                               write_record)
     from ..device import place
-    from ..formats import quant_method
+    from ..formats import quant_method, require_rewritable
     from ..source import open_source
     from ..surgery import prune_checkpoint_files
 
     start = time.perf_counter()
     source = open_source(model)
+    require_rewritable(source.config, source, "merge")
     opts = place(opts, source.config)  # --device auto
     keep, method, stats, refit = opts.keep, opts.method, opts.stats, opts.refit
     num_experts = source.num_experts

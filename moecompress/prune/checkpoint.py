@@ -71,6 +71,10 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, *, opt
     method = effective_method(opts.method, opts.sparsity, opts.nm)
     info = registry()[method]
     _check_kind(method, opts)
+    if info.kind != "experts":  # edited weights are saved: not in a quantized input's own format
+        from ..formats import require_rewritable
+
+        require_rewritable(source.config, source, f"--method {method}")
     opts = place(opts, source.config)  # --device auto
     dtype = compute_dtype(opts.dtype, opts.device, streamed=opts.streamed)
     batch_size = opts.resolved_batch_size(opts.device, opts.streamed, source.config if info.kind == "experts" else None)
