@@ -226,6 +226,12 @@ def test_eval_cli_unknown_task(ckpt, tmp_path, monkeypatch):
     lm_eval, HFLM, _ = harness._lm_eval()
     monkeypatch.setattr(harness, "_lm_eval", lambda: (lm_eval, HFLM, lambda **kw: TaskManager(
         **{**kw, "include_defaults": False})))
+    import moecompress.checkpoint
+
+    def no_load(*a, **k):  # the task names are checked before any model loads
+        raise AssertionError("a model was loaded before the task names were checked")
+
+    monkeypatch.setattr(moecompress.checkpoint, "load_model", no_load)
     folder, _, _ = ckpt
     res = runner.invoke(app, ["eval", str(folder), "--tasks", "no_such_task_xyz", "--include-path", str(tmp_path)])
     assert res.exit_code == 2 and "unknown lm-eval task" in res.output

@@ -128,6 +128,10 @@ def evaluate_checkpoint(model: str | os.PathLike, *, opts: EvalOptions, progress
 
     _check_before_loading(ppl_files=opts.ppl, seq_len=opts.seq_len, stride=opts.stride,
                           max_tokens=opts.max_tokens or None)
+    if opts.tasks:  # the task names before a model loads (minutes for a large one)
+        from .harness import task_manager
+
+        task_manager(list(opts.tasks), list(opts.include_path))
     device = opts.device or default_device()
     dtype = compute_dtype(opts.dtype, device)
     device_map = None if device == "cpu" else device

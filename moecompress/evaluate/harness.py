@@ -37,12 +37,15 @@ def task_manager(tasks: list[str], include_path: list[str | os.PathLike] | None 
     lm-eval's own registry (thousands of YAMLs, a few seconds to index) is read only when a task
     is not found in the shipped and ``include_path`` folders.
     """
-    _, _, TaskManager = _lm_eval()
     paths = [str(TASKS_DIR)]
     for p in include_path or []:
         if not Path(p).is_dir():
             raise MoECompressError(f"--include-path '{p}' is not a folder; pass a folder of lm-eval task YAMLs")
         paths.append(str(Path(p).resolve()))
+    key = (tuple(tasks), tuple(paths))
+    if _last_manager.get("key") == key:  # checked before loading the model, used after it (eval)
+        return _last_manager["tm"]
+    _, _, TaskManager = _lm_eval()
     tm = TaskManager(include_path=paths, include_defaults=False)
     if not set(tasks) <= set(tm.all_tasks):
         tm = TaskManager(include_path=paths)
@@ -50,7 +53,11 @@ def task_manager(tasks: list[str], include_path: list[str | os.PathLike] | None 
     if missing:
         raise MoECompressError(f"unknown lm-eval task(s): {', '.join(missing)}; check the names with "
                                "`lm-eval ls tasks`, or pass --include-path with a folder of task YAMLs")
+    _last_manager.update(key=key, tm=tm)
     return tm
+
+
+_last_manager: dict = {}  # the last TaskManager built, with its (tasks, paths)
 
 
 def run_tasks(model, tokenizer, tasks: list[str], *, include_path: list[str | os.PathLike] | None = None,
