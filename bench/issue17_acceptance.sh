@@ -12,6 +12,8 @@
 #        4 GiB its embeddings do not fit beside the room for one layer and NAEE's reserve: accelerate
 #        then computes on the CPU, which load_model refuses; with the re-fit's blocks of experts
 #        reserved (session 13) the default needs 4.75 GiB (it ran under 4.5 GiB before they were)
+#   SCHEDULE=other bash bench/issue17_acceptance.sh qwen30 ...     # the same with the re-fit after the whole
+#        selection (the schedule before session 17), for the A/B of its onloads (another machine start)
 #   bash bench/issue17_acceptance.sh search CALIB TOKENIZER_DIR  # ~2.5 min: NAEE's search per layer on
 #        3 layers of the OLMoE, Qwen3-30B and DeepSeek-V3 shapes, each also with every candidate routed
 #        (the incremental rule off), kept sets compared (CALIB and TOKENIZER_DIR unused)
@@ -42,7 +44,8 @@ case "$part" in
     rm -rf /tmp/scale30
     python3 "$here/scale.py" qwen3-30b-a3b --work /mnt/ram --out-work /tmp/scale30 --calib "$calib" \
         --tokenizer-from "$tok" --repairs default --skip stats,stream,prune,surgery_memory \
-        --max-gpu-memory 4.75GiB --max-cpu-memory 40GiB --json "$out/scale_qwen3-30b-a3b_default_stream.json" | grep SUMMARY
+        --max-gpu-memory 4.75GiB --max-cpu-memory 40GiB --schedule "${SCHEDULE:-default}" \
+        --json "$out/scale_qwen3-30b-a3b_default_stream${SCHEDULE:+_$SCHEDULE}.json" | grep SUMMARY
     ;;
   search)
     for m in olmoe-1b-7b qwen3-30b-a3b deepseek-v3; do

@@ -478,6 +478,10 @@ def main() -> None:
                     help="with the surgery runs: one more unclocked prune with the other re-fit schedule than the "
                          "default's (prune.checkpoint.refits_as_chosen: each layer as chosen in GPU memory, after "
                          "the selection streamed), its time, and whether its bytes equal the default's")
+    ap.add_argument("--schedule", choices=("default", "other"), default="default",
+                    help="other: every prune of this run with the re-fit scheduled the other way "
+                         "(prune.checkpoint.refits_as_chosen inverted), e.g. a streamed prune re-fitting after the "
+                         "whole selection, as before session 17")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
@@ -490,12 +494,17 @@ def main() -> None:
     if a.calib is None or a.tokenizer_from is None:
         ap.error("--calib and --tokenizer-from are required")
     skip = set(filter(None, a.skip.split(",")))
+    if a.schedule == "other":
+        import moecompress.prune.checkpoint as prune_module
+
+        default_schedule = prune_module.refits_as_chosen
+        prune_module.refits_as_chosen = lambda lm: not default_schedule(lm)
     progress = progress_writer(a.json)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     src = a.work / a.name
     outs = a.out_work or a.work
     res: dict = {"model": a.name, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "n": a.n, "seq_len": a.seq_len,
-                 "torch": torch.__version__}
+                 "torch": torch.__version__, "schedule": a.schedule}
     if not (src / "config.json").exists():
         res["generate"] = make(a.name, src, a.tokenizer_from, dev)
         if dev == "cuda":
@@ -596,12 +605,13 @@ def main() -> None:
             import moecompress.prune.checkpoint as prune_module
 
             digest = folder_digest(out)
-            real = prune_module.refits_as_chosen
-            prune_module.refits_as_chosen = lambda lm: not real(lm)
+            real, ran = prune_module.refits_as_chosen, []
+            prune_module.refits_as_chosen = lambda lm: ran.append(not real(lm)) or ran[-1]
             try:
-                other = {"s": unclocked_run(), "schedule": "each layer as chosen" if cap is None else "after the selection"}
+                other = {"s": unclocked_run()}
             finally:
                 prune_module.refits_as_chosen = real
+            other["schedule"] = {True: "each layer as chosen", False: "after the selection"}.get(ran[-1] if ran else None)
             other["same_bytes"] = folder_digest(out) == digest
         parts = {"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
                  "forward": fwd_flops / res["matmul_flops"]}
