@@ -241,9 +241,10 @@ def refits_as_chosen(lm) -> bool:
     """Whether the prune re-fits each layer as soon as it is chosen (``Selection.on_layer``), or
     after the whole selection: as chosen for a streamed model only.
 
-    Streamed, the MoE block of a layer then goes to the GPU once for its selection and its
-    re-fit (``naee``: the selection holds it for the re-fit), where the re-fit after the
-    selection onloads every block a second time (docs/benchmarks.md, "Session 17"). In GPU
+    Streamed, a decoder layer then goes to the GPU once for its selection and its re-fit
+    (``naee``: the selection holds it for the re-fit), where the re-fit after the selection
+    onloads every MoE block a second time and the rest of the layer once per pass (testbed:
+    59.5 MiB onloaded instead of 27.1; docs/benchmarks.md, "Session 17"). In GPU
     memory the layers load in the background while the selection runs (``layerload``), and the
     re-fit beside those loads was measured slower (12.1 s instead of 10.0 s on the OLMoE shape):
     the whole prune 22.0 s against 21.1 s re-fitting after the selection ("Session 15")."""

@@ -502,14 +502,14 @@ def naee_select(sel: Selection) -> Plan:
             li = layer.layer_idx
             progress.update(task, description=f"{what}: layer {li}", refresh=True)
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li, work_elements=work)
-            # Streamed, with a caller that works on the layer next (the re-fit): the MoE block stays on
-            # the GPU from this selection's passes to the caller's, which would onload it again
-            # (resident: a no-op in memory; the cursor's hold below takes the rest of the layer). The
-            # dense layers before it run first, as the hold does: two layers are never held at once.
-            hold_block = sel.on_layer is not None
-            if hold_block and cursor.position < li:
+            # Streamed, with a caller that works on the layer next (the re-fit): the decoder layer stays
+            # on the GPU from this selection's passes to the caller's, which would onload it again
+            # (the MoE block once more, the rest once per pass; resident: a no-op in memory). The
+            # dense layers before it run first, as the cursor's hold does: two layers are never held.
+            hold = sel.on_layer is not None
+            if hold and cursor.position < li:
                 cursor.advance(li - 1)
-            with resident(layer.block) if hold_block else contextlib.nullcontext():
+            with resident(cursor.layers[li]) if hold else contextlib.nullcontext():
                 with cursor.editing(li, [cache], hold=True):  # layer li's tokens; on leaving, its outputs with only `best`
                     best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
                                                                    sel.protected.get(li, set()), opts, sel.groups)
