@@ -213,8 +213,21 @@ def _load_model(src, dtype, device, *, max_gpu_memory, max_cpu_memory, offload_f
     model.requires_grad_(False)
     if isinstance(dt, torch.dtype) and "max_memory" not in kwargs:
         cast_floating_weights(model, dt)
+    if quantized:
+        _forget_dequantizing(model)
     _align_cpu_weights(model)
     return model
+
+
+def _forget_dequantizing(model) -> None:
+    """A model loaded dequantized (FP8 blocks, MXFP4: ``formats.dequantized_loading``) holds plain
+    weights: it saves as a plain model of its family. Why: ``from_pretrained`` records the
+    conversions it loaded with (``_weight_conversions``), the dequantizing ones included, and
+    ``save_pretrained`` reverses them. transformers 5.17 cannot reverse those ("Undefined Operation
+    encountered!", after a whole merge or fine-grained prune); without the record it reverses
+    the family's own conversions, what 5.24 does for such a model."""
+    if getattr(model, "_weight_conversions", None) is not None:
+        model._weight_conversions = None
 
 
 def cast_floating_weights(model, dtype: torch.dtype) -> None:

@@ -157,3 +157,20 @@ def test_fp8_weights_with_partial_edge_blocks_load_and_prune(tmp_path):
     prune_checkpoint(src, out, keep=4, method="random", seed=0)
     with safe_open(out / "model.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor(key).view(torch.uint8), stored[key].view(torch.uint8))
+
+
+@pytest.mark.parametrize("family, fmt, overrides", [("deepseek_v3", "fp8", {}), ("gpt_oss", "mxfp4", {"intermediate_size": 32})])
+def test_a_dequantized_model_saves_as_its_plain_family(family, fmt, overrides, tmp_path):
+    """``load_model`` forgets the dequantizing conversions it loaded with, so ``save_pretrained``
+    writes the plain family's layout and the dequantized values. transformers 5.17 could not
+    reverse those conversions for FP8 (an error after a whole merge) and wrote MXFP4's wrongly."""
+    src, plain = tmp_path / "q", tmp_path / "plain"
+    quantized_checkpoint(src, family, fmt, **overrides)
+    model = load_model(src, dtype="float32")
+    assert getattr(model, "_weight_conversions", None) is None
+    model.save_pretrained(plain)
+    again = load_model(plain, dtype="float32")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
