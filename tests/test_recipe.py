@@ -121,8 +121,12 @@ def test_killed_during_the_second_stage_resumes_to_the_same_bytes(setup):
     reference = _write(t, {**recipe, "output": str(t / "ref")}, "ref.yaml")
     run_recipe(reference)
     path = _write(t, recipe)
+    import os
+
+    # the package first, then whatever the parent runs with (e.g. another transformers on PYTHONPATH)
+    path_env = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", KILL, str(path)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+                          env={**os.environ, "PYTHONPATH": path_env})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (t / "out").exists()  # nothing half-built at the destination
     [tmp] = [p for p in t.iterdir() if p.name.startswith(".out.tmp-")]
