@@ -104,10 +104,8 @@ def load_config(src: str | os.PathLike):
     except (OSError, ValueError) as e:
         raise MoECompressError(load_error("cannot read the config of", src, e)) from None
     except _STRICT_CONFIG_ERRORS as e:  # transformers 5's config classes check their fields and shapes
-        cause = e.__cause__ or e
-        line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise MoECompressError(f"the config of '{src}' is not valid for its model type ({line}); fix its "
-                               "config.json or re-download the checkpoint") from None
+        raise MoECompressError(f"the config of '{src}' is not valid for its model type ({first_line(e.__cause__ or e)}); "
+                               "fix its config.json or re-download the checkpoint") from None
 
 
 def stored_dtype(config) -> torch.dtype | None:
