@@ -355,13 +355,16 @@ class _Replacements:
 
     def __init__(self, replace, keep: dict[int, list[int]] | int, new: MoEModel):
         self.replace, self.keep, self.new = replace, keep, new
+        # the plan was made from the kept count (prune_checkpoint_files): every per-expert key's
+        # position holds a replacement, and a fused key is sliced to the kept set the replacements name
+        self.from_count = isinstance(keep, int)
         self.layer_idx: int | None = None
         self.pieces: dict[int, dict[str, torch.Tensor]] = {}
 
     def kept(self, layer_idx: int) -> list[int]:
         """Layer ``layer_idx``'s kept experts: given, or (a count was given) from the
         replacements, once :meth:`of` has their layer."""
-        return self.keep[layer_idx] if isinstance(self.keep, dict) else self.replace.kept(layer_idx)
+        return self.replace.kept(layer_idx) if self.from_count else self.keep[layer_idx]
 
     def of(self, layer_idx: int) -> dict[int, dict[str, torch.Tensor]]:
         if self.replace is None:
@@ -369,7 +372,7 @@ class _Replacements:
         if layer_idx != self.layer_idx:
             self.layer_idx, self.pieces = layer_idx, {}
             given = self.replace.get(layer_idx) or {}
-            n = len(self.keep[layer_idx]) if isinstance(self.keep, dict) else self.keep
+            n = self.keep if self.from_count else len(self.keep[layer_idx])
             bad = [j for j in given if not 0 <= j < n]
             if bad:
                 raise ValueError(f"replacements for experts {bad} of layer {layer_idx}, which keeps {n} (positions 0..{n - 1})")
@@ -484,8 +487,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
     if replace is not None and method is not None:
         raise ValueError(f"replacing experts of a {method} checkpoint by surgery would store new weights with old "
                          "scales; stages that rewrite weights save a dequantized (bf16) model instead")
-    later = isinstance(keep, int)  # the kept sets come with the replacements
-    if later and (stored_mtp and not drop_mtp or not isinstance(replace, PublishedReplacements)
+    if isinstance(keep, int) and (stored_mtp and not drop_mtp or not isinstance(replace, PublishedReplacements)
                   or set(replace.layers) != set(new.moe_layer_indices)
                   or any(set(g) != set(range(keep)) or not {"experts"} <= set.intersection(*g.values())
                          for g in replace.groups.values())):
@@ -524,7 +526,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
                     for e in entries:
                         if getattr(replace, "cancelled", False):
                             raise Cancelled()
-                        t = _output_tensor(f, *jobs[e.name], replacements, later)
+                        t = _output_tensor(f, *jobs[e.name], replacements)
                         # scanned here, in memory: the output check need not read the file
                         finite = finite and first_nonfinite_tensor({e.name: t}) is None
                         w.write(e.name, t)
@@ -539,7 +541,7 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
     if (src / SHARD_INDEX).exists():
         index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / SHARD_INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
-    if later:  # the config's grouped routing follows the kept sets, known by now
+    if replacements.from_count:  # the config's grouped routing follows the kept sets, known by now
         new = _surgery_plan(src, {li: replacements.kept(li) for li in new.moe_layer_indices}, drop_mtp)[1]
     new.model.config.save_pretrained(out)
     for extra in ("generation_config.json",):
@@ -578,13 +580,11 @@ def _entry(f, key: str, target: _Target) -> Entry:
     return Entry(target.key, sl.get_dtype(), tuple(shape))
 
 
-def _output_tensor(f, key: str, target: _Target, replacements: _Replacements, later: bool = False) -> torch.Tensor:
-    """``later``: the plan was made from the kept count (``prune_checkpoint_files``): a per-expert
-    key's position holds a replacement, and a fused key is sliced to the layer's kept experts."""
+def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) -> torch.Tensor:
     if target.expert is not None:  # per-expert key: the replacement, or the input tensor
         piece = replacements.of(target.layer).get(target.expert, {}).get(target.k0)
         if piece is None:
-            if later:
+            if replacements.from_count:
                 raise ValueError(f"no replacement for '{key}', planned from the kept count")
             return f.get_tensor(key)
         dtype = TORCH_DTYPES.get(f.get_slice(key).get_dtype()) or f.get_tensor(key).dtype
@@ -593,7 +593,7 @@ def _output_tensor(f, key: str, target: _Target, replacements: _Replacements, la
     if target.index is None:
         return t
     pieces_of = replacements.of(target.layer)  # waits for a published layer (and its kept set)
-    index = torch.tensor(replacements.kept(target.layer), dtype=torch.long) if later else target.index
+    index = torch.tensor(replacements.kept(target.layer), dtype=torch.long) if replacements.from_count else target.index
     t = t.index_select(target.dim, index).contiguous()
     for j, pieces in pieces_of.items():
         if target.k0 in pieces:
