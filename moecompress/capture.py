@@ -276,11 +276,8 @@ class LayerCursor:
         edits no weight of the layer's own offloaded modules in place (NAEE's routing hooks, the
         re-fit's blocks that it writes back or that are held apart): such an edit would not see
         the layer as offloaded, and the weights would be onloaded from their store again."""
-        alone = all(i not in self.moe for i in range(self.position, through))  # dense layers before it only
-        if hold and alone and through > self.position:  # run those first: they are not edited, and
-            self.advance(through - 1, progress=progress, description=description)  # two layers are never held
-        start = self.state()
-        with resident(self.layers[through]) if hold and alone else contextlib.nullcontext():
+        with self.holding(through, progress=progress, description=description) if hold else contextlib.nullcontext():
+            start = self.state()
             # the observed run's outputs are replaced by the edited run's (or, after the last
             # recorded layer, never used): not stored, which streamed saves a copy to the CPU
             self.advance(through, observers, progress=progress, description=description, discard_outputs=True)
@@ -288,6 +285,19 @@ class LayerCursor:
             if through < self.until:
                 self.restore(start)
                 self.advance(through, progress=progress, description=f"{description}: edited outputs")
+
+    @contextlib.contextmanager
+    def holding(self, through: int, *, progress: bool = False, description: str = "calibrating"):
+        """Decoder layer ``through`` on the GPU for the whole block (``onload.resident``, in the
+        room accelerate keeps for the one onloaded layer; a no-op in memory), once the dense layers
+        before it have run (they are not edited, and two layers are never held). Only where the
+        layers between the cursor and ``through`` are dense; else nothing is held. A caller that
+        works on the layer after :meth:`editing` (NAEE's ``on_layer``) holds it around both."""
+        alone = all(i not in self.moe for i in range(self.position, through))
+        if alone and through > self.position:
+            self.advance(through - 1, progress=progress, description=description)
+        with resident(self.layers[through]) if alone else contextlib.nullcontext():
+            yield
 
     def state(self) -> tuple[int, list[torch.Tensor]]:
         if self.hidden is None:

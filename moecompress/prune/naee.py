@@ -82,7 +82,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..arch import MoELayer
 from ..capture import LayerCursor, batches_of, execution_device
 from ..errors import MoECompressError
-from ..onload import is_streamed, resident
+from ..onload import is_streamed
 from .selection import Plan, Selection
 from .subrouter import SubsetRouters, SubsetRouting, route_subset, sub_router
 
@@ -504,12 +504,8 @@ def naee_select(sel: Selection) -> Plan:
             cache = LayerCache(layer, per_batch, seed=sel.seed * 1_000_003 + li, work_elements=work)
             # Streamed, with a caller that works on the layer next (the re-fit): the decoder layer stays
             # on the GPU from this selection's passes to the caller's, which would onload it again
-            # (the MoE block once more, the rest once per pass; resident: a no-op in memory). The
-            # dense layers before it run first, as the cursor's hold does: two layers are never held.
-            hold = sel.on_layer is not None
-            if hold and cursor.position < li:
-                cursor.advance(li - 1)
-            with resident(cursor.layers[li]) if hold else contextlib.nullcontext():
+            # (the MoE block once more, the rest once per pass; a no-op in memory)
+            with cursor.holding(li) if sel.on_layer is not None else contextlib.nullcontext():
                 with cursor.editing(li, [cache], hold=True):  # layer li's tokens; on leaving, its outputs with only `best`
                     best, scores[li], info["layers"][li] = _choose(layer, cache.errors(), keep,
                                                                    sel.protected.get(li, set()), opts, sel.groups)
