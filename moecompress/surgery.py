@@ -109,8 +109,10 @@ def _input_shards(src: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class _Target:
-    """Where an input tensor goes: output ``key``; fused keys are sliced to the kept experts
-    (``index`` along ``dim``); ``expert`` is the kept position a per-expert key now holds;
+    """What an input key's place in the output holds: output ``key``; fused keys are sliced to
+    the kept experts (``index`` along ``dim``); ``expert`` is the kept position a per-expert key
+    now holds, whose tensor is read from input key ``source`` (the kept expert, maybe in another
+    shard; unknown, ``None``, when the plan was made from the kept count: a replacement comes);
     ``k0`` names the tensor in a one-expert revert (where replacements are looked up)."""
     key: str
     layer: int
@@ -118,6 +120,7 @@ class _Target:
     dim: int | None = None
     expert: int | None = None
     k0: str | None = None
+    source: str | None = None
 
 
 def _part_views(layer: MoELayer, j: int, *, experts: bool, router: bool) -> dict[str, torch.Tensor]:
@@ -389,10 +392,10 @@ class _Replacements:
             self.replace.release(layer_idx)
 
 
-def _plan(old: MoEModel, new: MoEModel, keep: dict[int, list[int]]) -> dict[str, list[_Target]]:
+def _plan(old: MoEModel, new: MoEModel, keep: dict[int, list[int]], chosen: bool = True) -> dict[str, list[_Target]]:
     """Input checkpoint key -> where it goes, for the routed-expert and router keys. ``keep``
     may also name stored MTP layers (``mtp.py``): they are planned like the last MoE layer,
-    whose shape they have."""
+    whose shape they have. ``chosen=False``: ``keep`` stands for the kept count only."""
     plan: dict[str, list[_Target]] = {}
     last = old.moe_layer_indices[-1]
     extra = [i for i in keep if i not in old.moe_layer_indices]
@@ -401,23 +404,34 @@ def _plan(old: MoEModel, new: MoEModel, keep: dict[int, list[int]]) -> dict[str,
         new_roles = checkpoint_roles(new.model, layer_new, len(keep[layer_old.layer_idx]))
         for li in [layer_old.layer_idx] + (extra if layer_old.layer_idx == last else []):
             renamed = {mtp.rename_layer(k, li): r for k, r in new_roles.items()}
-            _plan_layer(plan, li, keep[li], {mtp.rename_layer(k, li): r for k, r in old_roles.items()}, renamed)
+            _plan_layer(plan, li, keep[li] if chosen else None, len(keep[li]),
+                        {mtp.rename_layer(k, li): r for k, r in old_roles.items()}, renamed)
     return plan
 
 
-def _plan_layer(plan: dict, li: int, kept: list[int], old_roles: dict[str, KeyRole], new_roles: dict[str, KeyRole]) -> None:
+def _plan_layer(plan: dict, li: int, kept: list[int] | None, count: int, old_roles: dict[str, KeyRole],
+                new_roles: dict[str, KeyRole]) -> None:
+    """Layer ``li``'s keys, keeping ``kept`` (``None``: ``count`` experts not chosen yet).
+
+    A per-expert key's place depends on the count only: kept position ``j`` is written where the
+    input stores expert ``j`` (same name, same shard) and holds kept expert ``kept[j]``'s tensor.
+    So the output's layout is the same whether the plan is made from the kept sets or, before
+    they are chosen, from their count (a re-fit beside the surgery): the same bytes either way,
+    also where a layer's experts span two shards."""
     new_by_expert = {(r.expert, r.slot): k for k, r in new_roles.items() if r.expert is not None}
-    index = torch.tensor(kept, dtype=torch.long)
+    old_by_expert = {(r.expert, r.slot): k for k, r in old_roles.items() if r.expert is not None}
+    index = torch.tensor(kept if kept is not None else range(count), dtype=torch.long)
     for key, role in old_roles.items():
         if role.expert_dim is not None:  # fused: slice along the expert dimension
             plan[key] = [_Target(key, li, index=index, dim=role.expert_dim, k0=key)]
-        elif role.expert in kept:  # per-expert: rename to the new position
-            j = kept.index(role.expert)
+        elif role.expert < count:  # per-expert: this place holds kept position role.expert
+            j = role.expert
             new_key = new_by_expert[(j, role.slot)]
             assert re.sub(r"\d+", "#", new_key) == re.sub(r"\d+", "#", key), (key, new_key)
-            plan[key] = [_Target(new_key, li, expert=j, k0=new_by_expert[(0, role.slot)])]
+            source = old_by_expert[(kept[j], role.slot)] if kept is not None else None
+            plan[key] = [_Target(new_key, li, expert=j, k0=new_by_expert[(0, role.slot)], source=source)]
         else:
-            plan[key] = []  # removed expert
+            plan[key] = []  # a place past the kept count
 
 
 def _surgery_plan(src: Path, keep: dict[int, list[int]] | int, drop_mtp: bool):
@@ -427,7 +441,8 @@ def _surgery_plan(src: Path, keep: dict[int, list[int]] | int, drop_mtp: bool):
     config = load_config(src)
     old = meta_view(config)
     stored_mtp = set(mtp.stored_layers(src, config))
-    if isinstance(keep, int):
+    chosen = not isinstance(keep, int)
+    if not chosen:
         keep = {li: list(range(keep)) for li in [*old.moe_layer_indices, *sorted(stored_mtp)]}
     new_config = type(config).from_dict(config.to_dict())
     new = meta_view(new_config)
@@ -438,7 +453,7 @@ def _surgery_plan(src: Path, keep: dict[int, list[int]] | int, drop_mtp: bool):
         raise ValueError(f"the checkpoint stores MTP layer(s) {sorted(stored_mtp - set(keep))}: give their kept experts "
                          "(mtp.kept_by_own_router) or drop them")
     plan = _plan(old, new, {li: k for li, k in keep.items() if li in old.moe_layer_indices or
-                            (li in stored_mtp and not drop_mtp)})
+                            (li in stored_mtp and not drop_mtp)}, chosen)
     return plan, new, stored_mtp, formats.quant_method(config)
 
 
@@ -501,10 +516,12 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
     rank = {li: i for i, li in enumerate(_replaced_layers(replace))}
     shard_jobs = []  # per shard: output key -> (input key, target), planned once from its header
     last_shard = {}
+    reader = _Sources()
     for i, shard in enumerate(shards):
         with safe_open(shard, framework="pt") as f:
             jobs = {}
             for key in f.keys():
+                reader.where[key] = shard
                 if drop_mtp and mtp.layer_of(key) in stored_mtp:
                     continue
                 for target in _targets(plan, key, method):
@@ -513,6 +530,25 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
                         last_shard[target.layer] = i
         shard_jobs.append(jobs)
     weight_map: dict[str, str] = {}
+    total = 0
+    with reader:
+        total = _write_shards(out, shards, shard_jobs, last_shard, rank, replace, replacements, reader, weight_map,
+                              progress)
+    if (src / SHARD_INDEX).exists():
+        index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / SHARD_INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+    if replacements.from_count:  # the config's grouped routing follows the kept sets, known by now
+        new = _surgery_plan(src, {li: replacements.kept(li) for li in new.moe_layer_indices}, drop_mtp)[1]
+    new.model.config.save_pretrained(out)
+    for extra in ("generation_config.json",):
+        if (src / extra).exists():
+            shutil.copyfile(src / extra, out / extra)
+
+
+def _write_shards(out: Path, shards: list[Path], shard_jobs: list[dict], last_shard: dict[int, int], rank: dict,
+                  replace, replacements: _Replacements, reader: _Sources, weight_map: dict[str, str],
+                  progress) -> int:
+    """Write each output shard (its tensors in a fixed order); returns the bytes written."""
     total = 0
     for i, (shard, jobs) in enumerate(zip(shards, shard_jobs)):
         with safe_open(shard, framework="pt") as f:
@@ -526,7 +562,8 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
                     for e in entries:
                         if getattr(replace, "cancelled", False):
                             raise Cancelled()
-                        t = _output_tensor(f, *jobs[e.name], replacements)
+                        t = _output_tensor(f, *jobs[e.name], replacements,
+                                           lambda key, f=f, shard=shard: reader.get_tensor(f, shard, key))
                         # scanned here, in memory: the output check need not read the file
                         finite = finite and first_nonfinite_tensor({e.name: t}) is None
                         w.write(e.name, t)
@@ -538,15 +575,32 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
         weight_map.update({e.name: shard.name for e in entries})
         if progress is not None:
             progress(shard)
-    if (src / SHARD_INDEX).exists():
-        index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / SHARD_INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
-    if replacements.from_count:  # the config's grouped routing follows the kept sets, known by now
-        new = _surgery_plan(src, {li: replacements.kept(li) for li in new.moe_layer_indices}, drop_mtp)[1]
-    new.model.config.save_pretrained(out)
-    for extra in ("generation_config.json",):
-        if (src / extra).exists():
-            shutil.copyfile(src / extra, out / extra)
+    return total
+
+
+class _Sources:
+    """Input tensors by key, from whichever shard holds them: a kept expert's tensor may sit in
+    another shard than its place in the output (``_plan_layer``). Those shards are opened once."""
+
+    def __init__(self):
+        self.where: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+
+    def get_tensor(self, f, shard: Path, key: str) -> torch.Tensor:
+        other = self.where[key]
+        if other == shard:
+            return f.get_tensor(key)
+        if other not in self._open:
+            self._open[other] = safe_open(other, framework="pt").__enter__()
+        return self._open[other].get_tensor(key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._open.values():
+            handle.__exit__(None, None, None)
+        self._open.clear()
 
 
 def _targets(plan: dict[str, list[_Target]], key: str, method: str | None) -> list[_Target]:
@@ -559,7 +613,8 @@ def _targets(plan: dict[str, list[_Target]], key: str, method: str | None) -> li
     logical, part = formats.logical_key(key, method)
     if part == "weight" or logical not in plan:
         return [_Target(key, -1)]
-    return [dataclasses.replace(t, key=formats.stored_key(t.key, part), expert=None, k0=None) for t in plan[logical]]
+    return [dataclasses.replace(t, key=formats.stored_key(t.key, part), expert=None, k0=None,
+                                source=t.source and formats.stored_key(t.source, part)) for t in plan[logical]]
 
 
 def _replaced_layers(replace) -> list[int]:
@@ -580,16 +635,18 @@ def _entry(f, key: str, target: _Target) -> Entry:
     return Entry(target.key, sl.get_dtype(), tuple(shape))
 
 
-def _output_tensor(f, key: str, target: _Target, replacements: _Replacements) -> torch.Tensor:
-    if target.expert is not None:  # per-expert key: the replacement, or the input tensor
+def _output_tensor(f, key: str, target: _Target, replacements: _Replacements, read) -> torch.Tensor:
+    """The tensor written at input ``key``'s place: a replacement, or ``read(input key)`` of the
+    tensor the place holds (``target.source``, maybe in another shard), sliced if fused."""
+    if target.expert is not None:  # per-expert key: the replacement, or the kept expert's input tensor
         piece = replacements.of(target.layer).get(target.expert, {}).get(target.k0)
         if piece is None:
-            if replacements.from_count:
+            if target.source is None:
                 raise ValueError(f"no replacement for '{key}', planned from the kept count")
-            return f.get_tensor(key)
+            return read(target.source)
         dtype = TORCH_DTYPES.get(f.get_slice(key).get_dtype()) or f.get_tensor(key).dtype
         return piece.to(dtype).contiguous()
-    t = f.get_tensor(key)
+    t = read(target.source or key)
     if target.index is None:
         return t
     pieces_of = replacements.of(target.layer)  # waits for a published layer (and its kept set)

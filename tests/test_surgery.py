@@ -57,6 +57,75 @@ def test_surgery_sharded_and_deterministic(tmp_path):
     assert reloaded.config.num_local_experts == 3
 
 
+def _split_layer_zero(folder, model_type):
+    """A tiny checkpoint whose layer 0 stores its experts in two shards (experts 0-3 with what
+    comes before, the rest with the rest of the layer), as real checkpoints of per-expert keys do
+    where a shard boundary falls inside a layer."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(model_type)
+    model.save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+
+    def shard_of(key):
+        m = re.search(r"layers\.(\d+)\.", key)
+        if m is None:
+            return 0 if "embed" in key else 2
+        e = re.search(r"experts\.(\d+)\.", key)
+        if int(m.group(1)) == 0:
+            return 0 if e is not None and int(e.group(1)) < 4 else 1
+        return 2
+
+    weight_map = {}
+    for i in range(3):
+        name = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = {k: t for k, t in tensors.items() if shard_of(k) == i}
+        save_file(part, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return model
+
+
+def test_kept_experts_from_another_shard_keep_the_layout_of_the_count(tmp_path):
+    """A kept place keeps its shard: kept position j is written where the input stores expert j
+    and holds the kept expert's tensor, read from whichever shard stores it. So the layout is
+    the same whether the surgery is planned from the kept sets or from their count (a re-fit
+    beside the surgery publishes the replacements and kept sets), and the values are those of
+    the model pruned in memory."""
+    model = _split_layer_zero(tmp_path / "src", "mixtral")
+    view = moe_view(model)
+    keep = {li: ([1, 2, 5, 6, 7] if li == 0 else [0, 1, 2, 3, 4]) for li in view.moe_layer_indices}  # 1, 2 cross over
+    (tmp_path / "kept").mkdir()
+    prune_checkpoint_files(tmp_path / "src", tmp_path / "kept", keep)
+    ref = tiny_model("mixtral")
+    moe_view(ref).keep_experts(keep)
+    ref.save_pretrained(tmp_path / "ref")
+    ref_tensors, got = saved_tensors(tmp_path / "ref"), saved_tensors(tmp_path / "kept")
+    assert got.keys() == ref_tensors.keys()
+    for k, t in got.items():
+        assert torch.equal(t, ref_tensors[k]), k
+
+    # with replacements published by a re-fit (here: the kept experts' own weights), planned from
+    # the kept sets (a re-fit after the selection) and from their count (as each layer is chosen)
+    groups = {li: {j: {"experts"} for j in range(5)} for li in view.moe_layer_indices}
+    for name, plan in (("refit_after", keep), ("refit_as_chosen", 5)):
+        published = PublishedReplacements(groups, keep)
+        for layer in moe_view(ref):
+            published.publish(layer)
+        (tmp_path / name).mkdir()
+        prune_checkpoint_files(tmp_path / "src", tmp_path / name, plan, replace=published)
+    for name in ("model.safetensors.index.json", *[f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]):
+        after, as_chosen = (tmp_path / "refit_after" / name).read_bytes(), (tmp_path / "refit_as_chosen" / name).read_bytes()
+        assert after == as_chosen, name
+    assert saved_tensors(tmp_path / "refit_after").keys() == got.keys()
+    index = json.loads((tmp_path / "kept" / "model.safetensors.index.json").read_text())["weight_map"]
+    first = [k for k, f in index.items() if f.endswith("00001-of-00003.safetensors") and ".experts." in k]
+    assert sorted({k.split(".experts.")[1].split(".")[0] for k in first}) == ["0", "1", "2", "3"]  # places 0-3
+
+
 def test_streamed_load_equals_in_memory(tmp_path):
     """A model loaded under a small CPU cap (rest offloaded to disk) computes the same logits."""
     model = tiny_model("qwen3_moe")
