@@ -50,16 +50,26 @@ def drop_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 of a folder's safetensors files, in name order (are two outputs the same bytes)."""
+def tensor_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each tensor's bytes in a folder's safetensors files: which tensors two outputs
+    differ in, where their folder digests differ."""
     import hashlib
 
-    h = hashlib.sha256()
+    from safetensors import safe_open
+
+    out = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 26):
-                h.update(chunk)
-    return h.hexdigest()
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                out[name] = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def digest_differences(first: dict[str, str], other: dict[str, str]) -> dict:
+    """How two outputs' tensors differ: the count of differing tensors and the first names."""
+    names = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+    return {"same_bytes": not names, "tensors_differing": len(names), "of": len(first), "first": names[:12]}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -122,7 +132,7 @@ PHASES = (
     ("moecompress.calibration", "load_calibration", "calibration text"),
     ("moecompress.checkpoint", "load_model", "load (includes the scan)"),
     # since session 17 a streamed default's select includes the re-fit of each layer as it is chosen
-    ("moecompress.prune.checkpoint", "plan_experts", "select (streamed: + the re-fit, each layer as chosen)"),
+    ("moecompress.prune.checkpoint", "plan_experts", "select (+ the re-fit, where each layer is re-fit as chosen)"),
     ("moecompress.prune.naee.LayerCache", "observe", "select: naee observe + Gram"),
     ("moecompress.prune.naee", "expert_gram", "select: naee Gram"),
     ("moecompress.prune.naee", "_choose", "select: naee search"),
@@ -595,16 +605,21 @@ def main() -> None:
             return timed(run)[1]
 
         unclocked = unclocked_run() if a.unclocked_too == "first" else None
+        first = tensor_digests(out) if unclocked is not None else None
         with phases() as ph:
             result, t = timed(run)
         out_bytes = folder_bytes(out)
+        digest = tensor_digests(out)
         if a.unclocked_too == "second":  # (which of the two is the process's first prune: order or clocks)
+            first = digest
             unclocked = unclocked_run()
+            digest = tensor_digests(out)
+        # the same prune twice in one process: does it write the same bytes (determinism on this device)
+        repeat = digest_differences(first, digest) if first is not None else None
         other = None
         if a.other_schedule_too:  # the same prune, the re-fit scheduled the other way
             import moecompress.prune.checkpoint as prune_module
 
-            digest = folder_digest(out)
             real, ran = prune_module.refits_as_chosen, []
             prune_module.refits_as_chosen = lambda lm: ran.append(not real(lm)) or ran[-1]
             try:
@@ -612,7 +627,8 @@ def main() -> None:
             finally:
                 prune_module.refits_as_chosen = real
             other["schedule"] = {True: "each layer as chosen", False: "after the selection"}.get(ran[-1] if ran else None)
-            other["same_bytes"] = folder_digest(out) == digest
+            other["differences"] = digest_differences(digest, tensor_digests(out))
+            other["same_bytes"] = other["differences"]["same_bytes"]
         parts = {"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
                  "forward": fwd_flops / res["matmul_flops"]}
         floor = sum(parts.values())
@@ -622,7 +638,10 @@ def main() -> None:
                "repair": (result.info.get("repair") or {}).get("mode", "none"), "phases": ph.report()}
         if unclocked is not None:
             row.update(s=unclocked, vs_floor=unclocked / floor, s_clocked=t)
+        if repeat is not None:
+            row["repeat_differences"] = repeat
         if other is not None:
+            row["other_schedule_differences"] = other["differences"]
             row.update(other_schedule=other["schedule"], other_schedule_s=other["s"],
                        other_schedule_vs_floor=other["s"] / floor, other_schedule_same_bytes=other["same_bytes"])
         shutil.rmtree(out, ignore_errors=True)
@@ -649,7 +668,8 @@ def main() -> None:
                             f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
                 if "s_clocked" in row:  # the headline is then the run without the phases' synchronisations
                     res[f"{key}_s_clocked"] = row["s_clocked"]
-                for k in ("other_schedule", "other_schedule_s", "other_schedule_vs_floor", "other_schedule_same_bytes"):
+                for k in ("other_schedule", "other_schedule_s", "other_schedule_vs_floor", "other_schedule_same_bytes",
+                          "repeat_differences", "other_schedule_differences"):
                     if k in row:
                         res[f"{key}_{k}"] = row[k]
                 progress(res)
@@ -679,6 +699,8 @@ def summary(res: dict) -> dict:
             out[k] = {label: p["s"] for label, p in top}
             if "gpu peak, first seen leaving" in v:
                 out[k]["gpu peak, first seen leaving"] = v["gpu peak, first seen leaving"][-1]
+        elif k.endswith("_differences"):
+            out[k] = {"same": v["same_bytes"], "differ": v["tensors_differing"], "first": v["first"][:3]}
         elif isinstance(v, float) and (k.endswith(("_s", "_vs_floor", "_GiB")) or "vs_floor" in k or "median" in k):
             out[k] = round(v, 3)
     if "repair" in res and isinstance(res["repair"], dict):
