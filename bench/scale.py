@@ -51,13 +51,24 @@ def drop_cache(folder: Path) -> None:
 
 
 def tensor_digests(folder: Path) -> dict[str, str]:
-    """sha256 of each tensor's bytes in a folder's safetensors files: which tensors two outputs
-    differ in, where their folder digests differ."""
+    """sha256 of each file of a folder's safetensors shards and index (``file:<name>``) and of
+    each tensor's bytes: whether two outputs are the same bytes, and which tensors differ where
+    they are not (or only the files: the same tensors in another layout)."""
     import hashlib
 
     from safetensors import safe_open
 
     out = {}
+    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")]):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 26):
+                h.update(chunk)
+        out[f"file:{path.name}"] = h.hexdigest()
+    record = folder / "moecompress.json"
+    if record.exists():  # the kept sets: a different choice, or the same choice re-fit differently
+        for li, kept in (json.loads(record.read_text()).get("kept_experts") or {}).items():
+            out[f"kept:{li}"] = json.dumps(kept)
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for name in f.keys():
@@ -67,9 +78,16 @@ def tensor_digests(folder: Path) -> dict[str, str]:
 
 
 def digest_differences(first: dict[str, str], other: dict[str, str]) -> dict:
-    """How two outputs' tensors differ: the count of differing tensors and the first names."""
+    """How two outputs differ: the count of differing entries, the first names, and the counts
+    by kind (layer and expert numbers taken out: ``model.layers.#.mlp.experts.#.down_proj.weight``,
+    ``kept:#`` for a layer's kept set, ``file:...`` for a file)."""
+    import collections
+    import re
+
     names = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
-    return {"same_bytes": not names, "tensors_differing": len(names), "of": len(first), "first": names[:12]}
+    kinds = collections.Counter(re.sub(r"\d+", "#", n) for n in names)
+    return {"same_bytes": not names, "tensors_differing": len(names), "of": len(first), "first": names[:12],
+            "by_kind": dict(sorted(kinds.items()))}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -584,7 +602,7 @@ def main() -> None:
     fwd_flops = 2 * res["active_params"] * ntok
     repairs = [r for r in a.repairs.split(",") if r]
 
-    def prune_run(out: Path, cap: str | None, repair: str, device) -> dict:
+    def prune_run(out: Path, cap: str | None, repair: str, device, like: dict | None = None) -> dict:
         """One timed ``prune --ratio 0.5`` from a dropped page cache, its floor (same run's
         rates, this run's output bytes) and where its time went (``phases``)."""
         shutil.rmtree(out, ignore_errors=True)
@@ -640,6 +658,9 @@ def main() -> None:
             row.update(s=unclocked, vs_floor=unclocked / floor, s_clocked=t)
         if repeat is not None:
             row["repeat_differences"] = repeat
+        row["digests"] = digest
+        if like is not None:  # (streamed: against the prune in GPU memory)
+            row["in_memory_differences"] = digest_differences(like, digest)
         if other is not None:
             row["other_schedule_differences"] = other["differences"]
             row.update(other_schedule=other["schedule"], other_schedule_s=other["s"],
@@ -656,12 +677,14 @@ def main() -> None:
     if "surgery" not in skip:
         # shard surgery (the writer of local safetensors): in GPU memory, then streamed under the cap;
         # each repair mode of --repairs ("default": none given, as the CLI runs)
+        written = {}  # repair mode -> the in-memory prune's digests
         for label, cap in (("surgery", None), ("surgery_streamed", a.max_gpu_memory)):
             if {"surgery_streamed": "surgery_streamed", "surgery": "surgery_memory"}[label] in skip:
                 continue
             for repair in repairs:
                 key = f"prune_{label}" + ("" if repair == "default" else f"_repair_{repair}")
-                row = prune_run(outs / f"{a.name}-{label}", cap, repair, None if cap else dev)
+                row = prune_run(outs / f"{a.name}-{label}", cap, repair, None if cap else dev, written.get(repair))
+                written.setdefault(repair, row.pop("digests"))
                 res.update({f"{key}_s": row["s"], f"{key}_output_bytes": row["output_bytes"],
                             f"{key}_vs_floor": row["vs_floor"], f"{key}_peak_gpu_GiB": row["peak_gpu_GiB"],
                             f"{key}_floor_s": row["floor_s"], f"{key}_method": row["method"],
@@ -669,7 +692,7 @@ def main() -> None:
                 if "s_clocked" in row:  # the headline is then the run without the phases' synchronisations
                     res[f"{key}_s_clocked"] = row["s_clocked"]
                 for k in ("other_schedule", "other_schedule_s", "other_schedule_vs_floor", "other_schedule_same_bytes",
-                          "repeat_differences", "other_schedule_differences"):
+                          "repeat_differences", "other_schedule_differences", "in_memory_differences"):
                     if k in row:
                         res[f"{key}_{k}"] = row[k]
                 progress(res)
@@ -700,7 +723,7 @@ def summary(res: dict) -> dict:
             if "gpu peak, first seen leaving" in v:
                 out[k]["gpu peak, first seen leaving"] = v["gpu peak, first seen leaving"][-1]
         elif k.endswith("_differences"):
-            out[k] = {"same": v["same_bytes"], "differ": v["tensors_differing"], "first": v["first"][:3]}
+            out[k] = {"same": v["same_bytes"], "differ": v["tensors_differing"], "by_kind": v["by_kind"]}
         elif isinstance(v, float) and (k.endswith(("_s", "_vs_floor", "_GiB")) or "vs_floor" in k or "median" in k):
             out[k] = round(v, 3)
     if "repair" in res and isinstance(res["repair"], dict):
