@@ -494,6 +494,10 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
     ``release`` is told when a layer is written, and one whose ``cancelled`` turns true stops
     the surgery (:class:`Cancelled`).
 
+    The output keeps the input's layout: a per-expert checkpoint's kept position ``j`` is
+    stored where the input stores expert ``j`` (``_plan_layer``), so the shards and their index
+    depend on the kept count only, not on which experts are kept or when they were chosen.
+
     Multi-token-prediction layers the checkpoint stores (``mtp.py``) need their kept experts in
     ``keep`` too (their own choice: ``mtp.kept_by_own_router``), or ``drop_mtp``: their tensors
     are left out and ``num_nextn_predict_layers`` becomes 0.
