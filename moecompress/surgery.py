@@ -24,6 +24,7 @@ keys of expert 0, or a slice of width 1 of the fused keys) in the checkpoint's l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -536,8 +537,31 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
     weight_map: dict[str, str] = {}
     total = 0
     with reader:
-        total = _write_shards(out, shards, shard_jobs, last_shard, rank, replace, replacements, reader, weight_map,
-                              progress)
+        for i, (shard, jobs) in enumerate(zip(shards, shard_jobs)):
+            with safe_open(shard, framework="pt") as f:
+                metadata = f.metadata()
+                entries = sorted((_entry(f, key, target) for key, target in jobs.values()),
+                                 key=lambda e: (rank.get(jobs[e.name][1].layer, -1), e.name))
+                entries = aligned_order(entries)  # deterministic: it depends on the plan only
+                if entries or len(shards) == 1:  # a shard that held only dropped MTP tensors is not written
+                    finite = True
+                    with SafetensorsWriter(out / shard.name, entries, metadata or {"format": "pt"}) as w:
+                        for e in entries:
+                            if getattr(replace, "cancelled", False):
+                                raise Cancelled()
+                            t = _output_tensor(f, *jobs[e.name], replacements,
+                                               lambda key, f=f, shard=shard: reader.get_tensor(f, shard, key))
+                            # scanned here, in memory: the output check need not read the file
+                            finite = finite and first_nonfinite_tensor({e.name: t}) is None
+                            w.write(e.name, t)
+                    if finite:
+                        note_finite_file(out / shard.name)
+            for li in [li for li, last in last_shard.items() if last == i]:
+                replacements.release(li)
+            total += sum(e.nbytes for e in entries)
+            weight_map.update({e.name: shard.name for e in entries})
+            if progress is not None:
+                progress(shard)
     if (src / SHARD_INDEX).exists():
         index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / SHARD_INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
@@ -549,39 +573,6 @@ def prune_checkpoint_files(src: Path, out: Path, keep: dict[int, list[int]] | in
             shutil.copyfile(src / extra, out / extra)
 
 
-def _write_shards(out: Path, shards: list[Path], shard_jobs: list[dict], last_shard: dict[int, int], rank: dict,
-                  replace, replacements: _Replacements, reader: _Sources, weight_map: dict[str, str],
-                  progress) -> int:
-    """Write each output shard (its tensors in a fixed order); returns the bytes written."""
-    total = 0
-    for i, (shard, jobs) in enumerate(zip(shards, shard_jobs)):
-        with safe_open(shard, framework="pt") as f:
-            metadata = f.metadata()
-            entries = sorted((_entry(f, key, target) for key, target in jobs.values()),
-                             key=lambda e: (rank.get(jobs[e.name][1].layer, -1), e.name))
-            entries = aligned_order(entries)  # deterministic: it depends on the plan only
-            if entries or len(shards) == 1:  # a shard that held only dropped MTP tensors is not written
-                finite = True
-                with SafetensorsWriter(out / shard.name, entries, metadata or {"format": "pt"}) as w:
-                    for e in entries:
-                        if getattr(replace, "cancelled", False):
-                            raise Cancelled()
-                        t = _output_tensor(f, *jobs[e.name], replacements,
-                                           lambda key, f=f, shard=shard: reader.get_tensor(f, shard, key))
-                        # scanned here, in memory: the output check need not read the file
-                        finite = finite and first_nonfinite_tensor({e.name: t}) is None
-                        w.write(e.name, t)
-                if finite:
-                    note_finite_file(out / shard.name)
-        for li in [li for li, last in last_shard.items() if last == i]:
-            replacements.release(li)
-        total += sum(e.nbytes for e in entries)
-        weight_map.update({e.name: shard.name for e in entries})
-        if progress is not None:
-            progress(shard)
-    return total
-
-
 class _Sources:
     """Input tensors by key, from whichever shard holds them: a kept expert's tensor may sit in
     another shard than its place in the output (``_plan_layer``). Those shards are opened once."""
@@ -589,22 +580,23 @@ class _Sources:
     def __init__(self):
         self.where: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
+        self._stack = contextlib.ExitStack()
 
     def get_tensor(self, f, shard: Path, key: str) -> torch.Tensor:
+        """Input ``key``, read through ``f`` (the open ``shard``) where that shard holds it."""
         other = self.where[key]
         if other == shard:
             return f.get_tensor(key)
         if other not in self._open:
-            self._open[other] = safe_open(other, framework="pt").__enter__()
+            self._open[other] = self._stack.enter_context(safe_open(other, framework="pt"))
         return self._open[other].get_tensor(key)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for handle in self._open.values():
-            handle.__exit__(None, None, None)
         self._open.clear()
+        self._stack.close()
 
 
 def _targets(plan: dict[str, list[_Target]], key: str, method: str | None) -> list[_Target]:
