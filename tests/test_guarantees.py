@@ -46,6 +46,9 @@ def world(tmp_path_factory):
     (root / "recipe-bad.yaml").write_text("model: [unclosed\n")
     (root / "recipe-type.yaml").write_text(f"model: {root / 'par' / 'tiny'}\noutput: {root / 'o'}\n"
                                            "stages:\n  - prune: {keep: ten, method: random}\n")
+    (root / "recipe-counts.yaml").write_text(f"model: {root / 'par' / 'tiny'}\noutput: {root / 'o'}\n"
+                                             f"calibration: {{calib: {root / 'calib.txt'}}}\nstages:\n"
+                                             "  - prune: {keep: 4, method: frequency}\n  - merge: {keep: 6}\n")
     (root / "notstats.safetensors").write_bytes(b"\x00" * 64)
     (root / "notours").mkdir()
     (root / "notours" / "precious.txt").write_text("keep me")
@@ -176,6 +179,8 @@ def _cases():
         ("run-missing-recipe", ["run", "{root}/nope.yaml"], 2, "nope.yaml"),
         ("run-recipe-not-yaml", ["run", "{root}/recipe-bad.yaml"], 2, "recipe-bad.yaml"),
         ("run-recipe-wrong-type", ["run", "{root}/recipe-type.yaml"], 2, "keep"),
+        # a later stage asks for more experts than the earlier ones leave: refused before they run
+        ("run-recipe-counts", ["run", "{root}/recipe-counts.yaml"], 2, "after stage 1 (prune) leaves 4 experts"),
         # --- stats files -------------------------------------------------------------------
         ("stats-show-missing", ["stats", "show", "{root}/nope.safetensors"], 2, "not found"),
         ("stats-show-garbage", ["stats", "show", "{root}/notstats.safetensors"], 2, "notstats"),

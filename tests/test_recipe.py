@@ -239,3 +239,45 @@ def test_failed_first_stage_leaves_nothing(setup):
     with pytest.raises(MoECompressError):
         run_recipe(_write(t, recipe))
     assert not (t / "out").exists() and not [p for p in t.iterdir() if p.name.startswith(".")]
+
+
+def test_a_later_stage_asking_for_more_experts_than_remain_fails_before_any_stage_runs(setup, monkeypatch):
+    """merge keep: 6 after prune keep: 4 (of 8): one line naming both stages, exit 2, before any
+    model is loaded, from `run` and from `run --check` (the local model's config); no output and
+    no temporary folder are left."""
+    import moecompress.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    t = setup
+    recipe = {"model": str(t / "src"), "output": str(t / "out"), "calibration": {"calib": str(t / "text.txt")},
+              "stages": [{"prune": {"method": "frequency", "keep": 4}}, {"merge": {"keep": 6}}]}
+    path = _write(t, recipe)
+    for args in (["run", str(path)], ["run", str(path), "--check"]):
+        r = runner.invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert "stage 2 (merge), after stage 1 (prune) leaves 4 experts: --keep must be between 1 and 3" in lines[0]
+    assert not (t / "out").exists() and not [p for p in t.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("stages, error", [
+    ([{"prune": {"keep": 9}}], "stage 1 (prune): --keep must be between 1 and 7"),  # the first stage too
+    ([{"prune": {"method": "heapr", "ratio": 0.5}}, {"merge": {"keep": 7}}], None),  # neurons: 8 experts stay
+    ([{"prune": {"method": "stun", "sparsity": 0.6, "stun_expert_ratio": 0.5}}, {"merge": {"keep": 4}}],
+     "after stage 1 (prune) leaves 4 experts"),  # STUN's first stage removes whole experts
+    ([{"prune": {"ratio": 0.25}}, {"quantize": {"bits": 4}}, {"prune": {"keep": 6}}],
+     "stage 3 (prune), after stage 1 (prune) leaves 6 experts"),  # the count passes through other stages
+    ([{"prune": {"keep": 4}}, {"distill": {"stages": "keep:3,steps:1", "steps": 1}}, {"merge": {"keep": 6}}],
+     None),  # distill --stages: known only as it runs; the check stops there
+])
+def test_expert_counts_flow_through_the_stages(setup, stages, error):
+    from moecompress.recipe.runner import check_expert_counts
+
+    t = setup
+    recipe = load_recipe(_write(t, {"model": str(t / "src"), "output": str(t / "out"),
+                                    "calibration": {"calib": str(t / "text.txt")}, "stages": stages}))
+    if error is None:
+        check_expert_counts(recipe, 8)
+    else:
+        with pytest.raises(MoECompressError, match=error.replace("(", r"\(").replace(")", r"\)")):
+            check_expert_counts(recipe, 8)

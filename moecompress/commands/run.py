@@ -18,17 +18,20 @@ def register(app: typer.Typer) -> None:
         sets: List[str] = typer.Option([], "--set", help="Override a key: model=PATH, output=DIR, calibration.n=8, "
                                        "prune.keep=4 (every prune stage) or stages.2.keep=4 (repeatable)."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (overrides the recipe's)."),
-        check: bool = typer.Option(False, "--check", help="Validate the recipe (names, types, ranges) and stop."),
+        check: bool = typer.Option(False, "--check", help="Validate the recipe (names, types, ranges; with a local "
+                                   "model, each stage's expert count) and stop."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last completed stage."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON here."),
     ) -> None:
         """Run a recipe: stats, prune, merge, quantize, distill, eval and upload stages chained from one YAML file."""
         from ..recipe import load_recipe, run_stages
+        from ..recipe.runner import check_local_expert_counts
 
         with user_errors():
             r = load_recipe(recipe, sets, output=str(output) if output else None, check=check)
             if check:
+                check_local_expert_counts(r)
                 missing = sorted({s.name for s in r.stages if not s.options.implemented})
                 console.print(f"recipe ok: {len(r.stages)} stage(s): {' -> '.join(s.name for s in r.stages)}"
                               + (f"; output {r.output}" if r.output else "")

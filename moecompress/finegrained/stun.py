@@ -29,6 +29,11 @@ from .unstructured import parse_nm, unstructured_prune
 ExpertSelector = Callable[[object, torch.Tensor, int], dict[int, list[int]]]
 
 
+def kept_count(num_experts: int, expert_ratio: float) -> int:
+    """Experts STUN's first stage keeps of ``num_experts`` when it removes ``expert_ratio``."""
+    return max(1, int(round(num_experts * (1 - expert_ratio))))
+
+
 def stun_prune(model, tokens: torch.Tensor, sparsity: float | None, expert_ratio: float, *,
                expert_method: str = "stun", unstructured: str = "wanda", nm: tuple[int, int] | str | None = None,
                expert_selector: ExpertSelector | None = None, batch_size: int = 8, progress: bool = True,
@@ -46,7 +51,7 @@ def stun_prune(model, tokens: torch.Tensor, sparsity: float | None, expert_ratio
         raise MoECompressError(f"--stun-expert-ratio must be in [0, 1), got {expert_ratio}")
     view = moe_view(model)
     n_experts = view.num_experts
-    keep = max(1, int(round(n_experts * (1 - expert_ratio))))
+    keep = kept_count(n_experts, expert_ratio)
     removed_fraction = 1 - keep / n_experts
     if nm is None:
         if sparsity is None or not 0.0 <= sparsity < 1.0:

@@ -43,6 +43,13 @@ class Options(BaseModel):
                     "Path" not in str(cls.model_fields[k].annotation) else v for k, v in values.items()}
         return values
 
+    def experts_after(self, num_experts: int) -> int | None:
+        """Experts per MoE layer this stage leaves of ``num_experts`` (``None``: not known before
+        it runs); raises the stage's own one-line error where its options ask for more experts
+        than there are. Stages that remove or merge experts override it; the recipe runner checks
+        every stage's count against those the earlier stages leave before any stage runs."""
+        return num_experts
+
     def recorded(self) -> dict[str, Any]:
         """Every recipe option, resolved, as JSON types: what a stage records in moecompress.json."""
         return self.model_dump(mode="json", include=set(recipe_fields(type(self))))

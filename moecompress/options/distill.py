@@ -122,6 +122,10 @@ class DistillOptions(OutputOptions):
             _checked(parse_stages, v)
         return v
 
+    def experts_after(self, num_experts: int) -> int | None:
+        # with --stages the student is slimmed as the run goes (distill.stages checks each step)
+        return None if self.stages else num_experts
+
     @model_validator(mode="after")
     def _length(self):
         if self.steps is not None and self.tokens is not None:

@@ -59,6 +59,20 @@ class PruneOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
                                            "expert; relative to the mean feature energy).", ge=0)
     router_ridge: Optional[float] = option(None, "Ridge of the router re-fit (default 1.0, relative).", ge=0)
 
+    def experts_after(self, num_experts: int) -> int | None:
+        from ..prune.api import resolve_keep
+        from ..prune.registry import effective_method, registry
+
+        method = effective_method(self.method, self.sparsity, self.nm)
+        if registry()[method].kind == "experts":
+            return resolve_keep(num_experts, self.keep, self.ratio)
+        if method == "stun-unstructured":  # whole experts first, then weights inside the rest
+            from ..finegrained.stun import kept_count
+
+            ratio = self.stun_expert_ratio if self.stun_expert_ratio is not None else self.ratio
+            return kept_count(num_experts, ratio) if ratio is not None else None
+        return num_experts  # inside the experts: their count stays
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
@@ -92,6 +106,12 @@ class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
     repair: Optional[Literal["none", "refit", "refit+router", "refit+tune"]] = option(
         None, "Instead of --refit: the repair of `prune --repair` (layer by layer, joint down-projection fit; "
         "refit+router re-fits the router rows too).")
+
+
+    def experts_after(self, num_experts: int) -> int:
+        from ..prune.api import resolve_keep  # the same bounds and message as prune --keep
+
+        return resolve_keep(num_experts, keep=self.keep)
 
 
 class EvalOptions(LoadingOptions):

@@ -96,6 +96,40 @@ def _source(location: Path | str, name: str):
     return dataclasses.replace(open_source(location), name=name)
 
 
+def check_expert_counts(recipe: Recipe, num_experts: int) -> None:
+    """Each stage's expert count against what the earlier stages leave (``experts_after``), before
+    any stage runs: a later stage that asks for more experts than remain (merge ``keep: 30`` after
+    prune ``keep: 24``) is refused now, not after the earlier stages' work. Stops at a stage whose
+    count is known only as it runs."""
+    n, changed_by = num_experts, None
+    for stage in recipe.stages:
+        if stage.kind != "checkpoint":
+            continue
+        if not stage.options.implemented:  # (run --check accepts such a stage; run refuses it)
+            return
+        try:
+            after = stage.options.experts_after(n)
+        except MoECompressError as e:
+            left = f", after stage {changed_by.index} ({changed_by.name}) leaves {n} experts" if changed_by else ""
+            raise MoECompressError(f"{recipe.path}: stage {stage.index} ({stage.name}){left}: {e}") from None
+        if after is None:
+            return
+        if after != n:
+            n, changed_by = after, stage
+
+
+def check_local_expert_counts(recipe: Recipe) -> None:
+    """:func:`check_expert_counts` for ``run --check``, from the config of a model in a local
+    folder (no weights are read; a Hub id is not looked up: its counts are checked by ``run``)."""
+    from ..arch import family_for_config
+    from ..source import load_config
+
+    folder = Path(recipe.model).expanduser()
+    if (folder / "config.json").is_file():
+        config = load_config(folder)
+        check_expert_counts(recipe, int(getattr(config, family_for_config(config).num_experts_field)))
+
+
 def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
                say: Callable[[str], None] = lambda m: None,
                report: Callable[[Stage, Any, Any, Path], None] | None = None) -> dict:
@@ -110,6 +144,7 @@ def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     out = Path(recipe.output).expanduser().absolute()
     check_not_input(out, recipe.model)  # the output is not the input, inside it, or containing it
     current = _source(recipe.model, recipe.model)  # a bad input is refused before anything is written
+    check_expert_counts(recipe, current.num_experts)
     tmp = _prepare(out, overwrite=overwrite, resume=resume, say=say)
     stages_dir = tmp.path / STAGES_DIR
     last: dict[str, Path] = {}
