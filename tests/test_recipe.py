@@ -261,7 +261,8 @@ def test_a_later_stage_asking_for_more_experts_than_remain_fails_before_any_stag
 
 
 @pytest.mark.parametrize("stages, error", [
-    ([{"prune": {"keep": 9}}], "stage 1 (prune): --keep must be between 1 and 7"),  # the first stage too
+    ([{"prune": {"keep": 9}}, {"merge": {"keep": 2}}], "stage 1 (prune): --keep must be between 1 and 7"),
+    ([{"prune": {"keep": 9}}], "^--keep must be between 1 and 7"),  # one stage: its own message, as its command
     ([{"prune": {"method": "heapr", "ratio": 0.5}}, {"merge": {"keep": 7}}], None),  # neurons: 8 experts stay
     ([{"prune": {"method": "stun", "sparsity": 0.6, "stun_expert_ratio": 0.5}}, {"merge": {"keep": 4}}],
      "after stage 1 (prune) leaves 4 experts"),  # STUN's first stage removes whole experts

@@ -110,6 +110,8 @@ def check_expert_counts(recipe: Recipe, num_experts: int) -> None:
         try:
             after = stage.options.experts_after(n)
         except MoECompressError as e:
+            if len(recipe.stages) == 1:  # a one-line command (or one-stage recipe): the stage's own message
+                raise
             left = f", after stage {changed_by.index} ({changed_by.name}) leaves {n} experts" if changed_by else ""
             raise MoECompressError(f"{recipe.path}: stage {stage.index} ({stage.name}){left}: {e}") from None
         if after is None:
