@@ -107,7 +107,6 @@ class MergeOptions(CalibrationOptions, LoadingOptions, StreamingOptions, MtpOpti
         None, "Instead of --refit: the repair of `prune --repair` (layer by layer, joint down-projection fit; "
         "refit+router re-fits the router rows too).")
 
-
     def experts_after(self, num_experts: int) -> int:
         from ..prune.api import resolve_keep  # the same bounds and message as prune --keep
 
