@@ -282,3 +282,20 @@ def test_expert_counts_flow_through_the_stages(setup, stages, error):
     else:
         with pytest.raises(MoECompressError, match=error.replace("(", r"\(").replace(")", r"\)")):
             check_expert_counts(recipe, 8)
+
+
+@pytest.mark.parametrize("options", [{"method": "frequency", "keep": 5}, {"method": "heapr", "ratio": 0.5},
+                                     {"method": "stun", "sparsity": 0.6, "stun_expert_ratio": 0.3}])
+def test_the_count_the_check_predicts_is_the_count_the_stage_writes(setup, options):
+    """``experts_after`` (what the recipe check walks) against what prune writes: whole experts,
+    neurons (the count stays) and STUN's first stage."""
+    from moecompress.options import PruneOptions
+    from moecompress.prune import prune_checkpoint
+    from moecompress.source import open_source
+
+    t = setup
+    opts = PruneOptions(**options, calib=str(t / "text.txt"), n=4, seq_len=32, repair="none")
+    prune_checkpoint(t / "src", t / "out", options=opts, progress=False)
+    written = open_source(t / "out").num_experts
+    assert opts.experts_after(8) == written
+    assert (written == 8) == (options["method"] == "heapr")  # neurons: every expert stays
