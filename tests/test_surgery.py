@@ -57,16 +57,22 @@ def test_surgery_sharded_and_deterministic(tmp_path):
     assert reloaded.config.num_local_experts == 3
 
 
-def _split_layer_zero(folder, model_type):
+def _split_layer_zero(folder, model_type, fmt=None):
     """A tiny checkpoint whose layer 0 stores its experts in two shards (experts 0-3 with what
     comes before, the rest with the rest of the layer), as real checkpoints of per-expert keys do
-    where a shard boundary falls inside a layer."""
+    where a shard boundary falls inside a layer. ``fmt``: a published quantized format
+    (``testing.quantized_checkpoint``; an FP8 weight's scale goes with it)."""
     import re
 
     from safetensors.torch import load_file, save_file
 
-    model = tiny_model(model_type)
-    model.save_pretrained(folder)
+    from moecompress.testing import quantized_checkpoint
+
+    if fmt is None:
+        model = tiny_model(model_type)
+        model.save_pretrained(folder)
+    else:
+        model = quantized_checkpoint(folder, model_type, fmt)
     tensors = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
 
@@ -124,6 +130,29 @@ def test_kept_experts_from_another_shard_keep_the_layout_of_the_count(tmp_path):
     index = json.loads((tmp_path / "kept" / "model.safetensors.index.json").read_text())["weight_map"]
     first = [k for k, f in index.items() if f.endswith("00001-of-00003.safetensors") and ".experts." in k]
     assert sorted({k.split(".experts.")[1].split(".")[0] for k in first}) == ["0", "1", "2", "3"]  # places 0-3
+
+
+def test_kept_fp8_experts_from_another_shard_keep_their_stored_bytes_and_scales(tmp_path):
+    """The same across shards for an FP8 checkpoint of per-expert keys: each kept place holds the
+    kept expert's stored FP8 bytes and its block scales, read from the shard that stores them."""
+    from moecompress.testing import quantized_checkpoint
+
+    quantized_checkpoint(tmp_path / "whole", "mixtral", "fp8")
+    _split_layer_zero(tmp_path / "split", "mixtral", "fp8")
+    layers = json.loads((tmp_path / "whole" / "config.json").read_text())["num_hidden_layers"]
+    keep = {li: ([1, 2, 5, 6, 7] if li == 0 else [0, 3, 4, 6, 7]) for li in range(layers)}
+    for name in ("whole", "split"):
+        (tmp_path / f"{name}-out").mkdir()
+        prune_checkpoint_files(tmp_path / name, tmp_path / f"{name}-out", keep)
+    got, ref = saved_tensors(tmp_path / "split-out"), saved_tensors(tmp_path / "whole-out")
+    assert got.keys() == ref.keys()
+    for k in got:
+        assert torch.equal(got[k].view(torch.uint8), ref[k].view(torch.uint8)), k
+    stored = saved_tensors(tmp_path / "whole")
+    key = "model.layers.0.block_sparse_moe.experts.{}.w1.weight{}"
+    for j, e in ((1, 2), (3, 6)):  # place 3 is in the first shard, input expert 6 in the second
+        for suffix in ("", "_scale_inv"):
+            assert torch.equal(got[key.format(j, suffix)].view(torch.uint8), stored[key.format(e, suffix)].view(torch.uint8))
 
 
 def test_streamed_load_equals_in_memory(tmp_path):
