@@ -103,7 +103,8 @@ def test_kept_experts_from_another_shard_keep_the_layout_of_the_count(tmp_path):
     the model pruned in memory."""
     model = _split_layer_zero(tmp_path / "src", "mixtral")
     view = moe_view(model)
-    keep = {li: ([1, 2, 5, 6, 7] if li == 0 else [0, 1, 2, 3, 4]) for li in view.moe_layer_indices}  # 1, 2 cross over
+    # layer 0: places 2 and 3 (the first shard's) hold experts 5 and 6 (stored in the second)
+    keep = {li: ([1, 2, 5, 6, 7] if li == 0 else [0, 1, 2, 3, 4]) for li in view.moe_layer_indices}
     (tmp_path / "kept").mkdir()
     prune_checkpoint_files(tmp_path / "src", tmp_path / "kept", keep)
     ref = tiny_model("mixtral")
