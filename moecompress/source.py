@@ -220,21 +220,27 @@ def load_tokenizer(location, name: str | None = None):
     return tokenizer
 
 
-def open_source(src: str | os.PathLike | Source) -> Source:
-    """Resolve ``src`` once: a clear one-line error for a missing folder, an unreachable Hub id,
-    a model that is not a supported MoE family, or a truncated or missing shard; NaN/Inf weights
-    (``integrity``) are scanned for in the background and refused before any weight is used."""
-    if isinstance(src, Source):
-        return src
+def read_source(src: str | os.PathLike) -> Source:
+    """``src`` resolved and its config read (no weight file is touched): a clear one-line error
+    for a missing folder, an unreachable Hub id or a model that is not a supported MoE family."""
     from .arch import family_for_config
-
-    from .guards import load_policy
-    from .integrity import require_sound_input
 
     location = resolve_source(src)
     config = load_config(location)
-    source = Source(name=str(src), location=location, config=config, family=family_for_config(config),
-                    stored_dtype=stored_dtype(config))
+    return Source(name=str(src), location=location, config=config, family=family_for_config(config),
+                  stored_dtype=stored_dtype(config))
+
+
+def open_source(src: str | os.PathLike | Source) -> Source:
+    """Resolve ``src`` once (:func:`read_source`), and refuse a truncated or missing shard;
+    NaN/Inf weights (``integrity``) are scanned for in the background and refused before any
+    weight is used."""
+    if isinstance(src, Source):
+        return src
+    from .guards import load_policy
+    from .integrity import require_sound_input
+
+    source = read_source(src)
     # every shard complete now; the NaN/Inf scan starts in the background and its verdict comes
     # before any weight is used (load_model) or an output is committed (output_folder)
     require_sound_input(source.folder, allow_nonfinite=load_policy().allow_nonfinite, wait=False)

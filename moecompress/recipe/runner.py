@@ -123,13 +123,11 @@ def check_expert_counts(recipe: Recipe, num_experts: int) -> None:
 def check_local_expert_counts(recipe: Recipe) -> None:
     """:func:`check_expert_counts` for ``run --check``, from the config of a model in a local
     folder (no weights are read; a Hub id is not looked up: its counts are checked by ``run``)."""
-    from ..arch import family_for_config
-    from ..source import load_config
+    from ..source import read_source
 
     folder = Path(recipe.model).expanduser()
     if (folder / "config.json").is_file():
-        config = load_config(folder)
-        check_expert_counts(recipe, int(getattr(config, family_for_config(config).num_experts_field)))
+        check_expert_counts(recipe, read_source(folder).num_experts)
 
 
 def run_stages(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
