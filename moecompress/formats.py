@@ -126,6 +126,7 @@ def _ct_shape(part: str, shape: tuple[int, ...], config, logical: str) -> tuple[
         return (out, inp // cols)
     return (math.ceil(out * bits / 32), inp // cols)  # ct_zero_point, packed along the rows
 
+
 DEQUANTIZED_METHODS = ("fp8", "mxfp4")  # what dequantized_loading loads as plain bf16 weights
 
 

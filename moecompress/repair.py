@@ -449,12 +449,12 @@ class PruneRepair:
     (``on_layer_done`` has it). ``grouped``: whether the kept experts keep grouped routing
     (``MoEModel.balanced_groups(keep) > 1`` for a selection that keeps a quota per group).
 
-    Why a layer at a time: the selection (NAEE) reads the layers as they load
-    (``layerload``) and its work is bound by the host, the re-fit's by the GPU; re-fitting
-    each layer as soon as it is chosen runs the re-fit while later layers are still being
-    read, instead of after the whole selection (docs/benchmarks.md, "Session 17"). The values
-    are those of choosing every layer first: the selection and the re-fit run on their own
-    activations (``capture.LayerCursor``), and the re-fit of a layer reads only its kept set.
+    Why a layer at a time: a streamed model's decoder layer then goes to the GPU once for its
+    selection and its re-fit, instead of once more for the re-fit (``prune.checkpoint.
+    refits_as_chosen``, which applies it to streamed models only: in GPU memory the two orders
+    measured the same, docs/benchmarks.md "Session 18"). The values are those of choosing every
+    layer first: the selection and the re-fit run on their own activations
+    (``capture.LayerCursor``), and the re-fit of a layer reads only its kept set.
     """
 
     def __init__(self, model, keep: int, tokens: torch.Tensor, *, mode: str = DEFAULT_MODE,

@@ -246,8 +246,9 @@ def refits_as_chosen(lm) -> bool:
     onloads every MoE block a second time and the rest of the layer once per pass (testbed:
     59.5 MiB onloaded instead of 27.1; docs/benchmarks.md, "Session 17"). In GPU
     memory the layers load in the background while the selection runs (``layerload``), and the
-    re-fit beside those loads was measured slower (12.1 s instead of 10.0 s on the OLMoE shape):
-    the whole prune 22.0 s against 21.1 s re-fitting after the selection ("Session 15")."""
+    re-fit beside those loads gained nothing: session 15 measured it slower (the whole prune
+    22.0 s against 21.1 s), session 18 the same within a process's run-to-run spread (the OLMoE
+    shape, both orders in two processes)."""
     from ..onload import is_streamed
 
     return is_streamed(lm)
