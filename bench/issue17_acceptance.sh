@@ -7,14 +7,14 @@
 #        first as a user runs it (the headline), then with the phases' clocks; the two runs' outputs
 #        compared, and the streamed output against the in-memory one (tensors, files, kept sets); then
 #        DeepSeek-V3's default per layer on 3 layers, extrapolated with those rates.
-#        OTHER=1 also times each prune with the re-fit scheduled the other way
-#        (prune.checkpoint.refits_as_chosen; session 18 found no difference in GPU memory)
+#        SCHEDULES=after,behind also times each prune once per re-fit schedule listed
+#        (prune.checkpoint.refit_schedule; session 18 found after = as chosen in GPU memory)
 #   bash bench/issue17_acceptance.sh qwen30 CALIB TOKENIZER_DIR  # ~5.5 min: the Qwen3-30B-A3B shape's
 #        default prune streamed under 4.75 GiB (its 61 GB checkpoint written to a RAM disk first). Under
 #        4 GiB its embeddings do not fit beside the room for one layer and NAEE's reserve: accelerate
 #        then computes on the CPU, which load_model refuses; with the re-fit's blocks of experts
 #        reserved (session 13) the default needs 4.75 GiB (it ran under 4.5 GiB before they were)
-#   SCHEDULE=other bash bench/issue17_acceptance.sh qwen30 ...     # the same with the re-fit after the whole
+#   SCHEDULE=after bash bench/issue17_acceptance.sh qwen30 ...     # the same with the re-fit after the whole
 #        selection (the schedule before session 17), for the A/B of its onloads (another machine start;
 #        session 18: 138.5 s against 141.2 s as chosen)
 #   bash bench/issue17_acceptance.sh search CALIB TOKENIZER_DIR  # ~2.5 min: NAEE's search per layer on
@@ -38,7 +38,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 case "$part" in
   olmoe)
     python3 "$here/scale.py" olmoe-1b-7b --work /tmp/scale --calib "$calib" --tokenizer-from "$tok" \
-        --skip stats,stream,prune --repairs default --unclocked-too ${OTHER:+--other-schedule-too} \
+        --skip stats,stream,prune --repairs default --unclocked-too ${SCHEDULES:+--also-schedules "$SCHEDULES"} ${SCALE_ARGS:-} \
         --json "$out/scale_olmoe_default.json" | grep SUMMARY
     python3 "$here/scale.py" deepseek-v3 --naee-layers 3 --with-repair --rates-from "$out/scale_olmoe_default.json" \
         --json "$out/naee_deepseek_v3_default.json" | grep SUMMARY

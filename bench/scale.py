@@ -502,14 +502,16 @@ def main() -> None:
                     help="time each prune once more without the phases (their synchronisations), before the "
                          "clocked run (first, the default) or after it: the headline time")
     ap.add_argument("--trace-dir", type=Path, help="with --profile-*: gzipped Chrome traces written there")
-    ap.add_argument("--other-schedule-too", action="store_true",
-                    help="with the surgery runs: one more unclocked prune with the other re-fit schedule than the "
-                         "default's (prune.checkpoint.refits_as_chosen: each layer as chosen in GPU memory, after "
-                         "the selection streamed), its time, and whether its bytes equal the default's")
-    ap.add_argument("--schedule", choices=("default", "other"), default="default",
-                    help="other: every prune of this run with the re-fit scheduled the other way "
-                         "(prune.checkpoint.refits_as_chosen inverted), e.g. a streamed prune re-fitting after the "
-                         "whole selection, as before session 17")
+    ap.add_argument("--also-schedules", default="",
+                    help="with the surgery runs: after each prune, one more unclocked prune per re-fit schedule "
+                         "listed (comma-separated, repeats allowed: after, as-chosen, behind, default; "
+                         "prune.checkpoint.refit_schedule), each's time, and whether its bytes equal the first's")
+    ap.add_argument("--schedule", choices=("default", "after", "as-chosen", "behind"), default="default",
+                    help="every prune of this run with this re-fit schedule (prune.checkpoint.refit_schedule; "
+                         "default: as the CLI chooses: as chosen streamed, behind in GPU memory, after on the CPU)")
+    ap.add_argument("--fp32-refit", action="store_true",
+                    help="the re-fit's products in float32 on CUDA too (refit.TF32_ACCUMULATION off): what the "
+                         "behind schedule computes (refit.fixed_precision), for a like-for-like A/B")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
@@ -522,11 +524,14 @@ def main() -> None:
     if a.calib is None or a.tokenizer_from is None:
         ap.error("--calib and --tokenizer-from are required")
     skip = set(filter(None, a.skip.split(",")))
-    if a.schedule == "other":
+    if a.schedule != "default":
         import moecompress.prune.checkpoint as prune_module
 
-        default_schedule = prune_module.refits_as_chosen
-        prune_module.refits_as_chosen = lambda lm: not default_schedule(lm)
+        prune_module.refit_schedule = lambda lm, s=a.schedule.replace("-", " "): s
+    if a.fp32_refit:
+        import moecompress.refit as refit
+
+        refit.TF32_ACCUMULATION = False
     progress = progress_writer(a.json)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     src = a.work / a.name
@@ -634,19 +639,21 @@ def main() -> None:
             digest = tensor_digests(out)
         # the same prune twice in one process: does it write the same bytes (determinism on this device)
         repeat = digest_differences(first, digest) if first is not None else None
-        other = None
-        if a.other_schedule_too:  # the same prune, the re-fit scheduled the other way
+        others = []
+        for schedule in filter(None, a.also_schedules.split(",")):  # the same prune, another re-fit schedule
             import moecompress.prune.checkpoint as prune_module
 
-            real, ran = prune_module.refits_as_chosen, []
-            prune_module.refits_as_chosen = lambda lm: ran.append(not real(lm)) or ran[-1]
+            real, ran = prune_module.refit_schedule, []
+            forced = real if schedule == "default" else (lambda lm, s=schedule.replace("-", " "): s)
+            prune_module.refit_schedule = lambda lm: ran.append(forced(lm)) or ran[-1]
             try:
                 other = {"s": unclocked_run()}
             finally:
-                prune_module.refits_as_chosen = real
-            other["schedule"] = {True: "each layer as chosen", False: "after the selection"}.get(ran[-1] if ran else None)
+                prune_module.refit_schedule = real
+            other["schedule"] = ran[-1] if ran else None
             other["differences"] = digest_differences(digest, tensor_digests(out))
             other["same_bytes"] = other["differences"]["same_bytes"]
+            others.append(other)
         parts = {"read": res["input_bytes"] / res["read_Bps"], "write": out_bytes / res["write_Bps"],
                  "forward": fwd_flops / res["matmul_flops"]}
         floor = sum(parts.values())
@@ -661,10 +668,8 @@ def main() -> None:
         row["digests"] = digest
         if like is not None:  # (streamed: against the prune in GPU memory)
             row["in_memory_differences"] = digest_differences(like, digest)
-        if other is not None:
-            row["other_schedule_differences"] = other["differences"]
-            row.update(other_schedule=other["schedule"], other_schedule_s=other["s"],
-                       other_schedule_vs_floor=other["s"] / floor, other_schedule_same_bytes=other["same_bytes"])
+        if others:  # (in the order run; each compared with this row's clocked prune)
+            row["other_schedules"] = [{**o, "vs_floor": o["s"] / floor} for o in others]
         shutil.rmtree(out, ignore_errors=True)
         return row
 
@@ -691,8 +696,7 @@ def main() -> None:
                             f"{key}_repair": row["repair"], f"{key}_phases": row["phases"], "floor_s": row["floor_s"]})
                 if "s_clocked" in row:  # the headline is then the run without the phases' synchronisations
                     res[f"{key}_s_clocked"] = row["s_clocked"]
-                for k in ("other_schedule", "other_schedule_s", "other_schedule_vs_floor", "other_schedule_same_bytes",
-                          "repeat_differences", "other_schedule_differences", "in_memory_differences"):
+                for k in ("other_schedules", "repeat_differences", "in_memory_differences"):
                     if k in row:
                         res[f"{key}_{k}"] = row[k]
                 progress(res)
@@ -722,6 +726,9 @@ def summary(res: dict) -> dict:
             out[k] = {label: p["s"] for label, p in top}
             if "gpu peak, first seen leaving" in v:
                 out[k]["gpu peak, first seen leaving"] = v["gpu peak, first seen leaving"][-1]
+        elif k.endswith("_other_schedules"):
+            out[k] = [{"schedule": o["schedule"], "s": round(o["s"], 2), "vs_floor": round(o["vs_floor"], 3),
+                       "same": o["same_bytes"], "differ": o["differences"]["tensors_differing"]} for o in v]
         elif k.endswith("_differences"):
             out[k] = {"same": v["same_bytes"], "differ": v["tensors_differing"], "by_kind": v["by_kind"]}
         elif isinstance(v, float) and (k.endswith(("_s", "_vs_floor", "_GiB")) or "vs_floor" in k or "median" in k):

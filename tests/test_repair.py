@@ -637,15 +637,17 @@ def test_blocks_grow_without_a_gpu_cap_only(monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max())), acc
 
 
-@pytest.mark.parametrize("model_type,keep,streamed", [("qwen3_moe", 5, False), ("mixtral", 4, False),
-                                                      ("deepseek_v3", 4, False), ("deepseek_v3", 5, False),
-                                                      ("olmoe", 5, True), ("deepseek_v3", 4, True)])
+@pytest.mark.parametrize("model_type,keep,streamed,schedule", [
+    ("qwen3_moe", 5, False, "as chosen"), ("mixtral", 4, False, "as chosen"), ("deepseek_v3", 4, False, "as chosen"),
+    ("deepseek_v3", 5, False, "as chosen"), ("olmoe", 5, True, "as chosen"), ("deepseek_v3", 4, True, "as chosen"),
+    ("qwen3_moe", 5, False, "behind"), ("mixtral", 4, False, "behind"), ("deepseek_v3", 4, False, "behind")])
 def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tmp_path, monkeypatch, model_type,
-                                                                              keep, streamed):
+                                                                              keep, streamed, schedule):
     """A streamed default prune re-fits each layer as soon as NAEE has chosen it
     (``Selection.on_layer``, ``repair.PruneRepair``), while the surgery beside writes the output
     from the kept count: the same files, config and record as choosing every layer first and
-    re-fitting after (what a prune in memory does, ``refits_as_chosen``; forced here both ways).
+    re-fitting after (``refit_schedule``; forced here both ways). "behind": the re-fit in a thread of
+    its own, one layer behind the selection (``repair.RepairBehind``; a prune in GPU memory).
     Families with per-expert checkpoint keys (mixtral), grouped routing that stays (deepseek_v3 at
     4 of 8) or falls back to one group (at 5), and a streamed model, whose decoder layers then go
     to the GPU once per prune: the MoE block once instead of twice (selection, re-fit), the rest
@@ -678,16 +680,20 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
     monkeypatch.setattr(LayerCache, "__init__", lambda self, layer, *a, **k: events.append(("choose", layer.layer_idx))
                         or cache(self, layer, *a, **k))
     if not streamed:  # (streamed: the default)
-        monkeypatch.setattr(prune_module, "refits_as_chosen", lambda lm: True)
+        monkeypatch.setattr(prune_module, "refit_schedule", lambda lm: schedule)
     each = prune_checkpoint(tmp_path / "src", tmp_path / "each", **kw)
     layers = sorted(each.kept)
-    assert events == [(what, li) for li in layers for what in ("choose", "fit")]  # interleaved
+    if schedule == "behind":  # each layer fitted after it is chosen, in order (the thread's pace)
+        assert [e for e in events if e[0] == "fit"] == [("fit", li) for li in layers]
+        assert all(events.index(("choose", li)) < events.index(("fit", li)) for li in layers)
+    else:
+        assert events == [(what, li) for li in layers for what in ("choose", "fit")]  # interleaved
     experts_onloads = sum(name.endswith("Experts") for name in onloads)
     assert experts_onloads == (len(layers) if streamed else 0)
     other_onloads = sum(not name.endswith(("Experts", "Router")) for name in onloads)  # attention, norms
     events.clear()
     onloads.clear()
-    monkeypatch.setattr(prune_module, "refits_as_chosen", lambda lm: False)  # (in memory: the default)
+    monkeypatch.setattr(prune_module, "refit_schedule", lambda lm: "after")  # (in CPU memory: the default)
     after = prune_checkpoint(tmp_path / "src", tmp_path / "after", **kw)
     assert events == [("choose", li) for li in layers] + [("fit", li) for li in layers]
     assert sum(name.endswith("Experts") for name in onloads) == 2 * experts_onloads
@@ -709,14 +715,14 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
     assert records[0]["kept_experts"] == records[1]["kept_experts"]
 
 
-def test_only_a_streamed_prune_refits_each_layer_as_chosen(tmp_path):
-    """In GPU memory the re-fit beside the layers' background loading was measured slower
-    (docs/benchmarks.md, "Session 15"): there the re-fit follows the whole selection."""
+def test_the_refit_schedule_follows_where_the_model_runs(tmp_path):
+    """Streamed: each layer as chosen (its decoder layer onloaded once); in CPU memory after the
+    selection; in GPU memory behind it, in a thread (``refit_schedule``)."""
     from moecompress.checkpoint import load_model
     from moecompress.onload import is_streamed
-    from moecompress.prune.checkpoint import refits_as_chosen
+    from moecompress.prune.checkpoint import refit_schedule
 
     tiny_model("olmoe").save_pretrained(tmp_path / "src")
-    assert not refits_as_chosen(load_model(tmp_path / "src", dtype="float32"))
+    assert refit_schedule(load_model(tmp_path / "src", dtype="float32")) == "after"
     streamed = load_model(tmp_path / "src", dtype="float32", max_cpu_memory="40KB", offload_folder=tmp_path / "off")
-    assert refits_as_chosen(streamed) == is_streamed(streamed)
+    assert is_streamed(streamed) and refit_schedule(streamed) == "as chosen"
