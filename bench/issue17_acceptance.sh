@@ -7,7 +7,7 @@
 #        first as a user runs it (the headline), then with the phases' clocks; the two runs' outputs
 #        compared, and the streamed output against the in-memory one (tensors, files, kept sets); then
 #        DeepSeek-V3's default per layer on 3 layers, extrapolated with those rates.
-#        SCHEDULES=after,behind also times each prune once per re-fit schedule listed
+#        SCHEDULES=after,as-chosen also times each prune once per re-fit schedule listed
 #        (prune.checkpoint.refit_schedule; session 18 found after = as chosen in GPU memory)
 #   bash bench/issue17_acceptance.sh qwen30 CALIB TOKENIZER_DIR  # ~5.5 min: the Qwen3-30B-A3B shape's
 #        default prune streamed under 4.75 GiB (its 61 GB checkpoint written to a RAM disk first). Under

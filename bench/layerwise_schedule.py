@@ -1,12 +1,12 @@
 """The default prune's two re-fit schedules on the CPU, with the layers loading in the background.
 
-``prune.checkpoint.refits_as_chosen`` re-fits each layer as soon as NAEE has chosen it
+``prune.checkpoint.refit_schedule`` re-fits each layer as soon as NAEE has chosen it
 (``repair.PruneRepair``) for a streamed model, and after the whole selection in memory, where
 the layers load in the background (``layerload``) while the selection runs. This times both in
 memory on a testbed model (CPU, ``layerload.ON_CPU``), with each layer's load slowed by
 ``--load-delays`` seconds (a sleep, which frees the interpreter's lock as a disk read does), and
 checks that both write the same bytes. It shows the mechanism only: what a GPU gains or loses
-comes from ``bench/scale.py --other-schedule-too`` (session 15 measured the re-fit beside the
+comes from ``bench/scale.py --also-schedules`` (session 15 measured the re-fit beside the
 loading slower on the GPU, which is why memory keeps the re-fit after the selection).
 
   OMP_NUM_THREADS=1 python bench/layerwise_schedule.py --json bench/results/layerwise_schedule_cpu.json
@@ -51,7 +51,7 @@ def main() -> None:
 
     from transformers import core_model_loading
 
-    real_load, real_policy = core_model_loading.convert_and_load_state_dict_in_model, prune_module.refits_as_chosen
+    real_load, real_policy = core_model_loading.convert_and_load_state_dict_in_model, prune_module.refit_schedule
     layerload.ON_CPU = True
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,15 +65,15 @@ def main() -> None:
             # both orders (A B B A): the first prune of a process pays one-time costs
             for schedule in ("each layer as chosen", "after the selection", "after the selection",
                              "each layer as chosen"):
-                as_chosen = schedule == "each layer as chosen"
-                prune_module.refits_as_chosen = lambda lm, as_chosen=as_chosen: as_chosen
+                named = "as chosen" if schedule == "each layer as chosen" else "after"
+                prune_module.refit_schedule = lambda lm, named=named: named
                 out = Path(tmp) / "out"
                 t0 = time.perf_counter()
                 prune_checkpoint(a.model, out, keep=a.keep, calib=str(a.calib), n=a.n, repair_n=a.repair_n,
                                  progress=False, overwrite=True)
                 times.setdefault(schedule, []).append(round(time.perf_counter() - t0, 2))
                 digests.add(digest(out))
-                prune_module.refits_as_chosen = real_policy
+                prune_module.refit_schedule = real_policy
             row.update({k: v for k, v in times.items()}, same_bytes=len(digests) == 1)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -504,14 +504,13 @@ def main() -> None:
     ap.add_argument("--trace-dir", type=Path, help="with --profile-*: gzipped Chrome traces written there")
     ap.add_argument("--also-schedules", default="",
                     help="with the surgery runs: after each prune, one more unclocked prune per re-fit schedule "
-                         "listed (comma-separated, repeats allowed: after, as-chosen, behind, default; "
+                         "listed (comma-separated, repeats allowed: after, as-chosen, default; "
                          "prune.checkpoint.refit_schedule), each's time, and whether its bytes equal the first's")
-    ap.add_argument("--schedule", choices=("default", "after", "as-chosen", "behind"), default="default",
+    ap.add_argument("--schedule", choices=("default", "after", "as-chosen"), default="default",
                     help="every prune of this run with this re-fit schedule (prune.checkpoint.refit_schedule; "
-                         "default: as the CLI chooses: as chosen streamed, behind in GPU memory, after on the CPU)")
+                         "default: as the CLI chooses: as chosen streamed, after in memory)")
     ap.add_argument("--fp32-refit", action="store_true",
-                    help="the re-fit's products in float32 on CUDA too (refit.TF32_ACCUMULATION off): what the "
-                         "behind schedule computes (refit.fixed_precision), for a like-for-like A/B")
+                    help="the re-fit's products in float32 on CUDA too (refit.TF32_ACCUMULATION off)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.naee_layers:
@@ -524,9 +523,9 @@ def main() -> None:
     if a.calib is None or a.tokenizer_from is None:
         ap.error("--calib and --tokenizer-from are required")
     skip = set(filter(None, a.skip.split(",")))
-    if a.schedule != "default":
-        import moecompress.prune.checkpoint as prune_module
+    import moecompress.prune.checkpoint as prune_module
 
+    if a.schedule != "default":
         prune_module.refit_schedule = lambda lm, s=a.schedule.replace("-", " "): s
     if a.fp32_refit:
         import moecompress.refit as refit
@@ -641,8 +640,6 @@ def main() -> None:
         repeat = digest_differences(first, digest) if first is not None else None
         others = []
         for schedule in filter(None, a.also_schedules.split(",")):  # the same prune, another re-fit schedule
-            import moecompress.prune.checkpoint as prune_module
-
             real, ran = prune_module.refit_schedule, []
             forced = real if schedule == "default" else (lambda lm, s=schedule.replace("-", " "): s)
             prune_module.refit_schedule = lambda lm: ran.append(forced(lm)) or ran[-1]

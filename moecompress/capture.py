@@ -112,16 +112,11 @@ def _bar(progress: bool) -> Progress:
 
 
 @contextlib.contextmanager
-def _observing(view: MoEModel, observers: list[Observer], stop_after: int | None = None, layers: range | None = None):
-    """Hooks that hand each MoE layer's input, routing and output to the observers: on every MoE
-    layer, or on those of ``layers`` (decoder layer indices) only. A cursor hooks only the layers
-    it runs, so that another cursor of the same model, running other layers in another thread
-    (the re-fit behind the selection: ``repair.RepairBehind``), never calls its observers."""
+def _observing(view: MoEModel, observers: list[Observer], stop_after: int | None = None):
+    """Hooks that hand each MoE layer's input, routing and output to the observers."""
     routings: dict[int, Routing] = {}
     hooks = []
     for layer in view if observers else []:
-        if layers is not None and layer.layer_idx not in layers:
-            continue
         def on_router(mod, inp, out, layer=layer):
             routings[layer.layer_idx] = layer.routing_from_router_output(out)
 
@@ -324,7 +319,7 @@ class LayerCursor:
             raise RuntimeError("the cursor's last outputs were discarded: restore a state before advancing")
         if not self.position <= through <= self.until:
             raise ValueError(f"cannot advance from layer {self.position} through {through} (recorded up to {self.until})")
-        with _observing(self.view, observers, layers=range(self.position, through + 1)), _bar(progress) as bar:
+        with _observing(self.view, observers), _bar(progress) as bar:
             task = bar.add_task(description, total=(through + 1 - self.position) * len(self.hidden))
             for i in range(self.position, through + 1):
                 moe = self.moe.get(i)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
-import threading
 from typing import NamedTuple
 
 import torch
@@ -142,28 +141,10 @@ def ridge_solve(gram: torch.Tensor, lam: torch.Tensor, rhs: torch.Tensor) -> tor
 TF32_ACCUMULATION = True
 
 
-_thread = threading.local()
-
-
-@contextlib.contextmanager
-def fixed_precision():
-    """While active in this thread, :func:`accumulation_precision` leaves the process-wide
-    matmul precision alone (the products in float32): for a re-fit running beside another thread
-    that launches float32 products of its own (``repair.RepairBehind``), which the switch would
-    turn to TF32 too."""
-    before = getattr(_thread, "fixed", False)
-    _thread.fixed = True
-    try:
-        yield
-    finally:
-        _thread.fixed = before
-
-
 @contextlib.contextmanager
 def accumulation_precision(device: torch.device):
-    """Float32 matrix products on ``device`` in TF32 while active (CUDA and ``TF32_ACCUMULATION``,
-    outside :func:`fixed_precision`)."""
-    if device.type != "cuda" or not TF32_ACCUMULATION or getattr(_thread, "fixed", False):
+    """Float32 matrix products on ``device`` in TF32 while active (CUDA and ``TF32_ACCUMULATION``)."""
+    if device.type != "cuda" or not TF32_ACCUMULATION:
         yield
         return
     matmul = torch.backends.cuda.matmul

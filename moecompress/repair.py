@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import queue
 
 import torch
 from torch import nn
@@ -452,7 +451,7 @@ class PruneRepair:
 
     Why a layer at a time: a streamed model's decoder layer then goes to the GPU once for its
     selection and its re-fit, instead of once more for the re-fit (``prune.checkpoint.
-    refits_as_chosen``, which applies it to streamed models only: in GPU memory the two orders
+    refit_schedule``, which applies it to streamed models only: in GPU memory the two orders
     measured the same, docs/benchmarks.md "Session 18"). The values are those of choosing every
     layer first: the selection and the re-fit run on their own activations
     (``capture.LayerCursor``), and the re-fit of a layer reads only its kept set.
@@ -503,85 +502,3 @@ class PruneRepair:
                 raise ValueError(f"layer {li} was re-fitted for other kept experts")
         self.blocks.finish()  # layers the repair did not reach (--repair none); the config follows
         return self.refit.record
-
-
-class RepairBehind:
-    """A :class:`PruneRepair` run one layer behind the selection, in a thread of its own:
-    ``chosen(li, kept)`` queues layer li and returns at once, so the selection goes on to the
-    next layer while the thread re-fits the queued ones in order; ``finish(kept)`` waits for them,
-    then finishes as :meth:`PruneRepair.finish` does. Used as a context manager: a body that
-    raises stops the thread after its layer, and waits for it. An error of the thread is raised
-    in the selection's thread at its next ``chosen``, or by ``finish``.
-
-    Why: in GPU memory NAEE's selection and the re-fit each keep the GPU busy about half of their
-    time (the host launches their small kernels: docs/benchmarks.md, "Session 16"), and the
-    selection waits for layers still being read (``layerload``). One after the other, or
-    interleaved in one thread (``PruneRepair.chosen``), they add up; in two threads each runs
-    while the other launches or waits.
-
-    Why the values are those of re-fitting after the selection (the same bytes, tests):
-    * the two never run one layer at once: layer li is queued once the selection is done with
-      it (its routing hook removed), and the selection never runs it again; each cursor hooks
-      only the layers it runs (``capture._observing``), and the re-fit's block swaps touch
-      layers up to li only;
-    * the selection and the re-fit run on their own activations (``capture.LayerCursor``), as
-      in :class:`PruneRepair`;
-    * on a GPU both threads launch on one stream, each its kernels in its order, and a kernel
-      computes the same whoever launched it. Neither changes a process-wide setting while the
-      other runs: the re-fit's products take no TF32 switch here (``refit.accumulation_precision``
-      is told by ``refit.fixed_precision``)."""
-
-    def __init__(self, run: PruneRepair, device: torch.device | None = None):
-        from .background import Background
-
-        self.run = run
-        self.device = torch.device(device) if device is not None else None
-        self._queue: queue.Queue = queue.Queue()
-        self._cancelled = False
-        self.job = Background(self._work, "moecompress-refit")
-
-    @property
-    def progress(self) -> bool:
-        return self.run.progress
-
-    @progress.setter
-    def progress(self, on: bool) -> None:
-        self.run.progress = on
-
-    def _work(self, stop) -> None:
-        from .refit import fixed_precision
-
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # (the current device is per thread)
-        with fixed_precision():
-            while not (self._cancelled or stop.is_set()):
-                try:
-                    item = self._queue.get(timeout=0.05)  # (stop is set at exit: checked between waits)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    return
-                self.run.chosen(*item)
-
-    def _raise_error(self) -> None:
-        if self.job.error is not None:
-            raise self.job.error
-
-    def chosen(self, layer_idx: int, kept: list[int]) -> None:
-        self._raise_error()
-        self._queue.put((layer_idx, list(kept)))
-
-    def finish(self, kept: dict[int, list[int]]) -> dict:
-        self._queue.put(None)
-        self.job.result()  # the queued layers re-fitted (or the thread's error raised)
-        return self.run.finish(kept)
-
-    def __enter__(self) -> "RepairBehind":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # after finish() the thread has ended; else (the body raised) it stops after its layer,
-        # and the body's exception goes on
-        self._cancelled = exc_type is not None
-        self._queue.put(None)
-        self.job.thread.join()

@@ -10,7 +10,6 @@ import torch
 
 from moecompress.arch import moe_view
 from moecompress.capture import run_calibration
-from moecompress.errors import MoECompressError
 from moecompress.prune import prune_checkpoint
 from moecompress.refit import JointRefitObserver, block_output, swap_in_copies
 from moecompress.repair import RouterObserver, repair
@@ -639,15 +638,13 @@ def test_blocks_grow_without_a_gpu_cap_only(monkeypatch):
 
 @pytest.mark.parametrize("model_type,keep,streamed,schedule", [
     ("qwen3_moe", 5, False, "as chosen"), ("mixtral", 4, False, "as chosen"), ("deepseek_v3", 4, False, "as chosen"),
-    ("deepseek_v3", 5, False, "as chosen"), ("olmoe", 5, True, "as chosen"), ("deepseek_v3", 4, True, "as chosen"),
-    ("qwen3_moe", 5, False, "behind"), ("mixtral", 4, False, "behind"), ("deepseek_v3", 4, False, "behind")])
+    ("deepseek_v3", 5, False, "as chosen"), ("olmoe", 5, True, "as chosen"), ("deepseek_v3", 4, True, "as chosen")])
 def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tmp_path, monkeypatch, model_type,
                                                                               keep, streamed, schedule):
     """A streamed default prune re-fits each layer as soon as NAEE has chosen it
     (``Selection.on_layer``, ``repair.PruneRepair``), while the surgery beside writes the output
     from the kept count: the same files, config and record as choosing every layer first and
-    re-fitting after (``refit_schedule``; forced here both ways). "behind": the re-fit in a thread of
-    its own, one layer behind the selection (``repair.RepairBehind``; a prune in GPU memory).
+    re-fitting after (what a prune in memory does, ``refit_schedule``; forced here both ways).
     Families with per-expert checkpoint keys (mixtral), grouped routing that stays (deepseek_v3 at
     4 of 8) or falls back to one group (at 5), and a streamed model, whose decoder layers then go
     to the GPU once per prune: the MoE block once instead of twice (selection, re-fit), the rest
@@ -683,17 +680,13 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
         monkeypatch.setattr(prune_module, "refit_schedule", lambda lm: schedule)
     each = prune_checkpoint(tmp_path / "src", tmp_path / "each", **kw)
     layers = sorted(each.kept)
-    if schedule == "behind":  # each layer fitted after it is chosen, in order (the thread's pace)
-        assert [e for e in events if e[0] == "fit"] == [("fit", li) for li in layers]
-        assert all(events.index(("choose", li)) < events.index(("fit", li)) for li in layers)
-    else:
-        assert events == [(what, li) for li in layers for what in ("choose", "fit")]  # interleaved
+    assert events == [(what, li) for li in layers for what in ("choose", "fit")]  # interleaved
     experts_onloads = sum(name.endswith("Experts") for name in onloads)
     assert experts_onloads == (len(layers) if streamed else 0)
     other_onloads = sum(not name.endswith(("Experts", "Router")) for name in onloads)  # attention, norms
     events.clear()
     onloads.clear()
-    monkeypatch.setattr(prune_module, "refit_schedule", lambda lm: "after")  # (in CPU memory: the default)
+    monkeypatch.setattr(prune_module, "refit_schedule", lambda lm: "after")  # (in memory: the default)
     after = prune_checkpoint(tmp_path / "src", tmp_path / "after", **kw)
     assert events == [("choose", li) for li in layers] + [("fit", li) for li in layers]
     assert sum(name.endswith("Experts") for name in onloads) == 2 * experts_onloads
@@ -716,8 +709,9 @@ def test_refit_as_each_layer_is_chosen_writes_the_bytes_of_choosing_all_first(tm
 
 
 def test_the_refit_schedule_follows_where_the_model_runs(tmp_path):
-    """Streamed: each layer as chosen (its decoder layer onloaded once); in CPU memory after the
-    selection; in GPU memory behind it, in a thread (``refit_schedule``)."""
+    """Streamed: each layer as chosen (its decoder layer onloaded once); in memory after the
+    selection, where the re-fit beside the layers' background loading gained nothing
+    (docs/benchmarks.md, "Session 15", "Session 18", "Session 19")."""
     from moecompress.checkpoint import load_model
     from moecompress.onload import is_streamed
     from moecompress.prune.checkpoint import refit_schedule

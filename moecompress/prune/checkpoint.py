@@ -237,51 +237,43 @@ def _prune_experts(source, folder, lm, opts, method, keep, tokens, batch_size, m
     return result
 
 
-REFIT_SCHEDULES = ("after", "as chosen", "behind")
-
-
 def refit_schedule(lm) -> str:
-    """When the prune re-fits each layer: ``"after"`` the whole selection, ``"as chosen"`` (in the
-    selection's thread, as soon as a method that chooses a layer at a time has chosen it:
-    ``Selection.on_layer``), or ``"behind"`` the selection, in a thread of its own
-    (``repair.RepairBehind``). The values are the same (tests); the time is not.
+    """When the prune re-fits each layer: ``"after"`` the whole selection, or ``"as chosen"``, as
+    soon as a method that chooses a layer at a time has chosen it (``Selection.on_layer``). The
+    values are the same (tests); the time is not.
 
     * Streamed: as chosen. A decoder layer then goes to the GPU once for its selection and its
       re-fit (``naee``: the selection holds it for the re-fit), where the re-fit after the
       selection onloads every MoE block a second time and the rest of the layer once per pass
       (testbed: 59.5 MiB onloaded instead of 27.1; docs/benchmarks.md, "Session 17").
-    * In GPU memory: behind. The layers load in the background while the selection runs
-      (``layerload``), and the selection and the re-fit each leave the GPU idle about half their
-      time; as chosen in one thread gained nothing over after (session 15: 22.0 s against 21.1 s;
-      session 18: the same within a process's run-to-run spread), behind ... (session 19).
-    * On the CPU: after (the computation is the bound there, and both would share its cores)."""
+    * In memory: after. In GPU memory the layers load in the background while the selection runs
+      (``layerload``), and the re-fit beside those loads gained nothing: session 15 measured it
+      slower (the whole prune 22.0 s against 21.1 s), session 18 the same within a process's
+      run-to-run spread (the OLMoE shape, both orders in two processes). Session 19 tried the
+      re-fit in a thread of its own, one layer behind the selection: the interpreter's lock made
+      NAEE's search 2.6 times slower beside it (docs/benchmarks.md, "Session 19")."""
     from ..onload import is_streamed
-    from ..capture import execution_device
 
-    if is_streamed(lm):
-        return "as chosen"
-    return "behind" if execution_device(lm).type == "cuda" else "after"
+    return "as chosen" if is_streamed(lm) else "after"
 
 
 def _select_and_repair(source, folder, lm, opts, keep, repair, select, surgery, stored_mtp, work, repair_tokens,
                        batch_size, progress) -> PruneResult:
     """Choose the kept experts and re-fit them (``repair.PruneRepair``): each layer as soon as it
-    is chosen by a method that chooses a layer at a time (NAEE: ``Selection.on_layer``), in this
-    thread or in one behind it, else after the selection (:func:`refit_schedule`). With shard surgery the output is written
+    is chosen by a method that chooses a layer at a time (NAEE: ``Selection.on_layer``), or after
+    the selection (:func:`refit_schedule`). With shard surgery the output is written
     beside the re-fit: every tensor the choice does not decide first (from the kept count, when
     the re-fit starts before every layer is chosen), then a layer's experts and router as soon as
     the layer is final (docs/benchmarks.md, "Session 9"); the record and the rest follow it."""
     from .. import layerload
     from ..arch import moe_view
-    from ..capture import execution_device
-    from ..repair import ROUTER_CHANGING_MODES, PruneRepair, RepairBehind
+    from ..repair import ROUTER_CHANGING_MODES, PruneRepair
     from ..surgery import PublishedReplacements, SurgeryAlongside, prune_checkpoint_files
 
     # A checkpoint that stores MTP layers (whose experts are chosen after, from the kept sets)
     # never gets here: _repair_mode turns the repair off for it.
     assert not stored_mtp, "the repair is off for checkpoints with stored MTP layers (_repair_mode)"
-    schedule = refit_schedule(lm)
-    as_chosen = schedule != "after"
+    as_chosen = refit_schedule(lm) == "as chosen"
     result = None
     if not as_chosen:
         result = plan_experts(lm, **select)
@@ -304,17 +296,16 @@ def _select_and_repair(source, folder, lm, opts, keep, repair, select, surgery, 
                           on_layer_done=published.publish if published else None,
                           keep_model=not surgery,  # with the surgery the model is not run again
                           grouped=view.balanced_groups(keep) > 1)
-        with RepairBehind(run, execution_device(lm)) if schedule == "behind" else contextlib.nullcontext(run) as run:
-            if as_chosen:
-                def chosen(li: int, experts: list[int]) -> None:
-                    kept[li] = experts
-                    run.chosen(li, experts)
+        if as_chosen:
+            def chosen(li: int, experts: list[int]) -> None:
+                kept[li] = experts
+                run.chosen(li, experts)
 
-                result = plan_experts(lm, on_layer=chosen, **select)  # its bar shows the re-fit's layers too
-                layerload.finish(lm)
-                kept.update(result.kept)
-                run.progress = progress  # layers left (a method that chooses all at once) show their own bars
-            result.info["repair"] = run.finish(result.kept)
+            result = plan_experts(lm, on_layer=chosen, **select)  # its bar shows the re-fit's layers too
+            layerload.finish(lm)
+            kept.update(result.kept)
+            run.progress = progress  # layers left (a method that chooses all at once) show their own bars
+        result.info["repair"] = run.finish(result.kept)
         if published is not None:
             published.publish_rest(moe_view(lm))
     if repair == "refit+tune":  # the held-out loss per layer and epoch, as a picture

@@ -51,7 +51,7 @@ How it is computed here:
   activations are carried from layer to layer (``capture.LayerCursor``): each layer runs once
   to be observed and once more, pruned, for the next (not a pass from the embeddings per layer).
   Once a layer's set is final, ``Selection.on_layer`` hands it to the caller (a streamed prune
-  re-fits the layer then, its MoE block still on the GPU: ``prune.checkpoint.refits_as_chosen``).
+  re-fits the layer then, its MoE block still on the GPU: ``prune.checkpoint.refit_schedule``).
 
 Cost per layer (E experts, K kept, beam B, T cached tokens, hidden H, expert width I):
 * Gram cache: T x E expert forwards (6 T E H I flops) and 2 T E^2 H flops; T E^2 floats kept.
