@@ -9,6 +9,8 @@
 #        DeepSeek-V3's default per layer on 3 layers, extrapolated with those rates.
 #        SCHEDULES=after,as-chosen also times each prune once per re-fit schedule listed
 #        (prune.checkpoint.refit_schedule; session 18 found after = as chosen in GPU memory)
+#        SCALE_ARGS="--prune-batch-size 64 --fp32-refit" (for example) passes more bench/scale.py
+#        arguments to the OLMoE run
 #   bash bench/issue17_acceptance.sh qwen30 CALIB TOKENIZER_DIR  # ~5.5 min: the Qwen3-30B-A3B shape's
 #        default prune streamed under 4.75 GiB (its 61 GB checkpoint written to a RAM disk first). Under
 #        4 GiB its embeddings do not fit beside the room for one layer and NAEE's reserve: accelerate
