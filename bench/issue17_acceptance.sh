@@ -11,6 +11,8 @@
 #        (prune.checkpoint.refit_schedule; session 18 found after = as chosen in GPU memory)
 #        SCALE_ARGS="--prune-batch-size 64 --fp32-refit" (for example) passes more bench/scale.py
 #        arguments to the OLMoE run
+#   REPAIRS=default,none (either part): also time NAEE alone (--repair none) beside the default, in
+#        the same run (session 19: OLMoE 1.08x in memory and 1.19x streamed; Qwen3-30B 2.64x)
 #   bash bench/issue17_acceptance.sh qwen30 CALIB TOKENIZER_DIR  # ~5.5 min: the Qwen3-30B-A3B shape's
 #        default prune streamed under 4.75 GiB (its 61 GB checkpoint written to a RAM disk first). Under
 #        4 GiB its embeddings do not fit beside the room for one layer and NAEE's reserve: accelerate
@@ -40,7 +42,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 case "$part" in
   olmoe)
     python3 "$here/scale.py" olmoe-1b-7b --work /tmp/scale --calib "$calib" --tokenizer-from "$tok" \
-        --skip stats,stream,prune --repairs default --unclocked-too ${SCHEDULES:+--also-schedules "$SCHEDULES"} ${SCALE_ARGS:-} \
+        --skip stats,stream,prune --repairs "${REPAIRS:-default}" --unclocked-too ${SCHEDULES:+--also-schedules "$SCHEDULES"} ${SCALE_ARGS:-} \
         --json "$out/scale_olmoe_default.json" | grep SUMMARY
     python3 "$here/scale.py" deepseek-v3 --naee-layers 3 --with-repair --rates-from "$out/scale_olmoe_default.json" \
         --json "$out/naee_deepseek_v3_default.json" | grep SUMMARY
@@ -49,7 +51,7 @@ case "$part" in
     mountpoint -q /mnt/ram || { mkdir -p /mnt/ram && mount -t tmpfs -o size=72G tmpfs /mnt/ram; }
     rm -rf /tmp/scale30
     python3 "$here/scale.py" qwen3-30b-a3b --work /mnt/ram --out-work /tmp/scale30 --calib "$calib" \
-        --tokenizer-from "$tok" --repairs default --skip stats,stream,prune,surgery_memory \
+        --tokenizer-from "$tok" --repairs "${REPAIRS:-default}" --skip stats,stream,prune,surgery_memory \
         --max-gpu-memory 4.75GiB --max-cpu-memory 40GiB --schedule "${SCHEDULE:-default}" \
         --json "$out/scale_qwen3-30b-a3b_default_stream${SCHEDULE:+_$SCHEDULE}.json" | grep SUMMARY
     ;;
