@@ -5,7 +5,8 @@ The re-fit (``moecompress/refit.py``) adds, per block of experts and batch, ``F^
 activations times a float32 routing weight), R [n, w, H] the float32 residual shares. Three ways:
 
 * ``fp32``: float32 products (the CPU's way);
-* ``tf32``: the same with TF32 switched on process-wide (``refit.accumulation_precision``);
+* ``tf32``: the same with TF32 switched on process-wide (``refit.accumulation_precision``, the
+  re-fit's own switch, which ``refit.TF32_ACCUMULATION`` leaves on);
 * ``bf16x3``: each operand split into two bf16 halves, ``x = hi + lo`` (``lo = bf16(x - hi)``),
   and ``a b ~ hi_a hi_b + hi_a lo_b + lo_a hi_b`` in bf16 products with float32 results
   (``out_dtype``): no process-wide switch, about 16 bits of each operand against TF32's 11.
@@ -19,10 +20,13 @@ product (max |err| / max |exact|), on features drawn like the re-fit's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
 import torch
+
+from moecompress import refit
 
 SHAPES = {  # (experts in a block, rows per expert, I, H): blocks of uncapped_block_elements in GPU memory
     "olmoe-1b-7b": (16, 4096, 1024, 2048),
@@ -45,13 +49,9 @@ def bf16x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def plain(a, b, tf32: bool):
-    m = torch.backends.cuda.matmul
-    before = m.allow_tf32
-    m.allow_tf32 = tf32
-    try:
+    """The float32 product, with TF32 switched on the way the re-fit switches it (or not)."""
+    with refit.accumulation_precision(a.device) if tf32 else contextlib.nullcontext():
         return torch.bmm(a, b)
-    finally:
-        m.allow_tf32 = before
 
 
 def timed(fn, repeats: int = 5) -> float:

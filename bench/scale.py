@@ -513,6 +513,9 @@ def main() -> None:
                     help="the re-fit's products in float32 on CUDA too (refit.TF32_ACCUMULATION off)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    unknown = sorted(set(filter(None, a.also_schedules.split(","))) - {"after", "as-chosen", "default"})
+    if unknown:  # (prune.checkpoint.refit_schedule would take any other name as "after")
+        ap.error(f"--also-schedules: unknown schedule(s) {', '.join(unknown)}; use after, as-chosen or default")
     if a.naee_layers:
         res = naee_layers(a)
         print(json.dumps(res, indent=1), flush=True)
